@@ -1,0 +1,15 @@
+"""What every model shares: interface types, errors, audio I/O, checkpoints, sampling."""
+from .errors import AudioInputError, OptionsError, UnsupportedError, WeightsNotFound, ZooError
+from .types import Chunk, ModelCard, Options, VoiceModel
+
+__all__ = [
+    "AudioInputError",
+    "Chunk",
+    "ModelCard",
+    "Options",
+    "OptionsError",
+    "UnsupportedError",
+    "VoiceModel",
+    "WeightsNotFound",
+    "ZooError",
+]

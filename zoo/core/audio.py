@@ -1,0 +1,92 @@
+"""Audio in: any soundfile-readable file (path, bytes, file object) or array, any rate and channel
+count, turned into mono float32 at the rate a model wants. Problems become AudioInputError."""
+from __future__ import annotations
+
+import io
+import os
+from typing import BinaryIO, Union
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from .errors import AudioInputError
+
+AudioSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO, np.ndarray]
+
+
+def read_audio(source: AudioSource, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """Decode ``source`` to float32 of shape (samples,) or (samples, channels) and its rate."""
+    if isinstance(source, np.ndarray):
+        if sample_rate is None:
+            raise AudioInputError("an audio array needs its sample_rate")
+        return _as_float(source), int(sample_rate)
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(bytes(source))
+    try:
+        data, rate = sf.read(source, dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise AudioInputError(f"could not decode the audio (not a supported audio file?): {err}") from None
+    except FileNotFoundError:
+        raise AudioInputError(f"audio file not found: {source}") from None
+    return data, int(rate)
+
+
+def _as_float(array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind == "i":  # integer PCM, e.g. int16 from a wire protocol
+        return array.astype(np.float32) / float(np.iinfo(array.dtype).max + 1)
+    if array.dtype.kind != "f":
+        raise AudioInputError(f"audio array must hold numbers, got dtype {array.dtype}")
+    return array.astype(np.float32, copy=False)
+
+
+def to_mono(data: np.ndarray) -> np.ndarray:
+    """(samples,) or (samples, channels) -> (samples,), averaging channels."""
+    if data.ndim == 1:
+        return data
+    if data.ndim == 2:
+        # Arrays given as (channels, samples) are common too; channels are the short side.
+        if data.shape[0] < data.shape[1] and data.shape[0] <= 8:
+            data = data.T
+        return data.mean(axis=1, dtype=np.float32)
+    raise AudioInputError(f"audio must be 1-D or 2-D (samples, channels), got shape {data.shape}")
+
+
+def resample(audio: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    if rate == target_rate:
+        return audio
+    if rate <= 0:
+        raise AudioInputError(f"sample rate must be positive, got {rate}")
+    return soxr.resample(audio, rate, target_rate, quality="HQ").astype(np.float32, copy=False)
+
+
+def load_audio(
+    source: AudioSource,
+    sample_rate: int | None = None,
+    *,
+    target_rate: int,
+    max_seconds: float | None = None,
+) -> np.ndarray:
+    """Any audio -> mono float32 at ``target_rate``.
+
+    Raises AudioInputError for: undecodable data, no samples, NaN/inf samples, or audio longer
+    than ``max_seconds``. Silence is valid input (the model answers what it hears).
+    """
+    data, rate = read_audio(source, sample_rate)
+    mono = to_mono(np.asarray(data))
+    if mono.size == 0:
+        raise AudioInputError("the audio is empty (no samples)")
+    if not np.all(np.isfinite(mono)):
+        raise AudioInputError("the audio contains NaN or infinite samples")
+    seconds = mono.size / rate
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioInputError(
+            f"the audio is {seconds:.1f} s long; this model accepts at most {max_seconds:g} s"
+        )
+    out = resample(mono, rate, target_rate)
+    return np.clip(out, -1.0, 1.0)
+
+
+def to_pcm16(audio: np.ndarray) -> bytes:
+    """float audio in [-1, 1] -> signed 16-bit little-endian bytes, clipped (no wrap-around)."""
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()

@@ -1,0 +1,21 @@
+"""The few exception types every caller of the zoo can catch by name."""
+
+
+class ZooError(Exception):
+    """Base class: anything the zoo raises on purpose."""
+
+
+class WeightsNotFound(ZooError):
+    """A published checkpoint could not be found locally or fetched from the hub."""
+
+
+class AudioInputError(ZooError, ValueError):
+    """The audio given to a model cannot be used (empty, not audio, NaN, too long, ...)."""
+
+
+class OptionsError(ZooError, ValueError):
+    """A generation option is unknown or out of range."""
+
+
+class UnsupportedError(ZooError):
+    """The model does not offer this mode (e.g. duplex on a half-duplex model)."""

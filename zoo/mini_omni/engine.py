@@ -1,0 +1,141 @@
+"""Generation as a step over a batch of session slots. Each session owns one or two KV-cache rows
+(the batch trick uses two), its own position and sampling state; sessions join (prefill) and leave
+between steps, and one ``step`` advances every active session with a single batched forward."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.sampling import sample
+from ..core.types import Options
+from .gpt import GPT, KVCache
+from .prompts import Task
+from .tokens import AUDIO_LAYERS, EOA, EOT, PAD_A, PAD_T, layershift
+
+_PAD_AUDIO_INPUT = [layershift(PAD_A, layer) for layer in range(AUDIO_LAYERS)]
+
+
+@dataclass
+class Session:
+    """One reply being generated. ``outputs[p]`` is the step at output position p: 7 audio codes
+    (local ids; PAD_A for text-only tasks) and the text id. Position 0 comes from the prefill."""
+
+    task: Task
+    prompt: torch.Tensor  # (rows, 8, T) absolute ids
+    features: torch.Tensor | None  # (1, T_a, whisper_dim)
+    options: Options
+    max_outputs: int
+    outputs: list[list[int]] = field(default_factory=list)
+    done: bool = False
+    text_ended: bool = False
+    rows: torch.Tensor | None = None
+    position: int = 0
+    next_input: torch.Tensor | None = None  # (rows, 8)
+    generator: torch.Generator | None = None
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt.size(-1)
+
+
+class Engine:
+    def __init__(self, gpt: GPT, max_rows: int) -> None:
+        self.gpt = gpt
+        weight = gpt.transformer.wte.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.cache = KVCache(gpt.config, max_rows, gpt.config.block_size, self.dtype, self.device)
+        self.free_rows = list(range(max_rows))
+
+    # -- joining and leaving ------------------------------------------------------------------
+    def start(self, session: Session) -> None:
+        """Allocate rows, run the prefill and record output position 0."""
+        rows_needed = session.task.rows
+        if len(self.free_rows) < rows_needed:
+            raise RuntimeError("no free KV-cache rows: too many sessions at once")
+        T = session.prompt_length
+        if T >= self.gpt.config.block_size:
+            raise ValueError(f"prompt of {T} tokens does not fit the {self.gpt.config.block_size}-token context")
+        session.rows = torch.tensor([self.free_rows.pop(0) for _ in range(rows_needed)], device=self.device)
+        session.generator = torch.Generator().manual_seed(int(session.options.seed))
+        tokens = session.prompt.to(self.device)
+        features = None
+        if session.features is not None:
+            features = session.features.to(self.device, self.dtype).expand(rows_needed, -1, -1)
+        positions = torch.arange(T, device=self.device).expand(rows_needed, T)
+        with torch.inference_mode():
+            x = self.gpt.embed(tokens, features)
+            hidden = self.gpt(x, self.cache, session.rows, positions)[:, -1]
+            audio, text = self._sample(session, hidden)
+        session.position = T
+        self._record(session, audio, text, first=True)
+        if session.done:
+            self.release(session)
+
+    def release(self, session: Session) -> None:
+        if session.rows is not None:
+            self.free_rows.extend(session.rows.tolist())
+            session.rows = None
+        session.done = True
+
+    # -- one decode step for every active session ---------------------------------------------
+    @torch.inference_mode()
+    def step(self, sessions: list[Session]) -> None:
+        active = [s for s in sessions if not s.done]
+        if not active:
+            return
+        rows = torch.cat([s.rows for s in active])
+        tokens = torch.cat([s.next_input for s in active]).unsqueeze(-1)  # (B, 8, 1)
+        positions = torch.cat(
+            [torch.full((s.task.rows, 1), s.position, device=self.device) for s in active]
+        )
+        hidden = self.gpt(self.gpt.embed(tokens), self.cache, rows, positions)[:, 0]
+        start = 0
+        for s in active:
+            audio, text = self._sample(s, hidden[start : start + s.task.rows])
+            start += s.task.rows
+            s.position += 1
+            self._record(s, audio, text, first=False)
+            if s.done:
+                self.release(s)
+
+    # -- per-task sampling and bookkeeping ----------------------------------------------------
+    def _sample(self, s: Session, hidden: torch.Tensor) -> tuple[list[int] | None, int]:
+        """Row 0 speaks; the text comes from the last row (row 1 in the batch trick)."""
+        o = s.options
+        text = sample(self.gpt.text_logits(hidden[-1:]), o.temperature, o.top_k, o.top_p, s.generator)
+        audio = None
+        if s.task.speaks:
+            logits = self.gpt.audio_logits(hidden[0])  # (7, 4160)
+            audio = sample(logits, o.temperature, o.top_k, o.top_p, s.generator).tolist()
+        return audio, int(text)
+
+    def _record(self, s: Session, audio: list[int] | None, text: int, first: bool) -> None:
+        """The reference's stop rules: text-only tasks end at _eot; speaking tasks end when audio
+        layer 6 emits _eoa, and after _eot their text is forced to _pad_t. The stopping step is
+        not recorded. The prefill's step is always recorded."""
+        if not first:
+            if not s.task.speaks:
+                if text == EOT:
+                    s.done = True
+                    return
+            else:
+                if s.text_ended:
+                    text = PAD_T
+                if audio[-1] == EOA:
+                    s.done = True
+                    return
+                if text == EOT:
+                    s.text_ended = True
+        codes = audio if audio is not None else [PAD_A] * AUDIO_LAYERS
+        s.outputs.append([*codes, text])
+        if len(s.outputs) >= s.max_outputs:
+            s.done = True
+        s.next_input = self._next_input(s, codes, text)
+
+    def _next_input(self, s: Session, codes: list[int], text: int) -> torch.Tensor:
+        spoken = [layershift(c, layer) for layer, c in enumerate(codes)] if s.task.speaks else _PAD_AUDIO_INPUT
+        rows = [spoken + [text]]
+        if s.task.rows == 2:  # the text row listens to padding, not to its own speech
+            rows.append(_PAD_AUDIO_INPUT + [text])
+        return torch.tensor(rows, dtype=torch.long, device=self.device)

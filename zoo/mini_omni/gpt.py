@@ -1,0 +1,178 @@
+"""Mini-Omni's LLM: Qwen2-0.5B in litgpt form, with the published tensor names as attribute names
+(so ``lit_model.pth`` loads unchanged), written for batched, per-row KV-cached decoding."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GPTConfig
+from .tokens import AUDIO_LAYERS, PADDED_AUDIO_VOCAB, PADDED_TEXT_VOCAB
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # litgpt normalises in float32 for low-precision inputs; float64 stays float64.
+        compute = torch.promote_types(x.dtype, torch.float32)
+        y = x.to(compute)
+        y = y * torch.rsqrt(torch.mean(y * y, dim=-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight
+
+
+class GatedMLP(nn.Module):
+    """litgpt's LLaMAMLP (and Mini-Omni's whisperMLP): proj(silu(fc_1 x) * fc_2 x)."""
+
+    def __init__(self, n_in: int, n_hidden: int, n_out: int, bias: bool) -> None:
+        super().__init__()
+        self.fc_1 = nn.Linear(n_in, n_hidden, bias=bias)
+        self.fc_2 = nn.Linear(n_in, n_hidden, bias=bias)
+        self.proj = nn.Linear(n_hidden, n_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+
+
+class KVCache:
+    """Keys and values of every layer for ``rows`` independent sequences of up to ``max_len``
+    positions. Stored per KV group (not expanded to every query head as litgpt does)."""
+
+    def __init__(self, config: GPTConfig, rows: int, max_len: int, dtype, device) -> None:
+        shape = (config.n_layer, rows, config.n_query_groups, max_len, config.head_size)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+
+def rope_tables(config: GPTConfig, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (block_size, rope_n_elem), computed in float32 like litgpt's
+    build_rope_cache, then cast (so float64 runs see the reference's exact angles)."""
+    n = config.rope_n_elem
+    theta = 1.0 / (config.rope_base ** (torch.arange(0, n, 2, device=device).float() / n))
+    positions = torch.arange(config.block_size, device=device).float()
+    angles = torch.outer(positions, theta).repeat(1, 2)
+    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        qkv_rows = (config.n_head + 2 * config.n_query_groups) * config.head_size
+        self.attn = nn.Linear(config.n_embd, qkv_rows, bias=config.add_qkv_bias)
+        self.proj = nn.Linear(config.head_size * config.n_head, config.n_embd, bias=config.bias)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, rows, positions):
+        """x (B, T, C); cos/sin (B, T, n_elem); cache_k/v (rows_total, G, max_len, hs) of this
+        layer; rows (B,) cache rows; positions (B, T) absolute positions of x's tokens.
+        T > 1 is a prefill from position 0; T == 1 is one decode step per row."""
+        c = self.config
+        B, T, _ = x.shape
+        q_per_kv = c.n_head // c.n_query_groups
+        # litgpt's fused rows are interleaved per KV group: [q * q_per_kv, k, v] for each group.
+        qkv = self.attn(x).view(B, T, c.n_query_groups, q_per_kv + 2, c.head_size)
+        q = qkv[:, :, :, :q_per_kv].reshape(B, T, c.n_head, c.head_size).transpose(1, 2)
+        k = qkv[:, :, :, q_per_kv].transpose(1, 2)  # (B, G, T, hs)
+        v = qkv[:, :, :, q_per_kv + 1].transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        n = c.rope_n_elem
+        q = torch.cat((apply_rope(q[..., :n], cos, sin), q[..., n:]), dim=-1)
+        k = torch.cat((apply_rope(k[..., :n], cos, sin), k[..., n:]), dim=-1)
+
+        if T > 1:  # prefill: the sequence starts at position 0, plain causal attention
+            cache_k[rows, :, :T] = k
+            cache_v[rows, :, :T] = v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            pos = positions[:, 0]
+            cache_k[rows, :, pos] = k[:, :, 0]
+            cache_v[rows, :, pos] = v[:, :, 0]
+            length = int(pos.max()) + 1
+            keys, values = cache_k[rows, :, :length], cache_v[rows, :, :length]
+            visible = torch.arange(length, device=x.device)[None, :] <= pos[:, None]
+            y = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=visible[:, None, None, :], enable_gqa=True
+            )
+        return self.proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = GatedMLP(config.n_embd, config.intermediate_size, config.n_embd, config.bias)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, rows, positions):
+        x = x + self.attn(self.norm_1(x), cos, sin, cache_k, cache_v, rows, positions)
+        return x + self.mlp(self.norm_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        # Registration order matters for tied weights: load_state_dict copies lm_head.weight and
+        # then transformer.wte.weight into the shared tensor, so wte wins, as in the reference.
+        self.whisper_adapter = GatedMLP(
+            config.whisper_adapter_dim, config.intermediate_size, config.n_embd, config.bias
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=RMSNorm(config.n_embd, config.norm_eps),
+            )
+        )
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.transformer.wte.weight
+        if self._rope is None or self._rope[0].device != weight.device or self._rope[0].dtype != weight.dtype:
+            self._rope = rope_tables(self.config, weight.dtype, weight.device)
+        return self._rope
+
+    def embed(self, tokens: torch.Tensor, audio_features: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, 8, T) absolute ids -> (B, T, C): the mean of the 8 stream embeddings.
+        ``audio_features`` (B, T_a, whisper_dim) replace the audio streams at positions 1..T_a
+        (the text stream keeps its embedding there), as the reference's concat_whisper_feat."""
+        emb = self.transformer.wte(tokens)  # (B, 8, T, C)
+        if audio_features is not None:
+            adapted = self.whisper_adapter(audio_features.to(emb.dtype))
+            emb[:, :AUDIO_LAYERS, 1 : 1 + adapted.size(1)] = adapted.unsqueeze(1)
+        x = emb[:, 0]
+        for stream in range(1, emb.size(1)):  # summed in the reference's order
+            x = x + emb[:, stream]
+        return x / emb.size(1)
+
+    def forward(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) embeddings -> final-normed hidden states (B, T, C)."""
+        cos_table, sin_table = self.rope()
+        cos, sin = cos_table[positions], sin_table[positions]
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cos, sin, cache.k[i], cache.v[i], rows, positions)
+        return self.transformer.ln_f(x)
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., 152000): the text slice of lm_head, computed alone."""
+        return F.linear(hidden, self.lm_head.weight[:PADDED_TEXT_VOCAB])
+
+    def audio_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., 7, 4160): the 7 audio-layer slices of lm_head."""
+        end = PADDED_TEXT_VOCAB + AUDIO_LAYERS * PADDED_AUDIO_VOCAB
+        logits = F.linear(hidden, self.lm_head.weight[PADDED_TEXT_VOCAB:end])
+        return logits.unflatten(-1, (AUDIO_LAYERS, PADDED_AUDIO_VOCAB))

@@ -1,0 +1,283 @@
+"""Mini-Omni behind the zoo interface: loading the published files, the five tasks of the
+reference plus its batch trick, and streaming replies (text deltas alongside audio chunks)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from ..core.audio import AudioSource, load_audio
+from ..core.checkpoints import resolve_files
+from ..core.errors import OptionsError, WeightsNotFound
+from ..core.types import Chunk, ModelCard, Options, VoiceModel
+from . import whisper
+from .codec import CODEC_FILES, AudioStreamer, Codec, load_snac
+from .config import GPTConfig
+from .engine import Engine, Session
+from .gpt import GPT
+from .prompts import TASKS, Task, audio_question, text_question
+from .tokens import AUDIO_LAYERS, EOT
+
+CHECKPOINT_FILES = ("lit_model.pth", "model_config.yaml", "tokenizer.json")
+WHISPER_FILE = "small.pt"
+# Mini-Omni2's repo ships the stock openai-whisper small.pt that Mini-Omni's code downloads.
+WHISPER_HUB_FALLBACK = "gpt-omni/mini-omni2"
+
+CARD = ModelCard(
+    name="mini-omni",
+    title="Mini-Omni",
+    description="Speech in, streamed speech and text out (Qwen2-0.5B + Whisper-small encoder + SNAC 24 kHz); English.",
+    input_sample_rate=whisper.SAMPLE_RATE,
+    output_sample_rate=24000,
+    languages=("en",),
+    parameters="0.5B LLM (532M unique params, 2.8 GB fp32 file) + Whisper-small encoder (88M) + SNAC (20M)",
+    hardware="CPU works (slow); any CUDA GPU with 4 GB+ for real time",
+    components={"checkpoint": "gpt-omni/mini-omni", "codec": "hubertsiuzdak/snac_24khz"},
+    max_input_seconds=30.0,
+    multi_turn=False,
+)
+
+
+@dataclass
+class MiniOmniOptions(Options):
+    """Defaults are the reference's: temperature 0.9 with top_k 1 (which is greedy), top_p 1.
+    ``max_new_tokens`` is further capped so prompt + reply fit the 2048-token context, which is the
+    reference's ``max_returned_tokens=2048``."""
+
+    temperature: float = 0.9
+    top_k: int | None = 1
+    top_p: float = 1.0
+    max_new_tokens: int = 2048
+    stream_stride: int = 4  # frames (85.3 ms each) per audio chunk, as the reference server
+    lookahead: int = 3  # frames of right context per chunk: 3 = identical to the one-pass decode
+    stream_mode: str = "seamless"  # or "reference": independent chunks, tail dropped
+    codec_noise: bool = True  # SNAC's learned noise injection (seeded by ``seed``)
+
+    def validate(self) -> "MiniOmniOptions":
+        super().validate()
+        if not 1 <= self.stream_stride <= 64:
+            raise OptionsError(f"stream_stride must be in [1, 64], got {self.stream_stride}")
+        if not 0 <= self.lookahead <= 3:
+            raise OptionsError(f"lookahead must be in [0, 3], got {self.lookahead}")
+        if self.stream_mode not in ("seamless", "reference"):
+            raise OptionsError(f"stream_mode must be 'seamless' or 'reference', got {self.stream_mode!r}")
+        return self
+
+
+class TextStream:
+    """Incremental detokenisation: the text up to the first _eot, emitted as deltas."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+        self.ended = False
+
+    def push(self, token: int) -> str:
+        if self.ended or token == EOT:
+            self.ended = True
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids).lstrip()
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
+class Reply:
+    """Turns a session's growing outputs into Chunks: text per step, audio per ``stride`` frames.
+    Audio layer j carries frame f at output position f + j + 1, so frame f is complete at f + 7."""
+
+    def __init__(self, session: Session, tokenizer: Tokenizer, codec: Codec, options: MiniOmniOptions) -> None:
+        self.session = session
+        self.text = TextStream(tokenizer)
+        self.audio = AudioStreamer(
+            codec, options.stream_stride, options.lookahead, options.stream_mode, options.seed, options.codec_noise
+        )
+        self.read = 0
+
+    def poll(self) -> Chunk | None:
+        outputs = self.session.outputs
+        delta = []
+        while self.read < len(outputs):
+            p = self.read
+            delta.append(self.text.push(outputs[p][AUDIO_LAYERS]))
+            if self.session.task.speaks and p >= AUDIO_LAYERS:
+                f = p - AUDIO_LAYERS
+                self.audio.push([outputs[f + 1 + j][j] for j in range(AUDIO_LAYERS)])
+            self.read += 1
+        chunks = self.audio.ready() if self.session.task.speaks else []
+        if self.session.done and self.session.task.speaks:
+            chunks += self.audio.finish()
+        text = "".join(delta)
+        if not chunks and not text:
+            return None
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        return Chunk(audio=audio.astype(np.float32, copy=False), text=text)
+
+
+class MiniOmni(VoiceModel):
+    card = CARD
+    options_class = MiniOmniOptions
+
+    def __init__(self, gpt: GPT, encoder: whisper.AudioEncoder, codec: Codec, tokenizer: Tokenizer, *, tiny: bool = False) -> None:
+        self.gpt, self.encoder, self.codec, self.tokenizer = gpt, encoder, codec, tokenizer
+        self.tiny = tiny
+        self.engine = Engine(gpt, max_rows=2)
+
+    # -- loading ----------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        tiny: bool = False,
+        seed: int = 0,
+        checkpoint: str | os.PathLike | None = None,
+        codec: str | os.PathLike | None = None,
+    ) -> "MiniOmni":
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _dtype(dtype)
+        if tiny:
+            from .testing import tiny_checkpoint
+
+            folders = tiny_checkpoint(seed=seed)
+            checkpoint = checkpoint or folders.checkpoint
+            codec = codec or folders.codec
+        ckpt = resolve_files(checkpoint or CARD.components["checkpoint"], CHECKPOINT_FILES, component="checkpoint", optional=(WHISPER_FILE,))
+        codec_dir = resolve_files(codec or CARD.components["codec"], CODEC_FILES, component="codec")
+        gpt = load_gpt(ckpt).to(device=device, dtype=dtype).eval()
+        encoder = load_whisper_encoder(_whisper_file(ckpt)).to(device=device, dtype=dtype).eval()
+        snac = load_snac(codec_dir, dtype, device)
+        tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+        return cls(gpt, encoder, Codec(snac), tokenizer, tiny=tiny)
+
+    # -- the zoo interface --------------------------------------------------------------------
+    def respond(
+        self,
+        audio: AudioSource,
+        sample_rate: int | None = None,
+        options: MiniOmniOptions | Mapping[str, Any] | None = None,
+        history: Sequence[Any] | None = None,
+    ) -> Iterator[Chunk]:
+        """Answer a spoken question with speech and text (the reference server's A1A2+A1T2 batch).
+        Mini-Omni was trained on single turns: ``history`` is accepted and not used."""
+        return self.generate("A1A2+A1T2", audio=audio, sample_rate=sample_rate, options=options)
+
+    def generate(
+        self,
+        task: str,
+        *,
+        audio: AudioSource | None = None,
+        sample_rate: int | None = None,
+        text: str | None = None,
+        options: MiniOmniOptions | Mapping[str, Any] | None = None,
+    ) -> Iterator[Chunk]:
+        """Stream any reference task: A1A2, A1T2, ASR, T1A2, T1T2 or A1A2+A1T2."""
+        session = self.start_session(task, audio=audio, sample_rate=sample_rate, text=text, options=options)
+        return self._stream(session)
+
+    def start_session(self, task: str, *, audio=None, sample_rate=None, text=None, options=None) -> tuple[Session, Reply]:
+        """Validate and encode the input, build the prompt; no LLM work yet (the engine's
+        ``start`` runs the prefill)."""
+        opts = self.options(options)
+        if task not in TASKS:
+            raise OptionsError(f"unknown task {task!r}; one of {sorted(TASKS)}")
+        spec = TASKS[task]
+        prompt, features = self._prompt(spec, audio, sample_rate, text)
+        room = self.gpt.config.block_size - prompt.size(-1)
+        session = Session(spec, prompt, features, opts, max_outputs=min(opts.max_new_tokens, room))
+        return session, Reply(session, self.tokenizer, self.codec, opts)
+
+    def encode_audio(self, audio: AudioSource, sample_rate: int | None = None) -> torch.Tensor:
+        """Any audio -> Whisper features (1, T_a, 768) of the frames the reference keeps."""
+        wav = load_audio(audio, sample_rate, target_rate=whisper.SAMPLE_RATE, max_seconds=self.card.max_input_seconds)
+        mel = whisper.log_mel_spectrogram(wav, self.encoder.dims.n_mels)
+        weight = self.encoder.conv1.weight
+        with torch.inference_mode():
+            features = self.encoder(mel[None].to(weight.device, weight.dtype))
+        return features[:, : whisper.feature_frames(wav.size)]
+
+    # -- internals ----------------------------------------------------------------------------
+    def _prompt(self, spec: Task, audio, sample_rate, text) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if spec.audio_input:
+            if audio is None:
+                raise OptionsError(f"task {spec.name} needs audio")
+            features = self.encode_audio(audio, sample_rate)
+            return audio_question(spec, features.size(1)), features
+        if not text or not text.strip():
+            raise OptionsError(f"task {spec.name} needs a non-empty text question")
+        ids = self.tokenizer.encode(text).ids
+        if len(ids) + 3 >= self.gpt.config.block_size:
+            raise OptionsError(f"the text question is too long ({len(ids)} tokens)")
+        return text_question(spec, ids), None
+
+    def _stream(self, handle: tuple[Session, Reply]) -> Iterator[Chunk]:
+        session, reply = handle
+        try:
+            self.engine.start(session)
+            while True:
+                chunk = reply.poll()
+                if chunk is not None:
+                    yield chunk
+                if session.done:
+                    break
+                self.engine.step([session])
+        finally:
+            self.engine.release(session)
+
+
+def load_gpt(folder: Path) -> GPT:
+    config = GPTConfig.from_yaml(folder / "model_config.yaml")
+    with torch.device("meta"):
+        gpt = GPT(config)
+    state = torch.load(folder / "lit_model.pth", map_location="cpu", weights_only=True, mmap=True)
+    gpt.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: re-tie to wte
+        gpt.lm_head.weight = gpt.transformer.wte.weight
+    return gpt
+
+
+def load_whisper_encoder(path: Path) -> whisper.AudioEncoder:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    dims = whisper.EncoderDims.from_checkpoint(checkpoint["dims"])
+    prefix = "encoder."
+    state = {k[len(prefix):]: v for k, v in checkpoint["model_state_dict"].items() if k.startswith(prefix)}
+    encoder = whisper.AudioEncoder(dims)
+    encoder.load_state_dict(state, strict=True)
+    return encoder
+
+
+def _whisper_file(ckpt: Path) -> Path:
+    """small.pt: in the checkpoint folder (as Mini-Omni2 ships it), else openai-whisper's cache,
+    else downloaded from the Mini-Omni2 hub repo (the same stock file)."""
+    if (ckpt / WHISPER_FILE).is_file():
+        return ckpt / WHISPER_FILE
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "whisper" / WHISPER_FILE
+    if cache.is_file():
+        return cache
+    try:
+        return resolve_files(WHISPER_HUB_FALLBACK, (WHISPER_FILE,), component="checkpoint") / WHISPER_FILE
+    except WeightsNotFound as err:
+        raise WeightsNotFound(
+            f"Whisper-small encoder: no {WHISPER_FILE} in {ckpt} or {cache.parent}, and {err}"
+        ) from None
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise OptionsError(f"unknown dtype {dtype!r}; one of {sorted(names)}")
+    return names[dtype]

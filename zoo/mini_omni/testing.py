@@ -1,0 +1,202 @@
+"""Tiny Mini-Omni checkpoints in the published layout, for tests and smoke runs.
+
+``write_tiny_checkpoint`` writes the same files as gpt-omni/mini-omni (lit_model.pth,
+model_config.yaml, tokenizer.json, small.pt) and hubertsiuzdak/snac_24khz (config.json,
+pytorch_model.bin) with tiny widths but the real token-id layout (181120-row table, real special
+ids). Weights are seeded random: everything generated from them is noise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import yaml
+from snac import SNAC
+
+from .config import GPTConfig
+from .gpt import GPT
+from .tokens import AUDIO_LAYERS, AUDIO_VOCAB, PADDED_AUDIO_VOCAB, TEXT_VOCAB, layershift
+
+TINY_GPT = GPTConfig(
+    n_layer=2, n_head=4, n_query_groups=2, head_size=8, n_embd=32, intermediate_size=64,
+    whisper_adapter_dim=32, tie_word_embeddings=True,
+)
+TINY_WHISPER_DIMS = dict(
+    n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=2,
+    n_vocab=51865, n_text_ctx=448, n_text_state=32, n_text_head=2, n_text_layer=2,
+)
+TINY_SNAC = dict(
+    sampling_rate=24000, encoder_dim=8, encoder_rates=[2, 4, 8, 8], latent_dim=None, decoder_dim=64,
+    decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=4096, codebook_dim=8,
+    vq_strides=[4, 2, 1], noise=True, depthwise=True,
+)
+# The published model_config.yaml also carries keys our loader does not need; keep some so the
+# "unknown keys are ignored" path is exercised.
+_EXTRA_YAML = dict(name="Qwen2-0.5B", hf_config={"name": "Qwen2-0.5B", "org": "Qwen"}, vocab_size=50254,
+                   padding_multiple=512, mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm",
+                   parallel_residual=False, asr_adapter="llamamlp", post_adapter=False,
+                   post_adapter_layers=6, cat_audio_vocab_size=29120, pos_type="rope", n_expert=0)
+
+
+@dataclass(frozen=True)
+class TinyFolders:
+    checkpoint: Path
+    codec: Path
+
+
+def tiny_checkpoint(seed: int = 0, root: str | os.PathLike | None = None) -> TinyFolders:
+    """The tiny folders for ``seed``, written once into a cache directory and reused."""
+    root = Path(root or os.environ.get("ZOO_TINY_DIR") or Path(tempfile.gettempdir()) / "omni-zoo-tiny")
+    target = root / f"mini-omni-seed{seed}"
+    folders = TinyFolders(target / "checkpoint", target / "snac")
+    if not (target / "complete").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root))
+        write_tiny_checkpoint(staging / "checkpoint", staging / "snac", seed=seed)
+        (staging / "complete").write_text("ok\n")
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first: use its copy
+            shutil.rmtree(staging, ignore_errors=True)
+    return folders
+
+
+def write_tiny_checkpoint(checkpoint: Path, codec: Path, *, seed: int = 0, config: GPTConfig = TINY_GPT) -> None:
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    codec.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    _write_gpt(checkpoint, config, generator)
+    _write_whisper(checkpoint / "small.pt", dict(TINY_WHISPER_DIMS, n_audio_state=config.whisper_adapter_dim), generator)
+    write_tiny_tokenizer(checkpoint / "tokenizer.json")
+    _write_snac(codec, seed)
+
+
+def _write_gpt(folder: Path, config: GPTConfig, generator: torch.Generator) -> None:
+    gpt = GPT(config)
+    state = {}
+    for name, tensor in gpt.state_dict(keep_vars=False).items():
+        if name.endswith("norm_1.weight") or name.endswith("norm_2.weight") or name.endswith("ln_f.weight"):
+            state[name] = 1.0 + 0.1 * torch.randn(tensor.shape, generator=generator)
+        else:  # litgpt's init: normal(0, 0.02) for linear and embedding weights
+            state[name] = 0.02 * torch.randn(tensor.shape, generator=generator)
+    # Random weights would often pick the 64 audio specials where codes belong; silence them in
+    # the output table so tiny replies are mostly decodable audio (the skip path has its own test).
+    for layer in range(AUDIO_LAYERS):
+        start = layershift(AUDIO_VOCAB, layer)
+        state["transformer.wte.weight"][start : start + PADDED_AUDIO_VOCAB - AUDIO_VOCAB] = 0.0
+        state["lm_head.weight"][start : start + PADDED_AUDIO_VOCAB - AUDIO_VOCAB] = 0.0
+    if config.tie_word_embeddings:  # the published file stores both copies
+        state["lm_head.weight"] = state["transformer.wte.weight"].clone()
+    torch.save(state, folder / "lit_model.pth")
+    (folder / "model_config.yaml").write_text(yaml.safe_dump({**_EXTRA_YAML, **config.to_yaml_dict()}))
+
+
+def _sinusoids(length: int, channels: int) -> torch.Tensor:
+    increment = math.log(10000) / (channels // 2 - 1)
+    inv = torch.exp(-increment * torch.arange(channels // 2))
+    t = torch.arange(length)[:, None] * inv[None, :]
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+
+
+def _whisper_shapes(d: dict) -> dict[str, tuple[int, ...]]:
+    """openai-whisper's state-dict names and shapes for dims ``d``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def attention(prefix: str, n: int) -> None:
+        for part in ("query", "key", "value", "out"):
+            shapes[f"{prefix}.{part}.weight"] = (n, n)
+            if part != "key":
+                shapes[f"{prefix}.{part}.bias"] = (n,)
+
+    def block(prefix: str, n: int, cross: bool) -> None:
+        attention(f"{prefix}.attn", n)
+        shapes.update({f"{prefix}.attn_ln.weight": (n,), f"{prefix}.attn_ln.bias": (n,)})
+        if cross:
+            attention(f"{prefix}.cross_attn", n)
+            shapes.update({f"{prefix}.cross_attn_ln.weight": (n,), f"{prefix}.cross_attn_ln.bias": (n,)})
+        shapes.update({f"{prefix}.mlp.0.weight": (4 * n, n), f"{prefix}.mlp.0.bias": (4 * n,),
+                       f"{prefix}.mlp.2.weight": (n, 4 * n), f"{prefix}.mlp.2.bias": (n,),
+                       f"{prefix}.mlp_ln.weight": (n,), f"{prefix}.mlp_ln.bias": (n,)})
+
+    a, t = d["n_audio_state"], d["n_text_state"]
+    shapes.update({"encoder.positional_embedding": (d["n_audio_ctx"], a),
+                   "encoder.conv1.weight": (a, d["n_mels"], 3), "encoder.conv1.bias": (a,),
+                   "encoder.conv2.weight": (a, a, 3), "encoder.conv2.bias": (a,)})
+    for i in range(d["n_audio_layer"]):
+        block(f"encoder.blocks.{i}", a, cross=False)
+    shapes.update({"encoder.ln_post.weight": (a,), "encoder.ln_post.bias": (a,),
+                   "decoder.positional_embedding": (d["n_text_ctx"], t),
+                   "decoder.token_embedding.weight": (d["n_vocab"], t)})
+    for i in range(d["n_text_layer"]):
+        block(f"decoder.blocks.{i}", t, cross=True)
+    shapes.update({"decoder.ln.weight": (t,), "decoder.ln.bias": (t,)})
+    return shapes
+
+
+def _write_whisper(path: Path, dims: dict, generator: torch.Generator) -> None:
+    state = {}
+    for name, shape in _whisper_shapes(dims).items():
+        if name == "encoder.positional_embedding":
+            value = _sinusoids(*shape)
+        elif "ln" in name.split(".")[-2]:
+            value = (1.0 if name.endswith("weight") else 0.0) + 0.05 * torch.randn(shape, generator=generator)
+        else:
+            fan_in = shape[1] * (shape[2] if len(shape) == 3 else 1) if len(shape) > 1 else 1
+            value = torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+        state[name] = value.half()  # the published small.pt is float16
+    torch.save({"dims": dims, "model_state_dict": state}, path)
+
+
+_SYLLABLES = ["ka", "lo", "mi", "ru", "te", "sa", "no", "vi", "da", "pe", "zu", "ho", "ba", "ni", "go", "ly"]
+
+
+def _pseudo_word(index: int) -> str:
+    parts = []
+    while True:
+        index, digit = divmod(index, len(_SYLLABLES))
+        parts.append(_SYLLABLES[digit])
+        if index == 0:
+            return "Ġ" + "".join(parts)
+
+
+def write_tiny_tokenizer(path: Path) -> None:
+    """A byte-level BPE tokenizer whose vocabulary fills the real text range 0..151935 (a few
+    hundred trained merges, then pseudo-words), so any text id the model emits decodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = ["What is your name? How are you feeling today? What are your hobbies?",
+              "Tell me a joke. What is the weather like today? Can you describe your surroundings?",
+              "My name is Omni, an assistant that listens and speaks. I like music and books."]
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus * 4, trainer)
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    word = 0
+    while len(vocab) < TEXT_VOCAB:
+        candidate = _pseudo_word(word)
+        word += 1
+        if candidate not in vocab:
+            vocab[candidate] = len(vocab)
+    path.write_text(json.dumps(spec, ensure_ascii=False))
+
+
+def _write_snac(folder: Path, seed: int) -> None:
+    torch.manual_seed(seed)  # SNAC's constructor initialises from the global RNG
+    state_before = torch.random.get_rng_state()
+    model = SNAC(**TINY_SNAC)
+    torch.random.set_rng_state(state_before)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(TINY_SNAC))
+
+
+def tiny_config(**changes) -> GPTConfig:
+    return replace(TINY_GPT, **changes)
