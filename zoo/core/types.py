@@ -28,6 +28,7 @@ class ModelCard:
     duplex: bool = False
     frame_samples: int | None = None  # duplex models: input samples per step
     multi_turn: bool = False  # whether respond() uses ``history``
+    text_input: bool = False  # whether respond_text() answers typed questions
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -122,6 +123,12 @@ class VoiceModel(ABC):
         history: Sequence[Any] | None = None,
     ) -> Iterator[Chunk]:
         """Stream the reply to ``audio`` (an array at ``sample_rate``, or a file path or bytes)."""
+
+    def respond_text(
+        self, text: str, options: Options | Mapping[str, Any] | None = None
+    ) -> Iterator[Chunk]:
+        """Stream a spoken reply to a typed question (models whose card says ``text_input``)."""
+        raise UnsupportedError(f"{self.card.name} does not take typed questions")
 
     def duplex(self, options: Options | Mapping[str, Any] | None = None):
         raise UnsupportedError(

@@ -28,7 +28,7 @@ def load_snac(folder: Path, dtype: torch.dtype, device) -> SNAC:
     state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     # strict: both weight-norm namings load (torch converts weight_g/weight_v on load).
     model.load_state_dict(state, strict=True)
-    _install_seeded_noise(model)
+    install_seeded_noise(model)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -72,7 +72,7 @@ class SeededNoise(nn.Module):
         return x + noise.to(x.device, x.dtype) * self.linear(x)
 
 
-def _install_seeded_noise(model: SNAC) -> None:
+def install_seeded_noise(model: SNAC) -> None:
     count = 0
     for module in list(model.modules()):
         for name, child in module.named_children():

@@ -40,6 +40,7 @@ CARD = ModelCard(
     components={"checkpoint": "gpt-omni/mini-omni", "codec": "hubertsiuzdak/snac_24khz"},
     max_input_seconds=30.0,
     multi_turn=False,
+    text_input=True,
 )
 
 
@@ -130,6 +131,7 @@ class MiniOmni(VoiceModel):
         self.gpt, self.encoder, self.codec, self.tokenizer = gpt, encoder, codec, tokenizer
         self.tiny = tiny
         self.engine = Engine(gpt, max_rows=2)
+        whisper.mel_filters(encoder.dims.n_mels)  # build once now, not inside the first reply
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
@@ -170,6 +172,10 @@ class MiniOmni(VoiceModel):
         """Answer a spoken question with speech and text (the reference server's A1A2+A1T2 batch).
         Mini-Omni was trained on single turns: ``history`` is accepted and not used."""
         return self.generate("A1A2+A1T2", audio=audio, sample_rate=sample_rate, options=options)
+
+    def respond_text(self, text: str, options: MiniOmniOptions | Mapping[str, Any] | None = None) -> Iterator[Chunk]:
+        """Answer a typed question with speech and text (the reference's T1A2 task)."""
+        return self.generate("T1A2", text=text, options=options)
 
     def generate(
         self,

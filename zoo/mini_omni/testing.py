@@ -7,6 +7,7 @@ ids). Weights are seeded random: everything generated from them is noise.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -26,6 +27,16 @@ from .tokens import AUDIO_LAYERS, AUDIO_VOCAB, PADDED_AUDIO_VOCAB, TEXT_VOCAB, l
 TINY_GPT = GPTConfig(
     n_layer=2, n_head=4, n_query_groups=2, head_size=8, n_embd=32, intermediate_size=64,
     whisper_adapter_dim=32, tie_word_embeddings=True,
+)
+FULL_GPT = GPTConfig(tie_word_embeddings=True)  # Qwen2-0.5B as in the published yaml
+FULL_WHISPER_DIMS = dict(
+    n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12,
+    n_vocab=51865, n_text_ctx=448, n_text_state=768, n_text_head=12, n_text_layer=12,
+)
+FULL_SNAC = dict(  # hubertsiuzdak/snac_24khz config.json
+    sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024,
+    decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=4096, codebook_dim=8,
+    vq_strides=[4, 2, 1], noise=True, depthwise=True,
 )
 TINY_WHISPER_DIMS = dict(
     n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=2,
@@ -77,23 +88,29 @@ def write_tiny_checkpoint(checkpoint: Path, codec: Path, *, seed: int = 0, confi
     _write_snac(codec, seed)
 
 
-def _write_gpt(folder: Path, config: GPTConfig, generator: torch.Generator) -> None:
-    gpt = GPT(config)
+def random_gpt_state(config: GPTConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Seeded random weights with the published names (litgpt's init: normal(0, 0.02))."""
+    with torch.device("meta"):
+        names = GPT(config).state_dict()
     state = {}
-    for name, tensor in gpt.state_dict(keep_vars=False).items():
-        if name.endswith("norm_1.weight") or name.endswith("norm_2.weight") or name.endswith("ln_f.weight"):
+    for name, tensor in names.items():
+        if name.endswith(("norm_1.weight", "norm_2.weight", "ln_f.weight")):
             state[name] = 1.0 + 0.1 * torch.randn(tensor.shape, generator=generator)
-        else:  # litgpt's init: normal(0, 0.02) for linear and embedding weights
+        else:
             state[name] = 0.02 * torch.randn(tensor.shape, generator=generator)
     # Random weights would often pick the 64 audio specials where codes belong; silence them in
-    # the output table so tiny replies are mostly decodable audio (the skip path has its own test).
+    # the output table so random replies are mostly decodable audio (the skip path has its own test).
     for layer in range(AUDIO_LAYERS):
         start = layershift(AUDIO_VOCAB, layer)
         state["transformer.wte.weight"][start : start + PADDED_AUDIO_VOCAB - AUDIO_VOCAB] = 0.0
         state["lm_head.weight"][start : start + PADDED_AUDIO_VOCAB - AUDIO_VOCAB] = 0.0
     if config.tie_word_embeddings:  # the published file stores both copies
         state["lm_head.weight"] = state["transformer.wte.weight"].clone()
-    torch.save(state, folder / "lit_model.pth")
+    return state
+
+
+def _write_gpt(folder: Path, config: GPTConfig, generator: torch.Generator) -> None:
+    torch.save(random_gpt_state(config, generator), folder / "lit_model.pth")
     (folder / "model_config.yaml").write_text(yaml.safe_dump({**_EXTRA_YAML, **config.to_yaml_dict()}))
 
 
@@ -139,7 +156,8 @@ def _whisper_shapes(d: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _write_whisper(path: Path, dims: dict, generator: torch.Generator) -> None:
+def random_whisper_state(dims: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """openai-whisper's full state dict (encoder and decoder) with seeded random float16 weights."""
     state = {}
     for name, shape in _whisper_shapes(dims).items():
         if name == "encoder.positional_embedding":
@@ -150,7 +168,11 @@ def _write_whisper(path: Path, dims: dict, generator: torch.Generator) -> None:
             fan_in = shape[1] * (shape[2] if len(shape) == 3 else 1) if len(shape) > 1 else 1
             value = torch.randn(shape, generator=generator) / math.sqrt(fan_in)
         state[name] = value.half()  # the published small.pt is float16
-    torch.save({"dims": dims, "model_state_dict": state}, path)
+    return state
+
+
+def _write_whisper(path: Path, dims: dict, generator: torch.Generator) -> None:
+    torch.save({"dims": dims, "model_state_dict": random_whisper_state(dims, generator)}, path)
 
 
 _SYLLABLES = ["ka", "lo", "mi", "ru", "te", "sa", "no", "vi", "da", "pe", "zu", "ho", "ba", "ni", "go", "ly"]
@@ -166,6 +188,11 @@ def _pseudo_word(index: int) -> str:
 
 
 def write_tiny_tokenizer(path: Path) -> None:
+    path.write_text(tiny_tokenizer_json())
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer_json() -> str:
     """A byte-level BPE tokenizer whose vocabulary fills the real text range 0..151935 (a few
     hundred trained merges, then pseudo-words), so any text id the model emits decodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -186,17 +213,55 @@ def write_tiny_tokenizer(path: Path) -> None:
         word += 1
         if candidate not in vocab:
             vocab[candidate] = len(vocab)
-    path.write_text(json.dumps(spec, ensure_ascii=False))
+    return json.dumps(spec, ensure_ascii=False)
+
+
+def random_snac(config: dict, seed: int) -> SNAC:
+    """SNAC's own initialisation, seeded without disturbing the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SNAC(**config)
 
 
 def _write_snac(folder: Path, seed: int) -> None:
-    torch.manual_seed(seed)  # SNAC's constructor initialises from the global RNG
-    state_before = torch.random.get_rng_state()
-    model = SNAC(**TINY_SNAC)
-    torch.random.set_rng_state(state_before)
-    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    torch.save(random_snac(TINY_SNAC, seed).state_dict(), folder / "pytorch_model.bin")
     (folder / "config.json").write_text(json.dumps(TINY_SNAC))
 
 
 def tiny_config(**changes) -> GPTConfig:
     return replace(TINY_GPT, **changes)
+
+
+def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
+    """A MiniOmni with seeded random weights built in memory (no files): ``full`` has the
+    published dimensions (and so the real compute cost), ``tiny`` the test dimensions."""
+    from tokenizers import Tokenizer
+
+    from .codec import Codec, install_seeded_noise
+    from .model import MiniOmni, _dtype
+    from .whisper import AudioEncoder, EncoderDims
+
+    if size not in ("full", "tiny"):
+        raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
+    config, dims, snac_config = (FULL_GPT, FULL_WHISPER_DIMS, FULL_SNAC) if size == "full" else (TINY_GPT, TINY_WHISPER_DIMS, TINY_SNAC)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _dtype(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        gpt = GPT(config)
+    gpt.load_state_dict(random_gpt_state(config, generator), assign=True)
+    if config.tie_word_embeddings:
+        gpt.lm_head.weight = gpt.transformer.wte.weight
+    encoder = AudioEncoder(EncoderDims.from_checkpoint(dims))
+    prefix = "encoder."
+    whisper_state = random_whisper_state(dims, generator)
+    encoder.load_state_dict({k[len(prefix):]: v for k, v in whisper_state.items() if k.startswith(prefix)})
+    snac = random_snac(snac_config, seed)
+    install_seeded_noise(snac)
+    return MiniOmni(
+        gpt.to(device=device, dtype=dtype).eval(),
+        encoder.to(device=device, dtype=dtype).eval(),
+        Codec(snac.to(device=device, dtype=dtype).eval()),
+        Tokenizer.from_str(tiny_tokenizer_json()),
+        tiny=True,
+    )

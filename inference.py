@@ -1,0 +1,140 @@
+"""Answer the preset spoken questions in demos/samples/ (or your own files / a typed question):
+print each question, the model's text reply, audio seconds, time to first audio and real-time
+factor, and write the replies as wav files plus summary.json.
+
+    python inference.py                      # Mini-Omni from the Hugging Face hub
+    python inference.py --tiny               # random tiny weights: a smoke test, output is noise
+    python inference.py --input my.wav --checkpoint ./mini-omni --codec ./snac_24khz
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+import zoo
+
+SAMPLES = Path(__file__).resolve().parent / "demos" / "samples"
+TINY_MAX_NEW_TOKENS = 64  # tiny random models rarely stop by themselves
+NOISE_BANNER = "!! RANDOM WEIGHTS (--tiny): every reply below is noise, not speech. !!"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mini-omni", choices=zoo.names())
+    parser.add_argument("--input", nargs="+", type=Path, metavar="FILE", help="your own audio files")
+    parser.add_argument("--text", help="a typed question instead of audio")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
+    parser.add_argument("--dtype", help="float32 (default), bfloat16, float16, float64")
+    parser.add_argument("--tiny", action="store_true", help="tiny random weights (no download; noise)")
+    parser.add_argument("--output-dir", type=Path, default=Path("output"))
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    known, _ = parser.parse_known_args(argv)
+    for component, default in zoo.card(known.model).components.items():
+        parser.add_argument(f"--{component.replace('_', '-')}", dest=component, metavar="REPO_OR_DIR",
+                            help=f"hub repo id or local folder (default {default})")
+    return parser.parse_args(argv)
+
+
+def questions(args) -> list[dict]:
+    if args.text:
+        return [{"name": "text", "transcript": args.text, "text": args.text}]
+    if args.input:
+        return [{"name": p.stem, "transcript": f"({p.name})", "path": p} for p in args.input]
+    transcripts = json.loads((SAMPLES / "transcripts.json").read_text())
+    return [{"name": Path(f).stem, "transcript": t, "path": SAMPLES / f} for f, t in sorted(transcripts.items())]
+
+
+def answer(model, question: dict, options) -> dict:
+    started = time.perf_counter()
+    if "text" in question:
+        stream = model.respond_text(question["text"], options)
+    else:
+        stream = model.respond(str(question["path"]), options=options)
+    first_audio, audio, text = None, [], []
+    for chunk in stream:
+        if chunk.audio.size and first_audio is None:
+            first_audio = time.perf_counter() - started
+        audio.append(chunk.audio)
+        text.append(chunk.text)
+    elapsed = time.perf_counter() - started
+    wave = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+    seconds = wave.size / model.card.output_sample_rate
+    return {
+        "question": question["transcript"],
+        "reply": "".join(text).strip(),
+        "audio_s": round(seconds, 3),
+        "ttfa_ms": None if first_audio is None else round(first_audio * 1000, 1),
+        "compute_s": round(elapsed, 3),
+        "rtf": round(elapsed / seconds, 3) if seconds else None,
+        "audio": wave,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    card = zoo.card(args.model)
+    components = {c: getattr(args, c) for c in card.components if getattr(args, c, None)}
+    if args.tiny:
+        print(NOISE_BANNER, file=sys.stderr)
+    try:
+        model = zoo.load(args.model, device=args.device, dtype=args.dtype, tiny=args.tiny, seed=args.seed, **components)
+        overrides = {"seed": args.seed}
+        if args.max_new_tokens is not None or args.tiny:
+            overrides["max_new_tokens"] = args.max_new_tokens or TINY_MAX_NEW_TOKENS
+        if args.temperature is not None:
+            overrides["temperature"] = args.temperature
+        options = model.options(overrides)
+        todo = questions(args)
+    except (zoo.ZooError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    run_dir = args.output_dir / args.model / datetime.now().strftime("%Y%m%d_%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, question in enumerate(tqdm(todo, desc=f"{args.model} answering", unit="question")):
+        try:
+            result = answer(model, question, options)
+        except zoo.ZooError as err:  # e.g. an unreadable --input file: report it, go on
+            tqdm.write(f"error on {question['transcript']}: {err}")
+            results.append({"question": question["transcript"], "error": str(err)})
+            continue
+        wav_path = run_dir / f"{i:02d}.wav"
+        sf.write(wav_path, result.pop("audio"), card.output_sample_rate, subtype="PCM_16")
+        results.append({**result, "wav": wav_path.name})
+
+    summary = {"model": args.model, "tiny": args.tiny, "device": str(args.device or "auto"), "dtype": args.dtype or "float32",
+               "random_weights_noise": args.tiny, "results": results}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    print_table(results)
+    if args.tiny:
+        print(NOISE_BANNER)
+    print(f"wrote {len(results)} replies to {run_dir}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def print_table(results: list[dict]) -> None:
+    header = f"{'#':>2}  {'question':32}  {'audio s':>7}  {'TTFA ms':>8}  {'RTF':>6}  reply"
+    print(header)
+    print("-" * len(header))
+    for i, r in enumerate(results):
+        if "error" in r:
+            print(f"{i:>2}  {r['question'][:32]:32}  error: {r['error']}")
+            continue
+        ttfa = "-" if r["ttfa_ms"] is None else f"{r['ttfa_ms']:.0f}"
+        rtf = "-" if r["rtf"] is None else f"{r['rtf']:.2f}"
+        print(f"{i:>2}  {r['question'][:32]:32}  {r['audio_s']:7.2f}  {ttfa:>8}  {rtf:>6}  {r['reply'][:80]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

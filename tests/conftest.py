@@ -1,0 +1,49 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "demos" / "samples"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_cache(tmp_path_factory):
+    """Tiny checkpoints are written once per test session into a private folder."""
+    import os
+
+    os.environ["ZOO_TINY_DIR"] = str(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(_tiny_cache):
+    from zoo.mini_omni.testing import tiny_checkpoint
+
+    return tiny_checkpoint(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny64(tiny_folders):
+    """The tiny Mini-Omni in float64 on CPU (how parity is checked)."""
+    import zoo
+
+    return zoo.load("mini-omni", device="cpu", dtype="float64", checkpoint=tiny_folders.checkpoint, codec=tiny_folders.codec)
+
+
+@pytest.fixture(scope="session")
+def question_wav():
+    path = SAMPLES / "01.wav"
+    audio, rate = sf.read(path, dtype="float32")
+    return path, audio, rate
+
+
+@pytest.fixture(scope="session")
+def transcripts():
+    return json.loads((SAMPLES / "transcripts.json").read_text())
+
+
+def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    noise = np.sum((reference - test) ** 2)
+    return float("inf") if noise == 0 else 10 * np.log10(np.sum(reference**2) / noise)

@@ -1,0 +1,126 @@
+"""zoo.core: audio input, options, sampling, checkpoint resolution."""
+import io
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from zoo.core.audio import load_audio, to_pcm16
+from zoo.core.checkpoints import resolve_files
+from zoo.core.errors import AudioInputError, OptionsError, WeightsNotFound
+from zoo.core.sampling import sample
+from zoo.mini_omni.model import MiniOmniOptions
+
+
+def tone(rate, seconds=1.0, channels=1, freq=440.0):
+    t = np.arange(int(rate * seconds)) / rate
+    mono = (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return mono if channels == 1 else np.stack([mono] * channels, axis=1)
+
+
+def wav_bytes(audio, rate, subtype="PCM_16"):
+    buf = io.BytesIO()
+    sf.write(buf, audio, rate, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 44100, 48000])
+def test_any_rate_becomes_target_rate_with_same_duration_and_pitch(rate):
+    out = load_audio(wav_bytes(tone(rate), rate), target_rate=16000)
+    assert out.dtype == np.float32 and out.ndim == 1
+    assert abs(out.size - 16000) <= 2
+    spectrum = np.abs(np.fft.rfft(out))
+    assert abs(np.argmax(spectrum) * 16000 / out.size - 440) < 2  # pitch preserved
+
+
+def test_stereo_file_and_channel_first_array_are_averaged_to_mono():
+    stereo = tone(16000, channels=2)
+    stereo[:, 1] = 0.0
+    from_file = load_audio(wav_bytes(stereo, 16000), target_rate=16000)
+    np.testing.assert_allclose(from_file, stereo[:, 0] / 2, atol=1e-4)
+    from_array = load_audio(stereo.T.copy(), 16000, target_rate=16000)
+    np.testing.assert_allclose(from_array, stereo[:, 0] / 2, atol=1e-6)
+
+
+def test_int16_arrays_are_scaled():
+    pcm = (tone(16000) * 32767).astype(np.int16)
+    np.testing.assert_allclose(load_audio(pcm, 16000, target_rate=16000), tone(16000), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "source, rate, message",
+    [
+        (np.zeros(0, np.float32), 16000, "empty"),
+        (np.array([0.1, np.nan, 0.2], np.float32), 16000, "NaN"),
+        (b"this is not audio at all", None, "could not decode"),
+        (np.zeros(16000 * 31, np.float32), 16000, "at most 30 s"),
+        (np.zeros(100, np.float32), None, "sample_rate"),
+        (np.array(["a", "b"]), 16000, "numbers"),
+    ],
+)
+def test_bad_audio_gets_a_clear_error(source, rate, message):
+    with pytest.raises(AudioInputError, match=message):
+        load_audio(source, rate, target_rate=16000, max_seconds=30)
+
+
+def test_silence_is_valid_input():
+    assert np.all(load_audio(np.zeros(16000, np.float32), 16000, target_rate=16000) == 0)
+
+
+def test_pcm16_clips_instead_of_wrapping():
+    pcm = np.frombuffer(to_pcm16(np.array([1.5, -1.5, 0.5], np.float32)), "<i2")
+    assert pcm.tolist() == [32767, -32767, 16384]
+
+
+def test_options_from_untrusted_values():
+    opts = MiniOmniOptions.from_dict({"temperature": "0.5", "top_k": 3, "stream_stride": 2})
+    assert (opts.temperature, opts.top_k, opts.stream_stride) == (0.5, 3, 2)
+    assert MiniOmniOptions().temperature == 0.9 and MiniOmniOptions().top_k == 1  # reference defaults
+    for bad, message in [({"bogus": 1}, "unknown"), ({"temperature": -1}, "temperature"),
+                         ({"top_p": 0}, "top_p"), ({"stream_stride": 0}, "stream_stride"),
+                         ({"max_new_tokens": "many"}, "max_new_tokens"), ({"stream_mode": "x"}, "stream_mode")]:
+        with pytest.raises(OptionsError, match=message):
+            MiniOmniOptions.from_dict(bad)
+
+
+def test_sampling_greedy_and_seeded():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample(logits, 0.0, None, 1.0), greedy)
+    assert torch.equal(sample(logits, 0.9, 1, 1.0), greedy)  # the reference's settings
+    draw = lambda seed: sample(logits, 1.0, None, 1.0, torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(7), draw(7))
+    state = torch.random.get_rng_state()
+    draws = torch.stack([draw(s) for s in range(40)])
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
+    assert len({tuple(d.tolist()) for d in draws}) > 1
+
+
+def test_top_k_and_top_p_restrict_the_draw():
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert {int(sample(logits, 1.0, 2, 1.0, g)) for _ in range(200)} <= {0, 1}
+    # top_p=0.5: the top token alone holds ~71% of the mass
+    assert {int(sample(logits, 1.0, None, 0.5, g)) for _ in range(200)} == {0}
+
+
+def test_local_folder_missing_files_names_them(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(WeightsNotFound, match=r"lacks \['b.bin'\].*--checkpoint DIR.*tiny"):
+        resolve_files(tmp_path, ["a.txt", "b.bin"], component="checkpoint")
+    assert resolve_files(tmp_path, ["a.txt"], component="checkpoint") == tmp_path
+
+
+def test_hub_offline_without_cache_fails_fast_and_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    started = time.monotonic()
+    with pytest.raises(WeightsNotFound, match="gpt-omni/mini-omni.*HF_HUB_OFFLINE.*--codec DIR"):
+        resolve_files("gpt-omni/mini-omni", ["lit_model.pth"], component="codec")
+    assert time.monotonic() - started < 10
