@@ -36,6 +36,16 @@ def card(name: str) -> ModelCard:
     return _model_class(name).card
 
 
+def random_model(name: str, size: str = "full", *, device=None, dtype=None, seed: int = 0) -> VoiceModel:
+    """A model with seeded random weights built in memory, for benchmarks: ``size="full"`` has the
+    published dimensions (the real compute cost), ``"tiny"`` the test ones. Its output is noise."""
+    package = _REGISTRY[name].split(":")[0].rsplit(".", 1)[0] if name in _REGISTRY else None
+    if package is None:
+        raise ZooError(f"unknown model {name!r}; available: {names()}")
+    testing = importlib.import_module(f"{package}.testing")
+    return testing.random_model(size, device=device, dtype=dtype, seed=seed)
+
+
 def load(name: str, *, device=None, dtype=None, tiny: bool = False, seed: int = 0, **components) -> VoiceModel:
     """Load a model. ``components`` name published parts (hub repo id or local folder), e.g.
     ``checkpoint=`` and ``codec=`` for Mini-Omni. ``tiny=True``: seeded random tiny weights."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -210,6 +210,37 @@ class MiniOmni(VoiceModel):
         with torch.inference_mode():
             features = self.encoder(mel[None].to(weight.device, weight.dtype))
         return features[:, : whisper.feature_frames(wav.size)]
+
+    def benchmark_stages(self, audio: np.ndarray, sample_rate: int) -> dict[str, Callable[[], object]]:
+        """One call per pipeline stage, on ``audio``, for bench/latency.py to time."""
+        features = self.encode_audio(audio, sample_rate)
+        batch = TASKS["A1A2+A1T2"]
+        prompt = audio_question(batch, features.size(1))
+        opts = self.options({})
+        engine = Engine(self.gpt, max_rows=2)  # its own KV cache: replies stay unaffected
+        live: list[Session] = []
+
+        def prefill() -> None:
+            session = Session(batch, prompt, features, opts, max_outputs=self.gpt.config.block_size)
+            engine.start(session)
+            engine.release(session)
+
+        def decode_step() -> None:
+            if not live or live[0].done or live[0].position >= 600:
+                for s in live:
+                    engine.release(s)
+                live[:] = [Session(batch, prompt, features, opts, max_outputs=self.gpt.config.block_size)]
+                engine.start(live[0])
+            engine.step(live)
+
+        frames = torch.randint(0, 4096, (opts.stream_stride + 6, AUDIO_LAYERS), generator=torch.Generator().manual_seed(0))
+        return {
+            "whisper_encode": lambda: self.encode_audio(audio, sample_rate),
+            "prefill": prefill,
+            "decode_step": decode_step,
+            "codec_chunk": lambda: self.codec.decode(frames),  # 4 frames + 3 left + 3 right
+            "codec_chunk_reference": lambda: self.codec.decode(frames[: opts.stream_stride]),
+        }
 
     # -- internals ----------------------------------------------------------------------------
     def _prompt(self, spec: Task, audio, sample_rate, text) -> tuple[torch.Tensor, torch.Tensor | None]:

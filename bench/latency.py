@@ -1,0 +1,170 @@
+"""Latency of one model, stage by stage and end to end, with seeded random weights.
+
+    python bench/latency.py --model mini-omni --size full --device cpu
+    python bench/latency.py --size full --device cuda --dtype bfloat16
+
+Stages (medians after warm-up): audio encoder, prefill, one decode step, one codec chunk; then
+TTFA (audio in hand -> first audio chunk out), steady-state RTF (compute time / audio time after
+the first chunk) and peak memory. Writes bench/results/<date>_<model>_<size>_<device>_<dtype>.json
+and appends a row to bench/results/latency.md. Random weights: the audio is noise; the compute
+cost is the real one at size "full".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import zoo  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUESTION = Path(__file__).resolve().parents[1] / "demos" / "samples" / "01.wav"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def question(seconds: float) -> tuple[np.ndarray, int]:
+    """The first demo question, padded with silence or cut to ``seconds``."""
+    audio, rate = sf.read(QUESTION, dtype="float32")
+    n = int(seconds * rate)
+    return np.pad(audio[:n], (0, max(0, n - audio.size))), rate
+
+
+def reply_timeline(model, audio, rate, options, device) -> list[tuple[float, int]]:
+    sync(device)
+    start = time.perf_counter()
+    events = []
+    for chunk in model.respond(audio, rate, options):
+        if chunk.audio.size:
+            sync(device)
+            events.append((time.perf_counter() - start, chunk.audio.size))
+    return events
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mini-omni", choices=zoo.names())
+    p.add_argument("--size", default="tiny", choices=["tiny", "full"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--question-seconds", type=float, default=3.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--reply-steps", type=int, default=47, help="decode steps in the RTF run")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    t0 = time.perf_counter()
+    model = zoo.random_model(args.model, args.size, device=device, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    audio, rate = question(args.question_seconds)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    stages = {}
+    runs = model.benchmark_stages(audio, rate)
+    for name, fn in tqdm(runs.items(), desc="stages", unit="stage"):
+        repeats = args.repeats if name != "decode_step" else max(args.repeats, 20)
+        times = timed(fn, device, repeats, warmup=2 if name == "decode_step" else 1)
+        stages[name] = {"median_ms": round(statistics.median(times), 2),
+                        "p90_ms": round(float(np.percentile(times, 90)), 2), "n": len(times)}
+
+    options = model.options({"max_new_tokens": 1 + args.reply_steps})
+    ttfa, rtf = [], []
+    reply_timeline(model, audio, rate, options, device)  # warm-up
+    for _ in tqdm(range(args.repeats), desc="replies", unit="reply"):
+        events = reply_timeline(model, audio, rate, options, device)
+        ttfa.append(events[0][0] * 1000)
+        if len(events) > 1:
+            later_audio = sum(n for _, n in events[1:]) / model.card.output_sample_rate
+            rtf.append((events[-1][0] - events[0][0]) / later_audio)
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak_kind = "cuda max allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peak_kind = "process max RSS"
+    result = {
+        "model": args.model, "size": args.size, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine(),
+        "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "date": date.today().isoformat(), "question_s": args.question_seconds,
+        "load_s": round(load_s, 2), "stages": stages,
+        "ttfa_ms": {"median": round(statistics.median(ttfa), 1), "all": [round(t, 1) for t in ttfa]},
+        "rtf_steady": round(statistics.median(rtf), 3) if rtf else None,
+        "peak_memory_gib": round(peak, 2), "peak_memory_kind": peak_kind,
+        "weights": "seeded random (output is noise)",
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{result['date']}_{args.model}_{args.size}_{device.type}_{args.dtype}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    append_row(args.out / "latency.md", result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+HEADER = ("| date | model | size | device | dtype | encode ms | prefill ms | decode step ms (p50/p90) "
+          "| codec chunk ms | TTFA ms | RTF | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def append_row(path: Path, r: dict) -> None:
+    s = r["stages"]
+    first = next(iter(s))
+    row = (f"| {r['date']} | {r['model']} | {r['size']} | {r['device_name']} ({r['device']}) | {r['dtype']} "
+           f"| {s[first]['median_ms']} | {s.get('prefill', {}).get('median_ms', '-')} "
+           f"| {s['decode_step']['median_ms']} / {s['decode_step']['p90_ms']} "
+           f"| {s.get('codec_chunk', {}).get('median_ms', '-')} | {r['ttfa_ms']['median']} "
+           f"| {r['rtf_steady']} | {r['peak_memory_gib']} |\n")
+    if not path.exists():
+        path.write_text("# Latency results (bench/latency.py; seeded random weights)\n\n" + HEADER)
+    with path.open("a") as f:
+        f.write(row)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

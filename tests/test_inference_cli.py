@@ -1,0 +1,53 @@
+"""inference.py as a user runs it, in a subprocess."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import soundfile as sf
+
+from conftest import REPO
+
+
+def run_cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "inference.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_tiny_end_to_end_writes_wavs_summary_and_says_it_is_noise(tmp_path, transcripts):
+    result = run_cli("--tiny", "--output-dir", str(tmp_path), "--max-new-tokens", "24")
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM WEIGHTS" in result.stderr and "RANDOM WEIGHTS" in result.stdout
+    run_dir = next((tmp_path / "mini-omni").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["random_weights_noise"] is True
+    assert [r["question"] for r in summary["results"]] == [transcripts[k] for k in sorted(transcripts)]
+    for i, r in enumerate(summary["results"]):
+        audio, rate = sf.read(run_dir / f"{i:02d}.wav")
+        assert rate == 24000 and audio.size / rate == r["audio_s"] > 0
+        assert r["ttfa_ms"] > 0 and r["rtf"] > 0
+        assert r["question"] in result.stdout  # the table
+    assert "TTFA ms" in result.stdout and "RTF" in result.stdout
+
+
+def test_text_question_and_own_input_files(tmp_path, question_wav):
+    result = run_cli("--tiny", "--output-dir", str(tmp_path), "--max-new-tokens", "16", "--text", "Tell me a joke.")
+    assert result.returncode == 0, result.stderr
+    assert "Tell me a joke." in result.stdout
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio")
+    result = run_cli("--tiny", "--output-dir", str(tmp_path), "--max-new-tokens", "16", "--input", str(question_wav[0]), str(bad))
+    assert result.returncode == 1  # one file failed, the other was answered
+    assert "could not decode" in result.stdout and "Traceback" not in result.stderr
+    summary = json.loads(sorted((tmp_path / "mini-omni").iterdir())[-1].joinpath("summary.json").read_text())
+    assert "wav" in summary["results"][0] and "error" in summary["results"][1]
+
+
+def test_without_weights_or_network_it_fails_fast_with_the_way_out(tmp_path):
+    started = time.monotonic()
+    result = run_cli(env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}, timeout=120)
+    assert result.returncode == 2
+    assert time.monotonic() - started < 60
+    assert "gpt-omni/mini-omni" in result.stderr and "--checkpoint DIR" in result.stderr and "--tiny" in result.stderr
+    assert "Traceback" not in result.stderr
