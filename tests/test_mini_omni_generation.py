@@ -202,3 +202,50 @@ def test_tied_embeddings_take_wte_like_the_reference(tmp_path):
     (tmp_path / "model_config.yaml").write_text(yaml.safe_dump(config.to_yaml_dict() | {"tie_word_embeddings": False}))
     untied = load_gpt(tmp_path)
     assert torch.equal(untied.lm_head.weight, state["lm_head.weight"])
+
+
+@pytest.mark.parametrize("rate, channels", [(8000, 1), (48000, 2), (16000, 2)])
+def test_any_rate_and_channel_count_is_answered(tiny64, question_wav, rate, channels):
+    import soxr
+
+    _, audio, source_rate = question_wav
+    resampled = soxr.resample(audio, source_rate, rate)
+    if channels == 2:
+        resampled = np.stack([resampled, resampled], axis=1)
+    chunks = list(tiny64.respond(resampled, rate, {"max_new_tokens": 12}))
+    assert sum(c.audio.size for c in chunks) > 0 and "".join(c.text for c in chunks)
+    # same speech, same features length as the 16 kHz original
+    assert tiny64.encode_audio(resampled, rate).shape == tiny64.encode_audio(audio, source_rate).shape
+
+
+def test_silence_is_answered(tiny64):
+    chunks = list(tiny64.respond(np.zeros(16000, np.float32), 16000, {"max_new_tokens": 10}))
+    assert chunks
+
+
+@pytest.mark.parametrize(
+    "audio, rate, message",
+    [
+        (np.zeros(0, np.float32), 16000, "empty"),
+        (np.full(16000, np.nan, np.float32), 16000, "NaN"),
+        (np.zeros(16000 * 31, np.float32), 16000, "at most 30 s"),
+        (b"RIFF....WAVEfmt garbage", None, "could not decode"),
+    ],
+)
+def test_bad_audio_is_refused_before_any_generation(tiny64, audio, rate, message):
+    from zoo.core.errors import AudioInputError
+
+    with pytest.raises(AudioInputError, match=message):
+        next(iter(tiny64.respond(audio, rate)))
+    assert sorted(tiny64.engine.free_rows) == [0, 1]  # nothing held
+
+
+def test_bad_options_and_tasks_are_refused(tiny64, question_wav):
+    from zoo.core.errors import OptionsError
+
+    with pytest.raises(OptionsError, match="top_p"):
+        tiny64.respond(question_wav[0], options={"top_p": 2})
+    with pytest.raises(OptionsError, match="unknown task"):
+        tiny64.generate("A1A3", audio=str(question_wav[0]))
+    with pytest.raises(OptionsError, match="non-empty text"):
+        tiny64.respond_text("   ")
