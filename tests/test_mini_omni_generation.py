@@ -61,15 +61,31 @@ def test_every_task_runs_and_streams(tiny64, question_wav, task):
 
 
 def test_streamed_reply_equals_one_pass_decode_of_its_codes(tiny64, question_wav):
-    session, chunks = run(tiny64, "A1A2+A1T2", audio=str(question_wav[0]), options={"max_new_tokens": 40})
+    session, chunks = run(tiny64, "A1A2+A1T2", audio=str(question_wav[0]), options={"max_new_tokens": 40, "lookahead": 3})
     streamed = np.concatenate([c.audio for c in chunks])
     frames = torch.tensor(frames_of(session.outputs))
     one_pass = tiny64.codec.decode(frames)
     assert streamed.shape == one_pass.shape
     np.testing.assert_allclose(streamed, one_pass, atol=1e-9)
-    # text arrives before its audio: the first chunk carries text, and audio comes in stride-4 chunks
+    # the default (lookahead 2) is inaudibly close
+    _, default_chunks = run(tiny64, "A1A2+A1T2", audio=str(question_wav[0]), options={"max_new_tokens": 40})
+    assert snr_db(one_pass, np.concatenate([c.audio for c in default_chunks])) > 60
+    # text arrives before its audio; audio comes as 1 frame first, then stride-4 chunks, then the tail
     assert chunks[0].text and chunks[0].audio.size == 0
-    assert [c.audio.size for c in chunks if c.audio.size][:-1] == [4 * 2048] * (len([c for c in chunks if c.audio.size]) - 1)
+    sizes = [c.audio.size // 2048 for c in chunks if c.audio.size]
+    assert sizes[0] == 1 and set(sizes[1:-1]) == {4} and sum(sizes) == len(frames)
+
+
+@pytest.mark.parametrize("lookahead", [0, 2, 3])
+def test_first_audio_leaves_as_soon_as_the_delay_pattern_allows(tiny64, question_wav, lookahead):
+    session, reply = tiny64.start_session("A1A2+A1T2", audio=str(question_wav[0]),
+                                          options={"max_new_tokens": 30, "lookahead": lookahead})
+    for chunk in tiny64._stream((session, reply)):
+        if chunk.audio.size:
+            break
+    # frame f is complete at output position f + 7; the first chunk needs frames 0..lookahead
+    assert len(session.outputs) == 7 + 1 + lookahead and chunk.audio.size == 2048
+    tiny64.engine.release(session)
 
 
 def _streamed(codec, frames, **kw):

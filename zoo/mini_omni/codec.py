@@ -137,20 +137,23 @@ class Codec:
 
 
 class AudioStreamer:
-    """Turns a growing list of frames into audio chunks of ``stride`` frames.
+    """Turns a growing list of frames into audio chunks: the first of ``first_chunk`` frames (so
+    audio starts as soon as the delay pattern allows), then ``stride`` frames each.
 
     mode "seamless" (default): each chunk is decoded with ``CONTEXT_FRAMES`` of left context and
     ``lookahead`` frames of right context, keeping only its own samples; ``finish()`` flushes the
     tail. With lookahead 3 the stream equals the one-pass decode sample for sample.
     mode "reference": the reference server's behaviour: each chunk decoded alone (audible seams)
-    and the last (frames mod stride) frames never sent.
+    and the last (frames mod stride) frames never sent; its first chunk is ``stride`` frames too.
     """
 
-    def __init__(self, codec: Codec, stride: int, lookahead: int, mode: str, seed: int, noise: bool) -> None:
+    def __init__(self, codec: Codec, stride: int, lookahead: int, mode: str, seed: int, noise: bool,
+                 first_chunk: int | None = None) -> None:
         if mode not in ("seamless", "reference"):
             raise ValueError(f"unknown stream mode {mode!r}")
         self.codec, self.stride, self.mode = codec, stride, mode
         self.lookahead = lookahead if mode == "seamless" else 0
+        self.first_chunk = first_chunk if (first_chunk and mode == "seamless") else stride
         self.seed, self.noise = seed, noise
         self.frames: list[list[int]] = []
         self.sent = 0  # frames already turned into audio
@@ -161,9 +164,11 @@ class AudioStreamer:
 
     def ready(self) -> list[np.ndarray]:
         chunks = []
-        while len(self.frames) - self.lookahead >= self.sent + self.stride:
-            chunks.append(self._decode(self.sent, self.sent + self.stride))
-        return chunks
+        while True:
+            size = self.first_chunk if self.sent == 0 else self.stride
+            if len(self.frames) - self.lookahead < self.sent + size:
+                return chunks
+            chunks.append(self._decode(self.sent, self.sent + size))
 
     def finish(self) -> list[np.ndarray]:
         chunks = self.ready()

@@ -58,19 +58,38 @@ class Engine:
             raise ValueError(f"prompt of {T} tokens does not fit the {self.gpt.config.block_size}-token context")
         session.rows = torch.tensor([self.free_rows.pop(0) for _ in range(rows_needed)], device=self.device)
         session.generator = torch.Generator().manual_seed(int(session.options.seed))
-        tokens = session.prompt.to(self.device)
-        features = None
-        if session.features is not None:
-            features = session.features.to(self.device, self.dtype).expand(rows_needed, -1, -1)
-        positions = torch.arange(T, device=self.device).expand(rows_needed, T)
         with torch.inference_mode():
-            x = self.gpt.embed(tokens, features)
-            hidden = self.gpt(x, self.cache, session.rows, positions)[:, -1]
+            hidden = self._prefill(session)
             audio, text = self._sample(session, hidden)
         session.position = T
         self._record(session, audio, text, first=True)
         if session.done:
             self.release(session)
+
+    def _prefill(self, session: Session) -> torch.Tensor:
+        """Run the prompt through the model; returns the last position's hidden state per row.
+        Rows whose prompts differ only in the last token (the batch trick's two rows) share the
+        prefix: it is computed once and copied into the other rows' cache, then each other row
+        runs its last token as a single step. Causal attention makes this the same computation."""
+        tokens = session.prompt.to(self.device)
+        rows, T = session.rows, session.prompt_length
+        features = None
+        if session.features is not None:
+            features = session.features.to(self.device, self.dtype)
+        shared = T > 1 and all(torch.equal(tokens[0, :, :-1], t[:, :-1]) for t in tokens[1:])
+        first = 1 if shared else tokens.size(0)
+        x = self.gpt.embed(tokens[:first], None if features is None else features.expand(first, -1, -1))
+        positions = torch.arange(T, device=self.device).expand(first, T)
+        hidden = self.gpt(x, self.cache, rows[:first], positions)[:, -1]
+        if first == tokens.size(0):
+            return hidden
+        others = rows[first:]
+        self.cache.k[:, others, :, : T - 1] = self.cache.k[:, rows[:1], :, : T - 1]
+        self.cache.v[:, others, :, : T - 1] = self.cache.v[:, rows[:1], :, : T - 1]
+        # the last position is never one of the whisper feature positions (1..T-3)
+        last = self.gpt.embed(tokens[first:, :, -1:])
+        step = torch.full((others.numel(), 1), T - 1, device=self.device)
+        return torch.cat([hidden, self.gpt(last, self.cache, others, step)[:, 0]])
 
     def release(self, session: Session) -> None:
         if session.rows is not None:

@@ -32,9 +32,25 @@ class GatedMLP(nn.Module):
         self.fc_1 = nn.Linear(n_in, n_hidden, bias=bias)
         self.fc_2 = nn.Linear(n_in, n_hidden, bias=bias)
         self.proj = nn.Linear(n_hidden, n_out, bias=bias)
+        self.fused_t: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Hold fc_1 and fc_2 as the two column blocks of one (n_in, 2 * n_hidden) matrix and
+        multiply once: at decode batch sizes MKL runs this layout about twice as fast as two
+        (out, in) products. The parameters become views into it, so names, values and memory stay
+        the same. Call after the module has reached its final device and dtype."""
+        fused = torch.cat([self.fc_1.weight, self.fc_2.weight]).t().contiguous()
+        hidden = self.fc_1.out_features
+        self.fc_1.weight = nn.Parameter(fused[:, :hidden].t(), requires_grad=False)
+        self.fc_2.weight = nn.Parameter(fused[:, hidden:].t(), requires_grad=False)
+        self.fused_t = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+        if self.fused_t is None or self.fused_t.device != x.device or self.fc_1.bias is not None:
+            return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+        gate, up = (x @ self.fused_t).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
 
 
 class KVCache:
@@ -139,6 +155,13 @@ class GPT(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def pack(self) -> "GPT":
+        """Faster weight layouts for inference (see GatedMLP.pack); call after .to(device, dtype)."""
+        for module in self.modules():
+            if isinstance(module, GatedMLP):
+                module.pack()
+        return self
 
     def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.transformer.wte.weight
