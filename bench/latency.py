@@ -93,6 +93,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--reply-steps", type=int, default=47, help="decode steps in the RTF run")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--reference-json", type=Path,
+                   help="the reference implementation's numbers, measured by a harness outside this "
+                        "repository in the same run; copied into the result for a side-by-side record")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,6 +143,8 @@ def main(argv=None) -> int:
         "peak_memory_gib": round(peak, 2), "peak_memory_kind": peak_kind,
         "weights": "seeded random (output is noise)",
     }
+    if args.reference_json:
+        result["reference"] = json.loads(args.reference_json.read_text())
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{result['date']}_{args.model}_{args.size}_{device.type}_{args.dtype}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))

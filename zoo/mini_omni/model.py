@@ -281,7 +281,7 @@ def load_gpt(folder: Path) -> GPT:
     config = GPTConfig.from_yaml(folder / "model_config.yaml")
     with torch.device("meta"):
         gpt = GPT(config)
-    state = torch.load(folder / "lit_model.pth", map_location="cpu", weights_only=True, mmap=True)
+    state = torch.load(folder / "lit_model.pth", map_location="cpu", weights_only=True)
     gpt.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: re-tie to wte
         gpt.lm_head.weight = gpt.transformer.wte.weight
