@@ -25,8 +25,11 @@ def read_audio(source: AudioSource, sample_rate: int | None = None) -> tuple[np.
         source = io.BytesIO(bytes(source))
     try:
         data, rate = sf.read(source, dtype="float32", always_2d=False)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-        raise AudioInputError(f"could not decode the audio (not a supported audio file?): {err}") from None
+    except sf.LibsndfileError as err:
+        raise AudioInputError(f"could not decode the audio: {err.error_string.rstrip('.')} "
+                              f"(send a WAV, FLAC, OGG or MP3 file)") from None
+    except (RuntimeError, TypeError) as err:
+        raise AudioInputError(f"could not decode the audio: {err}") from None
     except FileNotFoundError:
         raise AudioInputError(f"audio file not found: {source}") from None
     return data, int(rate)

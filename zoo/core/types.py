@@ -130,6 +130,10 @@ class VoiceModel(ABC):
         """Stream a spoken reply to a typed question (models whose card says ``text_input``)."""
         raise UnsupportedError(f"{self.card.name} does not take typed questions")
 
+    def stepper(self, max_sessions: int):
+        """A batched stepper for zoo.core.scheduler (many sessions in one forward pass)."""
+        raise UnsupportedError(f"{self.card.name} has no batched serving yet")
+
     def duplex(self, options: Options | Mapping[str, Any] | None = None):
         raise UnsupportedError(
             f"{self.card.name} is a half-duplex model: use respond() for turn-by-turn chat"

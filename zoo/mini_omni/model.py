@@ -109,6 +109,10 @@ class Reply:
         )
         self.read = 0
 
+    @property
+    def done(self) -> bool:
+        return self.session.done
+
     def poll(self) -> Chunk | None:
         outputs = self.session.outputs
         delta = []
@@ -127,6 +131,27 @@ class Reply:
             return None
         audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
         return Chunk(audio=audio.astype(np.float32, copy=False), text=text)
+
+
+class ReplyStepper:
+    """Batched serving of respond() for zoo.core.scheduler: its own engine with two KV-cache rows
+    per session (the batch trick), shared by every session the scheduler admits."""
+
+    def __init__(self, model: "MiniOmni", max_sessions: int) -> None:
+        self.model = model
+        self.engine = Engine(model.gpt, max_rows=2 * max_sessions)
+
+    def prepare(self, audio: AudioSource, sample_rate: int | None, options) -> Reply:
+        return self.model.start_session("A1A2+A1T2", audio=audio, sample_rate=sample_rate, options=options)[1]
+
+    def start(self, job: Reply) -> None:
+        self.engine.start(job.session)
+
+    def step(self, jobs: list[Reply]) -> None:
+        self.engine.step([job.session for job in jobs])
+
+    def release(self, job: Reply) -> None:
+        self.engine.release(job.session)
 
 
 class MiniOmni(VoiceModel):
@@ -178,6 +203,9 @@ class MiniOmni(VoiceModel):
         """Answer a spoken question with speech and text (the reference server's A1A2+A1T2 batch).
         Mini-Omni was trained on single turns: ``history`` is accepted and not used."""
         return self.generate("A1A2+A1T2", audio=audio, sample_rate=sample_rate, options=options)
+
+    def stepper(self, max_sessions: int) -> ReplyStepper:
+        return ReplyStepper(self, max_sessions)
 
     def respond_text(self, text: str, options: MiniOmniOptions | Mapping[str, Any] | None = None) -> Iterator[Chunk]:
         """Answer a typed question with speech and text (the reference's T1A2 task)."""

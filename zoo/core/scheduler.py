@@ -1,0 +1,144 @@
+"""One model, many sessions: a worker thread runs the model's batched decode step over every active
+session, admitting new sessions (prefill) and dropping finished or cancelled ones between steps.
+
+A model takes part by returning a ``Stepper`` from ``model.stepper(max_sessions)``:
+
+    job = stepper.prepare(audio, sample_rate, options)  # validate + encode input (any thread)
+    stepper.start(job)        # prefill: the job joins the batch (scheduler thread)
+    stepper.step(jobs)        # one batched decode step for all active jobs (scheduler thread)
+    job.poll() -> Chunk|None  # output produced since the last poll; job.done when finished
+    stepper.release(job)      # free its slot (KV-cache rows)
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from .types import Chunk
+
+# What a ticket's callback receives: a Chunk, an Exception (the job failed), or None (finished).
+Delivery = Callable[["Chunk | Exception | None"], None]
+
+
+class Job(Protocol):
+    done: bool
+
+    def poll(self) -> Chunk | None: ...
+
+
+class Stepper(Protocol):
+    def prepare(self, audio: Any, sample_rate: int | None, options: Any) -> Job: ...
+    def start(self, job: Job) -> None: ...
+    def step(self, jobs: list[Job]) -> None: ...
+    def release(self, job: Job) -> None: ...
+
+
+@dataclass
+class Ticket:
+    id: int
+    job: Job
+    deliver: Delivery
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+
+class Busy(Exception):
+    """Every session slot is taken."""
+
+
+class Scheduler:
+    def __init__(self, stepper: Stepper, max_sessions: int) -> None:
+        self.stepper, self.max_sessions = stepper, max_sessions
+        self._pending: deque[Ticket] = deque()
+        self._active: list[Ticket] = []
+        self._cv = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="zoo-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def load(self) -> int:
+        """Sessions admitted or waiting."""
+        with self._cv:
+            return len(self._pending) + len(self._active)
+
+    def submit(self, job: Job, deliver: Delivery) -> Ticket:
+        """Queue a prepared job; raises Busy when ``max_sessions`` are already in flight."""
+        with self._cv:
+            if len(self._pending) + len(self._active) >= self.max_sessions:
+                raise Busy(f"all {self.max_sessions} session slots are busy")
+            ticket = Ticket(next(self._ids), job, deliver)
+            self._pending.append(ticket)
+            self._cv.notify()
+            return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Stop a session; its slot is freed before the next decode step."""
+        with self._cv:
+            ticket.cancelled = True
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    # -- worker thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._pending or self._active or self._stopping):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                joining = list(self._pending)
+                self._pending.clear()
+            for ticket in joining:  # prefill between steps, in arrival order
+                if ticket.cancelled:
+                    continue
+                try:
+                    self.stepper.start(ticket.job)
+                except Exception as err:  # noqa: BLE001 - reported to that session only
+                    self._finish(ticket, err)
+                    continue
+                self._active.append(ticket)
+                self._deliver(ticket)
+            self._active = [t for t in self._active if not self._drop_if_over(t)]
+            running = [t for t in self._active if not t.job.done]
+            if running:
+                try:
+                    self.stepper.step([t.job for t in running])
+                    self.steps += 1
+                except Exception as err:  # noqa: BLE001 - a failed batch fails its sessions
+                    for ticket in running:
+                        self._finish(ticket, err)
+                    self._active = [t for t in self._active if t not in running]
+                    continue
+                for ticket in running:
+                    self._deliver(ticket)
+            self._active = [t for t in self._active if not self._drop_if_over(t)]
+
+    def _deliver(self, ticket: Ticket) -> None:
+        chunk = ticket.job.poll()
+        if chunk is not None and not ticket.cancelled:
+            ticket.deliver(chunk)
+
+    def _drop_if_over(self, ticket: Ticket) -> bool:
+        if ticket.cancelled or ticket.job.done:
+            self._finish(ticket, None)
+            return True
+        return False
+
+    def _finish(self, ticket: Ticket, error: Exception | None) -> None:
+        try:
+            self.stepper.release(ticket.job)
+        finally:
+            if not ticket.cancelled:  # a cancelled session's reader is gone
+                ticket.deliver(error)
