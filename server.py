@@ -9,6 +9,7 @@ Routes
                       -> chunked raw PCM s16le mono at the model's output rate (the Mini-Omni
                       reference clients' protocol); with "Accept: multipart/x-mixed-replace" or
                       "format": "multipart", Mini-Omni2-style parts alternating audio and text.
+  WS   /v1/realtime   live sessions, OpenAI Realtime event protocol (subset: see serving/realtime.py)
   GET  /v1/models     the loaded model's card
   GET  /health        liveness and free session slots
   GET  /metrics       Prometheus metrics
@@ -16,94 +17,31 @@ Routes
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import binascii
 import contextlib
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import zoo
+from serving.realtime import MAX_WS_MESSAGE_BYTES, RealtimeSession
+from serving.service import ApiError, GenerationFailed, Service
 from zoo.core.audio import to_pcm16
-from zoo.core.scheduler import Busy, Scheduler
 
 log = logging.getLogger("omni-zoo.server")
 
 MAX_BODY_BYTES = 25 * 1024 * 1024  # a base64 WAV of 30 s at 48 kHz stereo is ~7.7 MB
 MULTIPART_BOUNDARY = b"frame"
-# request field -> option name, for the reference clients' field names
+# /chat field -> option name: the Mini-Omni reference clients' field names
 FIELD_ALIASES = {"max_tokens": "max_new_tokens"}
 TRANSPORT_FIELDS = {"audio", "format"}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.sessions_active = Gauge("zoo_sessions_active", "sessions being served", registry=self.registry)
-        self.sessions_total = Counter("zoo_sessions_total", "sessions accepted", registry=self.registry)
-        self.ttfa = Histogram("zoo_ttfa_seconds", "request complete -> first audio byte sent", registry=self.registry,
-                              buckets=(0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 30))
-        self.rtf = Histogram("zoo_rtf", "compute time / audio time per session", registry=self.registry,
-                             buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 5, 10))
-        self.errors = Counter("zoo_errors_total", "requests that failed, by kind", ["kind"], registry=self.registry)
-        self.disconnects = Counter("zoo_disconnects_total", "clients gone before the reply ended", registry=self.registry)
-
-
-class Service:
-    """The loaded model, its scheduler and the admission count (shared by every route)."""
-
-    def __init__(self, model: zoo.VoiceModel, max_sessions: int, max_body_bytes: int = MAX_BODY_BYTES) -> None:
-        self.model, self.max_sessions, self.max_body_bytes = model, max_sessions, max_body_bytes
-        self.stepper = model.stepper(max_sessions)
-        self.scheduler = Scheduler(self.stepper, max_sessions)
-        # input decoding and audio encoding run here, off the event loop and off the decode thread
-        self.prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zoo-prepare")
-        self.in_flight = 0
-        self.metrics = Metrics()
-        self.option_names = {f.name for f in fields(model.options_class)}
-
-    def admit(self) -> None:
-        if self.in_flight >= self.max_sessions:
-            self.metrics.errors.labels("busy").inc()
-            raise ApiError(503, "busy", f"all {self.max_sessions} session slots are busy; retry shortly",
-                           headers={"Retry-After": "1"})
-        self.in_flight += 1
-        self.metrics.sessions_total.inc()
-        self.metrics.sessions_active.inc()
-
-    def leave(self) -> None:
-        self.in_flight -= 1
-        self.metrics.sessions_active.dec()
-
-    def options(self, body: dict):
-        values = {}
-        for key, value in body.items():
-            if key in TRANSPORT_FIELDS:
-                continue
-            name = FIELD_ALIASES.get(key, key)
-            if name not in self.option_names:
-                raise ApiError(400, "bad_request", f"unknown field {key!r}; known: "
-                               f"{sorted(TRANSPORT_FIELDS | set(FIELD_ALIASES) | self.option_names)}")
-            values[name] = value
-        try:
-            return self.model.options(values)
-        except zoo.OptionsError as err:
-            raise ApiError(422, "bad_option", str(err)) from None
 
 
 async def read_json(request: Request, limit: int) -> dict:
@@ -138,20 +76,17 @@ def multipart_part(content_type: str, payload: bytes) -> bytes:
     return b"\r\n--" + MULTIPART_BOUNDARY + b"\r\nContent-Type: " + content_type.encode() + b"\r\n\r\n" + payload
 
 
-def create_app(service: Service) -> FastAPI:
+def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        service.scheduler.close()
-        service.prepare_pool.shutdown(wait=False, cancel_futures=True)
+        service.close()
 
     app = FastAPI(title="omni-zoo", version="0.1", lifespan=lifespan)
     model, metrics = service.model, service.metrics
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
-        if err.kind != "busy":
-            metrics.errors.labels(err.kind).inc()
         return JSONResponse({"error": {"type": err.kind, "message": err.message}}, err.status, headers=err.headers)
 
     @app.get("/health")
@@ -171,62 +106,41 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/chat")
     async def chat(request: Request):
-        data = await read_json(request, service.max_body_bytes)
+        data = await read_json(request, max_body_bytes)
         audio = decode_audio_field(data)
-        options = service.options(data)
+        options = service.options({FIELD_ALIASES.get(k, k): v for k, v in data.items() if k not in TRANSPORT_FIELDS})
         multipart = data.get("format") == "multipart" or "multipart/x-mixed-replace" in request.headers.get("accept", "")
-        service.admit()
-        received = time.perf_counter()
-        try:
-            loop = asyncio.get_running_loop()
-            job = await loop.run_in_executor(service.prepare_pool, service.stepper.prepare, audio, None, options)
-            queue: asyncio.Queue = asyncio.Queue()
-            ticket = service.scheduler.submit(job, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
-        except zoo.ZooError as err:
-            service.leave()
-            raise ApiError(400, "bad_audio" if isinstance(err, zoo.AudioInputError) else "bad_request", str(err)) from None
-        except Busy as err:
-            service.leave()
-            raise ApiError(503, "busy", str(err), headers={"Retry-After": "1"}) from None
-        except BaseException:
-            service.leave()
-            raise
+        reply = service.stream(audio, None, options, received=time.perf_counter())
+        try:  # refusals (busy, bad audio) become HTTP errors before any byte is sent
+            first = await reply.__anext__()
+        except StopAsyncIteration:
+            first = None
 
         async def body():
-            first_audio, samples, finished = None, 0, False
             try:
-                while True:
-                    item = await queue.get()
-                    if item is None:
-                        finished = True
-                        return
-                    if isinstance(item, Exception):
-                        log.error("generation failed: %s", item)
-                        metrics.errors.labels("generation").inc()
-                        if multipart:
-                            yield multipart_part("text/plain", f"[error: {item}]".encode())
-                        return
-                    pcm = to_pcm16(item.audio) if item.audio.size else b""
-                    if pcm and first_audio is None:
-                        first_audio = time.perf_counter()
-                        metrics.ttfa.observe(first_audio - received)
-                    samples += item.audio.size
+                chunk = first
+                while chunk is not None:
+                    pcm = to_pcm16(chunk.audio) if chunk.audio.size else b""
                     if multipart:
-                        yield multipart_part("audio/wav", pcm) + multipart_part("text/plain", item.text.encode())
+                        yield multipart_part("audio/wav", pcm) + multipart_part("text/plain", chunk.text.encode())
                     elif pcm:
                         yield pcm
+                    chunk = await anext(reply, None)
+            except GenerationFailed as err:
+                log.error("generation failed: %s", err)
+                if multipart:
+                    yield multipart_part("text/plain", f"[error: {err}]".encode())
             finally:
-                if not finished:
-                    metrics.disconnects.inc()
-                service.scheduler.cancel(ticket)
-                if samples:
-                    metrics.rtf.observe((time.perf_counter() - received) / (samples / model.card.output_sample_rate))
-                service.leave()
+                await reply.aclose()
 
         media = f"multipart/x-mixed-replace; boundary={MULTIPART_BOUNDARY.decode()}" if multipart else "application/octet-stream"
         headers = {"X-Model": model.card.name, "X-Sample-Rate": str(model.card.output_sample_rate),
                    "X-Audio-Format": "pcm_s16le", "X-Channels": "1"}
         return StreamingResponse(body(), media_type=media, headers=headers)
+
+    @app.websocket("/v1/realtime")
+    async def realtime(websocket: WebSocket):
+        await RealtimeSession(websocket, service).run()
 
     return app
 
@@ -267,9 +181,10 @@ def main(argv=None) -> int:
     if args.tiny:
         log.warning("RANDOM WEIGHTS (--tiny): every reply is noise, not speech")
     warm_up(model)
-    service = Service(model, args.max_sessions, int(args.max_body_mb * 2**20))
+    service = Service(model, args.max_sessions)
     log.info("serving %s on http://%s:%d (max %d sessions)", model.card.name, args.host, args.port, args.max_sessions)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(service, int(args.max_body_mb * 2**20)), host=args.host, port=args.port,
+                log_level="warning", ws_max_size=MAX_WS_MESSAGE_BYTES)
     return 0
 
 

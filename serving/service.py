@@ -1,0 +1,124 @@
+"""The loaded model behind every route: admission (session slots), input preparation off the event
+loop, the batched scheduler, and metrics. ``Service.stream`` is one reply as an async iterator."""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+from typing import Any, AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+import zoo
+from zoo.core.scheduler import Busy, Scheduler
+
+
+class ApiError(Exception):
+    """A refusal with an HTTP status and a short machine-readable kind."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
+
+
+class GenerationFailed(Exception):
+    pass
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.sessions_active = Gauge("zoo_sessions_active", "replies being generated or prepared", registry=r)
+        self.sessions_total = Counter("zoo_sessions_total", "replies accepted", registry=r)
+        self.ttfa = Histogram("zoo_ttfa_seconds", "request complete -> first audio", registry=r,
+                              buckets=(0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 30))
+        self.rtf = Histogram("zoo_rtf", "compute time / audio time per reply", registry=r,
+                             buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 5, 10))
+        self.errors = Counter("zoo_errors_total", "refused or failed requests, by kind", ["kind"], registry=r)
+        self.stopped = Counter("zoo_replies_stopped_total",
+                               "replies stopped before their end (client gone, cancel, barge-in)", registry=r)
+
+
+class Service:
+    def __init__(self, model: zoo.VoiceModel, max_sessions: int) -> None:
+        self.model, self.max_sessions = model, max_sessions
+        self.stepper = model.stepper(max_sessions)
+        self.scheduler = Scheduler(self.stepper, max_sessions)
+        # input decoding and audio encoding run here: off the event loop and off the decode thread
+        self.prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zoo-prepare")
+        self.in_flight = 0
+        self.metrics = Metrics()
+        self.option_names = {f.name for f in fields(model.options_class)}
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.prepare_pool.shutdown(wait=False, cancel_futures=True)
+
+    def options(self, values: dict[str, Any]):
+        unknown = sorted(set(values) - self.option_names)
+        if unknown:
+            raise ApiError(400, "bad_request", f"unknown option(s) {unknown}; known: {sorted(self.option_names)}")
+        try:
+            return self.model.options(values)
+        except zoo.OptionsError as err:
+            raise ApiError(422, "bad_option", str(err)) from None
+
+    def _admit(self) -> None:
+        if self.in_flight >= self.max_sessions:
+            self.metrics.errors.labels("busy").inc()
+            raise ApiError(503, "busy", f"all {self.max_sessions} session slots are busy; retry shortly",
+                           headers={"Retry-After": "1"})
+        self.in_flight += 1
+        self.metrics.sessions_total.inc()
+        self.metrics.sessions_active.inc()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        self.metrics.sessions_active.dec()
+
+    async def stream(self, audio: Any, sample_rate: int | None, options, received: float) -> AsyncIterator[zoo.Chunk]:
+        """One reply. ``received``: when the request was complete (perf_counter), for TTFA.
+        Closing the iterator early stops the generation and frees the slot before the next step."""
+        self._admit()
+        try:
+            loop = asyncio.get_running_loop()
+            try:
+                job = await loop.run_in_executor(self.prepare_pool, self.stepper.prepare, audio, sample_rate, options)
+            except zoo.AudioInputError as err:
+                self.metrics.errors.labels("bad_audio").inc()
+                raise ApiError(400, "bad_audio", str(err)) from None
+            except zoo.ZooError as err:
+                self.metrics.errors.labels("bad_request").inc()
+                raise ApiError(400, "bad_request", str(err)) from None
+            queue: asyncio.Queue = asyncio.Queue()
+            try:
+                ticket = self.scheduler.submit(job, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+            except Busy as err:
+                self.metrics.errors.labels("busy").inc()
+                raise ApiError(503, "busy", str(err), headers={"Retry-After": "1"}) from None
+            first_audio, samples, finished = None, 0, False
+            try:
+                while True:
+                    item = await queue.get()
+                    if item is None:
+                        finished = True
+                        return
+                    if isinstance(item, Exception):
+                        finished = True
+                        self.metrics.errors.labels("generation").inc()
+                        raise GenerationFailed(str(item))
+                    if item.audio.size and first_audio is None:
+                        first_audio = time.perf_counter()
+                        self.metrics.ttfa.observe(first_audio - received)
+                    samples += item.audio.size
+                    yield item
+            finally:
+                if not finished:
+                    self.metrics.stopped.inc()
+                self.scheduler.cancel(ticket)
+                if samples:
+                    seconds = samples / self.model.card.output_sample_rate
+                    self.metrics.rtf.observe((time.perf_counter() - received) / seconds)
+        finally:
+            self._leave()
