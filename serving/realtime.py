@@ -37,6 +37,7 @@ from .vad import VAD_RATE, SpeechDetector
 WIRE_RATE = 24000
 MAX_WS_MESSAGE_BYTES = 16 * 1024 * 1024
 MIN_COMMIT_MS = 100
+IDLE_TIMEOUT_S = 300  # a session with no client event for this long is closed
 
 DEFAULT_TURN_DETECTION = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
                           "silence_duration_ms": 500, "create_response": True, "interrupt_response": True}
@@ -87,7 +88,12 @@ class RealtimeSession:
         await self.send({"type": "session.created", "session": self.config})
         try:
             while True:
-                message = await self.ws.receive()
+                try:
+                    message = await asyncio.wait_for(self.ws.receive(), IDLE_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    await self.error("idle_timeout", f"no event for {IDLE_TIMEOUT_S} s: closing")
+                    await self.ws.close(code=1000)
+                    return
                 if message["type"] == "websocket.disconnect":
                     return
                 if message.get("text") is None:

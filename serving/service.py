@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from typing import Any, AsyncIterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 import zoo
 from zoo.core.scheduler import Busy, Scheduler
@@ -29,6 +29,7 @@ class GenerationFailed(Exception):
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
         self.sessions_active = Gauge("zoo_sessions_active", "replies being generated or prepared", registry=r)
         self.sessions_total = Counter("zoo_sessions_total", "replies accepted", registry=r)
         self.ttfa = Histogram("zoo_ttfa_seconds", "request complete -> first audio", registry=r,

@@ -2,10 +2,10 @@
 the LLM's 7-token frames to SNAC's three codebooks, and seam-free streaming decode."""
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,17 @@ def load_snac(folder: Path, dtype: torch.dtype, device) -> SNAC:
     state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     # strict: both weight-norm namings load (torch converts weight_g/weight_v on load).
     model.load_state_dict(state, strict=True)
+    return prepare_for_inference(model).to(device=device, dtype=dtype).eval()
+
+
+def prepare_for_inference(model: SNAC) -> SNAC:
+    """Seeded positional noise, and weight norm folded into plain weights (the parametrization
+    would recompute every weight on every call)."""
     install_seeded_noise(model)
-    return model.to(device=device, dtype=dtype).eval()
+    for module in model.modules():
+        if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+            torch.nn.utils.parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,7 +47,8 @@ def load_snac(folder: Path, dtype: torch.dtype, device) -> SNAC:
 # RNG. We draw the same distribution from a seeded stream indexed by absolute sample position, so
 # any window of frames gets the noise the one-pass decode gives those samples.
 
-_decode_window: contextvars.ContextVar[tuple[int, int, int, bool]] = contextvars.ContextVar("snac_window")
+# per batch item: (seed, first frame, noise on); and the number of frames every item has
+_decode_window: contextvars.ContextVar[tuple[list[tuple[int, int, bool]], int]] = contextvars.ContextVar("snac_window")
 _NOISE_PAGE = 8192
 
 
@@ -64,11 +74,14 @@ class SeededNoise(nn.Module):
         self.index = index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seed, first_frame, frames, enabled = _decode_window.get((0, 0, 1, True))
-        if not enabled:
+        items, frames = _decode_window.get(([(0, 0, True)] * x.size(0), 1))
+        if not any(enabled for _, _, enabled in items):
             return x
         per_frame = x.size(-1) // frames
-        noise = _positional_noise(seed, self.index, first_frame * per_frame, x.size(-1))
+        noise = torch.stack([
+            _positional_noise(seed, self.index, first * per_frame, x.size(-1)) if enabled else torch.zeros(x.size(-1))
+            for seed, first, enabled in items
+        ])[:, None]
         return x + noise.to(x.device, x.dtype) * self.linear(x)
 
 
@@ -114,26 +127,50 @@ def is_audio_frame(frame) -> bool:
     return all(0 <= int(code) < AUDIO_VOCAB for code in frame)
 
 
+@dataclass
+class Window:
+    """Frames to decode together, and which of the resulting samples belong to the chunk."""
+
+    frames: torch.Tensor  # (N, 7)
+    first_frame: int  # absolute index of frames[0] in its reply (places the noise)
+    keep: slice  # samples of the chunk within the decoded window
+    seed: int = 0
+    noise: bool = True
+
+
 class Codec:
     def __init__(self, snac: SNAC) -> None:
         self.snac = snac
         self.samples_per_frame = int(snac.hop_length) * int(snac.vq_strides[0])
         self.sample_rate = int(snac.sampling_rate)
 
-    @torch.inference_mode()
     def decode(self, frames: torch.Tensor, first_frame: int = 0, seed: int = 0, noise: bool = True) -> np.ndarray:
         """(N, 7) codes -> float32 audio of N * 2048 samples. ``first_frame`` is the absolute index
         of frames[0] in its reply, which places the decoder's noise."""
         if frames.numel() == 0:
             return np.zeros(0, np.float32)
+        return self.decode_windows([Window(frames, first_frame, slice(None), seed, noise)])[0]
+
+    @torch.inference_mode()
+    def decode_windows(self, windows: list[Window]) -> list[np.ndarray]:
+        """Decode many windows (of any sessions); windows of equal length share one batched call."""
+        out: list[np.ndarray | None] = [None] * len(windows)
+        by_length: dict[int, list[int]] = {}
+        for i, w in enumerate(windows):
+            by_length.setdefault(w.frames.size(0), []).append(i)
         device = next(self.snac.parameters()).device
-        codes = frames_to_codes(frames.to(device=device, dtype=torch.long))
-        token = _decode_window.set((seed, first_frame, frames.size(0), noise))
-        try:
-            audio = self.snac.decode(codes)
-        finally:
-            _decode_window.reset(token)
-        return audio.reshape(-1).float().cpu().numpy()
+        for length, members in by_length.items():
+            frames = torch.stack([windows[i].frames for i in members]).to(device=device, dtype=torch.long)
+            codes = [torch.cat(parts) for parts in zip(*(frames_to_codes(f) for f in frames))]
+            items = [(windows[i].seed, windows[i].first_frame, windows[i].noise) for i in members]
+            token = _decode_window.set((items, length))
+            try:
+                audio = self.snac.decode(codes).float().cpu().numpy()[:, 0]
+            finally:
+                _decode_window.reset(token)
+            for row, i in enumerate(members):
+                out[i] = audio[row][windows[i].keep]
+        return out
 
 
 class AudioStreamer:
@@ -141,10 +178,13 @@ class AudioStreamer:
     audio starts as soon as the delay pattern allows), then ``stride`` frames each.
 
     mode "seamless" (default): each chunk is decoded with ``CONTEXT_FRAMES`` of left context and
-    ``lookahead`` frames of right context, keeping only its own samples; ``finish()`` flushes the
+    ``lookahead`` frames of right context, keeping only its own samples; ``finish`` flushes the
     tail. With lookahead 3 the stream equals the one-pass decode sample for sample.
     mode "reference": the reference server's behaviour: each chunk decoded alone (audible seams)
     and the last (frames mod stride) frames never sent; its first chunk is ``stride`` frames too.
+
+    ``plan`` says which windows are due (so many sessions can be decoded in one batch);
+    ``ready``/``finish`` plan and decode in one go.
     """
 
     def __init__(self, codec: Codec, stride: int, lookahead: int, mode: str, seed: int, noise: bool,
@@ -156,33 +196,38 @@ class AudioStreamer:
         self.first_chunk = first_chunk if (first_chunk and mode == "seamless") else stride
         self.seed, self.noise = seed, noise
         self.frames: list[list[int]] = []
-        self.sent = 0  # frames already turned into audio
+        self.sent = 0  # frames already planned as audio
 
     def push(self, frame) -> None:
         if is_audio_frame(frame):
             self.frames.append([int(c) for c in frame])
 
-    def ready(self) -> list[np.ndarray]:
-        chunks = []
+    def plan(self, final: bool = False) -> list[Window]:
+        windows = []
         while True:
             size = self.first_chunk if self.sent == 0 else self.stride
             if len(self.frames) - self.lookahead < self.sent + size:
-                return chunks
-            chunks.append(self._decode(self.sent, self.sent + size))
+                break
+            windows.append(self._window(self.sent, self.sent + size))
+        if final and self.mode == "seamless" and self.sent < len(self.frames):
+            windows.append(self._window(self.sent, len(self.frames)))
+        return windows
+
+    def ready(self) -> list[np.ndarray]:
+        return self._decode(self.plan())
 
     def finish(self) -> list[np.ndarray]:
-        chunks = self.ready()
-        if self.mode == "seamless" and self.sent < len(self.frames):
-            chunks.append(self._decode(self.sent, len(self.frames)))
-        return chunks
+        return self._decode(self.plan(final=True))
 
-    def _decode(self, start: int, end: int) -> np.ndarray:
+    def _decode(self, windows: list[Window]) -> list[np.ndarray]:
+        return self.codec.decode_windows(windows) if windows else []
+
+    def _window(self, start: int, end: int) -> Window:
         if self.mode == "reference":
             lo, hi = start, end
         else:
             lo, hi = max(0, start - CONTEXT_FRAMES), min(len(self.frames), end + self.lookahead)
-        window = torch.tensor(self.frames[lo:hi], dtype=torch.long)
-        audio = self.codec.decode(window, first_frame=lo, seed=self.seed, noise=self.noise)
         spf = self.codec.samples_per_frame
         self.sent = end
-        return audio[(start - lo) * spf : (end - lo) * spf]
+        return Window(torch.tensor(self.frames[lo:hi], dtype=torch.long), lo,
+                      slice((start - lo) * spf, (end - lo) * spf), self.seed, self.noise)

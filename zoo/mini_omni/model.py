@@ -16,7 +16,7 @@ from ..core.checkpoints import resolve_files
 from ..core.errors import OptionsError, WeightsNotFound
 from ..core.types import Chunk, ModelCard, Options, VoiceModel
 from . import whisper
-from .codec import CODEC_FILES, AudioStreamer, Codec, load_snac
+from .codec import CODEC_FILES, AudioStreamer, Codec, Window, load_snac
 from .config import GPTConfig
 from .engine import Engine, Session
 from .gpt import GPT
@@ -108,29 +108,45 @@ class Reply:
             first_chunk=options.first_chunk_frames,
         )
         self.read = 0
+        self.text_delta: list[str] = []
+        self.audio_ready: list[np.ndarray] = []
 
     @property
     def done(self) -> bool:
         return self.session.done
 
-    def poll(self) -> Chunk | None:
+    def advance(self) -> list[Window]:
+        """Consume the session's new outputs: text now, frames into the audio streamer. Returns
+        the audio windows due for decoding (hand their audio back with ``complete``)."""
         outputs = self.session.outputs
-        delta = []
         while self.read < len(outputs):
             p = self.read
-            delta.append(self.text.push(outputs[p][AUDIO_LAYERS]))
+            self.text_delta.append(self.text.push(outputs[p][AUDIO_LAYERS]))
             if self.session.task.speaks and p >= AUDIO_LAYERS:
                 f = p - AUDIO_LAYERS
                 self.audio.push([outputs[f + 1 + j][j] for j in range(AUDIO_LAYERS)])
             self.read += 1
-        chunks = self.audio.ready() if self.session.task.speaks else []
-        if self.session.done and self.session.task.speaks:
-            chunks += self.audio.finish()
-        text = "".join(delta)
+        if not self.session.task.speaks:
+            return []
+        return self.audio.plan(final=self.session.done)
+
+    def complete(self, audio: list[np.ndarray]) -> None:
+        self.audio_ready.extend(audio)
+
+    def take(self) -> Chunk | None:
+        """Everything produced since the last take, as one chunk (None if nothing)."""
+        text, self.text_delta = "".join(self.text_delta), []
+        chunks, self.audio_ready = self.audio_ready, []
         if not chunks and not text:
             return None
         audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
         return Chunk(audio=audio.astype(np.float32, copy=False), text=text)
+
+    def poll(self) -> Chunk | None:
+        windows = self.advance()
+        if windows:
+            self.complete(self.audio.codec.decode_windows(windows))
+        return self.take()
 
 
 class ReplyStepper:
@@ -148,7 +164,13 @@ class ReplyStepper:
         self.engine.start(job.session)
 
     def step(self, jobs: list[Reply]) -> None:
+        """One decode step for every session, then every due audio window in one codec batch."""
         self.engine.step([job.session for job in jobs])
+        due = [(job, job.advance()) for job in jobs]
+        audio = self.model.codec.decode_windows([w for _, windows in due for w in windows])
+        for job, windows in due:
+            job.complete(audio[: len(windows)])
+            audio = audio[len(windows):]
 
     def release(self, job: Reply) -> None:
         self.engine.release(job.session)

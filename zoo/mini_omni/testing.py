@@ -237,7 +237,7 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
     published dimensions (and so the real compute cost), ``tiny`` the test dimensions."""
     from tokenizers import Tokenizer
 
-    from .codec import Codec, install_seeded_noise
+    from .codec import Codec, prepare_for_inference
     from .model import MiniOmni, _dtype
     from .whisper import AudioEncoder, EncoderDims
 
@@ -256,8 +256,7 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
     prefix = "encoder."
     whisper_state = random_whisper_state(dims, generator)
     encoder.load_state_dict({k[len(prefix):]: v for k, v in whisper_state.items() if k.startswith(prefix)})
-    snac = random_snac(snac_config, seed)
-    install_seeded_noise(snac)
+    snac = prepare_for_inference(random_snac(snac_config, seed))
     return MiniOmni(
         gpt.to(device=device, dtype=dtype).eval(),
         encoder.to(device=device, dtype=dtype).eval(),

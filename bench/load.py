@@ -1,0 +1,203 @@
+"""Many concurrent clients against server.py: TTFA p50/p90, per-session RTF, aggregate throughput,
+errors and server memory. Loopback only; the number of requests and the time are bounded.
+
+    python bench/load.py --spawn --tiny --clients 1 8 32          # starts its own server.py
+    python bench/load.py --url http://127.0.0.1:60808 --clients 8  # a server you started
+
+Each client sends the demo question to POST /chat (the reference client protocol) and reads the
+PCM stream. TTFA is measured at the client: request sent -> first audio byte. With --spawn the
+same model is also run in-process first, so the server's overhead on top of the model's own TTFA
+is reported. Results: bench/results/<date>_load_<model>_<device>.json and a row in load.md.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import requests
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+QUESTION = ROOT / "demos" / "samples" / "01.wav"
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "server.py"), "--port", str(port), "--max-sessions", str(max(args.clients))]
+    cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--device", args.device] if args.device else []
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/health", timeout=1).ok:
+                return proc, url
+        except requests.ConnectionError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            raise SystemExit("server.py exited during start-up")
+    proc.kill()
+    raise SystemExit("server.py did not start in 300 s")
+
+
+def server_rss_mib(url: str) -> float | None:
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return float(line.split()[1]) / 2**20
+    return None
+
+
+def one_request(url: str, body: dict, rate: int, timeout: float) -> dict:
+    started = time.perf_counter()
+    try:
+        response = requests.post(url + "/chat", json=body, stream=True, timeout=timeout)
+        if response.status_code != 200:
+            return {"error": f"HTTP {response.status_code}: {response.text[:200]}"}
+        first, size = None, 0
+        for part in response.iter_content(chunk_size=4096):
+            if first is None and part:
+                first = time.perf_counter() - started
+            size += len(part)
+        total = time.perf_counter() - started
+    except requests.RequestException as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    audio_s = size / 2 / rate
+    return {"ttfa_s": first, "total_s": total, "audio_s": audio_s, "rtf": total / audio_s if audio_s else None}
+
+
+def run_level(url: str, clients: int, per_client: int, body: dict, rate: int, timeout: float) -> dict:
+    results: list[dict] = []
+    lock = threading.Lock()
+    progress = tqdm(total=clients * per_client, desc=f"{clients} clients", unit="req")
+
+    def client():
+        for _ in range(per_client):
+            r = one_request(url, body, rate, timeout)
+            with lock:
+                results.append(r)
+                progress.update()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    progress.close()
+    ok = [r for r in results if "error" not in r]
+    ttfa = [r["ttfa_s"] * 1000 for r in ok if r["ttfa_s"] is not None]
+    return {
+        "clients": clients, "requests": len(results), "errors": len(results) - len(ok),
+        "error_samples": [r["error"] for r in results if "error" in r][:3],
+        "ttfa_ms_p50": round(float(np.percentile(ttfa, 50)), 1) if ttfa else None,
+        "ttfa_ms_p90": round(float(np.percentile(ttfa, 90)), 1) if ttfa else None,
+        "rtf_per_session_median": round(statistics.median(r["rtf"] for r in ok), 3) if ok else None,
+        "audio_s_total": round(sum(r["audio_s"] for r in ok), 2), "wall_s": round(wall, 2),
+        "throughput_audio_s_per_s": round(sum(r["audio_s"] for r in ok) / wall, 3),
+    }
+
+
+def in_process_ttfa(args, audio_bytes: bytes, repeats: int = 5) -> float:
+    """The model's own TTFA on the same question (what the server adds comes on top)."""
+    sys.path.insert(0, str(ROOT))
+    import zoo
+
+    model = zoo.load(args.model, tiny=args.tiny, device=args.device) if not args.full else zoo.random_model(args.model, "full", device=args.device)
+    times = []
+    for i in range(repeats + 1):
+        started = time.perf_counter()
+        for chunk in model.respond(audio_bytes, options={"max_new_tokens": args.max_tokens}):
+            if chunk.audio.size:
+                break
+        if i:
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="a running server (loopback only)")
+    p.add_argument("--spawn", action="store_true", help="start server.py on a free loopback port")
+    p.add_argument("--tiny", action="store_true", help="with --spawn: the tiny random model")
+    p.add_argument("--full", action="store_true", help="in-process comparison at full size (random weights)")
+    p.add_argument("--model", default="mini-omni")
+    p.add_argument("--device")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=60)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if not (args.url or args.spawn):
+        p.error("give --url or --spawn")
+    if args.url and not any(args.url.split("//", 1)[-1].startswith(h) for h in LOOPBACK):
+        p.error("load tests target loopback addresses only")
+    if max(args.clients) * args.requests_per_client > 2000:
+        p.error("at most 2000 requests per level")
+
+    audio_bytes = QUESTION.read_bytes()
+    body = {"audio": base64.b64encode(audio_bytes).decode(), "max_tokens": args.max_tokens}
+    model_ttfa = in_process_ttfa(args, audio_bytes) if args.spawn else None
+    proc, url = spawn(args) if args.spawn else (None, args.url)
+    try:
+        card = requests.get(url + "/v1/models", timeout=10).json()["data"][0]
+        rate = card["card"]["output_sample_rate"]
+        one_request(url, body, rate, args.timeout)  # warm-up
+        memory_before = server_rss_mib(url)
+        levels = [run_level(url, n, args.requests_per_client, body, rate, args.timeout) for n in args.clients]
+        memory_after = server_rss_mib(url)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+    base = levels[0]["throughput_audio_s_per_s"] or 1e-9
+    result = {
+        "date": date.today().isoformat(), "model": card["id"], "random_weights": card.get("random_weights"),
+        "machine": f"{os.cpu_count()} cores", "device": args.device or "auto", "max_tokens": args.max_tokens,
+        "question": QUESTION.name, "levels": levels,
+        "throughput_vs_first_level": [round(l["throughput_audio_s_per_s"] / base, 2) for l in levels],
+        "model_ttfa_ms_in_process": round(model_ttfa, 1) if model_ttfa else None,
+        "server_overhead_ms_at_1_client": (round(levels[0]["ttfa_ms_p50"] - model_ttfa, 1)
+                                           if model_ttfa and levels[0]["clients"] == 1 else None),
+        "server_rss_mib": {"before": memory_before, "after": memory_after},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "tiny" if card.get("random_weights") else "full"
+    (args.out / f"{result['date']}_load_{card['id']}_{tag}.json").write_text(json.dumps(result, indent=2))
+    table = args.out / "load.md"
+    if not table.exists():
+        table.write_text("# Load results (bench/load.py)\n\n| date | model | machine | clients | requests | errors "
+                         "| TTFA p50 / p90 ms | RTF per session | throughput audio s/s | x first level |\n"
+                         "|---|---|---|---|---|---|---|---|---|---|\n")
+    with table.open("a") as f:
+        for level, ratio in zip(levels, result["throughput_vs_first_level"]):
+            f.write(f"| {result['date']} | {card['id']} ({tag}) | {result['machine']}, {result['device']} | {level['clients']} "
+                    f"| {level['requests']} | {level['errors']} | {level['ttfa_ms_p50']} / {level['ttfa_ms_p90']} "
+                    f"| {level['rtf_per_session_median']} | {level['throughput_audio_s_per_s']} | {ratio} |\n")
+    print(json.dumps(result, indent=2))
+    return 1 if any(l["errors"] for l in levels) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
