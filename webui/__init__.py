@@ -1,0 +1,1 @@
+"""Browser front ends (Gradio, Streamlit) and the code they share."""

@@ -1,0 +1,117 @@
+"""What both web UIs talk to: server.py over HTTP (when API_URL is set) or a model loaded in this
+process. Either way: a card and ``stream(wav_bytes) -> Iterator[Chunk]``."""
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import requests
+
+from zoo.core.types import Chunk
+
+DEFAULT_API_URL = "http://127.0.0.1:60808"
+BOUNDARY = b"\r\n--frame\r\n"
+
+
+class BackendError(Exception):
+    """The server is unreachable or refused the request; the message is for people."""
+
+
+@dataclass
+class BackendInfo:
+    model: str
+    output_sample_rate: int
+    random_weights: bool
+    where: str  # "server http://..." or "in-process"
+
+
+class ServerBackend:
+    def __init__(self, api_url: str, timeout: float = 300) -> None:
+        self.api_url, self.timeout = api_url.rstrip("/"), timeout
+
+    def info(self) -> BackendInfo:
+        try:
+            response = requests.get(self.api_url + "/v1/models", timeout=5)
+            response.raise_for_status()
+            model = response.json()["data"][0]
+        except (requests.RequestException, KeyError, IndexError, ValueError) as err:
+            raise BackendError(f"cannot reach the voice server at {self.api_url} ({type(err).__name__}). "
+                               f"Start it with `python server.py`, or set API_URL.") from None
+        return BackendInfo(model["id"], model["card"]["output_sample_rate"], bool(model.get("random_weights")),
+                           f"server {self.api_url}")
+
+    def stream(self, wav: bytes, options: dict | None = None) -> Iterator[Chunk]:
+        """POST /chat in multipart mode: audio and text deltas as they are generated."""
+        body = {"audio": base64.b64encode(wav).decode(), "format": "multipart", **(options or {})}
+        try:
+            response = requests.post(self.api_url + "/chat", json=body, stream=True, timeout=self.timeout)
+        except requests.RequestException as err:
+            raise BackendError(f"cannot reach the voice server at {self.api_url} ({type(err).__name__})") from None
+        if response.status_code != 200:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:200]
+            raise BackendError(f"the server refused the request (HTTP {response.status_code}): {message}")
+        yield from parse_multipart(response.iter_content(chunk_size=4096))
+
+
+def parse_multipart(pieces: Iterator[bytes]) -> Iterator[Chunk]:
+    """Mini-Omni2-style stream: parts ``--frame`` + headers + payload, audio (PCM16) then text."""
+    buffer = b""
+    audio: np.ndarray | None = None
+
+    def part(raw: bytes):
+        nonlocal audio
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        if b"audio/" in head:
+            audio = np.frombuffer(payload[: len(payload) // 2 * 2], "<i2").astype(np.float32) / 32768.0
+            return None
+        chunk = Chunk(audio=audio if audio is not None else np.zeros(0, np.float32), text=payload.decode("utf-8", "replace"))
+        audio = None
+        return chunk
+
+    for piece in pieces:
+        buffer += piece
+        # a part is complete once the next boundary has arrived
+        while True:
+            start = buffer.find(BOUNDARY)
+            end = buffer.find(BOUNDARY, start + len(BOUNDARY)) if start >= 0 else -1
+            if end < 0:
+                break
+            chunk = part(buffer[start + len(BOUNDARY) : end])
+            buffer = buffer[end:]
+            if chunk is not None:
+                yield chunk
+    if buffer.startswith(BOUNDARY):
+        chunk = part(buffer[len(BOUNDARY):])
+        if chunk is not None:
+            yield chunk
+
+
+class LocalBackend:
+    """The model in this process (like a hosted demo page)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(self.model.card.name, self.model.card.output_sample_rate,
+                           bool(getattr(self.model, "tiny", False)), "in-process")
+
+    def stream(self, wav: bytes, options: dict | None = None) -> Iterator[Chunk]:
+        try:
+            yield from self.model.respond(wav, options=options)
+        except Exception as err:  # zoo errors carry clear messages; show them, do not crash the page
+            raise BackendError(str(err)) from None
+
+
+def backend_from_env(load_model=None):
+    """API_URL set: the server. Unset: ``load_model()`` in-process (or the default server)."""
+    url = os.environ.get("API_URL")
+    if url or load_model is None:
+        return ServerBackend(url or DEFAULT_API_URL)
+    return LocalBackend(load_model())
