@@ -66,6 +66,24 @@ def talk(page, seconds=3.0) -> float:
     raise AssertionError("the reply never played")
 
 
+def live_turn(page) -> dict:
+    """The live widget: start, let the fake mic speak and pause; the reply must start playing
+    through WebAudio. Returns the widget's own measurement (speech end -> first audio)."""
+    page.get_by_role("button", name="Start live chat").click()
+    for _ in range(1200):  # up to 60 s
+        current = page.evaluate("() => window.omniLiveStats && window.omniLiveStats.current")
+        if current and current.get("firstAudioMs") is not None:
+            break
+        page.wait_for_timeout(50)
+    else:
+        raise AssertionError("the live reply never played")
+    page.wait_for_timeout(500)
+    assert "first audio" in page.locator(".omni-live-status").inner_text()
+    assert page.locator(".omni-live-transcript").inner_text().strip()  # its transcript
+    page.get_by_role("button", name="Stop live chat").click()
+    return {"live_speech_end_to_audio_ms": current["firstAudioMs"]}
+
+
 def check_turn(page, tmp_path, name) -> dict:
     stop_to_audio = talk(page)
     page.wait_for_timeout(1500)
@@ -88,6 +106,8 @@ def test_in_process_page_answers_a_spoken_question(mic, tmp_path):
         with browser_page(mic) as page:
             open_page(page, ui.url)
             result = check_turn(page, tmp_path, "gradio_in_process")
+            result.update(live_turn(page))
+            page.screenshot(path=str(tmp_path / "gradio_in_process_live.png"), full_page=True)
         print(json.dumps(result))
     finally:
         ui.stop()
@@ -101,6 +121,7 @@ def test_page_through_server_answers_a_spoken_question(mic, tmp_path):
             open_page(page, ui.url)
             assert f"server {server.url}" in page.inner_text("body")
             result = check_turn(page, tmp_path, "gradio_server")
+            result.update(live_turn(page))
         print(json.dumps(result))
         assert server.metric("zoo_sessions_total") >= 1
     finally:

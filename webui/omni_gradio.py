@@ -15,15 +15,26 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zoo  # noqa: E402
 from webui.client import BackendError, LocalBackend, ServerBackend  # noqa: E402
 
 NOISE_BANNER = "**Random weights (--tiny): every reply is noise, not speech.**"
+LIVE_JS = (Path(__file__).resolve().parent / "static" / "live.js").read_text()
 
 
-def build(backend) -> gr.Blocks:
+def live_widget(ws_url: str) -> gr.HTML:
+    """Talk continuously: browser mic -> server.py's /v1/realtime -> WebAudio, no file round trip
+    and no HLS buffering. An empty ``ws_url`` means this page's own origin."""
+    html = (f'<div data-omni-live data-ws="{ws_url}"><button data-state="off" class="omni-live-button">'
+            f'Start live chat</button> <span class="omni-live-status">not started</span>'
+            f'<div class="omni-live-transcript"></div></div>')
+    return gr.HTML(value=html, js_on_load=LIVE_JS, label="Live (low latency)")
+
+
+def build(backend, live_ws_url: str | None = None) -> gr.Blocks:
     try:
         info = backend.info()
         header = f"# omni-zoo voice chat\nModel **{info.model}** ({info.where})"
@@ -60,6 +71,10 @@ def build(backend) -> gr.Blocks:
 
     with gr.Blocks(title="omni-zoo voice chat") as demo:
         gr.Markdown(header)
+        if live_ws_url is not None:
+            gr.Markdown("**Live chat**: talk, pause, and the reply plays as it is generated; talk over it to interrupt.")
+            live_widget(live_ws_url)
+            gr.Markdown("**Turn by turn**: record (or upload) a question; it is sent when you stop.")
         chatbot = gr.Chatbot(label="Conversation", height=360)
         with gr.Row():
             mic = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Your question")
@@ -81,16 +96,25 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
-    if os.environ.get("API_URL"):
-        backend = ServerBackend(os.environ["API_URL"])
-    else:
-        try:
-            backend = LocalBackend(zoo.load(args.model, tiny=args.tiny, device=args.device))
-        except zoo.ZooError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    build(backend).queue(default_concurrency_limit=8).launch(server_name=args.host, server_port=args.port,
-                                                             share=False, show_error=True)
+    api_url = os.environ.get("API_URL")
+    if api_url:  # the page and the live widget both talk to server.py
+        ws_url = api_url.rstrip("/").replace("https://", "wss://").replace("http://", "ws://") + "/v1/realtime"
+        demo = build(ServerBackend(api_url), live_ws_url=ws_url)
+        demo.queue(default_concurrency_limit=8).launch(server_name=args.host, server_port=args.port, show_error=True)
+        return 0
+    try:
+        model = zoo.load(args.model, tiny=args.tiny, device=args.device)
+    except zoo.ZooError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # In-process: one FastAPI app serves the page and server.py's routes (the live widget's
+    # /v1/realtime among them) on the same origin.
+    from server import create_app
+    from serving.service import Service
+
+    app = create_app(Service(model, max_sessions=8))
+    demo = build(LocalBackend(model), live_ws_url="").queue(default_concurrency_limit=8)
+    uvicorn.run(gr.mount_gradio_app(app, demo, path="/"), host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -1,0 +1,120 @@
+// Low-latency live voice chat in the browser: microphone -> server.py /v1/realtime (OpenAI
+// Realtime events, PCM16 at 24 kHz, server-side VAD) -> WebAudio playback scheduled chunk by chunk.
+// Used by both web UIs. `element` is the widget's root; its [data-ws] attribute may name the
+// server's WebSocket URL, else the page's own origin is used.
+(function (element) {
+  const root = element.querySelector("[data-omni-live]") || element;
+  const button = root.querySelector("button");
+  const status = root.querySelector(".omni-live-status");
+  const transcript = root.querySelector(".omni-live-transcript");
+  const RATE = 24000;
+  let ws = null, ctx = null, stream = null, processor = null, sources = [], playHead = 0;
+  let speechEnd = null, firstAudio = false, reply = null;
+  window.omniLiveStats = window.omniLiveStats || {turns: []};
+
+  function wsUrl() {
+    const given = root.dataset.ws;
+    if (given) return given;
+    return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/v1/realtime";
+  }
+  function show(text) { status.textContent = text; }
+  function toBase64(int16) {
+    let s = "";
+    const bytes = new Uint8Array(int16.buffer);
+    for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+    return btoa(s);
+  }
+  function stopPlayback() {
+    sources.forEach((s) => { try { s.stop(); } catch (e) {} });
+    sources = [];
+    playHead = 0;
+  }
+  function play(b64) {
+    const raw = atob(b64);
+    const pcm = new Int16Array(raw.length / 2);
+    for (let i = 0; i < pcm.length; i++) pcm[i] = raw.charCodeAt(2 * i) | (raw.charCodeAt(2 * i + 1) << 8);
+    const buffer = ctx.createBuffer(1, pcm.length, RATE);
+    const data = buffer.getChannelData(0);
+    for (let i = 0; i < pcm.length; i++) data[i] = pcm[i] / 32768;
+    const source = ctx.createBufferSource();
+    source.buffer = buffer;
+    source.connect(ctx.destination);
+    const start = Math.max(playHead, ctx.currentTime + 0.02);
+    source.start(start);
+    playHead = start + buffer.duration;
+    sources.push(source);
+    if (!firstAudio) {
+      firstAudio = true;
+      const wait = (start - ctx.currentTime) * 1000;
+      const ms = speechEnd === null ? null : Math.round(performance.now() - speechEnd + wait);
+      reply.firstAudioMs = ms;
+      show(ms === null ? "speaking" : "first audio " + ms + " ms after you stopped");
+    }
+  }
+  function onEvent(event) {
+    if (event.type === "session.created") {
+      const s = event.session || {};
+      show("listening (" + s.model + (s.zoo && s.zoo.random_weights ? ", random weights: replies are noise" : "") + ")");
+    } else if (event.type === "input_audio_buffer.speech_started") {
+      stopPlayback();  // barge-in: the user talks over the reply
+      show("hearing you…");
+    } else if (event.type === "input_audio_buffer.speech_stopped") {
+      speechEnd = performance.now();
+      show("thinking…");
+    } else if (event.type === "response.created") {
+      firstAudio = false;
+      reply = {firstAudioMs: null, text: ""};
+      window.omniLiveStats.current = reply;
+      const line = document.createElement("div");
+      line.className = "omni-live-reply";
+      transcript.appendChild(line);
+    } else if (event.type === "response.output_audio.delta") {
+      play(event.delta);
+    } else if (event.type === "response.output_audio_transcript.delta") {
+      reply.text += event.delta;
+      transcript.lastChild.textContent = reply.text;
+    } else if (event.type === "response.done") {
+      if (reply) { reply.status = event.response.status; window.omniLiveStats.turns.push(reply); }
+    } else if (event.type === "error") {
+      show("server: " + event.error.message);
+    }
+  }
+  async function start() {
+    ctx = new AudioContext({sampleRate: RATE});
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({audio: {channelCount: 1, echoCancellation: true, noiseSuppression: true}});
+    } catch (e) {
+      show("no microphone: " + e.message);
+      return;
+    }
+    ws = new WebSocket(wsUrl());
+    ws.onmessage = (m) => onEvent(JSON.parse(m.data));
+    ws.onerror = () => show("cannot reach the voice server at " + wsUrl());
+    ws.onclose = () => { if (button.dataset.state === "on") stop("disconnected"); };
+    ws.onopen = () => {
+      const source = ctx.createMediaStreamSource(stream);
+      processor = ctx.createScriptProcessor(2048, 1, 1);
+      processor.onaudioprocess = (e) => {
+        if (ws.readyState !== WebSocket.OPEN) return;
+        const f = e.inputBuffer.getChannelData(0);
+        const pcm = new Int16Array(f.length);
+        for (let i = 0; i < f.length; i++) pcm[i] = Math.max(-32767, Math.min(32767, f[i] * 32767));
+        ws.send(JSON.stringify({type: "input_audio_buffer.append", audio: toBase64(pcm)}));
+      };
+      source.connect(processor);
+      processor.connect(ctx.destination);  // Chrome only runs processors connected to an output
+    };
+    button.dataset.state = "on";
+    button.textContent = "Stop live chat";
+  }
+  function stop(why) {
+    button.dataset.state = "off";
+    button.textContent = "Start live chat";
+    if (processor) processor.disconnect();
+    if (stream) stream.getTracks().forEach((t) => t.stop());
+    if (ws && ws.readyState <= 1) ws.close();
+    stopPlayback();
+    show(why || "stopped");
+  }
+  button.addEventListener("click", () => (button.dataset.state === "on" ? stop() : start()));
+})(element);
