@@ -144,3 +144,27 @@ def test_unreachable_server_is_a_clear_message(mic, tmp_path):
             page.screenshot(path=str(tmp_path / "gradio_server_down.png"), full_page=True)
     finally:
         ui.stop()
+
+
+def test_server_refusal_shows_its_message(mic, tmp_path):
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from test_webui_streamlit import BusyStub
+
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), BusyStub)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    ui = GradioPage(api_url=f"http://127.0.0.1:{stub.server_address[1]}")
+    try:
+        with browser_page(mic) as page:
+            open_page(page, ui.url)
+            assert "stub-omni" in page.inner_text("body")
+            page.get_by_role("button", name="Record", exact=True).click()
+            page.wait_for_timeout(1500)
+            page.locator("button.stop-button").first.click()
+            page.get_by_text("all 1 session slots are busy").first.wait_for(timeout=30000)
+            assert "HTTP 503" in page.inner_text("body") and "Traceback" not in page.inner_text("body")
+    finally:
+        ui.stop()
+        stub.shutdown()
+        stub.server_close()

@@ -16,7 +16,7 @@ from browser import audio_playing, browser_page, fake_mic_wav
 from conftest import REPO
 from test_server import Server, free_port
 
-SHOTS = "/tmp/webui_shots"
+SHOTS = os.environ.get("WEBUI_SHOTS")  # also copy screenshots there, for people to look at
 REPLY_TOKENS = 60  # a 4.5 s reply from the tiny model (its default reply is minutes of noise)
 REPLY_AUDIO = "[data-testid=stChatMessage] audio"
 
@@ -76,6 +76,22 @@ def assert_no_traceback(page):
     assert page.get_by_test_id("stException").count() == 0
 
 
+def live_turn(page) -> int:
+    """The live widget in its component iframe: start it; the fake mic speaks and pauses; the
+    reply must play through WebAudio. Returns the widget's speech end -> first audio (ms)."""
+    page.frame_locator("iframe").first.get_by_role("button", name="Start live chat").click()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for frame in page.frames:
+            current = frame.evaluate("() => window.omniLiveStats ? window.omniLiveStats.current || null : null")
+            if current and current.get("firstAudioMs") is not None:
+                assert frame.locator(".omni-live-transcript").inner_text().strip()
+                frame.get_by_role("button", name="Stop live chat").click()
+                return current["firstAudioMs"]
+        page.wait_for_timeout(50)
+    raise AssertionError("the live reply never played")
+
+
 def test_voice_turn_plays_the_reply(tmp_path):
     wav = fake_mic_wav(tmp_path / "q.wav")
     server = Server("--max-sessions", "4")
@@ -113,10 +129,15 @@ def test_voice_turn_plays_the_reply(tmp_path):
             page.wait_for_timeout(500)
             shot = tmp_path / "streamlit_chat.png"
             page.screenshot(path=str(shot), full_page=True)
-            os.makedirs(SHOTS, exist_ok=True)
-            shutil.copy(shot, os.path.join(SHOTS, "streamlit_chat.png"))
-            with open(os.path.join(SHOTS, "streamlit_timing.json"), "w") as f:
-                json.dump({"stop_to_audio_ms": round(stop_to_audio_ms, 1)}, f)
+            live_ms = live_turn(page)
+            print(f"live widget: speech end -> reply audio playing: {live_ms} ms")
+            page.screenshot(path=str(tmp_path / "streamlit_live.png"), full_page=True)
+            if SHOTS:
+                os.makedirs(SHOTS, exist_ok=True)
+                shutil.copy(shot, os.path.join(SHOTS, "streamlit_chat.png"))
+                shutil.copy(tmp_path / "streamlit_live.png", os.path.join(SHOTS, "streamlit_live.png"))
+                with open(os.path.join(SHOTS, "streamlit_timing.json"), "w") as f:
+                    json.dump({"stop_to_audio_ms": round(stop_to_audio_ms, 1), "live_speech_end_to_audio_ms": live_ms}, f)
     finally:
         server.stop()
 
