@@ -160,6 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device")
     parser.add_argument("--dtype")
     parser.add_argument("--tiny", action="store_true", help="tiny random weights (noise), for tests")
+    parser.add_argument("--random-full", action="store_true",
+                        help="published dimensions with random weights (noise), for load benchmarks")
     parser.add_argument("--max-sessions", type=int, default=16)
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20)
     parser.add_argument("--seed", type=int, default=0)
@@ -174,11 +176,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     components = {c: getattr(args, c) for c in zoo.card(args.model).components if getattr(args, c, None)}
     try:
-        model = zoo.load(args.model, device=args.device, dtype=args.dtype, tiny=args.tiny, seed=args.seed, **components)
+        if args.random_full:
+            model = zoo.random_model(args.model, "full", device=args.device, dtype=args.dtype, seed=args.seed)
+        else:
+            model = zoo.load(args.model, device=args.device, dtype=args.dtype, tiny=args.tiny, seed=args.seed, **components)
     except zoo.ZooError as err:
         log.error("%s", err)
         return 2
-    if args.tiny:
+    if args.tiny or args.random_full:
         log.warning("RANDOM WEIGHTS (--tiny): every reply is noise, not speech")
     warm_up(model)
     service = Service(model, args.max_sessions)

@@ -44,6 +44,8 @@ def spawn(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, str(ROOT / "server.py"), "--port", str(port), "--max-sessions", str(max(args.clients))]
     cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--random-full"] if args.full else []
+    cmd += ["--dtype", args.dtype] if args.dtype else []
     cmd += ["--device", args.device] if args.device else []
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -123,7 +125,10 @@ def in_process_ttfa(args, audio_bytes: bytes, repeats: int = 5) -> float:
     sys.path.insert(0, str(ROOT))
     import zoo
 
-    model = zoo.load(args.model, tiny=args.tiny, device=args.device) if not args.full else zoo.random_model(args.model, "full", device=args.device)
+    if args.full:
+        model = zoo.random_model(args.model, "full", device=args.device, dtype=args.dtype)
+    else:
+        model = zoo.load(args.model, tiny=args.tiny, device=args.device, dtype=args.dtype)
     times = []
     for i in range(repeats + 1):
         started = time.perf_counter()
@@ -140,7 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--url", help="a running server (loopback only)")
     p.add_argument("--spawn", action="store_true", help="start server.py on a free loopback port")
     p.add_argument("--tiny", action="store_true", help="with --spawn: the tiny random model")
-    p.add_argument("--full", action="store_true", help="in-process comparison at full size (random weights)")
+    p.add_argument("--full", action="store_true", help="with --spawn: published dimensions, random weights")
+    p.add_argument("--dtype")
     p.add_argument("--model", default="mini-omni")
     p.add_argument("--device")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8])
@@ -183,7 +189,7 @@ def main(argv=None) -> int:
         "server_rss_mib": {"before": memory_before, "after": memory_after},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "tiny" if card.get("random_weights") else "full"
+    tag = "full-random" if args.full else ("tiny" if args.tiny else "published")
     (args.out / f"{result['date']}_load_{card['id']}_{tag}.json").write_text(json.dumps(result, indent=2))
     table = args.out / "load.md"
     if not table.exists():
