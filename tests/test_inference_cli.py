@@ -51,3 +51,9 @@ def test_without_weights_or_network_it_fails_fast_with_the_way_out(tmp_path):
     assert time.monotonic() - started < 60
     assert "gpt-omni/mini-omni" in result.stderr and "--checkpoint DIR" in result.stderr and "--tiny" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_missing_gpu_or_bad_dtype_is_a_clear_error(tmp_path):
+    for flags, message in [(["--device", "cuda"], "CUDA was requested"), (["--dtype", "float8"], "unknown dtype")]:
+        result = run_cli("--tiny", "--output-dir", str(tmp_path), *flags, timeout=120)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -198,7 +198,7 @@ class MiniOmni(VoiceModel):
         checkpoint: str | os.PathLike | None = None,
         codec: str | os.PathLike | None = None,
     ) -> "MiniOmni":
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = _device(device)
         dtype = _dtype(dtype)
         if tiny:
             from .testing import tiny_checkpoint
@@ -362,6 +362,19 @@ def _whisper_file(ckpt: Path) -> Path:
         raise WeightsNotFound(
             f"Whisper-small encoder: no {WHISPER_FILE} in {ckpt} or {cache.parent}, and {err}"
         ) from None
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    """The requested device, or CUDA when present; a clear error for one that is not there."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise OptionsError(f"unknown device {device!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionsError("CUDA was requested but this torch build sees no GPU; use --device cpu")
+    return device
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
