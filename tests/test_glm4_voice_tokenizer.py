@@ -65,3 +65,20 @@ def test_a_frame_does_not_see_later_blocks(tokenizer):
     first_block = 50  # 200 frames at 50 Hz = 50 ids
     a, b = tokenizer(audio), tokenizer(changed)
     assert a[:first_block] == b[:first_block] and a != b
+
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "glm_tokenizer_reference_ids.json").read_text())
+
+
+def reference_audio(name: str) -> np.ndarray:
+    if name == "02":
+        return sf.read(SAMPLES / "02.wav", dtype="float32")[0]
+    parts = [sf.read(SAMPLES / f"0{i}.wav", dtype="int16")[0] for i in range(1, 6)]
+    return (np.concatenate(parts * 20)[: 35 * 16000] / 32768.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE["ids"]))
+def test_ids_equal_the_reference_code(name, tmp_path):
+    """The ids THUDM/GLM-4-Voice's own tokenizer code gives on this tiny checkpoint (see 'about')."""
+    tokenizer = SpeechTokenizer.load(write_tiny_tokenizer(tmp_path / "tok"), dtype=torch.float64)
+    assert tokenizer(reference_audio(name)) == REFERENCE["ids"][name]

@@ -38,7 +38,7 @@ def write_tiny_tokenizer(folder: Path, seed: int = 0, config: TokenizerConfig = 
         else:
             fan_in = tensor.shape[1] * (tensor.shape[2] if tensor.dim() == 3 else 1) if tensor.dim() > 1 else 1
             state[name] = torch.randn(tensor.shape, generator=generator) / (fan_in**0.5)
-    save_file(state, folder / "model.safetensors")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})  # as save_pretrained writes it
     published = {**asdict(config), "architectures": ["WhisperVQEncoder"], "model_type": "whisper",
                  "encoder_layers": 32, "num_hidden_layers": 32, "vocab_size": 51866, "torch_dtype": "float32",
                  "quantize_ema_decay": 0.99, "quantize_restart_interval": 100, "quantize_loss_scale": 10.0,
