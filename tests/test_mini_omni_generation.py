@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import snr_db
-from zoo.mini_omni.codec import CONTEXT_FRAMES, AudioStreamer, Codec
+from zoo.mini_omni.codec import CONTEXT_FRAMES, AudioStreamer
 from zoo.mini_omni.engine import Session
 from zoo.mini_omni.prompts import TASKS, audio_question, text_question
 from zoo.mini_omni.tokens import (

@@ -30,7 +30,7 @@ def test_batched_sessions_equal_each_session_alone(tiny64, question_wav):
     scheduler = Scheduler(stepper, max_sessions=4)
     try:
         runs = [collect(scheduler, stepper.prepare(audio, None, {"max_new_tokens": n})) for n in lengths]
-        for _, items, finished in runs:
+        for _, _, finished in runs:
             assert finished.wait(120)
         assert scheduler.steps < sum(lengths)  # they really shared steps
         for (_, items, _), (audio_alone, text_alone) in zip(runs, alone):
