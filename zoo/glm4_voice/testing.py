@@ -46,3 +46,44 @@ def write_tiny_tokenizer(folder: Path, seed: int = 0, config: TokenizerConfig = 
     (folder / "config.json").write_text(json.dumps(published, indent=2))
     (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
     return folder
+
+
+# GLM-4-Voice-9B's config.json fields (ChatGLM names) at tiny width, with the real vocabulary size
+TINY_LLM_CONFIG = dict(
+    model_type="chatglm", architectures=["ChatGLMForConditionalGeneration"], num_layers=2, hidden_size=64,
+    ffn_hidden_size=96, num_attention_heads=4, kv_channels=16, multi_query_attention=True, multi_query_group_num=2,
+    add_qkv_bias=True, add_bias_linear=False, rmsnorm=True, post_layer_norm=True,
+    apply_residual_connection_post_layernorm=False, apply_query_key_layer_scaling=True,
+    attention_softmax_in_fp32=True, original_rope=True, rope_ratio=1, layernorm_epsilon=1.5625e-07,
+    padded_vocab_size=168960, vocab_size=168960, seq_length=8192, pad_token_id=151329,
+    eos_token_id=[151329, 151336, 151338], torch_dtype="bfloat16", tie_word_embeddings=False,
+)
+
+
+def write_tiny_llm(folder: Path, seed: int = 0, config: dict = TINY_LLM_CONFIG, shards: int = 2,
+                   with_inv_freq: bool = True) -> Path:
+    """Sharded bf16 safetensors with the published ChatGLM tensor names, plus the index."""
+    from .llm import glm_config, published_names
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    names = published_names(glm_config(config))
+    tensors = {}
+    for name, shape in names.items():
+        value = 1 + 0.05 * torch.randn(shape, generator=generator) if "layernorm" in name else \
+            0.02 * torch.randn(shape, generator=generator)
+        tensors[name] = value.to(torch.bfloat16)
+    if with_inv_freq:
+        rot = config["kv_channels"] // 2
+        tensors["transformer.rotary_pos_emb.inv_freq"] = (1.0 / 10000 ** (torch.arange(0, rot, 2).float() / rot)).to(torch.bfloat16)
+    ordered = list(tensors)
+    weight_map = {}
+    for i in range(shards):
+        part = ordered[i::shards]
+        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: tensors[k].contiguous() for k in part}, folder / shard, metadata={"format": "pt"})
+        weight_map.update({k: shard for k in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -1,0 +1,59 @@
+"""GLM-4-Voice-9B's LLM: the published ChatGLM tensor names load unchanged into transformers'
+GlmForCausalLM through an explicit key map."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zoo.core.errors import WeightsNotFound
+from zoo.glm4_voice.llm import OPTIONAL_KEYS, glm_config, load_llm, published_names
+from zoo.glm4_voice.testing import TINY_LLM_CONFIG, write_tiny_llm
+
+PUBLISHED = next(f for f in json.loads((Path(__file__).parent / "data/keys/glm-4-voice.json").read_text())["files"]
+                 if "glm-4-voice-9b" in f["hf_repo"])
+FULL = dict(padded_vocab_size=168960, hidden_size=4096, ffn_hidden_size=13696, num_layers=40, num_attention_heads=32,
+            multi_query_group_num=2, kv_channels=128, add_qkv_bias=True, layernorm_epsilon=1.5625e-07, seq_length=8192)
+
+
+def test_full_size_names_and_shapes_equal_the_published_list():
+    published = {k: v for k, v in PUBLISHED["tensors"].items() if k not in PUBLISHED["uncertain_keys"]}
+    assert published_names(glm_config(FULL)) == published
+    assert set(PUBLISHED["uncertain_keys"]) == OPTIONAL_KEYS
+
+
+@pytest.mark.parametrize("with_inv_freq", [True, False])
+def test_tiny_shards_load_with_the_key_map(tmp_path, with_inv_freq):
+    folder = write_tiny_llm(tmp_path / "llm", with_inv_freq=with_inv_freq)
+    model = load_llm(folder, dtype=torch.float32)
+    published = {}
+    for shard in folder.glob("*.safetensors"):
+        published.update(load_file(shard))
+    layer = model.model.layers[1].self_attn
+    qkv = published["transformer.encoder.layers.1.self_attention.query_key_value.weight"].float()
+    q_rows = TINY_LLM_CONFIG["num_attention_heads"] * TINY_LLM_CONFIG["kv_channels"]
+    kv_rows = TINY_LLM_CONFIG["multi_query_group_num"] * TINY_LLM_CONFIG["kv_channels"]
+    assert torch.equal(layer.q_proj.weight, qkv[:q_rows])
+    assert torch.equal(layer.k_proj.weight, qkv[q_rows : q_rows + kv_rows])
+    assert torch.equal(layer.v_proj.weight, qkv[q_rows + kv_rows :])
+    assert torch.equal(model.lm_head.weight, published["transformer.output_layer.weight"].float())
+    assert torch.equal(model.model.layers[0].mlp.gate_up_proj.weight,
+                       published["transformer.encoder.layers.0.mlp.dense_h_to_4h.weight"].float())
+    logits = model(torch.tensor([[151331, 151333, 151336, 198]])).logits
+    assert logits.shape == (1, 4, 168960) and torch.isfinite(logits).all()
+
+
+def test_a_missing_or_misshapen_tensor_is_named(tmp_path):
+    folder = write_tiny_llm(tmp_path / "llm")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    gone = "transformer.encoder.final_layernorm.weight"
+    del index["weight_map"][gone]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightsNotFound, match="final_layernorm"):
+        load_llm(folder)
+    wrong = dict(TINY_LLM_CONFIG, ffn_hidden_size=80)
+    folder2 = write_tiny_llm(tmp_path / "llm2")
+    (folder2 / "config.json").write_text(json.dumps(wrong))
+    with pytest.raises(WeightsNotFound, match="dense_h_to_4h|dense_4h_to_h"):
+        load_llm(folder2)

@@ -1,0 +1,131 @@
+"""GLM-4-Voice-9B's language model: the published ChatGLM-named safetensors shards loaded unchanged
+into transformers' ``GlmForCausalLM`` through an explicit key map (the one transformers' own GLM
+converter uses; see ``chatglm_to_hf``)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..core.errors import WeightsNotFound
+
+INDEX_FILE = "model.safetensors.index.json"
+OPTIONAL_KEYS = {"transformer.rotary_pos_emb.inv_freq"}  # a buffer the forward pass recomputes
+
+_LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(.+)")
+_RENAMES = {
+    "transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "transformer.encoder.final_layernorm.weight": "model.norm.weight",
+    "transformer.output_layer.weight": "lm_head.weight",
+}
+_LAYER_RENAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.dense.weight": "self_attn.o_proj.weight",
+    "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight",  # [gate | up] in both
+    "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
+}
+
+
+def glm_config(raw: dict):
+    """The published ChatGLM config.json -> transformers' GlmConfig."""
+    from transformers import GlmConfig
+
+    unsupported = {"add_bias_linear": False, "rmsnorm": True, "post_layer_norm": True,
+                   "apply_residual_connection_post_layernorm": False, "multi_query_attention": True}
+    for key, wanted in unsupported.items():
+        if key in raw and raw[key] != wanted:
+            raise WeightsNotFound(f"glm-4-voice config: {key}={raw[key]!r} is not supported (expected {wanted!r})")
+    heads = raw["num_attention_heads"]
+    return GlmConfig(
+        vocab_size=raw["padded_vocab_size"], hidden_size=raw["hidden_size"], intermediate_size=raw["ffn_hidden_size"],
+        num_hidden_layers=raw["num_layers"], num_attention_heads=heads, num_key_value_heads=raw["multi_query_group_num"],
+        head_dim=raw.get("kv_channels", raw["hidden_size"] // heads), attention_bias=raw.get("add_qkv_bias", True),
+        rms_norm_eps=raw["layernorm_epsilon"], max_position_embeddings=raw.get("seq_length", 8192),
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * raw.get("rope_ratio", 1),
+                         "partial_rotary_factor": 0.5},  # ChatGLM rotates half of each head
+        tie_word_embeddings=False, pad_token_id=raw.get("pad_token_id", 151329), eos_token_id=raw.get("eos_token_id"),
+    )
+
+
+def chatglm_to_hf(name: str, tensor: torch.Tensor, config) -> list[tuple[str, torch.Tensor]]:
+    """One published tensor -> the GlmForCausalLM tensor(s) it becomes. The fused
+    query_key_value rows are [q (heads*hd) | k (kv*hd) | v (kv*hd)]."""
+    if name in _RENAMES:
+        return [(_RENAMES[name], tensor)]
+    match = _LAYER.fullmatch(name)
+    if match is None:
+        raise KeyError(name)
+    layer, rest = match.groups()
+    prefix = f"model.layers.{layer}."
+    if rest in _LAYER_RENAMES:
+        return [(prefix + _LAYER_RENAMES[rest], tensor)]
+    if rest.startswith("self_attention.query_key_value."):
+        kind = rest.rsplit(".", 1)[1]
+        q = config.num_attention_heads * config.head_dim
+        kv = config.num_key_value_heads * config.head_dim
+        q_part, k_part, v_part = tensor.split([q, kv, kv], dim=0)
+        return [(f"{prefix}self_attn.{p}_proj.{kind}", t) for p, t in zip("qkv", (q_part, k_part, v_part))]
+    raise KeyError(name)
+
+
+def published_names(config) -> dict[str, list[int]]:
+    """The tensor names and shapes the published shards hold for ``config`` (without the optional
+    inv_freq buffer), derived by inverting the key map over GlmForCausalLM's state dict."""
+    from transformers import GlmForCausalLM
+
+    with torch.device("meta"):
+        hf = GlmForCausalLM(config).state_dict()
+    inverse = {v: k for k, v in _RENAMES.items()}
+    names: dict[str, list[int]] = {}
+    for key, tensor in hf.items():
+        if key in inverse:
+            names[inverse[key]] = list(tensor.shape)
+            continue
+        layer, rest = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key).groups()
+        base = f"transformer.encoder.layers.{layer}."
+        for published, ours in _LAYER_RENAMES.items():
+            if rest == ours:
+                names[base + published] = list(tensor.shape)
+        qkv = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+        if qkv:
+            fused = base + f"self_attention.query_key_value.{qkv.group(2)}"
+            shape = names.get(fused, [0] + list(tensor.shape[1:]))
+            names[fused] = [shape[0] + tensor.shape[0], *tensor.shape[1:]]
+    return names
+
+
+def load_llm(folder: Path, dtype=torch.bfloat16, device=None):
+    """Load the sharded ChatGLM safetensors into GlmForCausalLM, strictly: a missing or unexpected
+    tensor is an error naming it."""
+    from transformers import GlmForCausalLM
+
+    config = glm_config(json.loads((folder / "config.json").read_text()))
+    index = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+    expected = published_names(config)
+    missing = sorted(set(expected) - set(index))
+    unexpected = sorted(set(index) - set(expected) - OPTIONAL_KEYS)
+    if missing or unexpected:
+        raise WeightsNotFound(f"{folder}: tensors missing {missing[:5]} / unexpected {unexpected[:5]} "
+                              f"(expected the published glm-4-voice-9b layout)")
+    with torch.device("meta"):
+        model = GlmForCausalLM(config)
+    state = {}
+    for shard in sorted(set(index.values())):
+        with safe_open(str(folder / shard), framework="pt") as f:
+            for name in f.keys():
+                if name in OPTIONAL_KEYS:
+                    continue
+                tensor = f.get_tensor(name)
+                if list(tensor.shape) != expected[name]:
+                    raise WeightsNotFound(f"{folder}/{shard}: {name} has shape {list(tensor.shape)}, expected {expected[name]}")
+                state.update(chatglm_to_hf(name, tensor.to(dtype), config))
+    model.load_state_dict(state, strict=True, assign=True)
+    # built on the meta device: the rotary tables (non-persistent buffers) are computed again here
+    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+    model.model.rotary_emb = GlmRotaryEmbedding(config)
+    return model.to(device=device).eval()
