@@ -57,3 +57,17 @@ def test_a_missing_or_misshapen_tensor_is_named(tmp_path):
     (folder2 / "config.json").write_text(json.dumps(wrong))
     with pytest.raises(WeightsNotFound, match="dense_h_to_4h|dense_4h_to_h"):
         load_llm(folder2)
+
+
+def test_logits_and_greedy_tokens_equal_the_reference_code(tmp_path):
+    """tests/data/glm_llm_reference.json: the published remote code's own results on this tiny
+    checkpoint (float32; the two are bit-identical there)."""
+    reference = json.loads((Path(__file__).parent / "data" / "glm_llm_reference.json").read_text())
+    model = load_llm(write_tiny_llm(tmp_path / "llm"), dtype=torch.float32)
+    ids = torch.tensor([reference["input_ids"]])
+    with torch.inference_mode():
+        logits = model(ids).logits[0]
+        greedy = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert logits.topk(5, dim=-1).indices.tolist() == reference["top5"]
+    assert abs(float(logits.abs().sum()) - reference["logits_abs_sum"]) < 1e-3 * reference["logits_abs_sum"]
+    assert greedy == reference["greedy"]

@@ -72,6 +72,8 @@ def write_tiny_llm(folder: Path, seed: int = 0, config: dict = TINY_LLM_CONFIG, 
     for name, shape in names.items():
         value = 1 + 0.05 * torch.randn(shape, generator=generator) if "layernorm" in name else \
             0.02 * torch.randn(shape, generator=generator)
+        if "query_key_value" in name:  # sharp attention: a wrong RoPE or scale then changes the ids
+            value = value * 8
         tensors[name] = value.to(torch.bfloat16)
     if with_inv_freq:
         rot = config["kv_channels"] // 2
