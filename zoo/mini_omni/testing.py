@@ -55,6 +55,11 @@ _EXTRA_YAML = dict(name="Qwen2-0.5B", hf_config={"name": "Qwen2-0.5B", "org": "Q
                    post_adapter_layers=6, cat_audio_vocab_size=29120, pos_type="rope", n_expert=0)
 
 
+# Bump when what write_tiny_checkpoint writes changes: cached tiny folders of other versions are
+# then not reused.
+TINY_FORMAT = 2
+
+
 @dataclass(frozen=True)
 class TinyFolders:
     checkpoint: Path
@@ -64,7 +69,7 @@ class TinyFolders:
 def tiny_checkpoint(seed: int = 0, root: str | os.PathLike | None = None) -> TinyFolders:
     """The tiny folders for ``seed``, written once into a cache directory and reused."""
     root = Path(root or os.environ.get("ZOO_TINY_DIR") or Path(tempfile.gettempdir()) / "omni-zoo-tiny")
-    target = root / f"mini-omni-seed{seed}"
+    target = root / f"mini-omni-v{TINY_FORMAT}-seed{seed}"
     folders = TinyFolders(target / "checkpoint", target / "snac")
     if not (target / "complete").is_file():
         root.mkdir(parents=True, exist_ok=True)
