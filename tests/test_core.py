@@ -77,10 +77,13 @@ def test_pcm16_clips_instead_of_wrapping():
 def test_options_from_untrusted_values():
     opts = MiniOmniOptions.from_dict({"temperature": "0.5", "top_k": 3, "stream_stride": 2})
     assert (opts.temperature, opts.top_k, opts.stream_stride) == (0.5, 3, 2)
+    assert MiniOmniOptions.from_dict({"top_k": None, "max_new_tokens": 30.0}).max_new_tokens == 30
     assert MiniOmniOptions().temperature == 0.9 and MiniOmniOptions().top_k == 1  # reference defaults
     for bad, message in [({"bogus": 1}, "unknown"), ({"temperature": -1}, "temperature"),
                          ({"top_p": 0}, "top_p"), ({"stream_stride": 0}, "stream_stride"),
-                         ({"max_new_tokens": "many"}, "max_new_tokens"), ({"stream_mode": "x"}, "stream_mode")]:
+                         ({"max_new_tokens": "many"}, "max_new_tokens"), ({"stream_mode": "x"}, "stream_mode"),
+                         ({"max_new_tokens": 2.7}, "max_new_tokens"), ({"top_k": True}, "top_k"),
+                         ({"temperature": None}, "cannot be null"), ({"codec_noise": "yes"}, "codec_noise")]:
         with pytest.raises(OptionsError, match=message):
             MiniOmniOptions.from_dict(bad)
 

@@ -71,12 +71,16 @@ class Options:
         converted = {}
         for name, value in values.items():
             if value is None:
+                if "None" not in str(known[name].type):
+                    raise OptionsError(f"option {name!r} cannot be null")
                 converted[name] = None
                 continue
             kind = _option_kind(cls, known[name])
             try:
                 if kind is bool and not isinstance(value, bool):
                     raise TypeError
+                if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+                    raise TypeError  # 2.7 steps or `true` steps are mistakes, not 2 or 1
                 converted[name] = kind(value)
             except (TypeError, ValueError):
                 raise OptionsError(f"option {name!r} must be {kind.__name__}, got {value!r}") from None
