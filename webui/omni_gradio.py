@@ -20,18 +20,13 @@ import uvicorn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zoo  # noqa: E402
 from webui.client import BackendError, LocalBackend, ServerBackend  # noqa: E402
+from webui.live import LIVE_JS, realtime_url, widget_html  # noqa: E402
 
 NOISE_BANNER = "**Random weights (--tiny): every reply is noise, not speech.**"
-LIVE_JS = (Path(__file__).resolve().parent / "static" / "live.js").read_text()
-
-
 def live_widget(ws_url: str) -> gr.HTML:
     """Talk continuously: browser mic -> server.py's /v1/realtime -> WebAudio, no file round trip
     and no HLS buffering. An empty ``ws_url`` means this page's own origin."""
-    html = (f'<div data-omni-live data-ws="{ws_url}"><button data-state="off" class="omni-live-button">'
-            f'Start live chat</button> <span class="omni-live-status">not started</span>'
-            f'<div class="omni-live-transcript"></div></div>')
-    return gr.HTML(value=html, js_on_load=LIVE_JS, label="Live (low latency)")
+    return gr.HTML(value=widget_html(ws_url), js_on_load=LIVE_JS, label="Live (low latency)")
 
 
 def build(backend, live_ws_url: str | None = None) -> gr.Blocks:
@@ -98,8 +93,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     api_url = os.environ.get("API_URL")
     if api_url:  # the page and the live widget both talk to server.py
-        ws_url = api_url.rstrip("/").replace("https://", "wss://").replace("http://", "ws://") + "/v1/realtime"
-        demo = build(ServerBackend(api_url), live_ws_url=ws_url)
+        demo = build(ServerBackend(api_url), live_ws_url=realtime_url(api_url))
         demo.queue(default_concurrency_limit=8).launch(server_name=args.host, server_port=args.port, show_error=True)
         return 0
     try:

@@ -21,6 +21,7 @@ import streamlit as st  # noqa: E402
 import streamlit.components.v1 as components  # noqa: E402
 
 from webui.client import DEFAULT_API_URL, BackendError, ServerBackend  # noqa: E402
+from webui.live import LIVE_JS, realtime_url, widget_html  # noqa: E402
 
 api_url = os.environ.get("API_URL", DEFAULT_API_URL)
 backend = ServerBackend(api_url)
@@ -44,21 +45,15 @@ if info.random_weights:
 
 turns: list[dict] = st.session_state.setdefault("turns", [])
 
-LIVE_JS = (REPO / "webui" / "static" / "live.js").read_text()
-
-
 def live_widget(ws_url: str) -> None:
-    """The low-latency live chat (the same widget as the Gradio page): browser mic -> server.py's
-    /v1/realtime -> WebAudio, in a component iframe (Streamlit allows it the microphone)."""
-    html = (f'<div data-omni-live data-ws="{ws_url}" style="font-family: sans-serif">'
-            f'<button data-state="off">Start live chat</button> <span class="omni-live-status">not started</span>'
-            f'<div class="omni-live-transcript"></div></div>'
-            f'<script>const element = document.body;</script><script>{LIVE_JS}</script>')
-    components.html(html, height=160, scrolling=True)
+    """The low-latency live chat (the same widget as the Gradio page), in a component iframe
+    (Streamlit allows it the microphone)."""
+    script = f"<script>const element = document.body;</script><script>{LIVE_JS}</script>"
+    components.html(widget_html(ws_url) + script, height=160, scrolling=True)
 
 
 with st.expander("Live chat (low latency): talk, pause, and the reply plays as it is generated", expanded=True):
-    live_widget(api_url.rstrip("/").replace("https://", "wss://").replace("http://", "ws://") + "/v1/realtime")
+    live_widget(realtime_url(api_url))
 
 
 def render(turn: dict, autoplay: bool = False) -> None:
