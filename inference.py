@@ -20,6 +20,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 import zoo
+from zoo.core.cli import add_component_flags, chosen_model, component_values
 
 SAMPLES = Path(__file__).resolve().parent / "demos" / "samples"
 TINY_MAX_NEW_TOKENS = 64  # tiny random models rarely stop by themselves
@@ -38,10 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--seed", type=int, default=0)
-    known, _ = parser.parse_known_args(argv)
-    for component, default in zoo.card(known.model).components.items():
-        parser.add_argument(f"--{component.replace('_', '-')}", dest=component, metavar="REPO_OR_DIR",
-                            help=f"hub repo id or local folder (default {default})")
+    model = chosen_model(argv, parser.get_default("model"))
+    if model in zoo.names():  # an unknown name is reported by the full parser below
+        add_component_flags(parser, zoo.card(model))
     return parser.parse_args(argv)
 
 
@@ -83,7 +83,7 @@ def answer(model, question: dict, options) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     card = zoo.card(args.model)
-    components = {c: getattr(args, c) for c in card.components if getattr(args, c, None)}
+    components = component_values(args, card)
     if args.tiny:
         print(NOISE_BANNER, file=sys.stderr)
     try:

@@ -34,6 +34,7 @@ import zoo
 from serving.realtime import MAX_WS_MESSAGE_BYTES, RealtimeSession
 from serving.service import ApiError, GenerationFailed, Service
 from zoo.core.audio import to_pcm16
+from zoo.core.cli import add_component_flags, chosen_model, component_values
 
 log = logging.getLogger("omni-zoo.server")
 
@@ -165,16 +166,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-sessions", type=int, default=16)
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20)
     parser.add_argument("--seed", type=int, default=0)
-    known, _ = parser.parse_known_args(argv)
-    for component in zoo.card(known.model).components:
-        parser.add_argument(f"--{component.replace('_', '-')}", dest=component, metavar="REPO_OR_DIR")
+    model = chosen_model(argv, parser.get_default("model"))
+    if model in zoo.names():  # an unknown name is reported by the full parser below
+        add_component_flags(parser, zoo.card(model))
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    components = {c: getattr(args, c) for c in zoo.card(args.model).components if getattr(args, c, None)}
+    components = component_values(args, zoo.card(args.model))
     try:
         if args.random_full:
             model = zoo.random_model(args.model, "full", device=args.device, dtype=args.dtype, seed=args.seed)
