@@ -1,43 +1,23 @@
 """server.py as clients see it: a real server process on a free loopback port (tiny model)."""
 import base64
 import concurrent.futures
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import requests
 
-from conftest import REPO, SAMPLES
+from conftest import SAMPLES
+from procs import LoopbackProcess
 
 QUESTION = base64.b64encode((SAMPLES / "01.wav").read_bytes()).decode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(LoopbackProcess):
+    """server.py --tiny on a free loopback port."""
 
-
-class Server:
     def __init__(self, *args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "server.py", "--tiny", "--port", str(self.port), *args],
-                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(self.url + "/health", timeout=1).ok:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.3)
-            assert self.proc.poll() is None, self.proc.stdout.read()
-        raise TimeoutError("server did not start")
+        super().__init__(["server.py", "--tiny", "--port", "{port}", *args], health="/health")
 
     def metric(self, name: str) -> float:
         for line in requests.get(self.url + "/metrics", timeout=5).text.splitlines():
@@ -50,10 +30,6 @@ class Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise RuntimeError("no VmRSS")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

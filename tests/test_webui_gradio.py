@@ -4,43 +4,22 @@ server.py; an unreachable server gives a clear message, not a traceback."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
-import requests
 
 from browser import audio_playing, browser_page, fake_mic_wav
-from conftest import REPO
-from test_server import Server, free_port
+from procs import LoopbackProcess, free_port
+from test_server import Server
 
 SHOTS = os.environ.get("WEBUI_SHOTS")  # also copy screenshots there, for people to look at
 
 
-class GradioPage:
+class GradioPage(LoopbackProcess):
     def __init__(self, *args, api_url=None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-        env.pop("API_URL", None)
-        if api_url:
-            env["API_URL"] = api_url
-        self.proc = subprocess.Popen([sys.executable, "webui/omni_gradio.py", "--port", str(self.port), *args],
-                                     cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(self.url, timeout=1).ok:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.5)
-            assert self.proc.poll() is None, self.proc.stdout.read()
-        raise TimeoutError("gradio page did not start")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        super().__init__(["webui/omni_gradio.py", "--port", "{port}", *args],
+                         env={"GRADIO_ANALYTICS_ENABLED": "False", "API_URL": api_url})
+        self.url += "/"
 
 
 @pytest.fixture(scope="module")

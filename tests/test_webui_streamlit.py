@@ -3,61 +3,29 @@ microphone, a real `streamlit run` process, and a real server.py (tiny model) or
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import requests
 
 from browser import audio_playing, browser_page, fake_mic_wav
-from conftest import REPO
-from test_server import Server, free_port
+from procs import LoopbackProcess, free_port
+from test_server import Server
 
 SHOTS = os.environ.get("WEBUI_SHOTS")  # also copy screenshots there, for people to look at
 REPLY_TOKENS = 60  # a 4.5 s reply from the tiny model (its default reply is minutes of noise)
 REPLY_AUDIO = "[data-testid=stChatMessage] audio"
 
 
-class StreamlitApp:
+class StreamlitApp(LoopbackProcess):
     """`streamlit run webui/omni_streamlit.py` on a free loopback port."""
 
     def __init__(self, api_url: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "webui/omni_streamlit.py", "--server.port", str(self.port),
-             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "API_URL": api_url, "OMNI_MAX_TOKENS": str(REPLY_TOKENS), "PYTHONUNBUFFERED": "1"})
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if requests.get(self.url + "/_stcore/health", timeout=1).ok:
-                        return
-                except requests.ConnectionError:
-                    time.sleep(0.3)
-                assert self.proc.poll() is None, self.proc.stdout.read()
-            raise TimeoutError("streamlit did not start")
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+        super().__init__(["-m", "streamlit", "run", "webui/omni_streamlit.py", "--server.port", "{port}",
+                          "--server.address", "127.0.0.1", "--server.headless", "true",
+                          "--browser.gatherUsageStats", "false"],
+                         health="/_stcore/health", timeout=60,
+                         env={"API_URL": api_url, "OMNI_MAX_TOKENS": str(REPLY_TOKENS)})
 
 
 def record(page, seconds: float = 3.0) -> float:
