@@ -265,3 +265,15 @@ def test_bad_options_and_tasks_are_refused(tiny64, question_wav):
         tiny64.generate("A1A3", audio=str(question_wav[0]))
     with pytest.raises(OptionsError, match="non-empty text"):
         tiny64.respond_text("   ")
+
+
+def test_text_deltas_join_to_the_full_decode_even_across_split_characters(tiny64):
+    from zoo.mini_omni.model import TextStream
+
+    text = " Héllo wörld, 你好 🎤 and the end."
+    ids = tiny64.tokenizer.encode(text).ids
+    assert len(ids) > len(text.split())  # multi-byte characters really are split over ids
+    stream = TextStream(tiny64.tokenizer)
+    deltas = [stream.push(i) for i in ids]
+    assert "".join(deltas) == tiny64.tokenizer.decode(ids).lstrip() == text.lstrip()
+    assert all("\ufffd" not in d for d in deltas)

@@ -76,12 +76,17 @@ class MiniOmniOptions(Options):
 
 
 class TextStream:
-    """Incremental detokenisation: the text up to the first _eot, emitted as deltas."""
+    """Incremental detokenisation: the text up to the first _eot, emitted as deltas. Each step
+    decodes only the ids since the last emitted text (not the whole reply again): the delta is
+    decode(ids[start:]) minus decode(ids[start:sent]), held back while it ends in half a
+    multi-byte character."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.sent = ""
+        self.start = 0  # ids before this are fully emitted
+        self.sent = 0  # ids up to here are emitted
+        self.emitted_any = False
         self.ended = False
 
     def push(self, token: int) -> str:
@@ -89,10 +94,15 @@ class TextStream:
             self.ended = True
             return ""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids).lstrip()
+        before = self.tokenizer.decode(self.ids[self.start : self.sent])
+        text = self.tokenizer.decode(self.ids[self.start :])
         if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
             return ""
-        delta, self.sent = text[len(self.sent):], text
+        delta = text[len(before):]
+        if not self.emitted_any:  # the reply's leading space, as the reference's strip()
+            delta = delta.lstrip()
+            self.emitted_any = bool(delta)
+        self.start, self.sent = self.sent, len(self.ids)
         return delta
 
 
