@@ -89,3 +89,52 @@ def write_tiny_llm(folder: Path, seed: int = 0, config: dict = TINY_LLM_CONFIG, 
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+TEXT_VOCABULARY = 151329  # ordinary BPE ranks of the published tokenizer.model: specials start here
+# ids of the added tokens the LLM's config and the reference code rely on (published numbering)
+ADDED_TOKENS = {"<|begin_of_audio|>": 151343, "<|end_of_audio|>": 151344}
+AUDIO_OFFSET = 152353  # <|audio_0|>
+
+
+def write_tiny_text_tokenizer(folder: Path) -> Path:
+    """tokenizer.model + tokenizer_config.json with the published numbering: 151329 ranks (bytes,
+    then 2-, 3- and 4-letter pieces: a real BPE, but not GLM-4's merges), the 14 built-in specials
+    after them, <|begin_of_audio|>/<|end_of_audio|> and the 16384 audio tokens at their ids."""
+    import base64
+    import itertools
+    import string
+
+    from .text_tokenizer import BUILTIN_SPECIALS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pieces = [bytes([b]) for b in range(256)]
+    seen = set(pieces)
+    printable = string.ascii_letters + string.digits + string.punctuation + " "
+    lower = " " + string.ascii_lowercase
+    candidates = itertools.chain(
+        ("".join(p) for p in itertools.product(printable, repeat=2)),
+        ("".join(p) for p in itertools.product(lower, repeat=3)),
+        ("".join(p) for p in itertools.product(lower, repeat=4)),
+    )
+    for text in candidates:
+        if len(pieces) == TEXT_VOCABULARY:
+            break
+        piece = text.encode()
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append(piece)
+    (folder / "tokenizer.model").write_text(
+        "".join(f"{base64.b64encode(p).decode()} {rank}\n" for rank, p in enumerate(pieces)))
+    added = {token: TEXT_VOCABULARY + i for i, token in enumerate(BUILTIN_SPECIALS)}
+    added.update(ADDED_TOKENS)
+    added.update({f"<|audio_{i}|>": AUDIO_OFFSET + i for i in range(16384)})
+    decoder = {str(index): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                            "single_word": False, "special": True} for token, index in added.items()}
+    config = {"added_tokens_decoder": decoder, "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]},
+              "clean_up_tokenization_spaces": False, "do_lower_case": False, "eos_token": "<|endoftext|>",
+              "pad_token": "<|endoftext|>", "model_input_names": ["input_ids", "attention_mask", "position_ids"],
+              "model_max_length": 128000, "padding_side": "left", "remove_space": False,
+              "tokenizer_class": "ChatGLM4Tokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return folder
