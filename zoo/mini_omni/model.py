@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from ..core.audio import AudioSource, load_audio
 from ..core.checkpoints import resolve_files
+from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError, WeightsNotFound
 from ..core.types import Chunk, ModelCard, Options, VoiceModel
 from . import whisper
@@ -208,8 +209,8 @@ class MiniOmni(VoiceModel):
         checkpoint: str | os.PathLike | None = None,
         codec: str | os.PathLike | None = None,
     ) -> "MiniOmni":
-        device = _device(device)
-        dtype = _dtype(dtype)
+        device = pick_device(device)
+        dtype = pick_dtype(dtype)
         if tiny:
             from .testing import tiny_checkpoint
 
@@ -372,28 +373,3 @@ def _whisper_file(ckpt: Path) -> Path:
         raise WeightsNotFound(
             f"Whisper-small encoder: no {WHISPER_FILE} in {ckpt} or {cache.parent}, and {err}"
         ) from None
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    """The requested device, or CUDA when present; a clear error for one that is not there."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise OptionsError(f"unknown device {device!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OptionsError("CUDA was requested but this torch build sees no GPU; use --device cpu")
-    return device
-
-
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise OptionsError(f"unknown dtype {dtype!r}; one of {sorted(names)}")
-    return names[dtype]

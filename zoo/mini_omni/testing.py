@@ -243,14 +243,15 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
     from tokenizers import Tokenizer
 
     from .codec import Codec, prepare_for_inference
-    from .model import MiniOmni, _device, _dtype
+    from ..core.devices import pick_device, pick_dtype
+    from .model import MiniOmni
     from .whisper import AudioEncoder, EncoderDims
 
     if size not in ("full", "tiny"):
         raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
     config, dims, snac_config = (FULL_GPT, FULL_WHISPER_DIMS, FULL_SNAC) if size == "full" else (TINY_GPT, TINY_WHISPER_DIMS, TINY_SNAC)
-    device = _device(device)
-    dtype = _dtype(dtype)
+    device = pick_device(device)
+    dtype = pick_dtype(dtype)
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         gpt = GPT(config)
