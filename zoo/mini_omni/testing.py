@@ -11,8 +11,6 @@ import functools
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 import yaml
 from snac import SNAC
 
+from ..core.tiny import cached_folder
 from .config import GPTConfig
 from .gpt import GPT
 from .tokens import AUDIO_LAYERS, AUDIO_VOCAB, PADDED_AUDIO_VOCAB, TEXT_VOCAB, layershift
@@ -68,19 +67,9 @@ class TinyFolders:
 
 def tiny_checkpoint(seed: int = 0, root: str | os.PathLike | None = None) -> TinyFolders:
     """The tiny folders for ``seed``, written once into a cache directory and reused."""
-    root = Path(root or os.environ.get("ZOO_TINY_DIR") or Path(tempfile.gettempdir()) / "omni-zoo-tiny")
-    target = root / f"mini-omni-v{TINY_FORMAT}-seed{seed}"
-    folders = TinyFolders(target / "checkpoint", target / "snac")
-    if not (target / "complete").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root))
-        write_tiny_checkpoint(staging / "checkpoint", staging / "snac", seed=seed)
-        (staging / "complete").write_text("ok\n")
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first: use its copy
-            shutil.rmtree(staging, ignore_errors=True)
-    return folders
+    target = cached_folder(f"mini-omni-v{TINY_FORMAT}-seed{seed}", lambda folder: write_tiny_checkpoint(
+        folder / "checkpoint", folder / "snac", seed=seed), root)
+    return TinyFolders(target / "checkpoint", target / "snac")
 
 
 def write_tiny_checkpoint(checkpoint: Path, codec: Path, *, seed: int = 0, config: GPTConfig = TINY_GPT) -> None:
