@@ -101,10 +101,13 @@ def _option_kind(cls: type, f: dataclasses.Field) -> type:
 @dataclass
 class Chunk:
     """One piece of a streamed reply: new audio (float32 mono in [-1, 1] at the card's output
-    rate, possibly empty) and the text decoded since the previous chunk (possibly "")."""
+    rate, possibly empty) and the text decoded since the previous chunk (possibly ""). Models whose
+    card says ``multi_turn`` set ``turn`` on a reply's last chunk: a JSON-able record of the
+    exchange to pass back in ``history`` on the next turn."""
 
     audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     text: str = ""
+    turn: Any = None
 
 
 class VoiceModel(ABC):

@@ -161,13 +161,20 @@ class SpeechTokenizer:
 
     @classmethod
     def load(cls, folder: Path, device=None, dtype=torch.float32) -> "SpeechTokenizer":
+        return cls.build(TokenizerConfig.from_json(folder / "config.json"),
+                         json.loads((folder / "preprocessor_config.json").read_text()),
+                         load_file(folder / "model.safetensors"), device=device, dtype=dtype)
+
+    @classmethod
+    def build(cls, config: TokenizerConfig, preprocessor: dict, state: dict[str, torch.Tensor], device=None,
+              dtype=torch.float32) -> "SpeechTokenizer":
+        """From a config, the preprocessor settings and a state dict with the published names."""
         from transformers import WhisperFeatureExtractor
 
-        config = TokenizerConfig.from_json(folder / "config.json")
-        encoder = SpeechTokenizerEncoder(config)
-        encoder.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
-        extractor = WhisperFeatureExtractor(**json.loads((folder / "preprocessor_config.json").read_text()))
-        return cls(encoder.to(device=device, dtype=dtype).eval(), extractor)
+        with torch.device("meta"):
+            encoder = SpeechTokenizerEncoder(config)
+        encoder.load_state_dict(state, strict=True, assign=True)
+        return cls(encoder.to(device=device, dtype=dtype).eval(), WhisperFeatureExtractor(**preprocessor))
 
     @torch.inference_mode()
     def __call__(self, audio: np.ndarray) -> list[int]:

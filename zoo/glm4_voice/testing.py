@@ -3,7 +3,7 @@ So far: the speech tokenizer folder (config.json, preprocessor_config.json, mode
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,24 +20,34 @@ PREPROCESSOR = dict(chunk_length=30, feature_extractor_type="WhisperFeatureExtra
                     sampling_rate=16000)
 
 
-def write_tiny_tokenizer(folder: Path, seed: int = 0, config: TokenizerConfig = TINY_TOKENIZER) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
+def random_tokenizer_state(config: TokenizerConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Seeded random weights with the published names (on the generator's device)."""
     with torch.device("meta"):
         names = SpeechTokenizerEncoder(config).state_dict()
+    device = generator.device
+
+    def randn(shape):
+        return torch.randn(shape, generator=generator, device=device)
+
     state = {}
     for name, tensor in names.items():
         if name == "ema_count":
-            state[name] = torch.ones(tensor.shape)
+            state[name] = torch.ones(tensor.shape, device=device)
         elif name.endswith("layer_norm.weight"):
-            state[name] = 1 + 0.05 * torch.randn(tensor.shape, generator=generator)
+            state[name] = 1 + 0.05 * randn(tensor.shape)
         elif name.endswith(".bias"):
-            state[name] = 0.02 * torch.randn(tensor.shape, generator=generator)
+            state[name] = 0.02 * randn(tensor.shape)
         elif name in ("codebook.weight", "ema_weight"):  # codes as large as the hidden states
-            state[name] = torch.randn(tensor.shape, generator=generator)
+            state[name] = randn(tensor.shape)
         else:
             fan_in = tensor.shape[1] * (tensor.shape[2] if tensor.dim() == 3 else 1) if tensor.dim() > 1 else 1
-            state[name] = torch.randn(tensor.shape, generator=generator) / (fan_in**0.5)
+            state[name] = randn(tensor.shape) / (fan_in**0.5)
+    return state
+
+
+def write_tiny_tokenizer(folder: Path, seed: int = 0, config: TokenizerConfig = TINY_TOKENIZER) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = random_tokenizer_state(config, torch.Generator().manual_seed(seed))
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})  # as save_pretrained writes it
     published = {**asdict(config), "architectures": ["WhisperVQEncoder"], "model_type": "whisper",
                  "encoder_layers": 32, "num_hidden_layers": 32, "vocab_size": 51866, "torch_dtype": "float32",
@@ -61,8 +71,9 @@ TINY_LLM_CONFIG = dict(
 
 
 def write_tiny_llm(folder: Path, seed: int = 0, config: dict = TINY_LLM_CONFIG, shards: int = 2,
-                   with_inv_freq: bool = True) -> Path:
-    """Sharded bf16 safetensors with the published ChatGLM tensor names, plus the index."""
+                   with_inv_freq: bool = True, tilt_head: bool = False) -> Path:
+    """Sharded bf16 safetensors with the published ChatGLM tensor names, plus the index.
+    ``tilt_head``: the output layer of ``tiny_checkpoint`` (see TINY_HEAD_SCALE)."""
     from .llm import glm_config, published_names
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,6 +85,8 @@ def write_tiny_llm(folder: Path, seed: int = 0, config: dict = TINY_LLM_CONFIG, 
             0.02 * torch.randn(shape, generator=generator)
         if "query_key_value" in name:  # sharp attention: a wrong RoPE or scale then changes the ids
             value = value * 8
+        if name == "transformer.output_layer.weight" and tilt_head:
+            value = _tilt_head(value)
         tensors[name] = value.to(torch.bfloat16)
     if with_inv_freq:
         rot = config["kv_channels"] // 2
@@ -138,3 +151,79 @@ def write_tiny_text_tokenizer(folder: Path) -> Path:
               "tokenizer_class": "ChatGLM4Tokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return folder
+
+
+TINY_FORMAT = 1  # bump when the tiny folders change, so cached copies are rewritten
+# The tiny LLM's output layer: sharper than its random init (a peaked distribution, as a trained
+# model's) and tilted towards the audio ids, so tiny replies mix text and audio blocks.
+TINY_HEAD_SCALE, TINY_AUDIO_TILT = 8.0, 1.15
+# published config.json of glm-4-voice-9b (vox-serve mirror; see the upstream notes)
+FULL_LLM_CONFIG = dict(TINY_LLM_CONFIG, num_layers=40, hidden_size=4096, ffn_hidden_size=13696,
+                       num_attention_heads=32, kv_channels=128, layernorm_epsilon=1.5625e-07)
+
+
+@dataclass(frozen=True)
+class TinyFolders:
+    llm: Path
+    tokenizer: Path
+    decoder: Path
+
+
+def tiny_checkpoint(seed: int = 0, root=None) -> TinyFolders:
+    """The three tiny folders (llm, tokenizer, decoder) for ``seed``, written once and reused."""
+    from ..core.tiny import cached_folder
+
+    def write(folder: Path) -> None:
+        write_tiny_llm(folder / "llm", seed=seed, tilt_head=True)
+        write_tiny_text_tokenizer(folder / "llm")
+        write_tiny_tokenizer(folder / "tokenizer", seed=seed)
+        write_tiny_decoder(folder / "decoder", seed=seed)
+
+    target = cached_folder(f"glm-4-voice-v{TINY_FORMAT}-seed{seed}", write, root)
+    return TinyFolders(target / "llm", target / "tokenizer", target / "decoder")
+
+
+def _tilt_head(head: torch.Tensor) -> torch.Tensor:
+    head = head.float() * TINY_HEAD_SCALE
+    head[AUDIO_OFFSET : AUDIO_OFFSET + 16384] *= TINY_AUDIO_TILT
+    return head
+
+
+def random_model(size: str = "tiny", *, device=None, dtype=None, seed: int = 0):
+    """GLM-4-Voice with seeded random weights built in memory on ``device``: "full" has the
+    published sizes (the real compute cost; 19 GB in bf16), "tiny" the test ones. Noise out."""
+    from ..core.devices import pick_device
+    from ..core.tiny import cached_folder
+    from .decoder import AudioDecoder
+    from .llm import glm_config
+    from .model import GlmVoice, precision
+    from .speech_tokenizer import SpeechTokenizer
+    from .text_tokenizer import GlmTokenizer
+
+    if size not in ("full", "tiny"):
+        raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
+    device = pick_device(device)
+    llm_dtype, quantized, side_dtype = precision(dtype, device)
+    config = glm_config(FULL_LLM_CONFIG if size == "full" else TINY_LLM_CONFIG)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    from transformers import GlmForCausalLM
+    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+    with torch.device("meta"):
+        llm = GlmForCausalLM(config)
+    llm = llm.to_empty(device=device).to(llm_dtype)  # built on the device: 19 GB never pass the host
+    with torch.no_grad():
+        for name, p in llm.named_parameters():
+            p.normal_(1.0, 0.05, generator=generator) if "norm" in name else p.normal_(0.0, 0.02, generator=generator)
+        llm.lm_head.weight.copy_(_tilt_head(llm.lm_head.weight))
+    llm.model.rotary_emb = GlmRotaryEmbedding(config, device=device)
+    if quantized:
+        from ..core.quantize import quantize_linears
+
+        llm = quantize_linears(llm.cpu(), quantized, llm_dtype, device)
+    text = cached_folder("glm-4-voice-text-tokenizer", write_tiny_text_tokenizer)
+    tokenizer_config = TokenizerConfig() if size == "full" else TINY_TOKENIZER
+    speech = SpeechTokenizer.build(tokenizer_config, PREPROCESSOR, random_tokenizer_state(tokenizer_config, generator),
+                                   device=device, dtype=side_dtype)
+    decoder = AudioDecoder.random(size, device=device, dtype=side_dtype, seed=seed)
+    return GlmVoice(llm.eval(), speech, GlmTokenizer.load(text), decoder, tiny=True)
