@@ -139,7 +139,8 @@ class SlotEngine:
             keys, values = cache.k[index], cache.v[index]
             keys[rows[:, None], :, positions] = k.transpose(1, 2)
             values[rows[:, None], :, positions] = v.transpose(1, 2)
-            return F.scaled_dot_product_attention(q, keys[rows, :, :width], values[rows, :, :width],
+            return F.scaled_dot_product_attention(q, keys[:, :, :width].index_select(0, rows),
+                                                  values[:, :, :width].index_select(0, rows),
                                                   attn_mask=visible, enable_gqa=True)
 
         return self._forward(tokens, positions, attend)

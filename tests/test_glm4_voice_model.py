@@ -1,0 +1,143 @@
+"""GLM-4-Voice through the zoo interface on the tiny checkpoints (random weights: noise):
+streaming, the interleave schedule, stop rules, multi-turn history, batched serving."""
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from conftest import snr_db
+from zoo.core.errors import OptionsError, WeightsNotFound
+from zoo.glm4_voice.model import GlmVoice, conversation_text
+from zoo.glm4_voice.prompt import SYSTEM_PROMPT_AUDIO
+
+
+@pytest.fixture(scope="module")
+def model():
+    return zoo.load("glm-4-voice", tiny=True, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def question():
+    return 0.1 * np.sin(np.arange(16000 * 2) / 16000 * 2 * np.pi * 220).astype(np.float32), 16000
+
+
+def collect(chunks):
+    chunks = list(chunks)
+    audio = np.concatenate([c.audio for c in chunks]) if chunks else np.zeros(0, np.float32)
+    return chunks, audio, "".join(c.text for c in chunks)
+
+
+def test_card_and_registry():
+    card = zoo.card("glm-4-voice")
+    assert "glm-4-voice" in zoo.names()
+    assert card.output_sample_rate == 22050 and card.input_sample_rate == 16000
+    assert card.multi_turn and card.text_input and not card.duplex
+    assert set(card.components) == {"llm", "tokenizer", "decoder"}
+
+
+def test_respond_streams_text_and_audio(model, question):
+    chunks, audio, text = collect(model.respond(*question, {"max_new_tokens": 80, "temperature": 0}))
+    assert len([c for c in chunks if c.audio.size]) >= 2  # several blocks, not one at the end
+    assert text and audio.dtype == np.float32 and np.abs(audio).max() <= 1.0
+    turn = chunks[-1].turn
+    assert turn["spoken"] and turn["user"].startswith("<|begin_of_audio|>") and turn["assistant"]
+    assert all(c.turn is None for c in chunks[:-1])
+    audio_ids = turn["assistant"].count("<|audio_")
+    assert audio.size == model.decoder.num_samples(audio_ids)  # nothing lost at block seams or at the end
+
+
+def test_seeded_replies_are_reproducible_and_the_global_rng_is_untouched(model, question):
+    state = torch.get_rng_state()
+    first = collect(model.respond(*question, {"max_new_tokens": 40, "seed": 3}))
+    second = collect(model.respond(*question, {"max_new_tokens": 40, "seed": 3}))
+    other = collect(model.respond(*question, {"max_new_tokens": 40, "seed": 4}))
+    assert torch.equal(state, torch.get_rng_state())
+    assert first[2] == second[2] and np.array_equal(first[1], second[1])
+    assert first[0][-1].turn != other[0][-1].turn
+
+
+def test_streamed_audio_matches_the_one_pass_decode(model, question):
+    chunks, audio, _ = collect(model.respond(*question, {"max_new_tokens": 120, "temperature": 0}))
+    ids = [int(t.split("|>")[0]) for t in chunks[-1].turn["assistant"].split("<|audio_")[1:]]
+    one_pass = model.decoder.one_pass(ids, randomness="stream")  # the noise a seamless stream draws
+    assert audio.size == one_pass.size
+    assert snr_db(one_pass, audio) > 20
+
+
+def test_history_continues_the_conversation(model, question):
+    first = collect(model.respond(*question, {"max_new_tokens": 20, "temperature": 0}))[0][-1].turn
+    history_text = conversation_text([first])
+    assert history_text.count(SYSTEM_PROMPT_AUDIO) == 1 and history_text.endswith(first["assistant"])
+    reply = model.prepare(text="and then?", history=[first])
+    assert reply.prompt.startswith(history_text.strip()) and reply.prompt.count("<|system|>") == 1
+    second = collect(model.respond_text("and then?", {"max_new_tokens": 20, "temperature": 0}, history=[first]))
+    assert second[0][-1].turn["spoken"] is False
+    with pytest.raises(OptionsError, match="history\\[0\\]"):
+        model.prepare(text="x", history=[{"user": "no assistant"}])
+
+
+def test_interleave_schedule_and_stop(model, question):
+    """Drive a reply with chosen ids: 13 text then 26 audio ids, repeated, then <|user|>. Audio
+    comes out in blocks of 10, 25, 50, ... (seamless) and the rest at the stop."""
+    tok = model.tokenizer
+    text_id, audio_id, end = tok.encode("hello", prefix=False)[0], tok.audio_offset + 7, tok.id("<|user|>")
+    plan = ([text_id] * 13 + [audio_id] * 26) * 3 + [end, text_id]
+    reply = model.prepare(text="hi", options={"max_new_tokens": 500})
+    vocab = model.llm.config.vocab_size
+    block_sizes, texts = [], []
+    for token in plan:
+        logits = torch.full((1, vocab), -1e9)
+        logits[0, token] = 0
+        reply.choose(logits)
+        chunk = reply.poll()
+        if chunk and chunk.audio.size:
+            block_sizes.append(chunk.audio.size)
+        texts.append(chunk.text if chunk else "")
+        if reply.done:
+            break
+    assert reply.done and reply.generated == len(plan) - 1  # nothing after <|user|>
+    per_token = 22050 / 12.5
+    assert [round(n / per_token) for n in block_sizes[:2]] == [10, 25]
+    assert "".join(texts) == "hello" * 39
+
+
+def test_token_limit_flushes_the_last_block(model, question):
+    chunks, audio, _ = collect(model.respond(*question, {"max_new_tokens": 7, "temperature": 0}))
+    turn = chunks[-1].turn
+    assert turn is not None
+    assert audio.size == model.decoder.num_samples(turn["assistant"].count("<|audio_"))
+
+
+def test_batched_serving_equals_replies_run_alone(model, question):
+    options = [{"max_new_tokens": 30, "temperature": 0}, {"max_new_tokens": 45, "seed": 1}]
+    alone = [collect(model.respond(*question, o)) for o in options]
+    stepper = model.stepper(max_sessions=3)
+    jobs = [stepper.prepare(question[0], question[1], o) for o in options]
+    outputs = [[] for _ in jobs]
+    stepper.start(jobs[0])
+    stepper.step(jobs[:1])  # the second joins a step later, at a different length
+    stepper.start(jobs[1])
+    while not all(j.done for j in jobs):
+        stepper.step(jobs)
+        for out, job in zip(outputs, jobs):
+            chunk = job.poll()
+            if chunk:
+                out.append(chunk)
+    for job in jobs:
+        stepper.release(job)
+    for (chunks, audio, text), out in zip(alone, outputs):
+        assert "".join(c.text for c in out) == text
+        assert out[-1].turn == chunks[-1].turn
+        np.testing.assert_allclose(np.concatenate([c.audio for c in out]), audio, atol=1e-5)
+
+
+def test_bad_input_and_options_are_clear_errors(model):
+    with pytest.raises(OptionsError, match="stream_mode"):
+        model.options({"stream_mode": "fast"})
+    with pytest.raises(OptionsError, match="audio or a non-empty text"):
+        model.prepare(text="   ")
+
+
+def test_missing_weights_name_the_component(tmp_path):
+    with pytest.raises(WeightsNotFound, match="llm"):
+        GlmVoice.load(device="cpu", llm=tmp_path, tokenizer=tmp_path, decoder=tmp_path)

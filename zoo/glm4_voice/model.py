@@ -1,0 +1,318 @@
+"""GLM-4-Voice behind the zoo interface: the speech tokenizer, the 9B LLM and the flow + HiFT
+decoder loaded from the three published repos, replies streamed as text deltas and audio blocks,
+conversations carried across turns, and batched serving over session slots.
+
+Precision: ``dtype`` sets the LLM's (bfloat16 by default on a GPU, float32 on CPU; "int8" and
+"int4" quantise its weights with bitsandbytes, computing in bfloat16 on a GPU). The tokenizer and
+the decoder run in float32 as the reference runs them (float64 when dtype is float64, for parity).
+
+History: the last chunk of a reply carries ``chunk.turn``, a small JSON-able record of the
+exchange; pass the records of earlier turns as ``history`` to continue the conversation. The
+prompt is then rebuilt as the reference web demo rebuilds it (previous prompt + previous completion
+text, re-tokenised), so a conversation is the same token sequence the reference would see."""
+from __future__ import annotations
+
+import codecs
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..core.audio import AudioSource, load_audio
+from ..core.checkpoints import resolve_files
+from ..core.devices import pick_device, pick_dtype
+from ..core.errors import OptionsError
+from ..core.quantize import QUANTIZED, quantize_linears
+from ..core.sampling import sample
+from ..core.types import Chunk, ModelCard, Options, VoiceModel
+from .decoder import DECODER_FILES, AudioDecoder
+from .engine import SlotEngine
+from .llm import INDEX_FILE, load_llm
+from .prompt import LOW_LATENCY_BLOCKS, REFERENCE_BLOCKS, ReplySplitter, audio_as_text, build_prompt
+from .speech_tokenizer import SAMPLE_RATE, TOKENIZER_FILES, SpeechTokenizer
+from .text_tokenizer import TOKENIZER_FILES as TEXT_TOKENIZER_FILES
+from .text_tokenizer import GlmTokenizer
+
+LLM_FILES = ("config.json", INDEX_FILE, *TEXT_TOKENIZER_FILES)
+STREAM_MODES = ("seamless", "reference")
+
+CARD = ModelCard(
+    name="glm-4-voice",
+    title="GLM-4-Voice",
+    description="Speech in, streamed speech and text out; Chinese and English; follows spoken instructions about "
+                "emotion, speed and dialect (GLM-4-9B + WhisperVQ tokenizer + flow-matching/HiFT decoder).",
+    input_sample_rate=SAMPLE_RATE,
+    output_sample_rate=22050,
+    languages=("zh", "en"),
+    parameters="9.4B LLM (19 GB bf16) + 0.34B speech tokenizer + 0.11B flow + 0.02B HiFT",
+    hardware="a CUDA GPU with 24 GB+ in bf16, 16 GB with dtype int8, 12 GB with int4; CPU only for tests",
+    components={"llm": "THUDM/glm-4-voice-9b", "tokenizer": "THUDM/glm-4-voice-tokenizer",
+                "decoder": "THUDM/glm-4-voice-decoder"},
+    max_input_seconds=120.0,
+    multi_turn=True,
+    text_input=True,
+)
+
+
+@dataclass
+class GlmVoiceOptions(Options):
+    """Defaults are the reference web demo's: temperature 0.2, top-p 0.8, up to 2000 tokens.
+
+    ``stream_mode``: "seamless" (default) decodes a 10-token first block (0.8 s of speech) then
+    25, 50, 100, 150, 200 tokens, each with a bounded left context, and loses no samples at block
+    seams; "reference" reproduces the reference web demo's stream exactly (25, 50, 100, 150, 200
+    tokens, the whole history re-decoded each block, fresh noise per block)."""
+
+    temperature: float = 0.2
+    top_p: float = 0.8
+    max_new_tokens: int = 2000
+    stream_mode: str = "seamless"
+
+    def validate(self) -> "GlmVoiceOptions":
+        super().validate()
+        if self.stream_mode not in STREAM_MODES:
+            raise OptionsError(f"stream_mode must be one of {STREAM_MODES}, got {self.stream_mode!r}")
+        return self
+
+
+class TextDeltas:
+    """Text token ids -> text, as soon as each character is complete (UTF-8 across ids)."""
+
+    def __init__(self, tokenizer: GlmTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self.utf8.decode(self.tokenizer.decode_bytes([token]))
+
+    def finish(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+class Reply:
+    """One reply in flight: its slot, the sampled ids routed into text deltas and audio blocks,
+    and the chunks not yet collected by ``poll``."""
+
+    def __init__(self, model: "GlmVoice", prompt: str, prompt_ids: list[int], turn: dict, options: GlmVoiceOptions) -> None:
+        self.model, self.prompt, self.prompt_ids, self.turn, self.options = model, prompt, prompt_ids, turn, options
+        tokenizer = model.tokenizer
+        self.stop_ids = set(model.stop_ids)
+        self.end_id = tokenizer.id("<|user|>")
+        blocks = LOW_LATENCY_BLOCKS if options.stream_mode == "seamless" else REFERENCE_BLOCKS
+        self.splitter = ReplySplitter(tokenizer.audio_offset, self.end_id, blocks)
+        self.text = TextDeltas(tokenizer)
+        self.audio = model.decoder.stream(options.stream_mode)
+        device = model.device
+        self.generator = torch.Generator(device=device).manual_seed(options.seed)
+        self.engine: SlotEngine | None = None  # set with the slot when a stepper starts the reply
+        self.slot: int | None = None
+        self.token: int | None = None  # sampled, not yet fed to the LLM
+        self.generated = 0
+        self.done = False
+        self._text: list[str] = []
+        self._audio: list[np.ndarray] = []
+        self._final_turn: dict | None = None
+
+    def choose(self, logits: torch.Tensor) -> None:
+        """Sample the next id from (1, vocab) logits, then route it."""
+        o = self.options
+        self.token = int(sample(logits, o.temperature, o.top_k, o.top_p, self.generator)[0])
+        self.generated += 1
+        self._route(self.token)
+
+    def _route(self, token: int) -> None:
+        block = None
+        if token in self.stop_ids:
+            block = self.splitter.push(token) if token == self.end_id else self.splitter.finish()
+            self._finish(block)
+            return
+        block = self.splitter.push(token)
+        if token < self.model.tokenizer.audio_offset:
+            self._text.append(self.text.push(token))
+        if self.generated >= self.options.max_new_tokens or self.engine.room(self.slot) < 1:
+            self._finish(block if block is not None else self.splitter.finish())
+        elif block is not None:
+            self._audio.append(self.audio.push(block))
+
+    def _finish(self, last_block: list[int] | None) -> None:
+        self._text.append(self.text.finish())
+        self._audio.append(self.audio.finish(last_block or []))
+        completion = self.model.tokenizer.decode(self.splitter.completion_ids)
+        self._final_turn = dict(self.turn, assistant=completion)
+        self.done = True
+
+    def poll(self) -> Chunk | None:
+        text, self._text = "".join(self._text), []
+        audio, self._audio = [a for a in self._audio if a.size], []
+        turn, self._final_turn = self._final_turn, None
+        if not text and not audio and turn is None:
+            return None
+        samples = np.concatenate(audio).astype(np.float32, copy=False) if audio else np.zeros(0, np.float32)
+        return Chunk(audio=samples, text=text, turn=turn)
+
+
+class ReplyStepper:
+    """Batched serving for zoo.core.scheduler: one slot engine shared by every admitted reply;
+    each step feeds every reply's last id in one forward pass."""
+
+    def __init__(self, model: "GlmVoice", max_sessions: int) -> None:
+        self.model = model
+        self.engine = SlotEngine(model.llm, slots=max_sessions, max_len=model.max_context)
+
+    def prepare(self, audio: AudioSource, sample_rate: int | None, options, history=None) -> Reply:
+        return self.model.prepare(audio=audio, sample_rate=sample_rate, options=options, history=history)
+
+    def start(self, job: Reply) -> None:
+        job.engine, job.slot = self.engine, self.engine.acquire()
+        job.choose(self.engine.prefill(job.slot, job.prompt_ids)[None])
+
+    def step(self, jobs: list[Reply]) -> None:
+        live = [job for job in jobs if not job.done]
+        if not live:
+            return
+        logits = self.engine.step([job.slot for job in live], torch.tensor([job.token for job in live]))
+        for job, row in zip(live, logits):
+            job.choose(row[None])
+
+    def release(self, job: Reply) -> None:
+        if job.slot is not None:
+            self.engine.release(job.slot)
+            job.slot = None
+
+
+class GlmVoice(VoiceModel):
+    card = CARD
+    options_class = GlmVoiceOptions
+
+    def __init__(self, llm, speech_tokenizer: SpeechTokenizer, tokenizer: GlmTokenizer, decoder: AudioDecoder,
+                 *, tiny: bool = False) -> None:
+        self.llm, self.speech_tokenizer, self.tokenizer, self.decoder = llm, speech_tokenizer, tokenizer, decoder
+        self.tiny = tiny
+        eos = llm.config.eos_token_id
+        self.stop_ids = tuple(eos if isinstance(eos, (list, tuple)) else [eos])  # <|endoftext|> <|user|> <|observation|>
+        self.max_context = llm.config.max_position_embeddings
+        self._single: ReplyStepper | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.model.embed_tokens.weight.device
+
+    # -- loading ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, *, device=None, dtype=None, tiny: bool = False, seed: int = 0,
+             llm: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+             decoder: str | os.PathLike | None = None) -> "GlmVoice":
+        device = pick_device(device)
+        llm_dtype, quantized, side_dtype = precision(dtype, device)
+        if tiny:
+            from .testing import tiny_checkpoint
+
+            folders = tiny_checkpoint(seed=seed)
+            llm, tokenizer, decoder = llm or folders.llm, tokenizer or folders.tokenizer, decoder or folders.decoder
+        llm_dir = resolve_files(llm or CARD.components["llm"], LLM_FILES, component="llm", optional=("*.safetensors",))
+        tokenizer_dir = resolve_files(tokenizer or CARD.components["tokenizer"], TOKENIZER_FILES, component="tokenizer")
+        decoder_dir = resolve_files(decoder or CARD.components["decoder"], DECODER_FILES, component="decoder")
+        if quantized:
+            network = quantize_linears(load_llm(llm_dir, dtype=llm_dtype), quantized, llm_dtype, device)
+        else:
+            network = load_llm(llm_dir, dtype=llm_dtype, device=device)
+        return cls(network, SpeechTokenizer.load(tokenizer_dir, device=device, dtype=side_dtype),
+                   GlmTokenizer.load(llm_dir), AudioDecoder.load(decoder_dir, device=device, dtype=side_dtype),
+                   tiny=tiny)
+
+    # -- the zoo interface --------------------------------------------------------------------
+    def respond(self, audio: AudioSource, sample_rate: int | None = None,
+                options: GlmVoiceOptions | Mapping[str, Any] | None = None,
+                history: Sequence[Mapping[str, Any]] | None = None) -> Iterator[Chunk]:
+        """Answer a spoken turn with text and speech; ``history``: earlier ``chunk.turn`` records."""
+        return self._stream(self.prepare(audio=audio, sample_rate=sample_rate, options=options, history=history))
+
+    def respond_text(self, text: str, options: GlmVoiceOptions | Mapping[str, Any] | None = None,
+                     history: Sequence[Mapping[str, Any]] | None = None) -> Iterator[Chunk]:
+        """Answer a typed turn with text and speech (the reference's text-input system prompt)."""
+        return self._stream(self.prepare(text=text, options=options, history=history))
+
+    def stepper(self, max_sessions: int) -> ReplyStepper:
+        return ReplyStepper(self, max_sessions)
+
+    def prepare(self, *, audio: AudioSource | None = None, sample_rate: int | None = None, text: str | None = None,
+                options=None, history: Sequence[Mapping[str, Any]] | None = None) -> Reply:
+        """Validate the input and options, tokenize speech and prompt; no LLM work yet."""
+        opts = self.options(options)
+        if audio is not None:
+            wav = load_audio(audio, sample_rate, target_rate=SAMPLE_RATE, max_seconds=self.card.max_input_seconds)
+            user_input, spoken = audio_as_text(self.speech_tokenizer(wav)), True
+        elif text is not None and text.strip():
+            user_input, spoken = text, False
+        else:
+            raise OptionsError("a turn needs audio or a non-empty text question")
+        prompt = build_prompt(user_input, spoken=spoken, history=conversation_text(history))
+        ids = self.tokenizer.encode(prompt)
+        if len(ids) >= self.max_context:
+            raise OptionsError(f"the conversation is {len(ids)} tokens; the model reads at most {self.max_context}")
+        return Reply(self, prompt, ids, {"user": user_input, "spoken": spoken}, opts)
+
+    def benchmark_stages(self, audio: np.ndarray, sample_rate: int) -> dict[str, Callable[[], object]]:
+        """One call per pipeline stage, for bench/latency.py to time."""
+        wav = load_audio(audio, sample_rate, target_rate=SAMPLE_RATE)
+        reply = self.prepare(audio=audio, sample_rate=sample_rate)
+        engine = SlotEngine(self.llm, slots=1, max_len=self.max_context)
+        slot = engine.acquire()
+        first_block = [int(i) for i in torch.randint(0, 16384, (LOW_LATENCY_BLOCKS[0],),
+                                                      generator=torch.Generator().manual_seed(0))]
+
+        def prefill() -> None:
+            engine.cache.lengths[slot] = 0
+            engine.prefill(slot, reply.prompt_ids)
+
+        def decode_step() -> None:
+            if engine.room(slot) < 1 or engine.cache.lengths[slot] == 0:
+                prefill()
+            engine.step([slot], torch.tensor([reply.prompt_ids[-1]]))
+
+        def first_decoder_block() -> None:
+            stream = self.decoder.stream("seamless")
+            stream.push(first_block)
+
+        return {"speech_tokenizer": lambda: self.speech_tokenizer(wav), "prefill": prefill,
+                "decode_step": decode_step, "decoder_first_block": first_decoder_block}
+
+    # -- internals ----------------------------------------------------------------------------
+    def _stream(self, reply: Reply) -> Iterator[Chunk]:
+        if self._single is None:
+            self._single = ReplyStepper(self, max_sessions=1)
+        stepper = self._single
+        try:
+            stepper.start(reply)
+            while True:
+                chunk = reply.poll()
+                if chunk is not None:
+                    yield chunk
+                if reply.done:
+                    break
+                stepper.step([reply])
+        finally:
+            stepper.release(reply)
+
+
+def conversation_text(history: Sequence[Mapping[str, Any]] | None) -> str:
+    """Earlier turns -> the reference's history string (each prompt + its completion)."""
+    text = ""
+    for number, turn in enumerate(history or ()):
+        try:
+            user, spoken, assistant = str(turn["user"]), bool(turn["spoken"]), str(turn["assistant"])
+        except (KeyError, TypeError):
+            raise OptionsError(f"history[{number}] is not a turn record (pass the chunk.turn of earlier replies)") from None
+        text = build_prompt(user, spoken=spoken, history=text) + assistant
+    return text
+
+
+def precision(dtype, device: torch.device) -> tuple[torch.dtype, str | None, torch.dtype]:
+    """``dtype`` -> (LLM compute dtype, quantisation or None, tokenizer/decoder dtype)."""
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str) and dtype in QUANTIZED:
+        return default, dtype, torch.float32
+    llm_dtype = default if dtype is None else pick_dtype(dtype)
+    return llm_dtype, None, torch.float64 if llm_dtype == torch.float64 else torch.float32
