@@ -8,6 +8,8 @@ GLM rotary embedding; only the attention is written here, over the slot cache (t
 ``GlmForCausalLM.forward``)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,7 +107,12 @@ class SlotEngine:
     def replay(self, tokens: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
         key = (len(rows), width)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
+            try:
+                self.graphs[key] = self._capture(*key)
+            except RuntimeError as err:  # e.g. a quantised layer that syncs with the host
+                warnings.warn(f"CUDA graph capture failed ({err}); decoding without graphs")
+                self.graphs = None
+                return self.decode(tokens, rows, lengths, width)
         graph, inputs, logits = self.graphs[key]
         for static, value in zip(inputs, (tokens, rows, lengths)):
             static.copy_(value)

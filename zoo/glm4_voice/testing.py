@@ -189,13 +189,37 @@ def _tilt_head(head: torch.Tensor) -> torch.Tensor:
     return head
 
 
+def random_llm(size: str = "tiny", *, device, dtype, quantized: str | None = None, seed: int = 0):
+    """GlmForCausalLM at the published ("full", 19 GB in bf16) or tiny size with seeded random
+    weights, built directly on ``device``."""
+    from transformers import GlmForCausalLM
+    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+    from .llm import glm_config
+
+    config = glm_config(FULL_LLM_CONFIG if size == "full" else TINY_LLM_CONFIG)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        llm = GlmForCausalLM(config)
+    llm = llm.to(dtype).to_empty(device=device)  # built on the device: 19 GB never pass the host
+    with torch.no_grad():
+        for name, p in llm.named_parameters():
+            p.normal_(1.0, 0.05, generator=generator) if "norm" in name else p.normal_(0.0, 0.02, generator=generator)
+        llm.lm_head.weight.copy_(_tilt_head(llm.lm_head.weight))
+    llm.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
+    if quantized:
+        from ..core.quantize import quantize_linears
+
+        llm = quantize_linears(llm.cpu(), quantized, dtype, device)
+    return llm.eval()
+
+
 def random_model(size: str = "tiny", *, device=None, dtype=None, seed: int = 0):
     """GLM-4-Voice with seeded random weights built in memory on ``device``: "full" has the
     published sizes (the real compute cost; 19 GB in bf16), "tiny" the test ones. Noise out."""
     from ..core.devices import pick_device
     from ..core.tiny import cached_folder
     from .decoder import AudioDecoder
-    from .llm import glm_config
     from .model import GlmVoice, precision
     from .speech_tokenizer import SpeechTokenizer
     from .text_tokenizer import GlmTokenizer
@@ -204,26 +228,86 @@ def random_model(size: str = "tiny", *, device=None, dtype=None, seed: int = 0):
         raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
     device = pick_device(device)
     llm_dtype, quantized, side_dtype = precision(dtype, device)
-    config = glm_config(FULL_LLM_CONFIG if size == "full" else TINY_LLM_CONFIG)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    from transformers import GlmForCausalLM
-    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
-
-    with torch.device("meta"):
-        llm = GlmForCausalLM(config)
-    llm = llm.to_empty(device=device).to(llm_dtype)  # built on the device: 19 GB never pass the host
-    with torch.no_grad():
-        for name, p in llm.named_parameters():
-            p.normal_(1.0, 0.05, generator=generator) if "norm" in name else p.normal_(0.0, 0.02, generator=generator)
-        llm.lm_head.weight.copy_(_tilt_head(llm.lm_head.weight))
-    llm.model.rotary_emb = GlmRotaryEmbedding(config, device=device)
-    if quantized:
-        from ..core.quantize import quantize_linears
-
-        llm = quantize_linears(llm.cpu(), quantized, llm_dtype, device)
+    llm = random_llm(size, device=device, dtype=llm_dtype, quantized=quantized, seed=seed)
     text = cached_folder("glm-4-voice-text-tokenizer", write_tiny_text_tokenizer)
     tokenizer_config = TokenizerConfig() if size == "full" else TINY_TOKENIZER
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
     speech = SpeechTokenizer.build(tokenizer_config, PREPROCESSOR, random_tokenizer_state(tokenizer_config, generator),
                                    device=device, dtype=side_dtype)
     decoder = AudioDecoder.random(size, device=device, dtype=side_dtype, seed=seed)
-    return GlmVoice(llm.eval(), speech, GlmTokenizer.load(text), decoder, tiny=True)
+    return GlmVoice(llm, speech, GlmTokenizer.load(text), decoder, tiny=True)
+
+
+# -- the audio decoder (glm-4-voice-decoder: config.yaml, flow.pt, hift.pt) ---------------------
+
+def _tiny_decoder_config():
+    from .decoder_config import DecoderConfig, FlowConfig, HiftConfig
+
+    # the real vocabulary, mel (80 bins, 22050 Hz, 256 samples per frame), kernel sizes and
+    # schedules; narrow layers, few of them
+    flow = replace(FlowConfig(), input_size=32, encoder_size=32, encoder_heads=2, encoder_linear_units=64,
+                   encoder_blocks=2, estimator_channels=(32, 32), attention_head_dim=16, num_heads=2, n_blocks=1,
+                   num_mid_blocks=2)
+    return DecoderConfig(flow, replace(HiftConfig(), base_channels=32, f0_cond_channels=32))
+
+
+TINY_DECODER = _tiny_decoder_config()
+
+
+def random_decoder_state(config, generator: torch.Generator) -> tuple[dict, dict]:
+    """Seeded random (flow.pt, hift.pt) state dicts with the published names, scaled so that the
+    audio is neither silent nor clipped: unit-norm weight-norm rows, f0 around 40 Hz (some frames
+    unvoiced, below 10 Hz), iSTFT magnitudes around exp(-3), attention made sharp (so a wrong
+    position term or mask changes the output)."""
+    from .decoder import build_modules, hift_published_state
+
+    flow, hift = build_modules(config, device="meta")
+    device = generator.device
+
+    def randn(shape) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=generator, device=device)
+
+    def init(name: str, shape: torch.Size) -> torch.Tensor:
+        if name.endswith("weight_g"):  # the norm of each output channel's weights
+            return (0.3 if name.startswith("conv_post") else 1.0) * (1 + 0.1 * randn(shape))
+        if name.endswith(".alpha"):  # Snake
+            return 1 + 0.2 * randn(shape)
+        if name.endswith(("pos_bias_u", "pos_bias_v")):
+            return 0.5 * randn(shape)
+        if name == "f0_predictor.classifier.bias":
+            return torch.full(tuple(shape), 40.0, device=device)
+        if name == "f0_predictor.classifier.weight":
+            return 30 * randn(shape) / shape[-1] ** 0.5
+        if name == "conv_post.bias":  # log-magnitudes first, then phases
+            bias = 0.1 * randn(shape)
+            bias[: shape[0] // 2] -= 3
+            return bias
+        if len(shape) == 1:
+            norm = any(part in name for part in ("norm", "block.1.", "model.1.", "model.4.", "model.7.", "model.10.",
+                                                 "embed.out.1."))
+            return (1 + 0.1 * randn(shape)) if norm and name.endswith("weight") else 0.05 * randn(shape)
+        fan_in = shape[1] * (shape[2] if len(shape) == 3 else 1)
+        if "ups." in name or "upsample" in name or (name.startswith("decoder") and ".2.conv." in name and len(shape) == 3
+                                                   and shape[0] == shape[1] and shape[2] == 4):
+            fan_in = shape[0] * shape[2] // 2  # transposed convs: (in, out, k), stride 2 or 8
+        scale = 3.0 if name.endswith(("linear_q.weight", "linear_k.weight", "to_q.weight", "to_k.weight")) else 1.0
+        if name == "input_embedding.weight":
+            return randn(shape)
+        return scale * randn(shape) / fan_in**0.5
+
+    flow_state = {name: init(name, t.shape) for name, t in flow.state_dict().items()}
+    hift_state = {name: init(name, t.shape) for name, t in hift_published_state(hift).items()}
+    return flow_state, hift_state
+
+
+def write_tiny_decoder(folder: Path, seed: int = 0, config=TINY_DECODER) -> Path:
+    """config.yaml (the published text with tiny numbers), flow.pt and hift.pt (plain torch.save'd
+    float32 state dicts with the published names, hift.pt with legacy weight_g/weight_v)."""
+    from .decoder_config import render_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    flow_state, hift_state = random_decoder_state(config, torch.Generator().manual_seed(seed))
+    (folder / "config.yaml").write_text(render_config(config))
+    torch.save(flow_state, folder / "flow.pt")
+    torch.save(hift_state, folder / "hift.pt")
+    return folder
