@@ -1,0 +1,223 @@
+"""The per-frame step of Hertz-dev over a batch of session slots.
+
+``Engine`` owns the KV caches of the main model and the resynthesizer for ``max_slots`` slots
+(one row each; the resynthesizer's upper layers one row per output channel), a bounded history
+of each slot's input latents, and each slot's sampling state (options, its own
+torch.Generator seeded from ``Options.seed``; the global RNG is never used).
+
+``advance(slots, latents)`` takes each slot's next input latent(s) (the 32- or 64-wide continuous
+latents, as the reference feeds them), runs the main model (logits over the next FSQ index),
+samples the token(s), runs the resynthesizer conditioned on them and samples the next latent of
+every output channel. A slot with ``T > 1`` latents is a prefill (alone in its call, as the
+reference's first ``next_latent`` on a prompt). Contexts slide: when a slot's main (or
+resynthesizer) cache is full, its oldest positions are evicted and the cache is rebuilt by a
+prefill over the last ``keep`` input latents at positions 0.. (the reference's own prefill
+semantics), so a session can run for unbounded time in bounded memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.sampling import sample
+from ..core.types import Options
+from .transformer import (
+    MAIN_CONTEXT, RESYNTH_CONTEXT, HertzLM, LatentQuantizer, Resynthesizer, rope_tables,
+)
+
+
+def is_deterministic(options: Options) -> bool:
+    return options.temperature == 0.0
+
+
+@dataclass
+class Slot:
+    row: int
+    options: Options
+    generator: torch.Generator
+    history: torch.Tensor  # (capacity, width) ring of input latents
+    seen: int = 0  # latents ever pushed to the history
+    main_len: int = 0  # positions in the main cache
+    resynth_len: int = 0
+    slides: int = 0  # how many times a context was rebuilt
+    tokens: list[list[int]] = field(default_factory=list)  # sampled FSQ indices per step (bounded)
+
+    @property
+    def deterministic(self) -> bool:
+        return is_deterministic(self.options)
+
+    def push(self, latents: torch.Tensor) -> None:
+        capacity = self.history.size(0)
+        for x in latents[-capacity:]:
+            self.history[self.seen % capacity] = x
+            self.seen += 1
+
+    def last(self, n: int) -> torch.Tensor:
+        capacity = self.history.size(0)
+        n = min(n, self.seen, capacity)
+        index = torch.arange(self.seen - n, self.seen, device=self.history.device) % capacity
+        return self.history[index]
+
+
+class Engine:
+    def __init__(
+        self,
+        main: HertzLM,
+        resynth: Resynthesizer,
+        quantizer: LatentQuantizer,
+        max_slots: int,
+        *,
+        main_context: int = MAIN_CONTEXT,
+        resynth_context: int = RESYNTH_CONTEXT,
+        out_channels: tuple[int, ...] = (0,),
+        keep: float = 0.75,
+        record_tokens: int = 0,
+    ) -> None:
+        if main.config.split != resynth.config.split:
+            raise ValueError("main model and resynthesizer must both be mono or both split")
+        if not 2 <= main_context <= MAIN_CONTEXT or not 2 <= resynth_context <= RESYNTH_CONTEXT:
+            raise ValueError(f"contexts must be in [2, {MAIN_CONTEXT}] (main) and [2, {RESYNTH_CONTEXT}] (resynthesizer)")
+        if not 0.0 < keep < 1.0:
+            raise ValueError(f"keep must be in (0, 1), got {keep}")
+        self.main, self.resynth, self.quantizer = main, resynth, quantizer
+        weight = main.input.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.channels = main.config.channels
+        self.width = main.config.latent_dim * self.channels
+        self.out_channels = tuple(out_channels)
+        self.main_context, self.resynth_context = main_context, resynth_context
+        self.keep_main = max(1, int(main_context * keep))
+        self.keep_resynth = max(1, int(resynth_context * keep))
+        self.main_cache = main.new_cache(max_slots, main_context)
+        self.resynth_caches = resynth.new_caches(max_slots, resynth_context, len(self.out_channels))
+        self.main_rope = rope_tables(main.config.head_dim, main_context, self.device)
+        self.resynth_rope = rope_tables(resynth.config.head_dim, resynth_context, self.device)
+        self.capacity = max(main_context, resynth_context)
+        self.free = list(range(max_slots))
+        self.record_tokens = record_tokens
+
+    def nbytes(self) -> int:
+        return self.main_cache.nbytes() + sum(c.nbytes() for c in self.resynth_caches)
+
+    # -- slots --------------------------------------------------------------------------------
+    def open(self, options: Options) -> Slot:
+        if not self.free:
+            raise RuntimeError("no free session slot: too many sessions at once")
+        generator = torch.Generator(device=self.device).manual_seed(int(options.seed))
+        history = torch.zeros(self.capacity, self.width, dtype=self.dtype, device=self.device)
+        return Slot(self.free.pop(0), options, generator, history)
+
+    def close(self, slot: Slot) -> None:
+        if slot.row >= 0:
+            self.free.append(slot.row)
+            slot.row = -1
+
+    # -- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def advance(self, slots: list[Slot], latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, T, width) -> next latents (B, len(out_channels), 32)."""
+        B, T, _ = latents.shape
+        if T > 1 and B != 1:
+            raise ValueError("a prefill (T > 1) runs one slot at a time")
+        latents = latents.to(self.device, self.dtype)
+        for slot, x in zip(slots, latents):
+            if T > 1 and (slot.main_len or slot.resynth_len):
+                raise ValueError("a prefill must start a fresh slot")
+            if T > self.main_context or T > self.resynth_context:
+                raise ValueError(f"{T} prompt latents do not fit the context ({self.main_context} main)")
+            slot.push(x)
+        tokens = self.main_step(slots, latents)
+        out = self.resynth_step(slots, latents, tokens)
+        if self.record_tokens:
+            for slot, t in zip(slots, tokens.tolist()):
+                slot.tokens.append(t)
+                del slot.tokens[: -self.record_tokens]
+        return out
+
+    def _plan(self, slots, T, lengths, context, keep):
+        """(incremental slot indices, [(slot index, input length)] to (re)prefill)."""
+        steps, prefills = [], []
+        for i, slot in enumerate(slots):
+            length = lengths(slot)
+            if T == 1 and length < context:
+                steps.append(i)
+            elif T > 1:
+                prefills.append((i, T))
+            else:  # full: evict, rebuild from the last ``keep`` latents (this one included)
+                slot.slides += 1
+                prefills.append((i, keep))
+        return steps, prefills
+
+    def main_step(self, slots: list[Slot], latents: torch.Tensor) -> torch.Tensor:
+        """Main model over the slots' new latents -> sampled next FSQ indices (B, out channels)."""
+        B, T, _ = latents.shape
+        steps, prefills = self._plan(slots, T, lambda s: s.main_len, self.main_context, self.keep_main)
+        logits: list[torch.Tensor | None] = [None] * B
+        if steps:
+            rows = torch.tensor([slots[i].row for i in steps], device=self.device)
+            positions = torch.tensor([slots[i].main_len for i in steps], device=self.device)
+            out = self.main(latents[steps], self.main_cache, rows, positions, self.main_rope, self.out_channels)
+            for k, i in enumerate(steps):
+                logits[i] = torch.stack([o[k] for o in out])
+                slots[i].main_len += 1
+        for i, n in prefills:
+            x = latents[i : i + 1] if n == T and T > 1 else slots[i].last(n)[None]
+            rows = torch.tensor([slots[i].row], device=self.device)
+            out = self.main(x, self.main_cache, rows, torch.zeros(1, dtype=torch.long, device=self.device),
+                            self.main_rope, self.out_channels)
+            logits[i] = torch.stack([o[0] for o in out])
+            slots[i].main_len = x.size(1)
+        return torch.stack([self._tokens(slot, lg) for slot, lg in zip(slots, logits)])
+
+    def resynth_step(self, slots: list[Slot], latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Resynthesizer told the next tokens -> sampled next latents (B, out channels, 32)."""
+        B, T, _ = latents.shape
+        steps, prefills = self._plan(slots, T, lambda s: s.resynth_len, self.resynth_context, self.keep_resynth)
+        mixtures: list[tuple | None] = [None] * B
+        if steps:
+            rows = torch.tensor([slots[i].row for i in steps], device=self.device)
+            positions = torch.tensor([slots[i].resynth_len for i in steps], device=self.device)
+            locs, scales, weights = self.resynth(latents[steps], tokens[steps], self.quantizer, self.resynth_caches,
+                                                 rows, positions, self.resynth_rope, self.out_channels)
+            for k, i in enumerate(steps):
+                mixtures[i] = (locs[:, k], scales[:, k], weights[:, k])
+                slots[i].resynth_len += 1
+        for i, n in prefills:
+            x = latents[i : i + 1] if n == T and T > 1 else slots[i].last(n)[None]
+            rows = torch.tensor([slots[i].row], device=self.device)
+            locs, scales, weights = self.resynth(x, tokens[i : i + 1], self.quantizer, self.resynth_caches, rows,
+                                                 torch.zeros(1, dtype=torch.long, device=self.device),
+                                                 self.resynth_rope, self.out_channels)
+            mixtures[i] = (locs[:, 0], scales[:, 0], weights[:, 0])
+            slots[i].resynth_len = x.size(1)
+        return torch.stack([self._latents(slot, *m) for slot, m in zip(slots, mixtures)])
+
+    # -- sampling (the reference's next_latent / temp_sample, with a per-slot generator) ------
+    def _tokens(self, slot: Slot, logits: torch.Tensor) -> torch.Tensor:
+        """logits (channels, vocab) -> (channels,): softmax(logits / temperature) draw, or argmax
+        at temperature 0 (top_k / top_p as zoo.core.sampling when set; the reference has none)."""
+        o = slot.options
+        if slot.deterministic:
+            return logits.argmax(dim=-1)
+        return sample(logits, o.temperature, o.top_k, o.top_p, slot.generator)
+
+    def _latents(self, slot: Slot, locs, scales, weights) -> torch.Tensor:
+        """Mixture (channels, K, Z), (channels, K, Z), (channels, K) -> (channels, Z): a component
+        by Gumbel-max on weights / categorical_temp, then loc + scale * gaussian_temp * N(0, 1).
+        Deterministic (temperature 0, or a zero temperature of its own): the most probable
+        component, its mean."""
+        o = slot.options
+        cat_t, gauss_t = getattr(o, "categorical_temp", 0.4), getattr(o, "gaussian_temp", 0.1)
+        g = slot.generator
+        if slot.deterministic or cat_t == 0:
+            k = weights.argmax(dim=-1)
+        else:
+            gumbels = -torch.empty(weights.shape, device=weights.device, dtype=weights.dtype).exponential_(generator=g).log()
+            k = (weights / cat_t + gumbels).argmax(dim=-1)
+        chosen = torch.arange(locs.size(0), device=locs.device)
+        loc, scale = locs[chosen, k], scales[chosen, k]
+        if slot.deterministic or gauss_t == 0:
+            return loc
+        eps = torch.randn(loc.shape, generator=g, device=loc.device, dtype=loc.dtype)
+        return loc + scale * gauss_t * eps
