@@ -17,6 +17,7 @@ from .core import (  # noqa: F401  (re-exported: the public interface)
 # name -> "module:Class"; the module defines CARD and the class implements VoiceModel.
 _REGISTRY = {
     "mini-omni": "zoo.mini_omni.model:MiniOmni",
+    "hertz-dev": "zoo.hertz_dev.model:HertzDev",
     "glm-4-voice": "zoo.glm4_voice.model:GlmVoice",
 }
 
