@@ -66,6 +66,7 @@ class RealtimeSession:
         }
         self.buffer: list[np.ndarray] = []  # input audio at 24 kHz since the last commit
         self.turn: np.ndarray | None = None  # the last committed turn
+        self.history: list = []  # the finished exchanges of this session (chunk.turn records)
         self.detector: SpeechDetector | None = None
         self.to_vad = soxr.ResampleStream(WIRE_RATE, VAD_RATE, 1, dtype="float32")
         self.response: asyncio.Task | None = None
@@ -254,9 +255,12 @@ class RealtimeSession:
         where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
         await self.send({"type": "response.created", "response": {**base, "status": "in_progress", "output": []}})
         transcript, status, reason = [], "completed", None
-        reply = self.service.stream(turn, WIRE_RATE, options, received=time.perf_counter())
+        reply = self.service.stream(turn, WIRE_RATE, options, received=time.perf_counter(),
+                                    history=list(self.history) if self.card.multi_turn else None)
+        exchange = None
         try:
             async for chunk in reply:
+                exchange = chunk.turn if chunk.turn is not None else exchange
                 if chunk.audio.size:
                     pcm = to_pcm16(resample(chunk.audio, self.card.output_sample_rate, WIRE_RATE))
                     await self.send({"type": "response.output_audio.delta", **where,
@@ -276,6 +280,8 @@ class RealtimeSession:
             if self.response is asyncio.current_task():
                 self.response = None
         text = "".join(transcript)
+        if status == "completed" and exchange is not None:
+            self.history.append(exchange)  # the conversation goes on from here (multi-turn models)
         if status == "completed":
             await self.send({"type": "response.output_audio.done", **where})
             await self.send({"type": "response.output_audio_transcript.done", **where, "transcript": text})

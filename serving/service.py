@@ -78,14 +78,17 @@ class Service:
         self.in_flight -= 1
         self.metrics.sessions_active.dec()
 
-    async def stream(self, audio: Any, sample_rate: int | None, options, received: float) -> AsyncIterator[zoo.Chunk]:
+    async def stream(self, audio: Any, sample_rate: int | None, options, received: float,
+                     history: list | None = None) -> AsyncIterator[zoo.Chunk]:
         """One reply. ``received``: when the request was complete (perf_counter), for TTFA.
+        ``history``: earlier ``chunk.turn`` records (multi-turn models).
         Closing the iterator early stops the generation and frees the slot before the next step."""
         self._admit()
         try:
             loop = asyncio.get_running_loop()
             try:
-                job = await loop.run_in_executor(self.prepare_pool, self.stepper.prepare, audio, sample_rate, options)
+                job = await loop.run_in_executor(self.prepare_pool, self.stepper.prepare, audio, sample_rate, options,
+                                                 history)
             except zoo.AudioInputError as err:
                 self.metrics.errors.labels("bad_audio").inc()
                 raise ApiError(400, "bad_audio", str(err)) from None

@@ -3,7 +3,7 @@ session, admitting new sessions (prefill) and dropping finished or cancelled one
 
 A model takes part by returning a ``Stepper`` from ``model.stepper(max_sessions)``:
 
-    job = stepper.prepare(audio, sample_rate, options)  # validate + encode input (any thread)
+    job = stepper.prepare(audio, sample_rate, options, history)  # validate + encode input (any thread)
     stepper.start(job)        # prefill: the job joins the batch (scheduler thread)
     stepper.step(jobs)        # one batched decode step for all active jobs (scheduler thread)
     job.poll() -> Chunk|None  # output produced since the last poll; job.done when finished
@@ -31,7 +31,7 @@ class Job(Protocol):
 
 
 class Stepper(Protocol):
-    def prepare(self, audio: Any, sample_rate: int | None, options: Any) -> Job: ...
+    def prepare(self, audio: Any, sample_rate: int | None, options: Any, history: Any = None) -> Job: ...
     def start(self, job: Job) -> None: ...
     def step(self, jobs: list[Job]) -> None: ...
     def release(self, job: Job) -> None: ...

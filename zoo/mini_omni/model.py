@@ -168,7 +168,8 @@ class ReplyStepper:
         self.model = model
         self.engine = Engine(model.gpt, max_rows=2 * max_sessions)
 
-    def prepare(self, audio: AudioSource, sample_rate: int | None, options) -> Reply:
+    def prepare(self, audio: AudioSource, sample_rate: int | None, options, history=None) -> Reply:
+        """``history`` is not used: Mini-Omni was trained on single turns."""
         return self.model.start_session("A1A2+A1T2", audio=audio, sample_rate=sample_rate, options=options)[1]
 
     def start(self, job: Reply) -> None:
