@@ -186,8 +186,7 @@ def load_module(module: nn.Module, state: Mapping[str, torch.Tensor], file: str,
                     found = torch._weight_norm(v.to(device, compute), g.to(device, compute), 0)
                     break
         if found is None:
-            missing.append(name if layer not in normed or not name.endswith(".weight")
-                           else f"{layer}{_G[0]}/{_V[0]} (or {_G[1]}/{_V[1]})")
+            missing.append(_missing_name(state, name, layer, layer in normed and name.endswith(".weight")))
             continue
         if found is False:
             continue
@@ -209,9 +208,21 @@ def load_module(module: nn.Module, state: Mapping[str, torch.Tensor], file: str,
             + "; ".join(problems) + "). Check that the folder holds the files of si-pbc/hertz-dev as published."
         )
     if unexpected:
-        warnings.warn(f"{file}: ignoring {len(unexpected)} tensor(s) the codec does not use: {unexpected}", stacklevel=2)
+        warnings.warn(f"{file}: ignoring {len(unexpected)} tensor(s) the codec does not use: {unexpected}",
+                      stacklevel=2)
     module.load_state_dict(values, strict=True, assign=True)
     return module.to(device)
+
+
+def _missing_name(state, name: str, layer: str, normed: bool) -> str:
+    """How to name a missing tensor: for a weight-normed layer the missing half of a pair that is
+    partly there, else both halves of both namings."""
+    if not normed:
+        return name
+    for g, v in zip(_G, _V):
+        if layer + g in state or layer + v in state:
+            return layer + (g if layer + g not in state else v)
+    return f"{layer}{_G[0]} + {layer}{_V[0]} (or {layer}{_G[1]} + {layer}{_V[1]})"
 
 
 # -- building each network from its file ---------------------------------------------------------

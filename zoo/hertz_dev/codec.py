@@ -88,7 +88,8 @@ class CausalConv(nn.Module):
     """``conv`` (key ``<name>.conv.*``) with (k - 1) * dilation zeros (or the stream's past
     input) on the left: output i sees inputs up to i * stride."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1, bias: bool = False) -> None:
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1,
+                 bias: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv1d(cin, cout, kernel, stride=stride, dilation=dilation, bias=bias)
         self.in_channels = cin

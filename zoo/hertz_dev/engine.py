@@ -77,7 +77,8 @@ class Engine:
         if main.config.split != resynth.config.split:
             raise ValueError("main model and resynthesizer must both be mono or both split")
         if not 2 <= main_context <= MAIN_CONTEXT or not 2 <= resynth_context <= RESYNTH_CONTEXT:
-            raise ValueError(f"contexts must be in [2, {MAIN_CONTEXT}] (main) and [2, {RESYNTH_CONTEXT}] (resynthesizer)")
+            raise ValueError(f"contexts must be in [2, {MAIN_CONTEXT}] (main) and "
+                             f"[2, {RESYNTH_CONTEXT}] (resynthesizer)")
         if not 0.0 < keep < 1.0:
             raise ValueError(f"keep must be in (0, 1), got {keep}")
         self.main, self.resynth, self.quantizer = main, resynth, quantizer
@@ -106,7 +107,9 @@ class Engine:
             raise RuntimeError("no free session slot: too many sessions at once")
         generator = torch.Generator(device=self.device).manual_seed(int(options.seed))
         history = torch.zeros(self.capacity, self.width, dtype=self.dtype, device=self.device)
-        return Slot(self.free.pop(0), options, generator, history)
+        row = min(self.free)  # the lowest free row: a freed slot is reused first
+        self.free.remove(row)
+        return Slot(row, options, generator, history)
 
     def close(self, slot: Slot) -> None:
         if slot.row >= 0:
@@ -213,7 +216,8 @@ class Engine:
         if slot.deterministic or cat_t == 0:
             k = weights.argmax(dim=-1)
         else:
-            gumbels = -torch.empty(weights.shape, device=weights.device, dtype=weights.dtype).exponential_(generator=g).log()
+            noise = torch.empty(weights.shape, device=weights.device, dtype=weights.dtype)
+            gumbels = -noise.exponential_(generator=g).log()
             k = (weights / cat_t + gumbels).argmax(dim=-1)
         chosen = torch.arange(locs.size(0), device=locs.device)
         loc, scale = locs[chosen, k], scales[chosen, k]

@@ -67,7 +67,7 @@ from .checkpoint import (
     resolve,
 )
 from .codec import FRAME, SAMPLE_RATE, WaveCodec, sample_posterior
-from .engine import Engine, Slot, is_deterministic
+from .engine import Engine, Slot
 from .transformer import MAIN_CONTEXT, RESYNTH_CONTEXT, HertzLM, LatentQuantizer, Resynthesizer
 
 CARD = ModelCard(
@@ -487,7 +487,8 @@ class HertzDev(VoiceModel):
         if not np.all(np.isfinite(data)):
             raise AudioInputError("the prompt contains NaN or infinite samples")
         if data.shape[1] / rate > self.card.max_input_seconds:
-            raise AudioInputError(f"the prompt is {data.shape[1] / rate:.1f} s; at most {self.card.max_input_seconds:g} s")
+            raise AudioInputError(f"the prompt is {data.shape[1] / rate:.1f} s; "
+                                  f"at most {self.card.max_input_seconds:g} s")
         data = np.stack([resample(channel, rate, SAMPLE_RATE) for channel in data])
         frames = data.shape[1] // FRAME
         if frames < 1:
