@@ -15,7 +15,7 @@ import zoo
 from conftest import SAMPLES
 from zoo.hertz_dev.codec import FRAME
 from zoo.hertz_dev.testing import TINY_FORMAT
-from zoo.hertz_dev.transformer import rope_tables
+from zoo.hertz_dev.transformer import Rows, rope_tables
 
 REF = dict(np.load(Path(__file__).parent / "data" / "hertz_dev_reference.npz"))
 TIGHT = dict(rtol=0, atol=1e-10)  # float64 on both sides; the fixture's float32 audio: 1e-7
@@ -53,17 +53,17 @@ def test_codec_and_quantizer(model, audio):
 def test_mono_layers_logits_and_mixture(model):
     main, resynth = model.networks("mono")
     prompt = t(REF["mono_prompt"])[None]
-    rows = pos = torch.tensor([0])
+    rows = Rows.make([0], [0], prompt.size(1), "cpu")
     hooks = []
     with torch.inference_mode():
-        (logits,) = main(prompt, main.new_cache(1, 16), rows, pos, rope_tables(main.config.head_dim, 16, "cpu"),
+        (logits,) = main(prompt, main.new_cache(1, 16), rows, rope_tables(main.config.head_dim, 16, "cpu"),
                          (0,), hooks=hooks)
         np.testing.assert_allclose(torch.stack(hooks)[:, 0], REF["mono_main_layers"], **TIGHT)
         np.testing.assert_allclose(logits[0, REF["logit_probe"]], REF["mono_logits_probe"], **TIGHT)
         assert int(logits.argmax()) == int(REF["mono_logits_argmax"])
         hooks = []
         locs, scales, weights = resynth(prompt, logits.argmax(-1)[:, None], model.quantizer,
-                                        resynth.new_caches(1, 16, 1), rows, pos,
+                                        resynth.new_caches(1, 16, 1), rows,
                                         rope_tables(resynth.config.head_dim, 16, "cpu"), (0,), hooks=hooks)
     np.testing.assert_allclose(torch.stack(hooks)[:, 0], REF["mono_resynth_layers"], **TIGHT)
     np.testing.assert_allclose(locs[0, 0], REF["mono_mixture_locs"], **TIGHT)
@@ -86,14 +86,14 @@ def test_mono_completion_indices_latents_and_audio(model, audio):
 def test_split_logits_and_mixtures_of_both_channels(model):
     main, resynth = model.networks("split")
     prompt = t(REF["split_prompt"])[None]
-    rows = pos = torch.tensor([0])
+    rows = Rows.make([0], [0], prompt.size(1), "cpu")
     with torch.inference_mode():
-        l1, l2 = main(prompt, main.new_cache(1, 16), rows, pos, rope_tables(main.config.head_dim, 16, "cpu"), (0, 1))
+        l1, l2 = main(prompt, main.new_cache(1, 16), rows, rope_tables(main.config.head_dim, 16, "cpu"), (0, 1))
         logits = torch.stack([l1[0], l2[0]])
         np.testing.assert_allclose(logits[:, REF["logit_probe"]], REF["split_logits_probe"], **TIGHT)
         assert logits.argmax(-1).tolist() == REF["split_logits_argmax"].tolist()
         tokens = logits.argmax(-1)[None]
-        locs, scales, weights = resynth(prompt, tokens, model.quantizer, resynth.new_caches(1, 16, 2), rows, pos,
+        locs, scales, weights = resynth(prompt, tokens, model.quantizer, resynth.new_caches(1, 16, 2), rows,
                                         rope_tables(resynth.config.head_dim, 16, "cpu"), (0, 1))
     np.testing.assert_allclose(locs[:, 0], REF["split_mixture_locs"], **TIGHT)
     np.testing.assert_allclose(scales[:, 0], REF["split_mixture_scales"], **TIGHT)

@@ -23,7 +23,7 @@ import torch
 from ..core.sampling import sample
 from ..core.types import Options
 from .transformer import (
-    MAIN_CONTEXT, RESYNTH_CONTEXT, HertzLM, LatentQuantizer, Resynthesizer, rope_tables,
+    MAIN_CONTEXT, RESYNTH_CONTEXT, HertzLM, LatentQuantizer, Resynthesizer, Rows, rope_tables,
 )
 
 
@@ -158,17 +158,16 @@ class Engine:
         steps, prefills = self._plan(slots, T, lambda s: s.main_len, self.main_context, self.keep_main)
         logits: list[torch.Tensor | None] = [None] * B
         if steps:
-            rows = torch.tensor([slots[i].row for i in steps], device=self.device)
-            positions = torch.tensor([slots[i].main_len for i in steps], device=self.device)
-            out = self.main(latents[steps], self.main_cache, rows, positions, self.main_rope, self.out_channels)
+            rows = Rows.make([slots[i].row for i in steps], [slots[i].main_len for i in steps], 1, self.device)
+            x = latents if len(steps) == B else latents[steps]
+            out = self.main(x, self.main_cache, rows, self.main_rope, self.out_channels)
             for k, i in enumerate(steps):
                 logits[i] = torch.stack([o[k] for o in out])
                 slots[i].main_len += 1
         for i, n in prefills:
             x = latents[i : i + 1] if n == T and T > 1 else slots[i].last(n)[None]
-            rows = torch.tensor([slots[i].row], device=self.device)
-            out = self.main(x, self.main_cache, rows, torch.zeros(1, dtype=torch.long, device=self.device),
-                            self.main_rope, self.out_channels)
+            rows = Rows.make([slots[i].row], [0], x.size(1), self.device)
+            out = self.main(x, self.main_cache, rows, self.main_rope, self.out_channels)
             logits[i] = torch.stack([o[0] for o in out])
             slots[i].main_len = x.size(1)
         return torch.stack([self._tokens(slot, lg) for slot, lg in zip(slots, logits)])
@@ -179,18 +178,17 @@ class Engine:
         steps, prefills = self._plan(slots, T, lambda s: s.resynth_len, self.resynth_context, self.keep_resynth)
         mixtures: list[tuple | None] = [None] * B
         if steps:
-            rows = torch.tensor([slots[i].row for i in steps], device=self.device)
-            positions = torch.tensor([slots[i].resynth_len for i in steps], device=self.device)
-            locs, scales, weights = self.resynth(latents[steps], tokens[steps], self.quantizer, self.resynth_caches,
-                                                 rows, positions, self.resynth_rope, self.out_channels)
+            rows = Rows.make([slots[i].row for i in steps], [slots[i].resynth_len for i in steps], 1, self.device)
+            x, t = (latents, tokens) if len(steps) == B else (latents[steps], tokens[steps])
+            locs, scales, weights = self.resynth(x, t, self.quantizer, self.resynth_caches, rows, self.resynth_rope,
+                                                 self.out_channels)
             for k, i in enumerate(steps):
                 mixtures[i] = (locs[:, k], scales[:, k], weights[:, k])
                 slots[i].resynth_len += 1
         for i, n in prefills:
             x = latents[i : i + 1] if n == T and T > 1 else slots[i].last(n)[None]
-            rows = torch.tensor([slots[i].row], device=self.device)
+            rows = Rows.make([slots[i].row], [0], x.size(1), self.device)
             locs, scales, weights = self.resynth(x, tokens[i : i + 1], self.quantizer, self.resynth_caches, rows,
-                                                 torch.zeros(1, dtype=torch.long, device=self.device),
                                                  self.resynth_rope, self.out_channels)
             mixtures[i] = (locs[:, 0], scales[:, 0], weights[:, 0])
             slots[i].resynth_len = x.size(1)

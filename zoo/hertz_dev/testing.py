@@ -80,8 +80,8 @@ def random_states(size: str, generator: torch.Generator, *, ablation: bool = Fal
             files.setdefault(resynth_file, Resynthesizer(ResynthConfig(**{**r.__dict__, "split": split})))
     out = {}
     for name, module in files.items():
-        dtype = torch.bfloat16 if isinstance(module, HertzLM) else torch.float32
-        out[name] = {k: v.to(dtype) for k, v in _random(module, generator, device).items()}
+        dtype = torch.bfloat16 if isinstance(module, HertzLM) else torch.float32  # as published
+        out[name] = _random(module, generator, device, dtype)
     return out
 
 
@@ -89,10 +89,13 @@ def _randn(shape, generator, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
-def _random(module: nn.Module, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
+def _random(module: nn.Module, generator: torch.Generator, device, dtype) -> dict[str, torch.Tensor]:
     """Seeded random tensors for ``module``'s published keys, scaled per kind of tensor."""
     state = {}
     for name, shape in file_keys(module).items():
+        if state:  # one float32 tensor at a time (full size: 27 GB of float32 otherwise)
+            last = next(reversed(state))
+            state[last] = state[last].to(dtype)
         x = _randn(shape, generator, device)
         fan_in = shape[1] * (shape[2] if len(shape) == 3 else 1) if len(shape) > 1 else 1
         if isinstance(module, WaveCodec):
@@ -113,6 +116,8 @@ def _random(module: nn.Module, generator: torch.Generator, device) -> dict[str, 
             state[name] = 0.02 * x
         else:
             state[name] = x / fan_in**0.5
+    last = next(reversed(state))
+    state[last] = state[last].to(dtype)
     return state
 
 

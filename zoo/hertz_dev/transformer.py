@@ -14,6 +14,7 @@ attention); ``T == 1`` is one position for every row in the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -164,12 +165,36 @@ class KVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
 
-def _row_index(rows: torch.Tensor) -> torch.Tensor | slice:
-    """A contiguous run of rows as a slice (a view, no copy), else the index tensor."""
-    first = int(rows[0])
-    if rows.numel() == 1 or torch.equal(rows, torch.arange(first, first + rows.numel(), device=rows.device)):
-        return slice(first, first + rows.numel())
-    return rows
+@dataclass(frozen=True)
+class Rows:
+    """Which cache rows a forward uses and where each row's new positions start, known on the
+    host (no layer reads them back from the device): ``index`` / ``positions`` as device
+    tensors, ``view`` the rows as a slice when contiguous (a view of the cache, no copy), else
+    ``index``; ``length`` the keys to attend to after this forward (max start + T)."""
+
+    rows: tuple[int, ...]
+    starts: tuple[int, ...]
+    length: int
+    index: torch.Tensor
+    positions: torch.Tensor
+    view: slice | torch.Tensor
+
+    @classmethod
+    def make(cls, rows: Sequence[int], starts: Sequence[int], T: int, device) -> "Rows":
+        rows, starts = tuple(int(r) for r in rows), tuple(int(p) for p in starts)
+        if T > 1 and any(starts):
+            raise ValueError("a multi-position forward is a prefill from position 0")
+        index = torch.tensor(rows, device=device)
+        contiguous = rows == tuple(range(rows[0], rows[0] + len(rows)))
+        view = slice(rows[0], rows[0] + len(rows)) if contiguous else index
+        return cls(rows, starts, max(starts) + T, index, torch.tensor(starts, device=device), view)
+
+    def per_channel(self, n: int) -> "Rows":
+        """The resynthesizer's upper-layer rows: row r's k-th output channel is r * n + k."""
+        if n == 1:
+            return self
+        return Rows.make([r * n + k for r in self.rows for k in range(n)], [p for p in self.starts for _ in range(n)],
+                         self.length - max(self.starts), self.index.device)
 
 
 class Attention(nn.Module):
@@ -182,33 +207,31 @@ class Attention(nn.Module):
         self.norm_k = Norm(dim)
         self.attn_out = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x, rope, cache_k, cache_v, rows, positions):
-        """x (B, T, D); rope = (cos, sin) (B, 1, T, hd); cache_k/v (rows, H, L, hd) of this layer;
-        rows (B,) cache rows; positions (B,) position of x[:, 0] (T > 1 only from position 0)."""
+    def forward(self, x, rope, cache_k, cache_v, rows: Rows):
+        """x (B, T, D); rope = (cos, sin) (B, 1, T, hd); cache_k/v (rows, H, L, hd) of this layer.
+        T > 1: a prefill from position 0 (causal); T == 1: one position per row."""
         B, T, D = x.shape
         q, k, v = self.proj_qkv(x).chunk(3, dim=-1)
         q = self.norm_q(q).to(q.dtype)
         k = self.norm_k(k).to(k.dtype)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        index = _row_index(rows)
+        view = rows.view
         if T > 1:
-            cache_k[index, :, :T] = k
-            cache_v[index, :, :T] = v
+            cache_k[view, :, :T] = k
+            cache_v[view, :, :T] = v
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif B == 1:
+            p = rows.starts[0]
+            cache_k[view, :, p] = k[:, :, 0]
+            cache_v[view, :, p] = v[:, :, 0]
+            y = F.scaled_dot_product_attention(q, cache_k[view, :, : p + 1], cache_v[view, :, : p + 1])
         else:
-            if B == 1:
-                p = int(positions[0])
-                cache_k[index, :, p] = k[:, :, 0]
-                cache_v[index, :, p] = v[:, :, 0]
-                y = F.scaled_dot_product_attention(q, cache_k[index, :, : p + 1], cache_v[index, :, : p + 1])
-            else:
-                cache_k[rows, :, positions] = k[:, :, 0]
-                cache_v[rows, :, positions] = v[:, :, 0]
-                length = int(positions.max()) + 1
-                visible = torch.arange(length, device=x.device)[None, :] <= positions[:, None]
-                keys, values = cache_k[index, :, :length], cache_v[index, :, :length]
-                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :])
+            cache_k[rows.index, :, rows.positions] = k[:, :, 0]
+            cache_v[rows.index, :, rows.positions] = v[:, :, 0]
+            visible = torch.arange(rows.length, device=x.device)[None, :] <= rows.positions[:, None]
+            keys, values = cache_k[view, :, : rows.length], cache_v[view, :, : rows.length]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :])
         return self.attn_out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -232,8 +255,8 @@ class Block(nn.Module):
         self.attn = PreNormAttn(dim, n_head)
         self.ffnn = PreNormFFNN(dim, ff_dim)
 
-    def forward(self, x, rope, cache_k, cache_v, rows, positions):
-        h = x + self.attn.attn(self.attn.attn_norm(x), rope, cache_k, cache_v, rows, positions)
+    def forward(self, x, rope, cache_k, cache_v, rows: Rows):
+        h = x + self.attn.attn(self.attn.attn_norm(x), rope, cache_k, cache_v, rows)
         return h + self.ffnn.ffnn(self.ffnn.ffnn_norm(h))
 
 
@@ -297,13 +320,13 @@ class HertzLM(nn.Module):
             return self.input(x1) + self.input2(x2)
         return self.input(latents)
 
-    def forward(self, latents, cache: KVCache, rows, positions, rope, channels=(0,), hooks=None):
+    def forward(self, latents, cache: KVCache, rows: Rows, rope, channels=(0,), hooks=None):
         """latents (B, T, 32 * channels) -> [logits (B, vocab) of the last position, per channel
         in ``channels``]. ``hooks``: a list that receives every layer's output (tests)."""
         x = self.embed(latents)
-        r = _rope_for(rope, positions, x.size(1))
+        r = _rope_for(rope, rows.positions, x.size(1))
         for i, layer in enumerate(self.layers):
-            x = layer(x, r, cache.k[i], cache.v[i], rows, positions)
+            x = layer(x, r, cache.k[i], cache.v[i], rows)
             if hooks is not None:
                 hooks.append(x)
         last = x[:, -1]
@@ -392,7 +415,7 @@ class Resynthesizer(nn.Module):
         upper = KVCache(c.layers - c.plex_layer, rows * out_channels, c.n_head, length, c.head_dim, dtype, device)
         return lower, upper
 
-    def forward(self, latents, next_tokens, quantizer: LatentQuantizer, caches, rows, positions, rope,
+    def forward(self, latents, next_tokens, quantizer: LatentQuantizer, caches, rows: Rows, rope,
                 channels=(0,), hooks=None):
         """latents (B, T, 32 * C); next_tokens (B, len(channels)) the sampled next FSQ index of
         each output channel -> (locs, scales, weights) of the last position, each with a leading
@@ -405,9 +428,9 @@ class Resynthesizer(nn.Module):
         if c.split:
             x = x + self.io2.input_projection(xs[1])
         B, T, _ = x.shape
-        r = _rope_for(rope, positions, T)
+        r = _rope_for(rope, rows.positions, T)
         for i, layer in enumerate(self.stack.layers[: c.plex_layer]):
-            x = layer(x, r, lower.k[i], lower.v[i], rows, positions)
+            x = layer(x, r, lower.k[i], lower.v[i], rows)
             if hooks is not None:
                 hooks.append(x)
         projections = (self.plex_projection, self.plex_projection2)
@@ -422,11 +445,10 @@ class Resynthesizer(nn.Module):
             paths.append(x + projections[ch](plex))
         n = len(channels)
         h = torch.stack(paths, dim=1).reshape(B * n, T, -1)  # row-major: (slot, channel)
-        upper_rows = (rows[:, None] * n + torch.arange(n, device=rows.device)[None, :]).reshape(-1)
-        upper_positions = positions.repeat_interleave(n)
-        r2 = (r[0].repeat_interleave(n, dim=0), r[1].repeat_interleave(n, dim=0))
+        upper_rows = rows.per_channel(n)
+        r2 = r if n == 1 else (r[0].repeat_interleave(n, dim=0), r[1].repeat_interleave(n, dim=0))
         for i, layer in enumerate(self.stack.layers[c.plex_layer :]):
-            h = layer(h, r2, upper.k[i], upper.v[i], upper_rows, upper_positions)
+            h = layer(h, r2, upper.k[i], upper.v[i], upper_rows)
             if hooks is not None:
                 hooks.append(h)
         locs, scales, weights = self.io.output(self.out_norm(h[:, -1]))
