@@ -153,7 +153,7 @@ def write_tiny_text_tokenizer(folder: Path) -> Path:
     return folder
 
 
-TINY_FORMAT = 1  # bump when the tiny folders change, so cached copies are rewritten
+TINY_FORMAT = 2  # bump when the tiny folders change, so cached copies are rewritten
 # The tiny LLM's output layer: sharper than its random init (a peaked distribution, as a trained
 # model's) and tilted towards the audio ids, so tiny replies mix text and audio blocks.
 TINY_HEAD_SCALE, TINY_AUDIO_TILT = 8.0, 1.15
@@ -290,7 +290,7 @@ def random_decoder_state(config, generator: torch.Generator) -> tuple[dict, dict
         if "ups." in name or "upsample" in name or (name.startswith("decoder") and ".2.conv." in name and len(shape) == 3
                                                    and shape[0] == shape[1] and shape[2] == 4):
             fan_in = shape[0] * shape[2] // 2  # transposed convs: (in, out, k), stride 2 or 8
-        scale = 3.0 if name.endswith(("linear_q.weight", "linear_k.weight", "to_q.weight", "to_k.weight")) else 1.0
+        scale = 2.0 if name.endswith(("linear_q.weight", "linear_k.weight", "to_q.weight", "to_k.weight")) else 1.0
         if name == "input_embedding.weight":
             return randn(shape)
         return scale * randn(shape) / fan_in**0.5
