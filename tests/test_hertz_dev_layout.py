@@ -110,7 +110,7 @@ def test_strict_loading_reports_every_missing_unexpected_and_misshaped_key(tiny_
         state["input.bias"] = torch.zeros(5)
 
     _edit(tiny_copy / main_file, damage)
-    model = HertzDev.load(checkpoint=tiny_copy)
+    model = HertzDev.load(checkpoint=tiny_copy, device="cpu")
     with pytest.raises(CheckpointMismatch) as err:
         model.networks("mono")
     message = str(err.value)
@@ -123,23 +123,23 @@ def test_strict_loading_reports_every_missing_unexpected_and_misshaped_key(tiny_
 def test_an_unexpected_resynthesizer_key_is_an_error(tiny_copy):
     _edit(tiny_copy / VARIANT_FILES["split"][1], lambda s: s.update({"quantizer.input.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointMismatch, match="unexpected 1.*quantizer.input.weight"):
-        HertzDev.load(checkpoint=tiny_copy).networks("split")
+        HertzDev.load(checkpoint=tiny_copy, device="cpu").networks("split")
 
 
 def test_the_wrong_file_is_refused(tiny_copy):
     shutil.copy(tiny_copy / VARIANT_FILES["split"][0], tiny_copy / VARIANT_FILES["mono"][0])  # split main as mono
     with pytest.raises(zoo.WeightsNotFound, match="not the mono networks"):
-        HertzDev.load(checkpoint=tiny_copy).networks("mono")
+        HertzDev.load(checkpoint=tiny_copy, device="cpu").networks("mono")
 
 
 def test_codec_missing_key_is_an_error_and_extra_keys_a_warning(tiny_copy):
     _edit(tiny_copy / CODEC_FILE, lambda s: s.update({"discriminator.weight": torch.zeros(4)}))
     with pytest.warns(UserWarning, match="discriminator.weight"):
-        HertzDev.load(checkpoint=tiny_copy)
+        HertzDev.load(checkpoint=tiny_copy, device="cpu")
     _edit(tiny_copy / CODEC_FILE, lambda s: s.pop("decoder.res_stack.6.conv.parametrizations.weight.original0"))
     missing = r"missing 1: \['decoder.res_stack.6.conv.parametrizations.weight.original0'\]"
     with pytest.raises(CheckpointMismatch, match=missing):
-        HertzDev.load(checkpoint=tiny_copy)
+        HertzDev.load(checkpoint=tiny_copy, device="cpu")
 
 
 def test_codec_legacy_weight_norm_naming_loads_the_same_weights(tiny_copy, tiny_hertz):
@@ -149,18 +149,18 @@ def test_codec_legacy_weight_norm_naming_loads_the_same_weights(tiny_copy, tiny_
             state[layer + (".weight_g" if which == "0" else ".weight_v")] = state.pop(key)
 
     _edit(tiny_copy / CODEC_FILE, legacy)
-    model = HertzDev.load(checkpoint=tiny_copy)
+    model = HertzDev.load(checkpoint=tiny_copy, device="cpu")
     for (name, a), (_, b) in zip(model.codec.state_dict().items(), tiny_hertz.codec.state_dict().items()):
         assert torch.equal(a, b), name
 
 
 def test_missing_files_are_one_clear_error(tmp_path, tiny_copy):
     with pytest.raises(zoo.WeightsNotFound) as err:
-        zoo.load("hertz-dev", checkpoint=tmp_path)
+        zoo.load("hertz-dev", checkpoint=tmp_path, device="cpu")
     assert "--checkpoint DIR" in str(err.value) and "--tiny" in str(err.value) and CODEC_FILE in str(err.value)
     for name in VARIANT_FILES["split"]:  # one complete set is enough to load; the other fails on use
         (tiny_copy / name).unlink()
-    model = zoo.load("hertz-dev", checkpoint=tiny_copy)
+    model = zoo.load("hertz-dev", checkpoint=tiny_copy, device="cpu")
     with pytest.raises(zoo.WeightsNotFound, match="inference_scion_54000.pt"):
         model.duplex()
 
@@ -172,7 +172,7 @@ class NotATensor:
 def test_checkpoints_load_with_weights_only(tiny_copy):
     torch.save({"input.weight": NotATensor()}, tiny_copy / QUANTIZER_FILE)
     with pytest.raises(zoo.WeightsNotFound, match="not a readable torch checkpoint"):
-        HertzDev.load(checkpoint=tiny_copy)
+        HertzDev.load(checkpoint=tiny_copy, device="cpu")
 
 
 # -- codec -------------------------------------------------------------------------------------
