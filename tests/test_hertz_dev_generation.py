@@ -161,6 +161,9 @@ def test_batched_duplex_slots_equal_single_sessions(tiny_hertz64, speech):
         got_b += stepper.step([b], [frames_b[k]])
     for got, expected in ((got_a, expected_a), (got_b, expected_b)):
         np.testing.assert_allclose(np.stack(got), np.stack(expected), rtol=0, atol=1e-6)
+    with tiny_hertz64.duplex(main_context=6, resynth_context=8) as other:
+        with pytest.raises(ValueError, match="opened by this stepper"):
+            stepper.step([b, other.handle], [frames_b[0], frames_b[0]])
     c = stepper.open(opts_a)  # a freed slot is reused from a clean state
     assert c.slot.row == row_a
     np.testing.assert_allclose(stepper.step([c], [frames_a[0]])[0], expected_a[0], rtol=0, atol=1e-6)

@@ -36,9 +36,17 @@ Batched serving (for server.py):
     stepper.close(a)                                          # frees the slot at once
 
 ``step`` runs codec encode, main model, resynthesizer and codec decode for every handle given in
-one batched call each; handles join (``open``) and leave (``close``) between steps. A stepper is
-not thread-safe: call it from one worker thread. ``model.duplex()`` is a one-slot stepper.
-``model.stepper(max_sessions)`` is the same for ``respond()`` (zoo.core.scheduler protocol).
+one batched call each; handles join (``open``) and leave (``close``) between steps; any subset of
+the open handles may step together. A stepper is not thread-safe: call it from one worker thread.
+``model.duplex()`` is a one-slot stepper. ``model.stepper(max_sessions)`` is the same for
+``respond()`` (zoo.core.scheduler protocol). Memory: the KV caches take 2 GiB per session slot in
+bfloat16 at the default contexts (``main_context`` x 0.5 MiB + ``resynth_context`` x 128 KiB);
+smaller contexts cost proportionally less (``stepper.nbytes()`` says what is held). Per step, only
+the model channel's output head and resynthesizer path are computed: the reference also predicts
+the user's channel and throws it away (so its random draws differ from ours; the deterministic
+mode is identical). Measured on an H200, bfloat16, random full-size weights: a step takes about
+35 ms for 1 session, 42 ms for 8, 64 ms for 32 (real time is 125 ms); a context slide adds ~75 ms
+once per 512 steps for that session.
 
 Sampling follows the reference (``next_latent`` / ``temp_sample``): token ``temperature``
 (softmax draw), ``categorical_temp`` (Gumbel-max mixture component), ``gaussian_temp`` (component
@@ -209,6 +217,7 @@ class DuplexHandle:
     """One duplex session's slot in a DuplexStepper."""
 
     slot: Slot
+    owner: int = 0  # id() of the stepper that opened it
     steps: int = 0
     closed: bool = False
     model_latents: list[torch.Tensor] = field(default_factory=list)  # last few, for inspection
@@ -245,7 +254,7 @@ class DuplexStepper:
         prompt_audio = self.model._duplex_prompt(prompt, sample_rate) if prompt is not None else None
         if prompt_audio is not None and prompt_audio.shape[-1] // FRAME > self.engine.main_context:
             raise AudioInputError(f"the prompt is longer than the {self.engine.main_context}-frame context")
-        handle = DuplexHandle(self.engine.open(opts))
+        handle = DuplexHandle(self.engine.open(opts), owner=id(self))
         rows = torch.tensor([handle.slot.row], device=self.device)
         self.encoders.reset(torch.stack([2 * rows, 2 * rows + 1]).T.reshape(-1))
         self.decoders.reset(rows)
@@ -295,6 +304,8 @@ class DuplexStepper:
             raise ValueError(f"{len(handles)} sessions but {len(frames)} frames")
         if any(h.closed for h in handles):
             raise RuntimeError("a closed duplex session cannot step")
+        if any(h.owner != id(self) for h in handles) or len({h.slot.row for h in handles}) != len(handles):
+            raise ValueError("every handle must be a distinct session opened by this stepper")
         if not handles:
             return []
         user = torch.from_numpy(np.stack([user_frame(f) for f in frames])).to(self.device, self.dtype)
