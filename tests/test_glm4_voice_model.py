@@ -84,21 +84,23 @@ def test_interleave_schedule_and_stop(model, question):
     plan = ([text_id] * 13 + [audio_id] * 26) * 3 + [end, text_id]
     reply = model.prepare(text="hi", options={"max_new_tokens": 500})
     vocab = model.llm.config.vocab_size
-    block_sizes, texts = [], []
+    audio_seen, blocks_at, texts, total = 0, [], [], 0
     for token in plan:
         logits = torch.full((1, vocab), -1e9)
         logits[0, token] = 0
         reply.choose(logits)
+        audio_seen += token == audio_id
         chunk = reply.poll()
         if chunk and chunk.audio.size:
-            block_sizes.append(chunk.audio.size)
+            blocks_at.append(audio_seen)
+            total += chunk.audio.size
         texts.append(chunk.text if chunk else "")
         if reply.done:
             break
     assert reply.done and reply.generated == len(plan) - 1  # nothing after <|user|>
-    per_token = 22050 / 12.5
-    assert [round(n / per_token) for n in block_sizes[:2]] == [10, 25]
-    assert "".join(texts) == "hello" * 39
+    assert blocks_at == [10, 35, 78]  # after 10 and 25 more audio ids; the last 43 at the stop
+    assert total == model.decoder.num_samples(78)
+    assert "".join(texts) == tok.decode([text_id]) * 39
 
 
 def test_token_limit_flushes_the_last_block(model, question):

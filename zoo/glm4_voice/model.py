@@ -131,7 +131,8 @@ class Reply:
         block = self.splitter.push(token)
         if token < self.model.tokenizer.audio_offset:
             self._text.append(self.text.push(token))
-        if self.generated >= self.options.max_new_tokens or self.engine.room(self.slot) < 1:
+        out_of_room = self.engine is not None and self.engine.room(self.slot) < 1
+        if self.generated >= self.options.max_new_tokens or out_of_room:
             self._finish(block if block is not None else self.splitter.finish())
         elif block is not None:
             self._audio.append(self.audio.push(block))
