@@ -34,9 +34,10 @@ Streaming modes:
       ``crossfade_frames`` of them are blended from the old to the new version (linear,
       summing to 1). ``prompt=True`` also conditions the flow on the committed mel of the context
       frames, as the reference does.
-    * vocoder: committed mel is vocoded with ``receptive_field_frames`` of mel on both sides of
-      what is emitted, the source (sine harmonics) carries its phase and its cached samples
-      across blocks, so the chunked vocoding equals one vocoder pass over the same mel.
+    * vocoder: committed mel is vocoded with ``receptive_field_frames`` (27) of mel before what
+      is emitted and ``vocoder_lookahead_frames`` (8) after it; the source (sine harmonics)
+      carries its phase and its cached samples across blocks, so the chunked vocoding equals one
+      vocoder pass over the same mel (exactly with a 27-frame lookahead, to -55 dB with 8).
     * randomness: the noise is indexed by frame / sample (drawn in fixed chunks), so a frame
       gets the same noise whichever block produces it; ``one_pass(tokens, randomness="stream")``
       decodes with exactly this noise, which isolates the streaming error from the noise.
@@ -194,11 +195,14 @@ class StreamRandomness:
 class SeamlessOptions:
     """Knobs of the ``"seamless"`` stream (see the module docstring)."""
 
-    context_tokens: int = 20
-    holdback_frames: int = 34
-    crossfade_frames: int = 16
-    prompt: bool = False
-    vocoder_context_frames: int | None = None  # None: the vocoder's receptive field
+    context_tokens: int = 20  # earlier tokens decoded again with each block (<= this + 9, block-aligned)
+    holdback_frames: int = 34  # mel frames left provisional at the end of a block (the reference's 5-token overlap)
+    crossfade_frames: int = 16  # of those, frames blended from the old to the regenerated version
+    prompt: bool = False  # also condition the flow on the committed mel of the context frames
+    # mel frames the vocoder waits for after the last frame it emits: the f0 predictor reaches 5
+    # frames, and the phase carried to the next block needs exact f0 (8: -55 dB at the seams on
+    # the tiny checkpoint; receptive_field_frames (27) makes the chunks equal one pass exactly)
+    vocoder_lookahead_frames: int = 8
 
 
 class AudioDecoder:
@@ -285,7 +289,7 @@ class AudioDecoder:
         else:
             raise ValueError(f"randomness must be 'reference' or 'stream', not {randomness!r}")
         audio = audio[0].float().cpu().numpy()
-        return (audio, mel[0].cpu().numpy()) if return_mel else audio
+        return (audio, mel[0].to(self.state_dtype).cpu().numpy()) if return_mel else audio
 
     def _stream_randomness(self, seed: int) -> StreamRandomness:
         return StreamRandomness(seed, self.device, self.mel_channels, self.harmonics, self.samples_per_frame,
@@ -413,8 +417,9 @@ class ReferenceStream(DecoderStream):
 
 class SeamlessVocoder:
     """Chunked HiFT that equals one pass over the concatenated mel: each call vocodes the newly
-    committed mel with ``context`` frames of mel on both sides of what it emits, the cached source
-    of the emitted frames on the left, and the harmonic phase carried in float64."""
+    committed mel with ``context`` frames of mel before what it emits (default: the receptive
+    field) and ``lookahead`` frames after it (held back until the next call or the end), the
+    cached source of the emitted frames on the left, and the harmonic phase carried in float64."""
 
     def __init__(self, hift: HiFTGenerator, rnd: StreamRandomness, lookahead: int | None = None,
                  context: int | None = None) -> None:
@@ -467,7 +472,7 @@ class SeamlessStream(DecoderStream):
         if options.crossfade_frames > options.holdback_frames:
             raise ValueError("crossfade_frames cannot exceed holdback_frames")
         self.rnd = decoder._stream_randomness(seed)
-        self.vocoder = SeamlessVocoder(decoder.hift, self.rnd, options.vocoder_context_frames)
+        self.vocoder = SeamlessVocoder(decoder.hift, self.rnd, lookahead=options.vocoder_lookahead_frames)
         self.tokens: list[int] = []  # the tail of the tokens, from token self.token_start on
         self.token_start = 0
         self.n_tokens = 0
