@@ -10,6 +10,15 @@ Routes
                       reference clients' protocol); with "Accept: multipart/x-mixed-replace" or
                       "format": "multipart", Mini-Omni2-style parts alternating audio and text.
   WS   /v1/realtime   live sessions, OpenAI Realtime event protocol (subset: see serving/realtime.py)
+  WS   /v1/duplex     full duplex (models whose card says duplex, e.g. hertz-dev): binary PCM16 LE
+                      mono frames both ways at the card's input rate, each complete input frame
+                      (card.frame_samples) answered by the model's next frame; JSON text for
+                      session.created / session.update / errors (serving/duplex.py)
+  WS   /audio         the Hertz-dev reference live protocol: text "data:audio/raw;base64,<int16>"
+                      frames of 2000 samples at 16 kHz both ways (its inference_client.py works
+                      unchanged with --server ws://HOST:PORT)
+  POST /set_temperature?token_temp=&categorical_temp=&gaussian_temp=   the reference's: the
+                      temperatures of /audio sessions opened afterwards
   GET  /v1/models     the loaded model's card
   GET  /health        liveness and free session slots
   GET  /metrics       Prometheus metrics
@@ -31,6 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import zoo
+from serving.duplex import DataUrlWire, DuplexSettings, DuplexSocket, Wire, load_prompt
 from serving.realtime import MAX_WS_MESSAGE_BYTES, RealtimeSession
 from serving.service import ApiError, GenerationFailed, Service
 from zoo.core.audio import to_pcm16
@@ -77,7 +87,8 @@ def multipart_part(content_type: str, payload: bytes) -> bytes:
     return b"\r\n--" + MULTIPART_BOUNDARY + b"\r\nContent-Type: " + content_type.encode() + b"\r\n\r\n" + payload
 
 
-def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES,
+               duplex_settings: DuplexSettings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -85,6 +96,7 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES) -> FastAP
 
     app = FastAPI(title="omni-zoo", version="0.1", lifespan=lifespan)
     model, metrics = service.model, service.metrics
+    duplex = duplex_settings or DuplexSettings()
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -92,8 +104,11 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES) -> FastAP
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model.card.name, "sessions": service.in_flight,
-                "max_sessions": service.max_sessions, "random_weights": bool(getattr(model, "tiny", False))}
+        health = {"status": "ok", "model": model.card.name, "sessions": service.in_flight,
+                  "max_sessions": service.max_sessions, "random_weights": bool(getattr(model, "tiny", False))}
+        if service.duplex is not None:
+            health.update(duplex_sessions=service.duplex.reserved, max_duplex_sessions=service.duplex.max_sessions)
+        return health
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -143,6 +158,31 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES) -> FastAP
     async def realtime(websocket: WebSocket):
         await RealtimeSession(websocket, service).run()
 
+    @app.websocket("/v1/duplex")
+    async def duplex_binary(websocket: WebSocket):
+        await DuplexSocket(websocket, service, duplex, Wire()).run()
+
+    @app.websocket("/audio")
+    async def duplex_reference(websocket: WebSocket):
+        await DuplexSocket(websocket, service, duplex, DataUrlWire()).run()
+
+    @app.post("/set_temperature")
+    async def set_temperature(token_temp: float | None = None, categorical_temp: float | None = None,
+                              gaussian_temp: float | None = None) -> JSONResponse:
+        """The Hertz-dev reference server's route (query parameters); a parameter left out keeps
+        its value. Applies to /audio sessions opened afterwards."""
+        if service.duplex is None:
+            return JSONResponse({"message": f"{model.card.name} is not a duplex model", "status": "error"}, 404)
+        given = {"temperature": token_temp, "categorical_temp": categorical_temp, "gaussian_temp": gaussian_temp}
+        values = {**duplex.reference_options, **{k: v for k, v in given.items() if v is not None}}
+        try:
+            options = service.options(values)
+        except ApiError as err:
+            return JSONResponse({"message": err.message, "status": "error"}, err.status)
+        duplex.reference_options = values
+        temps = (options.temperature, (getattr(options, "categorical_temp", None), getattr(options, "gaussian_temp", None)))
+        return JSONResponse({"message": f"Temperature updated to: {temps}", "status": "success"})
+
     return app
 
 
@@ -166,6 +206,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-sessions", type=int, default=16)
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20)
     parser.add_argument("--seed", type=int, default=0)
+    duplex = parser.add_argument_group("full duplex (models whose card says duplex)")
+    duplex.add_argument("--duplex-sessions", type=int,
+                        help="duplex session slots, their caches allocated at start (default: --max-sessions)")
+    duplex.add_argument("--duplex-prompt", help="an audio file that seeds every duplex session (as the "
+                        "reference server's --prompt_path; stereo = user, model); a client may send its own")
+    duplex.add_argument("--duplex-backlog", type=int, default=DuplexSettings.max_backlog_frames,
+                        help="input frames a session may have waiting for the model; more are dropped with an error")
+    duplex.add_argument("--duplex-idle-s", type=float, default=DuplexSettings.idle_timeout_s,
+                        help="close a duplex session after this long without a message")
+    duplex.add_argument("--replay-seconds", type=float, default=DuplexSettings.replay_seconds,
+                        help="/audio with a prompt: answer the first seconds with the prompt's end, as the reference")
     model = chosen_model(argv, parser.get_default("model"))
     if model in zoo.names():  # an unknown name is reported by the full parser below
         add_component_flags(parser, zoo.card(model))
@@ -186,10 +237,26 @@ def main(argv=None) -> int:
         return 2
     if args.tiny or args.random_full:
         log.warning("RANDOM WEIGHTS (--tiny): every reply is noise, not speech")
+    prompt = None
+    if args.duplex_prompt:
+        try:
+            prompt = load_prompt(args.duplex_prompt)
+        except zoo.ZooError as err:
+            log.error("--duplex-prompt: %s", err)
+            return 2
     warm_up(model)
-    service = Service(model, args.max_sessions)
+    try:
+        service = Service(model, args.max_sessions, duplex_sessions=args.duplex_sessions, duplex_prompt=prompt)
+    except zoo.ZooError as err:  # e.g. a --duplex-prompt the model refuses
+        log.error("%s", err)
+        return 2
+    if service.duplex is not None:
+        log.info("full duplex on /v1/duplex and /audio: %d session slots (%.1f MiB of caches)",
+                 service.duplex.max_sessions, service.duplex.nbytes() / 2**20)
+    settings = DuplexSettings(max_backlog_frames=args.duplex_backlog, idle_timeout_s=args.duplex_idle_s,
+                              replay_seconds=args.replay_seconds)
     log.info("serving %s on http://%s:%d (max %d sessions)", model.card.name, args.host, args.port, args.max_sessions)
-    uvicorn.run(create_app(service, int(args.max_body_mb * 2**20)), host=args.host, port=args.port,
+    uvicorn.run(create_app(service, int(args.max_body_mb * 2**20), settings), host=args.host, port=args.port,
                 log_level="warning", ws_max_size=MAX_WS_MESSAGE_BYTES)
     return 0
 

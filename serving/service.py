@@ -39,10 +39,29 @@ class Metrics:
         self.errors = Counter("zoo_errors_total", "refused or failed requests, by kind", ["kind"], registry=r)
         self.stopped = Counter("zoo_replies_stopped_total",
                                "replies stopped before their end (client gone, cancel, barge-in)", registry=r)
+        # full-duplex sessions (serving/duplex.py)
+        self.duplex_sessions_active = Gauge("zoo_duplex_sessions_active", "duplex sessions connected", registry=r)
+        self.duplex_sessions_total = Counter("zoo_duplex_sessions_total", "duplex sessions accepted", registry=r)
+        self.duplex_step_seconds = Histogram("zoo_duplex_step_seconds", "one batched duplex step (all sessions in it)",
+                                             registry=r, buckets=(0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.125,
+                                                                  0.15, 0.2, 0.3, 0.5, 1, 2))
+        self.duplex_batch_size = Histogram("zoo_duplex_batch_size", "sessions stepped together per duplex step",
+                                           registry=r, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
+        self.duplex_frames = Counter("zoo_duplex_frames_total", "duplex input frames stepped", registry=r)
+        self.duplex_dropped = Counter("zoo_duplex_frames_dropped_total",
+                                      "duplex input frames dropped (client over its backlog)", registry=r)
+        self.duplex_frame_latency = Histogram("zoo_duplex_frame_latency_seconds",
+                                              "duplex input frame received -> its answer sent", registry=r,
+                                              buckets=(0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5))
 
 
 class Service:
-    def __init__(self, model: zoo.VoiceModel, max_sessions: int) -> None:
+    """``duplex_sessions``: slots of the full-duplex worker (serving/duplex.py), built only when
+    the model's card says duplex (default: ``max_sessions``); ``duplex_prompt``: (audio, rate)
+    that seeds every duplex session unless its client gives one."""
+
+    def __init__(self, model: zoo.VoiceModel, max_sessions: int, *, duplex_sessions: int | None = None,
+                 duplex_prompt=None) -> None:
         self.model, self.max_sessions = model, max_sessions
         self.stepper = model.stepper(max_sessions)
         self.scheduler = Scheduler(self.stepper, max_sessions)
@@ -51,8 +70,15 @@ class Service:
         self.in_flight = 0
         self.metrics = Metrics()
         self.option_names = {f.name for f in fields(model.options_class)}
+        self.duplex = None
+        if model.card.duplex:
+            from .duplex import DuplexHub
+
+            self.duplex = DuplexHub(model, duplex_sessions or max_sessions, self.metrics, prompt=duplex_prompt)
 
     def close(self) -> None:
+        if self.duplex is not None:
+            self.duplex.shutdown()
         self.scheduler.close()
         self.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
