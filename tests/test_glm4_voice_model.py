@@ -143,3 +143,33 @@ def test_bad_input_and_options_are_clear_errors(model):
 def test_missing_weights_name_the_component(tmp_path):
     with pytest.raises(WeightsNotFound, match="llm"):
         GlmVoice.load(device="cpu", llm=tmp_path, tokenizer=tmp_path, decoder=tmp_path)
+
+
+def test_end_to_end_equals_the_reference_code(model):
+    """tests/data/glm_e2e_reference.json: the reference pipeline (speech tokenizer, web demo prompt,
+    remote ChatGLM greedy generate, web demo streaming loop over token2wav) on these tiny folders,
+    float32. Ours in stream_mode="reference": the same speech ids, prompt ids, generated ids, text and
+    first audio block. (The reference runs its flow in training mode, dropout on, because it never
+    calls .eval(); the fixture was made with .eval() patched in.)"""
+    import json
+    from pathlib import Path
+
+    reference = json.loads((Path(__file__).parent / "data" / "glm_e2e_reference.json").read_text())
+    options = {"temperature": 0, "max_new_tokens": 40, "stream_mode": "reference"}
+    reply = model.prepare(audio=str(Path(__file__).parents[1] / "demos/samples/02.wav"), options=options)
+    assert reply.turn["user"].count("<|audio_") == len(reference["speech_ids"])
+    assert len(reply.prompt_ids) == reference["input_ids_len"]
+    stepper = model.stepper(1)
+    stepper.start(reply)
+    chunks = []
+    while not reply.done:
+        stepper.step([reply])
+        chunk = reply.poll()
+        if chunk is not None:
+            chunks.append(chunk)
+    stepper.release(reply)
+    assert reply.splitter.completion_ids == reference["generated"][:40]
+    assert reference["text"].startswith("".join(c.text for c in chunks))
+    first_block = next(c.audio for c in chunks if c.audio.size)
+    assert first_block.size == reference["block0_samples"]
+    np.testing.assert_allclose(first_block[::64], reference["block0_every_64th"], atol=2e-4)
