@@ -63,3 +63,43 @@ def test_capacity_cancel_and_release(tiny64, question_wav):
         assert scheduler.load == 1 and not finished.is_set()  # freed, and nobody is told
     finally:
         scheduler.close()
+
+
+def test_one_slot_steppers_reuse_when_idle_and_never_share_a_slot():
+    from zoo.core.scheduler import OneSlotSteppers
+    from zoo.core.types import Chunk
+
+    made = []
+
+    class CountingJob:
+        def __init__(self, n):
+            self.left, self.done = n, False
+
+        def poll(self):
+            return Chunk(text="x") if not self.done else None
+
+    class OneSlot:
+        def __init__(self):
+            self.busy = False
+            made.append(self)
+
+        def start(self, job):
+            assert not self.busy, "a one-slot stepper got a second job"
+            self.busy = True
+
+        def step(self, jobs):
+            for job in jobs:
+                job.left -= 1
+                job.done = job.left == 0
+
+        def release(self, job):
+            self.busy = False
+
+    pool = OneSlotSteppers(OneSlot)
+    assert len(list(pool.stream(CountingJob(3)))) == 3
+    first, second = pool.stream(CountingJob(2)), pool.stream(CountingJob(2))
+    next(first), next(second)  # two replies in flight at once
+    list(first), list(second)
+    assert len(made) == 2  # the idle one was reused, the concurrent one got its own
+    list(pool.stream(CountingJob(1)))
+    assert len(made) == 2

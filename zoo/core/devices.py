@@ -20,9 +20,9 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def pick_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+def pick_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.float32) -> torch.dtype:
     if dtype is None:
-        return torch.float32
+        return default
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from .types import Chunk
 
@@ -142,3 +142,32 @@ class Scheduler:
         finally:
             if not ticket.cancelled:  # a cancelled session's reader is gone
                 ticket.deliver(error)
+
+
+class OneSlotSteppers:
+    """``respond()`` as a thin loop over a model's batched step: one job driven alone on a
+    one-slot stepper. The stepper (and its caches) is kept for the next reply; a reply that starts
+    while another is running gets a fresh one, so concurrent calls never share a slot."""
+
+    def __init__(self, make: Callable[[], Stepper]) -> None:
+        self._make = make
+        self._idle: Stepper | None = None
+        self._lock = threading.Lock()
+
+    def stream(self, job: Job) -> Iterator[Chunk]:
+        with self._lock:
+            stepper, self._idle = self._idle, None
+        stepper = stepper or self._make()
+        try:
+            stepper.start(job)
+            while True:
+                chunk = job.poll()
+                if chunk is not None:
+                    yield chunk
+                if job.done:
+                    break
+                stepper.step([job])
+        finally:
+            stepper.release(job)
+            with self._lock:
+                self._idle = stepper

@@ -26,6 +26,7 @@ from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError
 from ..core.quantize import QUANTIZED, quantize_linears
 from ..core.sampling import sample
+from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Options, VoiceModel
 from .decoder import DECODER_FILES, AudioDecoder
 from .engine import SlotEngine
@@ -195,7 +196,7 @@ class GlmVoice(VoiceModel):
         eos = llm.config.eos_token_id
         self.stop_ids = tuple(eos if isinstance(eos, (list, tuple)) else [eos])  # <|endoftext|> <|user|> <|observation|>
         self.max_context = llm.config.max_position_embeddings
-        self._single: ReplyStepper | None = None
+        self._steppers = OneSlotSteppers(lambda: ReplyStepper(self, max_sessions=1))
 
     @property
     def device(self) -> torch.device:
@@ -283,20 +284,7 @@ class GlmVoice(VoiceModel):
 
     # -- internals ----------------------------------------------------------------------------
     def _stream(self, reply: Reply) -> Iterator[Chunk]:
-        if self._single is None:
-            self._single = ReplyStepper(self, max_sessions=1)
-        stepper = self._single
-        try:
-            stepper.start(reply)
-            while True:
-                chunk = reply.poll()
-                if chunk is not None:
-                    yield chunk
-                if reply.done:
-                    break
-                stepper.step([reply])
-        finally:
-            stepper.release(reply)
+        return self._steppers.stream(reply)
 
 
 def conversation_text(history: Sequence[Mapping[str, Any]] | None) -> str:
@@ -316,5 +304,5 @@ def precision(dtype, device: torch.device) -> tuple[torch.dtype, str | None, tor
     default = torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str) and dtype in QUANTIZED:
         return default, dtype, torch.float32
-    llm_dtype = default if dtype is None else pick_dtype(dtype)
+    llm_dtype = pick_dtype(dtype, default=default)
     return llm_dtype, None, torch.float64 if llm_dtype == torch.float64 else torch.float32

@@ -57,7 +57,6 @@ component's mean. All randomness comes from a torch.Generator per session seeded
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -68,7 +67,9 @@ import numpy as np
 import torch
 
 from ..core.audio import AudioSource, load_audio, read_audio, resample
+from ..core.devices import pick_device, pick_dtype
 from ..core.errors import AudioInputError, OptionsError, WeightsNotFound
+from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Options, VoiceModel
 from .checkpoint import (
     CODEC_FILE, QUANTIZER_FILE, VARIANT_FILES, build_codec, build_main, build_quantizer, build_resynth, read_state,
@@ -375,7 +376,7 @@ class HertzDev(VoiceModel):
         self._build_networks = networks
         self._networks: dict[str, Networks] = {}
         self._lock = threading.Lock()
-        self._idle_reply: ReplyStepper | None = None
+        self._steppers = OneSlotSteppers(lambda: ReplyStepper(self, 1))
         self.tiny, self.source = tiny, source
         weight = quantizer.input.weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -387,8 +388,8 @@ class HertzDev(VoiceModel):
         """Codec and quantizer now; the mono / split networks when first used. ``checkpoint``: a
         folder holding the published files, or a hub repo id (default si-pbc/hertz-dev).
         ``dtype`` defaults to bfloat16 on CUDA (as the reference), float32 on CPU."""
-        device = _device(device)
-        dtype = _dtype(dtype, device)
+        device = pick_device(device)
+        dtype = pick_dtype(dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
         if tiny and checkpoint is None:
             from .testing import tiny_checkpoint
 
@@ -447,30 +448,7 @@ class HertzDev(VoiceModel):
         return ReplyStepper(self, max_sessions)
 
     def _stream(self, reply: Reply) -> Iterator[Chunk]:
-        with self._reply_stepper() as stepper:
-            try:
-                stepper.start(reply)
-                while True:
-                    chunk = reply.poll()
-                    if chunk is not None:
-                        yield chunk
-                    if reply.done:
-                        break
-                    stepper.step([reply])
-            finally:
-                stepper.release(reply)
-
-    @contextlib.contextmanager
-    def _reply_stepper(self):
-        """The model's one-slot stepper when idle (its caches are reused), else a new one."""
-        with self._lock:
-            stepper, self._idle_reply = self._idle_reply, None
-        stepper = stepper or ReplyStepper(self, 1)
-        try:
-            yield stepper
-        finally:
-            with self._lock:
-                self._idle_reply = stepper
+        return self._steppers.stream(reply)
 
     # -- full duplex --------------------------------------------------------------------------
     def duplex(self, options: HertzOptions | Mapping[str, Any] | None = None, *, prompt: AudioSource | None = None,
@@ -577,29 +555,3 @@ def _check_local_folder(source) -> None:
         f"as published). Download them on a machine with network access and pass the folder with `--checkpoint DIR` "
         f"(zoo.load(..., checkpoint=DIR)), or use `--tiny` (tiny=True) for a random-weight smoke test."
     )
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise OptionsError(f"unknown device {device!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OptionsError("CUDA was requested but this torch build sees no GPU; use --device cpu")
-    return device
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def _dtype(dtype: torch.dtype | str | None, device: torch.device | None = None) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise OptionsError(f"unknown dtype {dtype!r}; one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]

@@ -13,13 +13,13 @@ from them is noise.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..core.devices import pick_device, pick_dtype
+from ..core.tiny import cached_folder
 from .checkpoint import (
     CODEC_FILE, QUANTIZER_FILE, VARIANT_FILES, build_codec, build_main, build_quantizer, build_resynth, file_keys,
 )
@@ -40,18 +40,8 @@ TINY_FORMAT = 1
 def tiny_checkpoint(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
     """The tiny checkpoint folder for ``seed``, written once into a cache directory
     (``ZOO_TINY_DIR``, else the system temp dir) and reused."""
-    root = Path(root or os.environ.get("ZOO_TINY_DIR") or Path(tempfile.gettempdir()) / "omni-zoo-tiny")
-    target = root / f"hertz-dev-v{TINY_FORMAT}-seed{seed}"
-    if not (target / "complete").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root))
-        write_tiny_checkpoint(staging, seed=seed)
-        (staging / "complete").write_text("ok\n")
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first: use its copy
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return cached_folder(f"hertz-dev-v{TINY_FORMAT}-seed{seed}", lambda folder: write_tiny_checkpoint(folder, seed=seed),
+                         root)
 
 
 def write_tiny_checkpoint(folder: Path, *, seed: int = 0, ablation: bool = False) -> Path:
@@ -148,11 +138,12 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
     """A HertzDev with seeded random weights built in memory (no files): ``full`` has the
     published dimensions (the real compute cost), ``tiny`` the test ones. The mono and split
     networks are built when first used, like the loaded model's."""
-    from .model import HertzDev, _device, _dtype
+    from .model import HertzDev
 
     if size not in ("full", "tiny"):
         raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
-    device, dtype = _device(device), _dtype(dtype, _device(device))
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
     generator = torch.Generator(device=device).manual_seed(seed)
     states = random_states(size, generator, device=device, variants=())
     codec = build_codec(states[CODEC_FILE], dtype=dtype, device=device)
