@@ -26,6 +26,9 @@ class BackendInfo:
     output_sample_rate: int
     random_weights: bool
     where: str  # "server http://..." or "in-process"
+    duplex: bool = False  # the card says full duplex: the pages offer the duplex widget
+    input_sample_rate: int = 16000
+    frame_samples: int = 0
 
 
 class ServerBackend:
@@ -40,8 +43,11 @@ class ServerBackend:
         except (requests.RequestException, KeyError, IndexError, ValueError) as err:
             raise BackendError(f"cannot reach the voice server at {self.api_url} ({type(err).__name__}). "
                                f"Start it with `python server.py`, or set API_URL.") from None
-        return BackendInfo(model["id"], model["card"]["output_sample_rate"], bool(model.get("random_weights")),
-                           f"server {self.api_url}")
+        card = model["card"]
+        return BackendInfo(model["id"], card["output_sample_rate"], bool(model.get("random_weights")),
+                           f"server {self.api_url}", duplex=bool(card.get("duplex")),
+                           input_sample_rate=card.get("input_sample_rate") or 16000,
+                           frame_samples=card.get("frame_samples") or 0)
 
     def stream(self, wav: bytes, options: dict | None = None) -> Iterator[Chunk]:
         """POST /chat in multipart mode: audio and text deltas as they are generated."""
@@ -99,8 +105,10 @@ class LocalBackend:
         self.model = model
 
     def info(self) -> BackendInfo:
-        return BackendInfo(self.model.card.name, self.model.card.output_sample_rate,
-                           bool(getattr(self.model, "tiny", False)), "in-process")
+        card = self.model.card
+        return BackendInfo(card.name, card.output_sample_rate, bool(getattr(self.model, "tiny", False)), "in-process",
+                           duplex=card.duplex, input_sample_rate=card.input_sample_rate,
+                           frame_samples=card.frame_samples or 0)
 
     def stream(self, wav: bytes, options: dict | None = None) -> Iterator[Chunk]:
         try:

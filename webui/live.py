@@ -1,19 +1,41 @@
-"""The low-latency live chat widget both pages embed (webui/static/live.js): its markup, its
-script and the WebSocket address of a server's /v1/realtime."""
+"""The low-latency live widgets both pages embed, their markup, scripts and WebSocket addresses:
+``live.js`` (turn-based live chat on a server's /v1/realtime: server VAD, barge-in) for
+half-duplex models and ``duplex.js`` (full duplex on /v1/duplex: the mic streams in and the
+model's frames play back continuously) for models whose card says duplex."""
 from __future__ import annotations
 
 from pathlib import Path
 
-LIVE_JS = (Path(__file__).resolve().parent / "static" / "live.js").read_text()
+STATIC = Path(__file__).resolve().parent / "static"
+LIVE_JS = (STATIC / "live.js").read_text()
+DUPLEX_JS = (STATIC / "duplex.js").read_text()
+
+
+def _ws_base(api_url: str) -> str:
+    return api_url.rstrip("/").replace("https://", "wss://").replace("http://", "ws://")
 
 
 def realtime_url(api_url: str) -> str:
     """http(s)://host:port -> ws(s)://host:port/v1/realtime."""
-    return api_url.rstrip("/").replace("https://", "wss://").replace("http://", "ws://") + "/v1/realtime"
+    return _ws_base(api_url) + "/v1/realtime"
+
+
+def duplex_url(api_url: str) -> str:
+    """http(s)://host:port -> ws(s)://host:port/v1/duplex."""
+    return _ws_base(api_url) + "/v1/duplex"
 
 
 def widget_html(ws_url: str) -> str:
-    """The widget's markup; an empty ``ws_url`` means the page's own origin."""
+    """The live chat widget's markup; an empty ``ws_url`` means the page's own origin."""
     return (f'<div data-omni-live data-ws="{ws_url}" style="font-family: sans-serif">'
             f'<button data-state="off">Start live chat</button> <span class="omni-live-status">not started</span>'
             f'<div class="omni-live-transcript"></div></div>')
+
+
+def duplex_widget_html(ws_url: str, sample_rate: int, frame_samples: int) -> str:
+    """The full-duplex widget's markup (the card's input rate and frame size); an empty
+    ``ws_url`` means the page's own origin."""
+    return (f'<div data-omni-duplex data-ws="{ws_url}" data-rate="{int(sample_rate)}" '
+            f'data-frame="{int(frame_samples)}" style="font-family: sans-serif">'
+            f'<button data-state="off">Start full duplex</button> '
+            f'<span class="omni-duplex-status">not started</span></div>')

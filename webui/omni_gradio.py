@@ -4,6 +4,9 @@ sent when you stop recording; the reply streams back as audio (autoplay) with it
     python webui/omni_gradio.py                 # in-process model (like a hosted demo page)
     python webui/omni_gradio.py --tiny          # random tiny weights: the replies are noise
     API_URL=http://127.0.0.1:60808 python webui/omni_gradio.py   # talk to a running server.py
+
+For a full-duplex model (its card says duplex, e.g. ``--model hertz-dev``) the live widget is
+full duplex: the browser mic streams to /v1/duplex and the model's frames play as they come.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import uvicorn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zoo  # noqa: E402
 from webui.client import BackendError, LocalBackend, ServerBackend  # noqa: E402
-from webui.live import LIVE_JS, realtime_url, widget_html  # noqa: E402
+from webui.live import DUPLEX_JS, LIVE_JS, duplex_url, duplex_widget_html, realtime_url, widget_html  # noqa: E402
 
 NOISE_BANNER = "**Random weights (--tiny): every reply is noise, not speech.**"
 def live_widget(ws_url: str) -> gr.HTML:
@@ -29,7 +32,16 @@ def live_widget(ws_url: str) -> gr.HTML:
     return gr.HTML(value=widget_html(ws_url), js_on_load=LIVE_JS, label="Live (low latency)")
 
 
-def build(backend, live_ws_url: str | None = None) -> gr.Blocks:
+def duplex_widget(ws_url: str, info) -> gr.HTML:
+    """Full duplex: browser mic -> server.py's /v1/duplex -> the model's frames -> WebAudio, both
+    ways at once. An empty ``ws_url`` means this page's own origin."""
+    html = duplex_widget_html(ws_url, info.input_sample_rate, info.frame_samples)
+    return gr.HTML(value=html, js_on_load=DUPLEX_JS, label="Full duplex (live)")
+
+
+def build(backend, live_api: str | None = None) -> gr.Blocks:
+    """``live_api``: where the live widget connects: server.py's http(s) URL, "" for this page's
+    own origin (in-process), None for no live widget."""
     try:
         info = backend.info()
         header = f"# omni-zoo voice chat\nModel **{info.model}** ({info.where})"
@@ -66,9 +78,16 @@ def build(backend, live_ws_url: str | None = None) -> gr.Blocks:
 
     with gr.Blocks(title="omni-zoo voice chat") as demo:
         gr.Markdown(header)
-        if live_ws_url is not None:
+        if live_api is not None and info is not None and info.duplex:
+            frame_ms = 1000 * info.frame_samples / info.input_sample_rate
+            gr.Markdown(f"**Full duplex**: press start and talk whenever you like; {info.model} listens and speaks "
+                        f"at the same time, one {frame_ms:.0f} ms frame each way per step, and decides by itself "
+                        f"when to speak. Headphones help: otherwise it hears itself through your microphone.")
+            duplex_widget(duplex_url(live_api) if live_api else "", info)
+            gr.Markdown("**Turn by turn**: record (or upload) audio; it is sent when you stop.")
+        elif live_api is not None:
             gr.Markdown("**Live chat**: talk, pause, and the reply plays as it is generated; talk over it to interrupt.")
-            live_widget(live_ws_url)
+            live_widget(realtime_url(live_api) if live_api else "")
             gr.Markdown("**Turn by turn**: record (or upload) a question; it is sent when you stop.")
         chatbot = gr.Chatbot(label="Conversation", height=360)
         with gr.Row():
@@ -93,7 +112,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     api_url = os.environ.get("API_URL")
     if api_url:  # the page and the live widget both talk to server.py
-        demo = build(ServerBackend(api_url), live_ws_url=realtime_url(api_url))
+        demo = build(ServerBackend(api_url), live_api=api_url)
         demo.queue(default_concurrency_limit=8).launch(server_name=args.host, server_port=args.port, show_error=True)
         return 0
     try:
@@ -102,12 +121,12 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # In-process: one FastAPI app serves the page and server.py's routes (the live widget's
-    # /v1/realtime among them) on the same origin.
+    # /v1/realtime and /v1/duplex among them) on the same origin.
     from server import create_app
     from serving.service import Service
 
-    app = create_app(Service(model, max_sessions=8))
-    demo = build(LocalBackend(model), live_ws_url="").queue(default_concurrency_limit=8)
+    app = create_app(Service(model, max_sessions=8, duplex_sessions=4))
+    demo = build(LocalBackend(model), live_api="").queue(default_concurrency_limit=8)
     uvicorn.run(gr.mount_gradio_app(app, demo, path="/"), host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -21,7 +21,7 @@ import streamlit as st  # noqa: E402
 import streamlit.components.v1 as components  # noqa: E402
 
 from webui.client import DEFAULT_API_URL, BackendError, ServerBackend  # noqa: E402
-from webui.live import LIVE_JS, realtime_url, widget_html  # noqa: E402
+from webui.live import DUPLEX_JS, LIVE_JS, duplex_url, duplex_widget_html, realtime_url, widget_html  # noqa: E402
 
 api_url = os.environ.get("API_URL", DEFAULT_API_URL)
 backend = ServerBackend(api_url)
@@ -52,8 +52,20 @@ def live_widget(ws_url: str) -> None:
     components.html(widget_html(ws_url) + script, height=160, scrolling=True)
 
 
-with st.expander("Live chat (low latency): talk, pause, and the reply plays as it is generated", expanded=True):
-    live_widget(realtime_url(api_url))
+def duplex_widget(ws_url: str) -> None:
+    """Full duplex (models whose card says so): the same widget as the Gradio page's."""
+    html = duplex_widget_html(ws_url, info.input_sample_rate, info.frame_samples)
+    script = f"<script>const element = document.body;</script><script>{DUPLEX_JS}</script>"
+    components.html(html + script, height=80, scrolling=False)
+
+
+if info.duplex:
+    with st.expander("Full duplex (live): talk whenever you like; the model listens and speaks at the same time "
+                     "(headphones help)", expanded=True):
+        duplex_widget(duplex_url(api_url))
+else:
+    with st.expander("Live chat (low latency): talk, pause, and the reply plays as it is generated", expanded=True):
+        live_widget(realtime_url(api_url))
 
 
 def render(turn: dict, autoplay: bool = False) -> None:

@@ -1,0 +1,123 @@
+"""The web UIs for a full-duplex model (hertz-dev, tiny). The Gradio page through server.py in
+headless Chromium with a fake microphone: it shows the full-duplex widget (the card says duplex)
+and the random-weights banner; the widget streams the mic to /v1/duplex and plays the model's
+frames through WebAudio while it keeps sending. The in-process Gradio page and the Streamlit
+chat page are checked without a browser (their widget markup and where it connects)."""
+import json
+import os
+import shutil
+
+import pytest
+
+from browser import browser_page, fake_mic_wav
+from conftest import REPO
+from procs import LoopbackProcess
+from test_duplex_server import HertzServer
+
+SHOTS = os.environ.get("WEBUI_SHOTS")  # also copy screenshots there, for people to look at
+THREADS = {"OMP_NUM_THREADS": "1"}  # see test_duplex_server
+
+
+class HertzPage(LoopbackProcess):
+    def __init__(self, *args, api_url=None):
+        super().__init__(["webui/omni_gradio.py", "--port", "{port}", *args],
+                         env={"GRADIO_ANALYTICS_ENABLED": "False", "API_URL": api_url, **THREADS}, timeout=180)
+        self.url += "/"
+
+
+def stats(page) -> dict:
+    return page.evaluate("() => window.omniDuplexStats ? JSON.parse(JSON.stringify(window.omniDuplexStats)) : null")
+
+
+def talk_full_duplex(page, tmp_path, name: str, frames: int = 24) -> dict:
+    page.get_by_text("omni-zoo voice chat").first.wait_for(timeout=60000)
+    body = page.inner_text("body")
+    assert "Random weights" in body and "Full duplex" in body
+    assert page.get_by_role("button", name="Start live chat").count() == 0  # not the half-duplex widget
+    page.get_by_role("button", name="Start full duplex").click()
+    for _ in range(1200):  # up to 60 s
+        current = stats(page)
+        if current and current["framesReceived"] >= frames:
+            break
+        page.wait_for_timeout(50)
+    else:
+        raise AssertionError(f"the model's frames did not arrive: {stats(page)}")
+    status = page.locator(".omni-duplex-status").inner_text()
+    shot = tmp_path / f"{name}.png"
+    page.screenshot(path=str(shot), full_page=True)
+    if SHOTS:
+        os.makedirs(SHOTS, exist_ok=True)
+        shutil.copy(shot, os.path.join(SHOTS, shot.name))
+    page.get_by_role("button", name="Stop full duplex").click()
+    assert "frames in" in status and "random weights" in status, status
+    assert current["session"]["frame_samples"] == 2000 and current["session"]["sample_rate"] == 16000
+    assert current["playedSeconds"] >= 0.125 * frames - 1e-6  # every frame was scheduled for playback
+    assert current["framesSent"] >= current["framesReceived"]  # answers follow the mic, frame by frame
+    assert not [e for e in current["errors"] if e["code"] != "backlog_full"], current["errors"]
+    latency = sorted(current["latencyMs"])
+    return {"frames_received": current["framesReceived"], "median_frame_round_trip_ms": round(latency[len(latency) // 2]),
+            "status": status}
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = HertzServer("--max-sessions", "2")
+    yield s
+    s.stop()
+
+
+def test_gradio_page_through_server_talks_full_duplex(server, tmp_path):
+    mic = fake_mic_wav(tmp_path / "mic.wav")
+    ui = HertzPage(api_url=server.url)
+    try:
+        with browser_page(mic) as page:
+            page.goto(ui.url)
+            page.get_by_text("omni-zoo voice chat").first.wait_for(timeout=60000)
+            assert f"server {server.url}" in page.inner_text("body")
+            result = talk_full_duplex(page, tmp_path, "duplex_server")
+        assert server.metric("zoo_duplex_sessions_total") == 1
+        assert server.metric("zoo_duplex_frames_total") >= result["frames_received"]
+        print(json.dumps(result))
+    finally:
+        ui.stop()
+
+
+def test_in_process_gradio_page_offers_full_duplex_on_its_own_origin():
+    """Without a browser: the in-process page's widget connects to its own origin, whose app
+    (server.py's routes) serves /v1/duplex."""
+    import zoo
+    from fastapi.testclient import TestClient
+
+    from server import create_app
+    from serving.service import Service
+    from webui.client import LocalBackend
+    from webui.omni_gradio import build
+
+    model = zoo.load("hertz-dev", tiny=True, device="cpu")
+    demo = build(LocalBackend(model), live_api="")
+    html = [b.value for b in demo.blocks.values() if isinstance(getattr(b, "value", None), str)]
+    assert any('data-omni-duplex data-ws="" data-rate="16000" data-frame="2000"' in h for h in html)
+    assert not any("data-omni-live" in h for h in html)
+    service = Service(model, max_sessions=2, duplex_sessions=1)
+    try:
+        with TestClient(create_app(service)) as client, client.websocket_connect("/v1/duplex") as ws:
+            assert ws.receive_json()["session"]["random_weights"] is True
+            ws.send_bytes(bytes(4000))
+            assert len(ws.receive_bytes()) == 4000
+    finally:
+        service.close()
+
+
+def test_streamlit_chat_offers_full_duplex(server, monkeypatch):
+    """The Streamlit chat page (run headless by streamlit's AppTest) embeds the full-duplex
+    widget pointed at the server's /v1/duplex, with the random-weights warning."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("API_URL", server.url)
+    app = AppTest.from_file(str(REPO / "webui" / "views" / "chat.py"), default_timeout=60).run()
+    assert not app.exception
+    assert any(e.label.startswith("Full duplex") for e in app.expander)
+    frames = [f.proto.srcdoc for f in app.get("iframe")]
+    assert len(frames) == 1 and f'data-omni-duplex data-ws="{server.ws}/v1/duplex"' in frames[0]
+    assert "Start live chat" not in frames[0]
+    assert any("random weights" in w.value for w in app.warning)
