@@ -343,6 +343,7 @@ class DuplexSocket:
         self.conn: DuplexConn | None = None
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.send_lock = asyncio.Lock()
+        self.receiving: asyncio.Future | None = None  # the pending ws.receive()
 
     # -- plumbing ---------------------------------------------------------------------------------
     async def send_json(self, event: dict) -> None:
@@ -404,28 +405,26 @@ class DuplexSocket:
             await self.receive_loop(sender)
         except WebSocketDisconnect:
             pass
-        finally:
+        finally:  # no await here: this may run because the task is being cancelled
             self.hub.close(self.conn)
             sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
+            if self.receiving is not None:
+                self.receiving.cancel()
 
     async def receive_loop(self, sender: asyncio.Task) -> None:
-        receive = None
         while True:
-            if receive is None:
-                receive = asyncio.ensure_future(self.ws.receive())
-            done, _ = await asyncio.wait({receive, sender}, timeout=self.settings.idle_timeout_s,
+            if self.receiving is None:
+                self.receiving = asyncio.ensure_future(self.ws.receive())
+            done, _ = await asyncio.wait({self.receiving, sender}, timeout=self.settings.idle_timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
             if sender in done:  # the session failed (the sender closed the socket)
-                receive.cancel()
                 return
             if not done:
                 if self.in_flight:  # the client waits for us: not idle
                     continue
-                receive.cancel()
                 await self.refuse("idle_timeout", f"no message for {self.settings.idle_timeout_s:g} s: closing", 1000)
                 return
-            message, receive = receive.result(), None
+            message, self.receiving = self.receiving.result(), None
             if message["type"] == "websocket.disconnect":
                 return
             try:

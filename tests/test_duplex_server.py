@@ -369,3 +369,24 @@ def test_half_duplex_model_refuses_the_duplex_routes():
             assert "duplex_sessions" not in client.get("/health").json()
     finally:
         service.close()
+
+
+def test_demo_client_streams_a_file(server, model, tmp_path):
+    """demos/duplex_chat.py --wav: the file goes in frame by frame, the model's side comes out."""
+    import importlib.util
+
+    import soundfile as sf
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("duplex_chat", REPO / "demos" / "duplex_chat.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = tmp_path / "reply.wav"
+    assert demo.main(["--url", server.ws + "/v1/duplex", "--wav", str(PROMPT), "--out", str(out), "--fast",
+                      "--temperature", "0"]) == 0
+    reply, rate = sf.read(out, dtype="int16")
+    speech, _ = sf.read(PROMPT, dtype="float32")
+    sent = as_pcm16(np.pad(speech, (0, -speech.size % FRAME))).reshape(-1, FRAME)
+    assert rate == RATE and reply.size == sent.size == 16 * FRAME
+    assert_close(reply.reshape(-1, FRAME), as_pcm16(reference_frames(model, sent)))
