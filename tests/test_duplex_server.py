@@ -149,6 +149,26 @@ def test_messages_of_any_size_are_reframed(server, model):
     assert_close(asyncio.run(run()), as_pcm16(reference_frames(model, frames)))
 
 
+def test_a_client_prompt_seeds_its_session(server, model):
+    import soundfile as sf
+
+    frames = input_frames(4, seed=8)
+    update = {**DETERMINISTIC, "prompt": base64.b64encode(PROMPT.read_bytes()).decode()}
+
+    async def run():
+        ws, _ = await opened(server.ws + "/v1/duplex", options=None)
+        async with ws:
+            await ws.send(json.dumps(update))
+            updated = json.loads(await ws.recv())
+            await ws.send(frames.astype("<i2").tobytes())
+            return updated, np.stack([np.frombuffer(await asyncio.wait_for(ws.recv(), 30), "<i2") for _ in frames])
+
+    updated, answers = asyncio.run(run())
+    assert updated["type"] == "session.updated" and updated["session"]["prompt"] is True
+    prompt, _ = sf.read(PROMPT, dtype="float32")
+    assert_close(answers, as_pcm16(reference_frames(model, frames, prompt=prompt)))
+
+
 def test_concurrent_sessions_share_batched_steps(server, model):
     n, sessions = 40, 3
     inputs = [input_frames(n, seed=10 + i) for i in range(sessions)]
@@ -242,6 +262,14 @@ def test_bad_messages_get_errors_and_the_session_goes_on(server):
                      "bad_request", "message_too_large", "too_late"]
     assert overflow["code"] == "backlog_full" and overflow["frames_dropped"] == 4
     assert server.metric("zoo_duplex_frames_dropped_total") >= 4
+
+
+def test_the_half_duplex_routes_still_serve_a_duplex_model(server):
+    """/chat continues the question's audio (respond()): 8 frames of 2000 samples at 16 kHz."""
+    question = base64.b64encode(PROMPT.read_bytes()).decode()
+    response = requests.post(server.url + "/chat", json={"audio": question, "max_tokens": 8}, timeout=60)
+    assert response.status_code == 200 and response.headers["x-sample-rate"] == "16000"
+    assert len(response.content) == 8 * FRAME * 2
 
 
 # -- /audio: the reference protocol --------------------------------------------------------------
