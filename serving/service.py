@@ -113,10 +113,8 @@ class Service:
         try:
             loop = asyncio.get_running_loop()
             try:
-                # history only when there is one: single-turn models (card.multi_turn False) never get it
-                extra = () if history is None else (history,)
                 job = await loop.run_in_executor(self.prepare_pool, self.stepper.prepare, audio, sample_rate, options,
-                                                 *extra)
+                                                 history)
             except zoo.AudioInputError as err:
                 self.metrics.errors.labels("bad_audio").inc()
                 raise ApiError(400, "bad_audio", str(err)) from None

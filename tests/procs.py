@@ -25,7 +25,9 @@ class LoopbackProcess:
     def __init__(self, argv: list[str], *, health: str = "/", env: dict | None = None, timeout: float = 120) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # one torch thread per program: the test process and its servers share a small machine, and
+        # torch's spinning intra-op threads, starved by the other process, slow each step ~50x
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         environment = {k: v for k, v in environment.items() if v is not None}  # None removes a variable
         self.proc = subprocess.Popen([sys.executable, *(a.format(port=self.port) for a in argv)], cwd=REPO,
                                      env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

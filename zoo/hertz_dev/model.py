@@ -166,7 +166,8 @@ class ReplyStepper:
             self.engines[variant] = (engine, self.model.codec.decoder_state(self.max_sessions))
         return self.engines[variant]
 
-    def prepare(self, audio: AudioSource, sample_rate: int | None, options) -> Reply:
+    def prepare(self, audio: AudioSource, sample_rate: int | None, options, history=None) -> Reply:
+        """``history`` is not used: Hertz-dev continues the audio it is given."""
         return self.model.start_reply(audio, sample_rate, options)
 
     @torch.inference_mode()
