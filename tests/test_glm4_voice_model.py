@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import zoo
-from conftest import snr_db
 from zoo.core.errors import OptionsError, WeightsNotFound
 from zoo.glm4_voice.model import GlmVoice, conversation_text
-from zoo.glm4_voice.prompt import SYSTEM_PROMPT_AUDIO
+from zoo.glm4_voice.prompt import LOW_LATENCY_BLOCKS, SYSTEM_PROMPT_AUDIO
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +55,31 @@ def test_seeded_replies_are_reproducible_and_the_global_rng_is_untouched(model, 
     assert first[0][-1].turn != other[0][-1].turn
 
 
-def test_streamed_audio_matches_the_one_pass_decode(model, question):
+def test_streamed_audio_is_the_decoders_stream_of_the_reply_blocks(model, question, monkeypatch):
+    """The reply hands the decoder its audio ids in the schedule's blocks (10, 25, 50, ...; the rest
+    at the end), and its audio is exactly that stream's output: as long as a one-pass decode."""
+    calls = []
+    real_stream = model.decoder.stream
+
+    def recording_stream(mode):
+        stream = real_stream(mode)
+        for name in ("push", "finish"):
+            method = getattr(stream, name)
+            setattr(stream, name, lambda ids, method=method, name=name: calls.append((name, list(ids))) or method(ids))
+        return stream
+
+    monkeypatch.setattr(model.decoder, "stream", recording_stream)
     chunks, audio, _ = collect(model.respond(*question, {"max_new_tokens": 120, "temperature": 0}))
+    monkeypatch.undo()
     ids = [int(t.split("|>")[0]) for t in chunks[-1].turn["assistant"].split("<|audio_")[1:]]
-    one_pass = model.decoder.one_pass(ids, randomness="stream")  # the noise a seamless stream draws
-    assert audio.size == one_pass.size
-    assert snr_db(one_pass, audio) > 20
+    assert [kind for kind, _ in calls] == ["push"] * (len(calls) - 1) + ["finish"]
+    assert sum((block for _, block in calls), []) == ids
+    pushed = [len(block) for kind, block in calls if kind == "push"]
+    assert pushed == list(LOW_LATENCY_BLOCKS[: len(pushed)]) and len(calls[-1][1]) <= LOW_LATENCY_BLOCKS[len(pushed)]
+    replay = model.decoder.stream("seamless")
+    expected = [getattr(replay, kind)(block) for kind, block in calls]
+    np.testing.assert_allclose(audio, np.concatenate(expected), atol=1e-6)
+    assert audio.size == model.decoder.one_pass(ids).size
 
 
 def test_history_continues_the_conversation(model, question):
