@@ -57,3 +57,18 @@ def test_a_missing_gpu_or_bad_dtype_is_a_clear_error(tmp_path):
     for flags, message in [(["--device", "cuda"], "CUDA was requested"), (["--dtype", "float8"], "unknown dtype")]:
         result = run_cli("--tiny", "--output-dir", str(tmp_path), *flags, timeout=120)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_model_answers_through_the_same_cli(tmp_path, question_wav):
+    """No model-specific code in inference.py: GLM-4-Voice and Hertz-dev run through it as they are."""
+    import zoo
+
+    for name in ("glm-4-voice", "hertz-dev"):
+        result = run_cli("--model", name, "--tiny", "--output-dir", str(tmp_path), "--max-new-tokens", "12",
+                         "--input", str(question_wav[0]), env={"OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr
+        run_dir = next((tmp_path / name).iterdir())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        audio, rate = sf.read(run_dir / "00.wav")
+        assert rate == zoo.card(name).output_sample_rate and audio.size > 0
+        assert summary["random_weights_noise"] is True
