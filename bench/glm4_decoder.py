@@ -38,7 +38,6 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo.glm4_voice.decoder import AudioDecoder, SeamlessStream  # noqa: E402
-from zoo.glm4_voice.prompt import LOW_LATENCY_BLOCKS, REFERENCE_BLOCKS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKENS_PER_SECOND = 12.5
@@ -142,6 +141,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=560, help="speech tokens to decode (560 = 44.8 s of audio)")
     parser.add_argument("--seed", type=int, default=0, help="weights and tokens")
     parser.add_argument("--modes", default="reference,seamless")
+    parser.add_argument("--schedules", default="25,50,100,150,200;10,25,50,100,150,200",
+                        help="block schedules, ';'-separated")
     parser.add_argument("--out", type=Path, default=None, help="JSON results path")
     args = parser.parse_args()
 
@@ -151,8 +152,10 @@ def main() -> None:
     decoder = AudioDecoder.random(args.size, device=device, dtype=dtype, seed=args.seed)
     timer = Timer(decoder)
     tokens = [int(t) for t in np.random.default_rng(args.seed).integers(0, 16384, args.tokens)]
-    schedules = {"25,50,100,150,200": REFERENCE_BLOCKS, "10,25,50,100,150,200": LOW_LATENCY_BLOCKS}
+    schedules = {name: tuple(int(n) for n in name.split(",")) for name in args.schedules.split(";")}
     modes = args.modes.split(",")
+    out = args.out or RESULTS / f"{date.today()}_glm4_decoder_{args.size}_{device.type}_{args.dtype}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     total = 2 + sum(len(blocks_of(tokens, s)) for s in schedules.values()) * len(modes)
     results = dict(machine=machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
                    device=str(device), dtype=args.dtype, size=args.size, tokens=args.tokens,
@@ -183,6 +186,7 @@ def main() -> None:
                     row["spectral_snr_vs_stream_one_pass_db"] = spectral_snr(audio, one_pass["stream"]["audio"])
                     row["mel_snr_vs_stream_one_pass_db"] = snr(run["mel"], one_pass["stream"]["mel"])
                 results["runs"].append(row)
+                out.write_text(json.dumps(dict(results, complete=False), indent=1))  # a long run keeps what it has
     print(f"\n{results['machine']}, {args.dtype}, {args.size} size, {args.tokens} tokens ({results['audio_seconds']:.1f} s); "
           f"one pass {results['one_pass']['compute_s']:.2f} s compute, {results['one_pass']['samples']} samples")
     print(f"one pass with the stream's noise vs the reference's noise: {results['one_pass']['stream_randomness_vs_reference_db']:.2f} dB "
@@ -197,9 +201,7 @@ def main() -> None:
         for b in row["blocks"]:
             print(f"    block {b['block']}: {b['tokens']:3d} tokens ({b['audio_s']:.2f} s audio) -> {b['samples']:7d} samples; "
                   f"compute {b['compute_s']:.3f} s (flow {b['flow_s']:.3f} s, vocoder {b['vocoder_s']:.3f} s), RTF {b['rtf']:.3f}")
-    out = args.out or RESULTS / f"{date.today()}_glm4_decoder_{args.size}_{device.type}_{args.dtype}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    out.write_text(json.dumps(dict(results, complete=True), indent=1))
     print("wrote", out)
 
 

@@ -218,6 +218,8 @@ def test_reference_stream_finish_without_a_last_block_returns_the_held_back_tail
     assert len(first) == (172 - 34) * 256 - 256 and len(tail) == (34 + 1) * 256
     with pytest.raises(RuntimeError, match="finished"):
         stream.push([1])
+    with pytest.raises(ValueError, match="too short for the reference stream"):  # it would crash there
+        decoder32.stream("reference").push([1, 2, 3])
 
 
 # -- randomness ---------------------------------------------------------------------------------
@@ -269,6 +271,15 @@ def test_seamless_stream_has_every_sample_and_seamless_vocoding(decoder64, sizes
     # random weights, where a different noise draw alone gives -2 dB
     _, one_pass_mel = decoder64.one_pass(tokens, randomness="stream", return_mel=True)
     assert snr(mel[0].numpy(), one_pass_mel) > 3
+
+
+def test_seamless_stream_takes_any_block_sizes(decoder32):
+    tokens = list(np.random.default_rng(7).integers(0, 16384, 30))
+    stream = decoder32.stream()
+    chunks = [stream.push(tokens[:1]), stream.push([])] + [stream.push([t]) for t in tokens[1:-1]]
+    chunks.append(stream.finish(tokens[-1:]))
+    assert sum(map(len, chunks)) == decoder32.num_samples(30)
+    assert len(decoder32.stream().finish()) == 0
 
 
 def test_seamless_single_block_equals_the_one_pass_with_stream_randomness(decoder64):

@@ -265,9 +265,9 @@ class AudioDecoder:
     def one_pass(self, tokens: Sequence[int] | torch.Tensor, *, seed: int | None = None, randomness: str = "reference",
                  return_mel: bool = False):
         """All tokens through the flow and the vocoder at once -> np.float32 audio at 22050 Hz
-        (and the mel (80, frames), in the compute dtype, if ``return_mel``). ``randomness="reference"`` draws the
-        reference's noise (``token2wav(..., finalize=True)``); ``"stream"`` the frame-indexed
-        noise of a seamless stream with the same seed."""
+        (and the mel (80, frames) if ``return_mel``: float64 in float64 runs, else float32).
+        ``randomness="reference"`` draws the reference's noise (``token2wav(..., finalize=True)``);
+        ``"stream"`` the frame-indexed noise of a seamless stream with the same seed."""
         seed = self.seed if seed is None else seed
         tokens = self._tokens(tokens)
         frames = self.flow.mel_frames(tokens.size(1))
@@ -374,6 +374,10 @@ class ReferenceStream(DecoderStream):
             audio, _ = self._vocode(rnd, mel, source_cache)
             self.overlap = self.cache_mel = self.cache_source = None
         else:
+            if mel.size(-1) <= REFERENCE_OVERLAP_FRAMES:
+                raise ValueError(f"a {len(tokens)}-token block is too short for the reference stream, which holds back "
+                                 f"{REFERENCE_OVERLAP_FRAMES} mel frames of every non-final block (use 6 tokens or more, "
+                                 f"or the seamless stream)")
             self.overlap, mel = mel[:, :, -REFERENCE_OVERLAP_FRAMES:], mel[:, :, :-REFERENCE_OVERLAP_FRAMES]
             audio, source = self._vocode(rnd, mel, source_cache)
             self.cache_mel = mel[:, :, -REFERENCE_CACHE_FRAMES:]
