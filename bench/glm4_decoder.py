@@ -15,6 +15,7 @@ tokens are streamed block by block (the last block partial, ended with ``finish`
   against ``one_pass(randomness="stream")``, which uses the stream's own frame-indexed noise and so
   isolates what streaming changes from what a different noise draw changes
 * per block: compute seconds (flow and vocoder), the block's audio seconds, RTF = compute / audio
+* for scale: the SNR of a one-pass decode with another noise seed (an unrelated noise draw)
 
 Random weights make the output noise: the flow's mel then depends on the noise about as much as on
 the tokens, and the vocoder's harmonic phase integrates f0, so any mel difference drifts the
@@ -144,6 +145,8 @@ def main() -> None:
     parser.add_argument("--schedules", default="25,50,100,150,200;10,25,50,100,150,200",
                         help="block schedules, ';'-separated")
     parser.add_argument("--out", type=Path, default=None, help="JSON results path")
+    parser.add_argument("--no-seed-baseline", action="store_true",
+                        help="skip the one pass with another noise seed (the SNR of an unrelated noise draw)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -156,7 +159,7 @@ def main() -> None:
     modes = args.modes.split(",")
     out = args.out or RESULTS / f"{date.today()}_glm4_decoder_{args.size}_{device.type}_{args.dtype}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    total = 2 + sum(len(blocks_of(tokens, s)) for s in schedules.values()) * len(modes)
+    total = 2 + (not args.no_seed_baseline) + sum(len(blocks_of(tokens, s)) for s in schedules.values()) * len(modes)
     results = dict(machine=machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
                    device=str(device), dtype=args.dtype, size=args.size, tokens=args.tokens,
                    audio_seconds=args.tokens / TOKENS_PER_SECOND, torch=torch.__version__,
@@ -169,6 +172,12 @@ def main() -> None:
             audio, mel = decoder.one_pass(tokens, randomness=randomness, return_mel=True)
             timer.sync()
             one_pass[randomness] = dict(audio=audio, mel=mel, compute_s=time.perf_counter() - start)
+            progress.update(1)
+        if not args.no_seed_baseline:  # what a different noise draw alone does to the SNR
+            audio, mel = decoder.one_pass(tokens, seed=decoder.seed + 1, return_mel=True)
+            results["other_seed_vs_one_pass_db"] = snr(audio, one_pass["reference"]["audio"])
+            results["other_seed_vs_one_pass_spectral_db"] = spectral_snr(audio, one_pass["reference"]["audio"])
+            results["other_seed_vs_one_pass_mel_db"] = snr(mel, one_pass["reference"]["mel"])
             progress.update(1)
         results["one_pass"] = dict(samples=len(one_pass["reference"]["audio"]),
                                    compute_s=one_pass["reference"]["compute_s"],
@@ -189,6 +198,9 @@ def main() -> None:
                 out.write_text(json.dumps(dict(results, complete=False), indent=1))  # a long run keeps what it has
     print(f"\n{results['machine']}, {args.dtype}, {args.size} size, {args.tokens} tokens ({results['audio_seconds']:.1f} s); "
           f"one pass {results['one_pass']['compute_s']:.2f} s compute, {results['one_pass']['samples']} samples")
+    if "other_seed_vs_one_pass_db" in results:
+        print(f"one pass with seed {decoder.seed + 1} vs seed {decoder.seed}: {results['other_seed_vs_one_pass_db']:.2f} dB wave, "
+              f"{results['other_seed_vs_one_pass_spectral_db']:.2f} dB spectral, {results['other_seed_vs_one_pass_mel_db']:.2f} dB mel")
     print(f"one pass with the stream's noise vs the reference's noise: {results['one_pass']['stream_randomness_vs_reference_db']:.2f} dB "
           f"(mel {results['one_pass']['stream_randomness_vs_reference_mel_db']:.2f} dB)")
     for row in results["runs"]:
