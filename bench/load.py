@@ -15,7 +15,6 @@ import argparse
 import base64
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,63 +27,18 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from loopback import RESULTS, ROOT, is_loopback, metrics, post_chat, start_server, stop_server
+
 QUESTION = ROOT / "demos" / "samples" / "01.wav"
-LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(args) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, str(ROOT / "server.py"), "--port", str(port), "--max-sessions", str(max(args.clients))]
-    cmd += ["--tiny"] if args.tiny else []
-    cmd += ["--random-full"] if args.full else []
-    cmd += ["--dtype", args.dtype] if args.dtype else []
-    cmd += ["--device", args.device] if args.device else []
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=1).ok:
-                return proc, url
-        except requests.ConnectionError:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            raise SystemExit("server.py exited during start-up")
-    proc.kill()
-    raise SystemExit("server.py did not start in 300 s")
-
-
-def server_rss_mib(url: str) -> float | None:
-    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("process_resident_memory_bytes "):
-            return float(line.split()[1]) / 2**20
-    return None
-
-
-def one_request(url: str, body: dict, rate: int, timeout: float) -> dict:
-    started = time.perf_counter()
-    try:
-        response = requests.post(url + "/chat", json=body, stream=True, timeout=timeout)
-        if response.status_code != 200:
-            return {"error": f"HTTP {response.status_code}: {response.text[:200]}"}
-        first, size = None, 0
-        for part in response.iter_content(chunk_size=4096):
-            if first is None and part:
-                first = time.perf_counter() - started
-            size += len(part)
-        total = time.perf_counter() - started
-    except requests.RequestException as err:
-        return {"error": f"{type(err).__name__}: {err}"}
-    audio_s = size / 2 / rate
-    return {"ttfa_s": first, "total_s": total, "audio_s": audio_s, "rtf": total / audio_s if audio_s else None}
+    flags = ["--max-sessions", str(max(args.clients))]
+    flags += ["--tiny"] if args.tiny else []
+    flags += ["--random-full"] if args.full else []
+    flags += ["--dtype", args.dtype] if args.dtype else []
+    flags += ["--device", args.device] if args.device else []
+    return start_server(flags)
 
 
 def run_level(url: str, clients: int, per_client: int, body: dict, rate: int, timeout: float) -> dict:
@@ -94,7 +48,7 @@ def run_level(url: str, clients: int, per_client: int, body: dict, rate: int, ti
 
     def client():
         for _ in range(per_client):
-            r = one_request(url, body, rate, timeout)
+            r = post_chat(url, body, rate, timeout)
             with lock:
                 results.append(r)
                 progress.update()
@@ -157,7 +111,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not (args.url or args.spawn):
         p.error("give --url or --spawn")
-    if args.url and not any(args.url.split("//", 1)[-1].startswith(h) for h in LOOPBACK):
+    if args.url and not is_loopback(args.url):
         p.error("load tests target loopback addresses only")
     if max(args.clients) * args.requests_per_client > 2000:
         p.error("at most 2000 requests per level")
@@ -169,14 +123,13 @@ def main(argv=None) -> int:
     try:
         card = requests.get(url + "/v1/models", timeout=10).json()["data"][0]
         rate = card["card"]["output_sample_rate"]
-        one_request(url, body, rate, args.timeout)  # warm-up
-        memory_before = server_rss_mib(url)
+        post_chat(url, body, rate, args.timeout)  # warm-up
+        memory_before = metrics(url)["process_resident_memory_bytes"] / 2**20
         levels = [run_level(url, n, args.requests_per_client, body, rate, args.timeout) for n in args.clients]
-        memory_after = server_rss_mib(url)
+        memory_after = metrics(url)["process_resident_memory_bytes"] / 2**20
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop_server(proc)
     base = levels[0]["throughput_audio_s_per_s"] or 1e-9
     result = {
         "date": date.today().isoformat(), "model": card["id"], "random_weights": card.get("random_weights"),
