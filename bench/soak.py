@@ -6,9 +6,9 @@ every request has a timeout and every loop stops at the deadline, so the run end
     python bench/soak.py --url http://127.0.0.1:60808 --clients 4 --minutes 1 [--api-key K]
 
 The mix of actions is in bench/soak_actions.py. Reported: completed and lost replies (a valid reply
-that fails or comes back short, a 5xx or no answer to a hostile request), hostile outcomes by
-status, TTFA p50/p95 of the valid replies, RSS over time with its slope over the second half, open
-fds, and /health sessions. Results: bench/results/<date>_<device>_soak.{json,md} (or --out STEM).
+that fails or comes back short, a 5xx or no answer to a hostile request; "busy" answers are retried
+and counted), hostile outcomes by status, TTFA p50/p95 of the valid replies, RSS over time with its
+slope over the second half, open fds, and /health sessions. Results: bench/results/<date>_<device>_soak.{json,md} (or --out STEM).
 Exit status 1 when any reply was lost or the server died.
 """
 from __future__ import annotations

@@ -35,7 +35,10 @@ DROP_TOKENS = 200  # a disconnect leaves mid-reply: long enough never to finish 
 REALTIME_RATE = 24000
 REALTIME_CHUNK_S = 0.1
 OVERSIZED_BYTES = 26 * 2**20  # over server.py's default 25 MB body limit
-BUSY_RETRIES = 20  # a 503 (all slots busy) is retried as real clients do, then counted lost
+# "all slots (or connections) busy" is retried as real clients do, BUSY_RETRIES times, then lost
+BUSY_RETRIES = 20
+BUSY_STATUSES = (429, 503)
+BUSY_CLOSE_CODE = 1013  # WebSocket "try again later"
 
 
 @dataclass
@@ -95,7 +98,7 @@ def chat_reply(t: Target, rng: random.Random, action: str = "chat_reply", **opti
     body = {"audio": sample.chat_audio, "max_tokens": tokens, **options}
     for retry in range(BUSY_RETRIES + 1):
         reply = post_chat(t.url, body, t.output_rate, t.timeout, t.headers)
-        if reply["status"] != 503:
+        if reply["status"] not in BUSY_STATUSES:
             break
         time.sleep(float(reply.get("retry_after") or 1))
     outcome = Outcome("completed", busy_retries=retry, reply_key=(action, sample.name, tokens))
@@ -121,7 +124,17 @@ def chat_tiny_temperature(t: Target, rng: random.Random) -> Outcome:
 
 
 class RealtimeFailure(Exception):
-    pass
+    def __init__(self, reason: str, busy: bool = False) -> None:
+        super().__init__(reason)
+        self.busy = busy
+
+
+def refused_as_busy(err: Exception) -> bool:
+    """A realtime session refused because the server is full: an error event "busy", close code
+    1013, or a 429/503 to the WebSocket upgrade."""
+    if isinstance(err, InvalidStatus):
+        return err.response.status_code in BUSY_STATUSES
+    return isinstance(err, RealtimeFailure) and err.busy
 
 
 @contextlib.contextmanager
@@ -146,17 +159,19 @@ def next_event(ws, deadline: float, *wanted: str, seen: Callable[[dict], None] |
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise RealtimeFailure(f"timeout waiting for {wanted}")
+            raise RealtimeFailure(f"timeout waiting for {' or '.join(wanted)}")
         try:
             event = json.loads(ws.recv(timeout=remaining))
         except TimeoutError:
-            raise RealtimeFailure(f"timeout waiting for {wanted}") from None
+            raise RealtimeFailure(f"timeout waiting for {' or '.join(wanted)}") from None
         except ConnectionClosed as err:
-            raise RealtimeFailure(f"closed ({err.rcvd.code if err.rcvd else 'no close frame'})") from None
+            code = err.rcvd.code if err.rcvd else None
+            raise RealtimeFailure(f"closed ({code or 'no close frame'})", busy=code == BUSY_CLOSE_CODE) from None
         if event.get("type") in wanted:
             return event
         if event.get("type") == "error":
-            raise RealtimeFailure(f"error event {event['error'].get('code')}")
+            code = event["error"].get("code")
+            raise RealtimeFailure(f"error event {code}", busy=code == "busy")
         if seen:
             seen(event)
 
@@ -193,13 +208,14 @@ def realtime_reply(t: Target, rng: random.Random) -> Outcome:
             with realtime_session(t, tokens, deadline) as ws:
                 asked = ask_for_response(ws, sample, deadline)
                 done, audio_bytes, first = read_reply(ws, deadline)
-        except RealtimeFailure as err:
-            if str(err) == "error event busy" and retry < BUSY_RETRIES:
+        except (RealtimeFailure, InvalidStatus) as err:
+            if refused_as_busy(err) and retry < BUSY_RETRIES:
                 time.sleep(1)
                 continue
-            outcome.result, outcome.lost = str(err), True
+            outcome.result, outcome.lost = str(err) if isinstance(err, RealtimeFailure) else "connect refused", True
+            outcome.detail = str(err)[:300]
             return outcome
-        except (OSError, InvalidStatus) as err:
+        except OSError as err:
             outcome.result, outcome.lost, outcome.detail = "connect failed", True, str(err)[:300]
             return outcome
         break
@@ -213,7 +229,8 @@ def realtime_reply(t: Target, rng: random.Random) -> Outcome:
 
 # -- hostile requests ----------------------------------------------------------------------------
 def refused(send_request: Callable[[], requests.Response], closing_is_fine: bool = False) -> Outcome:
-    """A hostile /chat request: a 4xx is right, a 5xx or no answer is a lost reply, a 2xx is noted."""
+    """A hostile /chat request: a 4xx is right (a busy 503 is fair too), another 5xx or no answer is
+    a lost reply, a 2xx is noted."""
     try:
         with send_request() as response:
             status = response.status_code
@@ -229,7 +246,7 @@ def refused(send_request: Callable[[], requests.Response], closing_is_fine: bool
         return Outcome("no answer (timeout)", lost=True)
     except requests.ConnectionError as err:
         return Outcome("connection closed", lost=not closing_is_fine, detail=str(err)[:300])
-    return Outcome(f"HTTP {status} {kind}", lost=status >= 500)
+    return Outcome(f"HTTP {status} {kind}", lost=status >= 500 and status not in BUSY_STATUSES)
 
 
 def post_body(t: Target, body: bytes | object) -> Callable[[], requests.Response]:
@@ -280,7 +297,7 @@ def half_sent(t: Target, rng: random.Random) -> Outcome:
     head = ["POST /chat HTTP/1.1", f"Host: {where.netloc}", "Content-Type: application/json",
             "Content-Length: 100000", *(f"{k}: {v}" for k, v in t.headers.items())]
     try:
-        with socket.create_connection((where.hostname, where.port), timeout=t.timeout) as raw:
+        with socket.create_connection((where.hostname, where.port or 80), timeout=t.timeout) as raw:
             raw.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + b'{"audio": "' + b"A" * rng.randint(0, 5000))
     except OSError as err:
         return Outcome("connect failed", lost=True, detail=str(err)[:300])
@@ -315,7 +332,8 @@ def realtime_bad_event(t: Target, rng: random.Random) -> Outcome:
     except ConnectionClosed as err:
         return Outcome(f"closed ({err.rcvd.code if err.rcvd else 'no close frame'})")
     except (RealtimeFailure, OSError, InvalidStatus) as err:
-        return Outcome("connect failed", lost=True, detail=str(err)[:300])
+        busy = refused_as_busy(err)
+        return Outcome("refused: busy" if busy else "connect failed", lost=not busy, detail=str(err)[:300])
     if answer.get("type") != "error":
         return Outcome(f"accepted ({answer.get('type')})", detail=json.dumps(event))
     return Outcome(f"error event {answer['error'].get('code')}")
@@ -326,9 +344,9 @@ def chat_drop(t: Target, rng: random.Random) -> Outcome:
     body = {"audio": rng.choice(t.samples).chat_audio, "max_tokens": DROP_TOKENS}
     try:
         with requests.post(t.url + "/chat", json=body, headers=t.headers, stream=True, timeout=t.timeout) as response:
-            if response.status_code != 200:  # 503 is fair (all slots busy); a 5xx else is a server fault
+            if response.status_code != 200:  # busy is fair; another 5xx is a server fault
                 return Outcome(f"HTTP {response.status_code}",
-                               lost=response.status_code >= 500 and response.status_code != 503)
+                               lost=response.status_code >= 500 and response.status_code not in BUSY_STATUSES)
             if not next(response.iter_content(4096), None):
                 return Outcome("empty stream", lost=True)
     except requests.RequestException as err:
@@ -347,10 +365,10 @@ def realtime_drop(t: Target, rng: random.Random) -> Outcome:
                 return Outcome(f"response.done {first['response']['status']} before any audio", lost=True,
                                detail=json.dumps(first["response"].get("status_details"))[:300])
             ws.socket.shutdown(socket.SHUT_RDWR)
-    except RealtimeFailure as err:
-        busy = str(err) == "error event busy"
-        return Outcome(str(err), lost=not busy)
-    except (OSError, InvalidStatus) as err:
+    except (RealtimeFailure, InvalidStatus) as err:
+        return Outcome(str(err) if isinstance(err, RealtimeFailure) else "connect refused", lost=not refused_as_busy(err),
+                       detail=str(err)[:300])
+    except OSError as err:
         return Outcome("connect failed", lost=True, detail=str(err)[:300])
     return Outcome("dropped after the first delta")
 
