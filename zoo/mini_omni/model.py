@@ -15,6 +15,7 @@ from ..core.audio import AudioSource, load_audio
 from ..core.checkpoints import resolve_files
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError, WeightsNotFound
+from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Options, VoiceModel
 from . import whisper
 from .codec import CODEC_FILES, AudioStreamer, Codec, Window, load_snac
@@ -195,7 +196,9 @@ class MiniOmni(VoiceModel):
     def __init__(self, gpt: GPT, encoder: whisper.AudioEncoder, codec: Codec, tokenizer: Tokenizer, *, tiny: bool = False) -> None:
         self.gpt, self.encoder, self.codec, self.tokenizer = gpt.pack(), encoder, codec, tokenizer
         self.tiny = tiny
-        self.engine = Engine(gpt, max_rows=2)
+        # respond() and generate() run on one-slot steppers (two KV-cache rows: the batch trick's),
+        # so replies that run at once in one process never share cache rows
+        self._steppers = OneSlotSteppers(lambda: ReplyStepper(self, max_sessions=1))
         whisper.mel_filters(encoder.dims.n_mels)  # build once now, not inside the first reply
 
     # -- loading ----------------------------------------------------------------------------
@@ -255,8 +258,8 @@ class MiniOmni(VoiceModel):
         options: MiniOmniOptions | Mapping[str, Any] | None = None,
     ) -> Iterator[Chunk]:
         """Stream any reference task: A1A2, A1T2, ASR, T1A2, T1T2 or A1A2+A1T2."""
-        session = self.start_session(task, audio=audio, sample_rate=sample_rate, text=text, options=options)
-        return self._stream(session)
+        _, reply = self.start_session(task, audio=audio, sample_rate=sample_rate, text=text, options=options)
+        return self._stream(reply)
 
     def start_session(self, task: str, *, audio=None, sample_rate=None, text=None, options=None) -> tuple[Session, Reply]:
         """Validate and encode the input, build the prompt; no LLM work yet (the engine's
@@ -324,19 +327,8 @@ class MiniOmni(VoiceModel):
             raise OptionsError(f"the text question is too long ({len(ids)} tokens)")
         return text_question(spec, ids), None
 
-    def _stream(self, handle: tuple[Session, Reply]) -> Iterator[Chunk]:
-        session, reply = handle
-        try:
-            self.engine.start(session)
-            while True:
-                chunk = reply.poll()
-                if chunk is not None:
-                    yield chunk
-                if session.done:
-                    break
-                self.engine.step([session])
-        finally:
-            self.engine.release(session)
+    def _stream(self, reply: Reply) -> Iterator[Chunk]:
+        return self._steppers.stream(reply)
 
 
 def load_gpt(folder: Path) -> GPT:
