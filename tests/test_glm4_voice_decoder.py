@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from zoo.glm4_voice.decoder import (AudioDecoder, CheckpointMismatch, SeamlessStream, SeamlessVocoder, build_modules,
+from zoo.core.errors import CheckpointMismatch
+from zoo.glm4_voice.decoder import (AudioDecoder, SeamlessStream, SeamlessVocoder, build_modules,
                                     hift_published_state)
 from zoo.glm4_voice.decoder_config import ConfigError, DecoderConfig, read_config, render_config
 from zoo.glm4_voice.conformer import block_causal_grid, relative_shift

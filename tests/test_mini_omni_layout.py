@@ -92,3 +92,25 @@ def test_frame_to_snac_mapping_is_depth_first_and_round_trips():
     assert c2.tolist() == [[2, 3, 5, 6, 9, 10, 12, 13]]
     random = torch.randint(0, 4096, (9, 7))
     assert torch.equal(codes_to_frames(frames_to_codes(random)), random)
+
+
+def test_a_damaged_lit_model_is_refused_naming_every_problem(tiny_folders, tmp_path):
+    import shutil
+
+    import zoo
+    from zoo.core.errors import CheckpointMismatch
+
+    for file in tiny_folders.checkpoint.iterdir():
+        shutil.copy(file, tmp_path / file.name)
+    state = torch.load(tmp_path / "lit_model.pth", weights_only=True)
+    del state["transformer.ln_f.weight"]
+    state["transformer.extra"] = torch.zeros(2)
+    state["transformer.h.0.attn.proj.weight"] = state["transformer.h.0.attn.proj.weight"][:, :-1]
+    torch.save(state, tmp_path / "lit_model.pth")
+    with pytest.raises(CheckpointMismatch) as err:
+        zoo.load("mini-omni", device="cpu", checkpoint=tmp_path, codec=tiny_folders.codec)
+    message = str(err.value)
+    for part in ("1 missing: transformer.ln_f.weight", "1 unexpected: transformer.extra",
+                 "1 wrong shape: transformer.h.0.attn.proj.weight", "lit_model.pth"):
+        assert part in message
+    assert isinstance(err.value, zoo.WeightsNotFound)

@@ -67,12 +67,13 @@ import numpy as np
 import torch
 
 from ..core.audio import AudioSource, load_audio, read_audio, resample
+from ..core.checkpoints import read_state_dict
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import AudioInputError, OptionsError, WeightsNotFound
 from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Options, VoiceModel
 from .checkpoint import (
-    CODEC_FILE, QUANTIZER_FILE, VARIANT_FILES, build_codec, build_main, build_quantizer, build_resynth, read_state,
+    CODEC_FILE, QUANTIZER_FILE, VARIANT_FILES, build_codec, build_main, build_quantizer, build_resynth,
     resolve,
 )
 from .codec import FRAME, SAMPLE_RATE, WaveCodec, sample_posterior
@@ -398,14 +399,14 @@ class HertzDev(VoiceModel):
         source = checkpoint or CARD.components["checkpoint"]
         _check_local_folder(source)
         folder = resolve(source, (CODEC_FILE, QUANTIZER_FILE))
-        codec = build_codec(read_state(folder / CODEC_FILE), dtype=dtype, device=device)
-        quantizer = build_quantizer(read_state(folder / QUANTIZER_FILE), dtype=dtype, device=device)
+        codec = build_codec(read_state_dict(folder / CODEC_FILE), dtype=dtype, device=device)
+        quantizer = build_quantizer(read_state_dict(folder / QUANTIZER_FILE), dtype=dtype, device=device)
 
         def networks(variant: str) -> Networks:
             main_file, resynth_file = VARIANT_FILES[variant]
             where = resolve(source, (main_file, resynth_file))
-            main = build_main(read_state(where / main_file), dtype=dtype, device=device, file=main_file)
-            resynth = build_resynth(read_state(where / resynth_file), dtype=dtype, device=device, file=resynth_file)
+            main = build_main(read_state_dict(where / main_file), dtype=dtype, device=device, file=main_file)
+            resynth = build_resynth(read_state_dict(where / resynth_file), dtype=dtype, device=device, file=resynth_file)
             if main.config.split != (variant == "split") or resynth.config.split != (variant == "split"):
                 raise WeightsNotFound(f"{main_file} / {resynth_file} in {where} are not the {variant} networks")
             return main, resynth

@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ..core.audio import AudioSource, load_audio
-from ..core.checkpoints import resolve_files
+from ..core.checkpoints import load_strict, resolve_files
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError, WeightsNotFound
 from ..core.scheduler import OneSlotSteppers
@@ -335,8 +335,7 @@ def load_gpt(folder: Path) -> GPT:
     config = GPTConfig.from_yaml(folder / "model_config.yaml")
     with torch.device("meta"):
         gpt = GPT(config)
-    state = torch.load(folder / "lit_model.pth", map_location="cpu", weights_only=True)
-    gpt.load_state_dict(state, strict=True, assign=True)
+    load_strict(gpt, folder / "lit_model.pth", f"the litgpt layout of {folder / 'model_config.yaml'}")
     if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: re-tie to wte
         gpt.lm_head.weight = gpt.transformer.wte.weight
     return gpt
