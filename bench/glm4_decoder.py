@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -37,8 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo.glm4_voice.decoder import AudioDecoder, SeamlessStream  # noqa: E402
+from zoo.glm4_voice.decoder import AudioDecoder, SeamlessStream
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKENS_PER_SECOND = 12.5

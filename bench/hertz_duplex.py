@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import zoo  # noqa: E402
-from bench.latency import machine, sync  # noqa: E402
+import zoo
+from bench.latency import machine, sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRAME_MS = 125.0

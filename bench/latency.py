@@ -27,8 +27,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import zoo  # noqa: E402
+import zoo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION = Path(__file__).resolve().parents[1] / "demos" / "samples" / "01.wav"

@@ -122,7 +122,6 @@ def run_level(url: str, clients: int, per_client: int, body: dict, rate: int, ti
 
 def in_process_ttfa(args, audio_bytes: bytes, repeats: int = 5) -> float:
     """The model's own TTFA on the same question (what the server adds comes on top)."""
-    sys.path.insert(0, str(ROOT))
     import zoo
 
     if args.full:

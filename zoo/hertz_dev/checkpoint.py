@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..core.checkpoints import mismatch_problems, resolve_files
-from ..core.errors import CheckpointMismatch, WeightsNotFound
+from ..core.errors import CheckpointMismatch
 from .codec import STRIDES, CodecConfig, WaveCodec
 from .transformer import (
     HertzLM, LatentQuantizer, MainConfig, QuantizerConfig, ResynthConfig, Resynthesizer,
