@@ -25,7 +25,7 @@ from bench.latency import machine, sync
 from zoo.core.devices import pick_device
 from zoo.glm4_voice.engine import SlotEngine
 from zoo.glm4_voice.model import precision
-from zoo.glm4_voice.testing import random_llm
+from zoo.glm4_voice.random_weights import random_llm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REAL_TIME_TOKENS_PER_S = (13 + 26) / (26 / 12.5)  # 18.75

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
 
     t0 = time.perf_counter()
-    model = zoo.random_model(args.model, args.size, device=device, dtype=args.dtype)
+    model = zoo.load(args.model, random_weights=args.size, device=device, dtype=args.dtype)
     load_s = time.perf_counter() - t0
     audio, rate = question(args.question_seconds)
     if device.type == "cuda":

@@ -13,7 +13,7 @@ SHORT = {"max_new_tokens": 12}
 
 @pytest.fixture(scope="module", params=zoo.names())
 def model(request, _tiny_cache):
-    return zoo.load(request.param, tiny=True, device="cpu")
+    return zoo.load(request.param, random_weights="tiny", device="cpu")
 
 
 def reply(model) -> tuple[np.ndarray, str]:

@@ -18,7 +18,7 @@ from zoo.glm4_voice.conformer import block_causal_grid, relative_shift
 from zoo.glm4_voice.flow import mel_frames
 from zoo.glm4_voice.hift import receptive_field_frames
 from zoo.glm4_voice.prompt import LOW_LATENCY_BLOCKS, REFERENCE_BLOCKS
-from zoo.glm4_voice.testing import write_tiny_decoder
+from zoo.glm4_voice.random_weights import write_tiny_decoder
 
 DATA = Path(__file__).parent / "data"
 KEYS = {f["file"]: f for f in json.loads((DATA / "keys/glm-4-voice.json").read_text())["files"]}

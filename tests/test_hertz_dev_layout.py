@@ -17,7 +17,7 @@ from zoo.hertz_dev.checkpoint import (
 from zoo.core.errors import CheckpointMismatch
 from zoo.hertz_dev.codec import FRAME, WaveCodec
 from zoo.hertz_dev.model import HertzDev
-from zoo.hertz_dev.testing import (
+from zoo.hertz_dev.random_weights import (
     FULL_CODEC, FULL_MAIN, FULL_QUANTIZER, FULL_RESYNTH, TINY_CODEC, tiny_checkpoint,
 )
 from zoo.hertz_dev.transformer import FSQ, HertzLM, LatentQuantizer, MainConfig, ResynthConfig, Resynthesizer
@@ -36,12 +36,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_hertz(one_thread):
-    return zoo.load("hertz-dev", tiny=True, device="cpu")
+    return zoo.load("hertz-dev", random_weights="tiny", device="cpu")
 
 
 @pytest.fixture(scope="module")
 def tiny_hertz64(one_thread):
-    return zoo.load("hertz-dev", tiny=True, device="cpu", dtype="float64")
+    return zoo.load("hertz-dev", random_weights="tiny", device="cpu", dtype="float64")
 
 
 def full_size_modules():

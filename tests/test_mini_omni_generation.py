@@ -207,7 +207,7 @@ def test_tied_embeddings_take_wte_like_the_reference(tmp_path):
     import yaml
 
     from zoo.mini_omni.model import load_gpt
-    from zoo.mini_omni.testing import random_gpt_state, tiny_config
+    from zoo.mini_omni.random_weights import random_gpt_state, tiny_config
 
     config = tiny_config(tie_word_embeddings=True)
     state = random_gpt_state(config, torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ from snac import SNAC
 
 from zoo.mini_omni.codec import codes_to_frames, frames_to_codes
 from zoo.mini_omni.gpt import GPT
-from zoo.mini_omni.testing import FULL_GPT, FULL_SNAC
+from zoo.mini_omni.random_weights import FULL_GPT, FULL_SNAC
 from zoo.mini_omni.whisper import AudioEncoder, EncoderDims
 
 KEYS = {f["file"]: f for f in json.loads((Path(__file__).parent / "data/keys/mini-omni.json").read_text())["files"]}
@@ -53,7 +53,7 @@ def test_fused_qkv_rows_are_interleaved_per_kv_group():
     then v_g. Built by hand from separate Q/K/V projections, the model must match a plain
     multi-head attention with head h using KV group h // 7."""
     from zoo.mini_omni.gpt import KVCache
-    from zoo.mini_omni.testing import tiny_config
+    from zoo.mini_omni.random_weights import tiny_config
 
     config = tiny_config(n_layer=1, n_head=6, n_query_groups=2, head_size=4, n_embd=24)
     gpt = GPT(config).double()

@@ -18,8 +18,8 @@ def _way_out(component: str) -> str:
     flag = component.replace("_", "-")
     return (
         f"Download the files on a machine with network access and pass the folder with "
-        f"`--{flag} DIR` (zoo.load(..., {component}=DIR)), or use `--tiny` (tiny=True) for a "
-        f"random-weight smoke test."
+        f"`--{flag} DIR` (zoo.load(..., {component}=DIR)), or use `--tiny` (random_weights='tiny') for "
+        f"a random-weight smoke test."
     )
 
 

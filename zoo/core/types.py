@@ -115,6 +115,9 @@ class VoiceModel(ABC):
 
     card: ModelCard
     options_class: ClassVar[type[Options]] = Options
+    # "tiny" or "full" when zoo.load built the model with seeded random weights (its output is
+    # noise, and everything that shows it says so); None for published weights
+    random_weights: str | None = None
 
     def options(self, values: Mapping[str, Any] | Options | None = None) -> Options:
         if isinstance(values, Options):

@@ -204,23 +204,6 @@ class AudioDecoder:
         device = torch.device(device or "cpu")
         return cls(flow.to(device=device, dtype=dtype), hift.to(device=device, dtype=dtype), seed)
 
-    @classmethod
-    def random(cls, size: str = "tiny", *, device=None, dtype: torch.dtype = torch.float32, seed: int = 0) -> "AudioDecoder":
-        """Seeded random weights, built in memory: "tiny" is the test checkpoint (the same weights
-        ``testing.write_tiny_decoder`` writes), "full" the published sizes (the real compute
-        cost). Noise out."""
-        from .testing import TINY_DECODER, random_decoder_state
-
-        if size not in ("tiny", "full"):
-            raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
-        config = TINY_DECODER if size == "tiny" else DecoderConfig()
-        flow_state, hift_state = random_decoder_state(config, torch.Generator().manual_seed(seed))
-        flow, hift = build_modules(config, device="meta")
-        flow.load_state_dict(flow_state, strict=True, assign=True)
-        hift.load_state_dict(published_to_module_keys(hift_state), strict=True, assign=True)
-        device = torch.device(device or "cpu")
-        return cls(flow.to(device=device, dtype=dtype), hift.to(device=device, dtype=dtype))
-
     def num_samples(self, n_tokens: int) -> int:
         """Samples ``one_pass`` returns for ``n_tokens`` tokens."""
         return mel_frames(n_tokens, self.flow.config.input_frame_rate) * self.samples_per_frame

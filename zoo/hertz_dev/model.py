@@ -373,29 +373,25 @@ class HertzDev(VoiceModel):
     options_class = HertzOptions
 
     def __init__(self, codec: WaveCodec, quantizer: LatentQuantizer, networks: Callable[[str], Networks], *,
-                 tiny: bool = False, source: str = "") -> None:
+                 source: str = "") -> None:
         self.codec, self.quantizer = codec, quantizer
         self._build_networks = networks
         self._networks: dict[str, Networks] = {}
         self._lock = threading.Lock()
         self._steppers = OneSlotSteppers(lambda: ReplyStepper(self, 1))
-        self.tiny, self.source = tiny, source
+        self.source = source
         weight = quantizer.input.weight
         self.device, self.dtype = weight.device, weight.dtype
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
     def load(cls, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-             tiny: bool = False, seed: int = 0, checkpoint: str | os.PathLike | None = None) -> "HertzDev":
+             checkpoint: str | os.PathLike | None = None) -> "HertzDev":
         """Codec and quantizer now; the mono / split networks when first used. ``checkpoint``: a
         folder holding the published files, or a hub repo id (default si-pbc/hertz-dev).
         ``dtype`` defaults to bfloat16 on CUDA (as the reference), float32 on CPU."""
         device = pick_device(device)
         dtype = pick_dtype(dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if tiny and checkpoint is None:
-            from .testing import tiny_checkpoint
-
-            checkpoint = tiny_checkpoint(seed=seed)
         source = checkpoint or CARD.components["checkpoint"]
         _check_local_folder(source)
         folder = resolve(source, (CODEC_FILE, QUANTIZER_FILE))
@@ -411,7 +407,7 @@ class HertzDev(VoiceModel):
                 raise WeightsNotFound(f"{main_file} / {resynth_file} in {where} are not the {variant} networks")
             return main, resynth
 
-        return cls(codec, quantizer, networks, tiny=tiny, source=str(source))
+        return cls(codec, quantizer, networks, source=str(source))
 
     def networks(self, variant: str) -> Networks:
         """(main model, resynthesizer) of ``variant`` ("mono", "split" or "ablation"), loaded on
@@ -555,5 +551,5 @@ def _check_local_folder(source) -> None:
         f"checkpoint: folder {path} lacks {missing} (hertz-dev needs {CODEC_FILE}, {QUANTIZER_FILE} and the mono "
         f"{list(VARIANT_FILES['mono'])} and/or two-speaker {list(VARIANT_FILES['split'])} files of si-pbc/hertz-dev, "
         f"as published). Download them on a machine with network access and pass the folder with `--checkpoint DIR` "
-        f"(zoo.load(..., checkpoint=DIR)), or use `--tiny` (tiny=True) for a random-weight smoke test."
+        f"(zoo.load(..., checkpoint=DIR)), or use `--tiny` (random_weights='tiny') for a random-weight smoke test."
     )

@@ -193,9 +193,8 @@ class MiniOmni(VoiceModel):
     card = CARD
     options_class = MiniOmniOptions
 
-    def __init__(self, gpt: GPT, encoder: whisper.AudioEncoder, codec: Codec, tokenizer: Tokenizer, *, tiny: bool = False) -> None:
+    def __init__(self, gpt: GPT, encoder: whisper.AudioEncoder, codec: Codec, tokenizer: Tokenizer) -> None:
         self.gpt, self.encoder, self.codec, self.tokenizer = gpt.pack(), encoder, codec, tokenizer
-        self.tiny = tiny
         # respond() and generate() run on one-slot steppers (two KV-cache rows: the batch trick's),
         # so replies that run at once in one process never share cache rows
         self._steppers = OneSlotSteppers(lambda: ReplyStepper(self, max_sessions=1))
@@ -208,26 +207,18 @@ class MiniOmni(VoiceModel):
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
-        tiny: bool = False,
-        seed: int = 0,
         checkpoint: str | os.PathLike | None = None,
         codec: str | os.PathLike | None = None,
     ) -> "MiniOmni":
         device = pick_device(device)
         dtype = pick_dtype(dtype)
-        if tiny:
-            from .testing import tiny_checkpoint
-
-            folders = tiny_checkpoint(seed=seed)
-            checkpoint = checkpoint or folders.checkpoint
-            codec = codec or folders.codec
         ckpt = resolve_files(checkpoint or CARD.components["checkpoint"], CHECKPOINT_FILES, component="checkpoint", optional=(WHISPER_FILE,))
         codec_dir = resolve_files(codec or CARD.components["codec"], CODEC_FILES, component="codec")
         gpt = load_gpt(ckpt).to(device=device, dtype=dtype).eval()
         encoder = load_whisper_encoder(_whisper_file(ckpt)).to(device=device, dtype=dtype).eval()
         snac = load_snac(codec_dir, dtype, device)
         tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-        return cls(gpt, encoder, Codec(snac), tokenizer, tiny=tiny)
+        return cls(gpt, encoder, Codec(snac), tokenizer)
 
     # -- the zoo interface --------------------------------------------------------------------
     def respond(
