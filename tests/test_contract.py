@@ -46,3 +46,27 @@ def test_concurrent_in_process_replies_equal_a_reply_alone(model):
     for audio, text in results:
         assert text == alone[1]
         np.testing.assert_array_equal(audio, alone[0])
+
+
+def test_every_model_times_the_shared_benchmark_stages(model):
+    stages = model.benchmark_stages(QUESTION, 16000)
+    assert set(zoo.Stage) <= set(stages)
+    for stage in zoo.Stage:
+        stages[stage]()
+        stages[stage]()  # each stage can be timed again and again
+
+
+def test_the_latency_bench_runs_for_every_model(model, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "bench/latency.py", "--model", model.card.name, "--size", "tiny",
+                           "--device", "cpu", "--repeats", "1", "--reply-steps", "40", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert {s.value for s in zoo.Stage} <= set(result["stages"])
+    assert model.card.name in (tmp_path / "latency.md").read_text()

@@ -27,7 +27,7 @@ from ..core.errors import OptionsError
 from ..core.quantize import QUANTIZED, quantize_linears
 from ..core.sampling import sample
 from ..core.scheduler import OneSlotSteppers
-from ..core.types import Chunk, ModelCard, Options, VoiceModel
+from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from .decoder import DECODER_FILES, AudioDecoder
 from .engine import SlotEngine
 from .llm import INDEX_FILE, load_llm
@@ -270,8 +270,8 @@ class GlmVoice(VoiceModel):
             stream = self.decoder.stream("seamless")
             stream.push(first_block)
 
-        return {"speech_tokenizer": lambda: self.speech_tokenizer(wav), "prefill": prefill,
-                "decode_step": decode_step, "decoder_first_block": first_decoder_block}
+        return {Stage.ENCODE: lambda: self.speech_tokenizer(wav), Stage.PREFILL: prefill,
+                Stage.DECODE_STEP: decode_step, Stage.FIRST_AUDIO: first_decoder_block}
 
     # -- internals ----------------------------------------------------------------------------
     def _stream(self, reply: Reply) -> Iterator[Chunk]:

@@ -71,7 +71,7 @@ from ..core.checkpoints import read_state_dict
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import AudioInputError, OptionsError, WeightsNotFound
 from ..core.scheduler import OneSlotSteppers
-from ..core.types import Chunk, ModelCard, Options, VoiceModel
+from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from .checkpoint import (
     CODEC_FILE, QUANTIZER_FILE, VARIANT_FILES, build_codec, build_main, build_quantizer, build_resynth,
     resolve,
@@ -484,11 +484,12 @@ class HertzDev(VoiceModel):
 
     # -- benchmarks ---------------------------------------------------------------------------
     def benchmark_stages(self, audio: np.ndarray, sample_rate: int) -> dict[str, Callable[[], object]]:
-        """One call per per-frame stage of a duplex session (the split networks), for
-        bench/latency.py: ``codec_encode`` (both channels' 2000 samples), ``main_step`` (one
-        position), ``resynth_step`` (one position), ``codec_decode`` (one latent), and the whole
-        ``duplex_frame``; plus ``respond_prefill`` (the mono prompt: encode + prefill + first
-        frame). Each keeps its own state; KV positions wrap at 512 to stay mid-context."""
+        """One call per stage, for bench/latency.py. Frame stages of a duplex session (the split
+        networks): ``encode`` (both channels' 2000 samples through the codec), ``decode_step`` (a
+        whole duplex frame), ``first_audio`` (one latent through the codec decoder), and of its
+        parts ``main_step`` and ``resynth_step`` (one position each); ``prefill``: the mono prompt
+        of respond() (encode + prefill + first frame). Each keeps its own state; KV positions wrap
+        at 512 to stay mid-context."""
         stepper = DuplexStepper(self, 1, main_context=MAIN_CONTEXT, resynth_context=RESYNTH_CONTEXT)
         handle = stepper.open({"seed": 0})
         engine = stepper.engine
@@ -526,12 +527,12 @@ class HertzDev(VoiceModel):
             next(iter(self._stream(reply)))
 
         return {
-            "codec_encode": torch.inference_mode()(lambda: self.codec.posterior(x, enc_state)),
+            Stage.ENCODE: torch.inference_mode()(lambda: self.codec.posterior(x, enc_state)),
+            Stage.PREFILL: respond_prefill,
+            Stage.DECODE_STEP: duplex_frame,
+            Stage.FIRST_AUDIO: torch.inference_mode()(lambda: self.codec.decode(z, dec_state)),
             "main_step": main_step,
             "resynth_step": resynth_step,
-            "codec_decode": torch.inference_mode()(lambda: self.codec.decode(z, dec_state)),
-            "duplex_frame": duplex_frame,
-            "respond_prefill": respond_prefill,
         }
 
 

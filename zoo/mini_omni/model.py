@@ -16,7 +16,7 @@ from ..core.checkpoints import load_strict, resolve_files
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError, WeightsNotFound
 from ..core.scheduler import OneSlotSteppers
-from ..core.types import Chunk, ModelCard, Options, VoiceModel
+from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from . import whisper
 from .codec import CODEC_FILES, AudioStreamer, Codec, Window, load_snac
 from .config import GPTConfig
@@ -297,9 +297,10 @@ class MiniOmni(VoiceModel):
 
         frames = torch.randint(0, 4096, (opts.stream_stride + 6, AUDIO_LAYERS), generator=torch.Generator().manual_seed(0))
         return {
-            "whisper_encode": lambda: self.encode_audio(audio, sample_rate),
-            "prefill": prefill,
-            "decode_step": decode_step,
+            Stage.ENCODE: lambda: self.encode_audio(audio, sample_rate),  # Whisper
+            Stage.PREFILL: prefill,
+            Stage.DECODE_STEP: decode_step,
+            Stage.FIRST_AUDIO: lambda: self.codec.decode(frames[:1 + opts.lookahead]),  # the first chunk
             "codec_chunk": lambda: self.codec.decode(frames),  # 4 frames + 3 left + 3 right
             "codec_chunk_reference": lambda: self.codec.decode(frames[: opts.stream_stride]),
         }
