@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     if args.tiny:
         print(NOISE_BANNER, file=sys.stderr)
     try:
-        model = zoo.load(args.model, device=args.device, dtype=args.dtype, tiny=args.tiny, seed=args.seed, **components)
+        model = zoo.load(args.model, device=args.device, dtype=args.dtype, random_weights="tiny" if args.tiny else None,
+                         seed=args.seed, **components)
         overrides = {"seed": args.seed}
         if args.max_new_tokens is not None or args.tiny:
             overrides["max_new_tokens"] = args.max_new_tokens or TINY_MAX_NEW_TOKENS

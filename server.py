@@ -105,7 +105,7 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES,
     @app.get("/health")
     async def health() -> dict:
         health = {"status": "ok", "model": model.card.name, "sessions": service.in_flight,
-                  "max_sessions": service.max_sessions, "random_weights": bool(getattr(model, "tiny", False))}
+                  "max_sessions": service.max_sessions, "random_weights": model.random_weights is not None}
         if service.duplex is not None:
             health.update(duplex_sessions=service.duplex.reserved, max_duplex_sessions=service.duplex.max_sessions)
         return health
@@ -114,7 +114,7 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES,
     async def models() -> dict:
         card = model.card.to_dict()
         return {"object": "list", "data": [{"id": card["name"], "object": "model", "owned_by": "omni-zoo",
-                                            "random_weights": bool(getattr(model, "tiny", False)), "card": card}]}
+                                            "random_weights": model.random_weights is not None, "card": card}]}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -228,15 +228,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     components = component_values(args, zoo.card(args.model))
     try:
-        if args.random_full:
-            model = zoo.random_model(args.model, "full", device=args.device, dtype=args.dtype, seed=args.seed)
-        else:
-            model = zoo.load(args.model, device=args.device, dtype=args.dtype, tiny=args.tiny, seed=args.seed, **components)
+        random_weights = "full" if args.random_full else "tiny" if args.tiny else None
+        model = zoo.load(args.model, device=args.device, dtype=args.dtype, random_weights=random_weights,
+                         seed=args.seed, **components)
     except zoo.ZooError as err:
         log.error("%s", err)
         return 2
-    if args.tiny or args.random_full:
-        log.warning("RANDOM WEIGHTS (--tiny): every reply is noise, not speech")
+    if model.random_weights:
+        log.warning("RANDOM WEIGHTS (%s): every reply is noise, not speech", model.random_weights)
     prompt = None
     if args.duplex_prompt:
         try:

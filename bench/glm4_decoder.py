@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -37,8 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo.glm4_voice.decoder import AudioDecoder, SeamlessStream  # noqa: E402
+from zoo.glm4_voice.decoder import AudioDecoder, SeamlessStream
+from zoo.glm4_voice.random_weights import random_decoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKENS_PER_SECOND = 12.5
@@ -152,7 +151,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(torch.get_num_threads())
-    decoder = AudioDecoder.random(args.size, device=device, dtype=dtype, seed=args.seed)
+    decoder = random_decoder(args.size, device=device, dtype=dtype, seed=args.seed)
     timer = Timer(decoder)
     tokens = [int(t) for t in np.random.default_rng(args.seed).integers(0, 16384, args.tokens)]
     schedules = {name: tuple(int(n) for n in name.split(",")) for name in args.schedules.split(";")}

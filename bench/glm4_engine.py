@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.latency import machine, sync  # noqa: E402
-from zoo.glm4_voice.engine import SlotEngine  # noqa: E402
-from zoo.core.devices import pick_device  # noqa: E402
-from zoo.glm4_voice.model import precision  # noqa: E402
-from zoo.glm4_voice.testing import random_llm  # noqa: E402
+from bench.latency import machine, sync
+from zoo.core.devices import pick_device
+from zoo.glm4_voice.engine import SlotEngine
+from zoo.glm4_voice.model import precision
+from zoo.glm4_voice.random_weights import random_llm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REAL_TIME_TOKENS_PER_S = (13 + 26) / (26 / 12.5)  # 18.75

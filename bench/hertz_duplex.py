@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import zoo  # noqa: E402
-from bench.latency import machine, sync  # noqa: E402
+import zoo
+from bench.latency import machine, sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRAME_MS = 125.0
@@ -39,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    model = zoo.random_model("hertz-dev", args.size, device=device, dtype=args.dtype)
+    model = zoo.load("hertz-dev", random_weights=args.size, device=device, dtype=args.dtype)
     stepper = model.duplex_stepper(max(args.sessions))
     frame_samples = model.card.frame_samples
     rng = np.random.default_rng(0)

@@ -3,7 +3,8 @@
     python bench/latency.py --model mini-omni --size full --device cpu
     python bench/latency.py --size full --device cuda --dtype bfloat16
 
-Stages (medians after warm-up): audio encoder, prefill, one decode step, one codec chunk; then
+Stages (medians after warm-up): the four every model has (zoo.Stage: encode, prefill, one decode
+step, first audio) and any a model adds; then
 TTFA (audio in hand -> first audio chunk out), steady-state RTF (compute time / audio time after
 the first chunk) and peak memory. Writes bench/results/<date>_<model>_<size>_<device>_<dtype>.json
 and appends a row to bench/results/latency.md. Random weights: the audio is noise; the compute
@@ -27,8 +28,8 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import zoo  # noqa: E402
+import zoo
+from zoo.core.types import Stage
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION = Path(__file__).resolve().parents[1] / "demos" / "samples" / "01.wav"
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
 
     t0 = time.perf_counter()
-    model = zoo.random_model(args.model, args.size, device=device, dtype=args.dtype)
+    model = zoo.load(args.model, random_weights=args.size, device=device, dtype=args.dtype)
     load_s = time.perf_counter() - t0
     audio, rate = question(args.question_seconds)
     if device.type == "cuda":
@@ -110,9 +111,10 @@ def main(argv=None) -> int:
 
     stages = {}
     runs = model.benchmark_stages(audio, rate)
-    for name, fn in tqdm(runs.items(), desc="stages", unit="stage"):
-        repeats = args.repeats if name != "decode_step" else max(args.repeats, 20)
-        times = timed(fn, device, repeats, warmup=2 if name == "decode_step" else 1)
+    for stage, fn in tqdm(runs.items(), desc="stages", unit="stage"):
+        name = str(stage)
+        repeats = args.repeats if name != Stage.DECODE_STEP else max(args.repeats, 20)
+        times = timed(fn, device, repeats, warmup=2 if name == Stage.DECODE_STEP else 1)
         stages[name] = {"median_ms": round(statistics.median(times), 2),
                         "p90_ms": round(float(np.percentile(times, 90)), 2), "n": len(times)}
 
@@ -154,17 +156,16 @@ def main(argv=None) -> int:
 
 
 HEADER = ("| date | model | size | device | dtype | encode ms | prefill ms | decode step ms (p50/p90) "
-          "| codec chunk ms | TTFA ms | RTF | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+          "| first audio ms | TTFA ms | RTF | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def append_row(path: Path, r: dict) -> None:
     s = r["stages"]
-    first = next(iter(s))
+    step = s[Stage.DECODE_STEP]
     row = (f"| {r['date']} | {r['model']} | {r['size']} | {r['device_name']} ({r['device']}) | {r['dtype']} "
-           f"| {s[first]['median_ms']} | {s.get('prefill', {}).get('median_ms', '-')} "
-           f"| {s['decode_step']['median_ms']} / {s['decode_step']['p90_ms']} "
-           f"| {s.get('codec_chunk', {}).get('median_ms', '-')} | {r['ttfa_ms']['median']} "
-           f"| {r['rtf_steady']} | {r['peak_memory_gib']} |\n")
+           f"| {s[Stage.ENCODE]['median_ms']} | {s[Stage.PREFILL]['median_ms']} "
+           f"| {step['median_ms']} / {step['p90_ms']} | {s[Stage.FIRST_AUDIO]['median_ms']} "
+           f"| {r['ttfa_ms']['median']} | {r['rtf_steady']} | {r['peak_memory_gib']} |\n")
     if not path.exists():
         path.write_text("# Latency results (bench/latency.py; seeded random weights)\n\n" + HEADER)
     with path.open("a") as f:

@@ -76,13 +76,10 @@ def run_level(url: str, clients: int, per_client: int, body: dict, rate: int, ti
 
 def in_process_ttfa(args, audio_bytes: bytes, repeats: int = 5) -> float:
     """The model's own TTFA on the same question (what the server adds comes on top)."""
-    sys.path.insert(0, str(ROOT))
     import zoo
 
-    if args.full:
-        model = zoo.random_model(args.model, "full", device=args.device, dtype=args.dtype)
-    else:
-        model = zoo.load(args.model, tiny=args.tiny, device=args.device, dtype=args.dtype)
+    random_weights = "full" if args.full else "tiny" if args.tiny else None
+    model = zoo.load(args.model, random_weights=random_weights, device=args.device, dtype=args.dtype)
     times = []
     for i in range(repeats + 1):
         started = time.perf_counter()

@@ -368,7 +368,7 @@ class DuplexSocket:
             "idle_timeout_s": self.settings.idle_timeout_s,
             "options": dataclasses.asdict(options) if options is not None else {},
             "prompt": self.conn is not None and self.conn.prompt is not None,
-            "random_weights": bool(getattr(self.service.model, "tiny", False)),
+            "random_weights": self.service.model.random_weights is not None,
         }
 
     # -- the session --------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ class RealtimeSession:
             "audio": {"input": {"format": {"type": "audio/pcm", "rate": WIRE_RATE},
                                 "turn_detection": dict(DEFAULT_TURN_DETECTION)},
                       "output": {"format": {"type": "audio/pcm", "rate": WIRE_RATE}}},
-            "zoo": {"options": {}, "random_weights": bool(getattr(service.model, "tiny", False))},
+            "zoo": {"options": {}, "random_weights": service.model.random_weights is not None},
         }
         self.buffer: list[np.ndarray] = []  # input audio at 24 kHz since the last commit
         self.turn: np.ndarray | None = None  # the last committed turn

@@ -19,7 +19,7 @@ def _tiny_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_folders(_tiny_cache):
-    from zoo.mini_omni.testing import tiny_checkpoint
+    from zoo.mini_omni.random_weights import tiny_checkpoint
 
     return tiny_checkpoint(seed=0)
 

@@ -52,7 +52,7 @@ def server():
 def model():
     import zoo
 
-    return zoo.load("hertz-dev", tiny=True, device="cpu")
+    return zoo.load("hertz-dev", random_weights="tiny", device="cpu")
 
 
 @contextlib.contextmanager
@@ -386,7 +386,7 @@ def test_half_duplex_model_refuses_the_duplex_routes():
     from serving.service import Service
     import zoo
 
-    service = Service(zoo.load("mini-omni", tiny=True, device="cpu"), max_sessions=1)
+    service = Service(zoo.load("mini-omni", random_weights="tiny", device="cpu"), max_sessions=1)
     try:
         with TestClient(create_app(service)) as client:
             for route in ("/v1/duplex", "/audio"):

@@ -93,7 +93,7 @@ def test_in_process_gradio_page_offers_full_duplex_on_its_own_origin():
     from webui.client import LocalBackend
     from webui.omni_gradio import build
 
-    model = zoo.load("hertz-dev", tiny=True, device="cpu")
+    model = zoo.load("hertz-dev", random_weights="tiny", device="cpu")
     demo = build(LocalBackend(model), live_api="")
     html = [b.value for b in demo.blocks.values() if isinstance(getattr(b, "value", None), str)]
     assert any('data-omni-duplex data-ws="" data-rate="16000" data-frame="2000"' in h for h in html)

@@ -5,7 +5,7 @@ import torch
 
 from zoo.glm4_voice.engine import SlotEngine
 from zoo.glm4_voice.llm import load_llm
-from zoo.glm4_voice.testing import write_tiny_llm
+from zoo.glm4_voice.random_weights import write_tiny_llm
 
 
 @pytest.fixture(scope="module")

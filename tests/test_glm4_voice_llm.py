@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from zoo.core.errors import WeightsNotFound
 from zoo.glm4_voice.llm import OPTIONAL_KEYS, glm_config, load_llm, published_names
-from zoo.glm4_voice.testing import TINY_LLM_CONFIG, write_tiny_llm
+from zoo.glm4_voice.random_weights import TINY_LLM_CONFIG, write_tiny_llm
 
 PUBLISHED = next(f for f in json.loads((Path(__file__).parent / "data/keys/glm-4-voice.json").read_text())["files"]
                  if "glm-4-voice-9b" in f["hf_repo"])

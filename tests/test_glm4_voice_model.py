@@ -12,7 +12,7 @@ from zoo.glm4_voice.prompt import LOW_LATENCY_BLOCKS, SYSTEM_PROMPT_AUDIO
 
 @pytest.fixture(scope="module")
 def model():
-    return zoo.load("glm-4-voice", tiny=True, device="cpu")
+    return zoo.load("glm-4-voice", random_weights="tiny", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from zoo.glm4_voice.prompt import audio_as_text, build_prompt
-from zoo.glm4_voice.testing import AUDIO_OFFSET, write_tiny_text_tokenizer
+from zoo.glm4_voice.random_weights import AUDIO_OFFSET, write_tiny_text_tokenizer
 from zoo.glm4_voice.text_tokenizer import GlmTokenizer
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "glm_text_tokenizer_reference.json").read_text())

@@ -24,12 +24,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_hertz(one_thread):
-    return zoo.load("hertz-dev", tiny=True, device="cpu")
+    return zoo.load("hertz-dev", random_weights="tiny", device="cpu")
 
 
 @pytest.fixture(scope="module")
 def tiny_hertz64(one_thread):
-    return zoo.load("hertz-dev", tiny=True, device="cpu", dtype="float64")
+    return zoo.load("hertz-dev", random_weights="tiny", device="cpu", dtype="float64")
 
 
 @pytest.fixture(scope="module")

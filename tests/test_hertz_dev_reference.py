@@ -2,7 +2,7 @@
 ``about``): Standard-Intelligence/hertz-dev@076c275 run on the tiny checkpoint (seed 0) in float64,
 deterministic (argmax index, posterior mean, the most probable component's mean). Layer outputs,
 logits, mixtures, the mono completion's FSQ indices and latents, the duplex server loop's indices,
-latents and audio. If zoo.hertz_dev.testing's writer changes (TINY_FORMAT), regenerate the fixture
+latents and audio. If zoo.hertz_dev.random_weights's writer changes (TINY_FORMAT), regenerate the fixture
 with the harness before bumping it."""
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import torch
 import zoo
 from conftest import SAMPLES
 from zoo.hertz_dev.codec import FRAME
-from zoo.hertz_dev.testing import TINY_FORMAT
+from zoo.hertz_dev.random_weights import TINY_FORMAT
 from zoo.hertz_dev.transformer import Rows, rope_tables
 
 REF = dict(np.load(Path(__file__).parent / "data" / "hertz_dev_reference.npz"))
@@ -26,7 +26,7 @@ def model():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     assert TINY_FORMAT == 1 and "TINY_FORMAT 1" in str(REF["about"])
-    yield zoo.load("hertz-dev", tiny=True, seed=0, device="cpu", dtype="float64")
+    yield zoo.load("hertz-dev", random_weights="tiny", seed=0, device="cpu", dtype="float64")
     torch.set_num_threads(threads)
 
 

@@ -9,7 +9,7 @@ from snac import SNAC
 
 from zoo.mini_omni.codec import codes_to_frames, frames_to_codes
 from zoo.mini_omni.gpt import GPT
-from zoo.mini_omni.testing import FULL_GPT, FULL_SNAC
+from zoo.mini_omni.random_weights import FULL_GPT, FULL_SNAC
 from zoo.mini_omni.whisper import AudioEncoder, EncoderDims
 
 KEYS = {f["file"]: f for f in json.loads((Path(__file__).parent / "data/keys/mini-omni.json").read_text())["files"]}
@@ -53,7 +53,7 @@ def test_fused_qkv_rows_are_interleaved_per_kv_group():
     then v_g. Built by hand from separate Q/K/V projections, the model must match a plain
     multi-head attention with head h using KV group h // 7."""
     from zoo.mini_omni.gpt import KVCache
-    from zoo.mini_omni.testing import tiny_config
+    from zoo.mini_omni.random_weights import tiny_config
 
     config = tiny_config(n_layer=1, n_head=6, n_query_groups=2, head_size=4, n_embd=24)
     gpt = GPT(config).double()
@@ -92,3 +92,25 @@ def test_frame_to_snac_mapping_is_depth_first_and_round_trips():
     assert c2.tolist() == [[2, 3, 5, 6, 9, 10, 12, 13]]
     random = torch.randint(0, 4096, (9, 7))
     assert torch.equal(codes_to_frames(frames_to_codes(random)), random)
+
+
+def test_a_damaged_lit_model_is_refused_naming_every_problem(tiny_folders, tmp_path):
+    import shutil
+
+    import zoo
+    from zoo.core.errors import CheckpointMismatch
+
+    for file in tiny_folders.checkpoint.iterdir():
+        shutil.copy(file, tmp_path / file.name)
+    state = torch.load(tmp_path / "lit_model.pth", weights_only=True)
+    del state["transformer.ln_f.weight"]
+    state["transformer.extra"] = torch.zeros(2)
+    state["transformer.h.0.attn.proj.weight"] = state["transformer.h.0.attn.proj.weight"][:, :-1]
+    torch.save(state, tmp_path / "lit_model.pth")
+    with pytest.raises(CheckpointMismatch) as err:
+        zoo.load("mini-omni", device="cpu", checkpoint=tmp_path, codec=tiny_folders.codec)
+    message = str(err.value)
+    for part in ("1 missing: transformer.ln_f.weight", "1 unexpected: transformer.extra",
+                 "1 wrong shape: transformer.h.0.attn.proj.weight", "lit_model.pth"):
+        assert part in message
+    assert isinstance(err.value, zoo.WeightsNotFound)

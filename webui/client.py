@@ -106,7 +106,7 @@ class LocalBackend:
 
     def info(self) -> BackendInfo:
         card = self.model.card
-        return BackendInfo(card.name, card.output_sample_rate, bool(getattr(self.model, "tiny", False)), "in-process",
+        return BackendInfo(card.name, card.output_sample_rate, self.model.random_weights is not None, "in-process",
                            duplex=card.duplex, input_sample_rate=card.input_sample_rate,
                            frame_samples=card.frame_samples or 0)
 

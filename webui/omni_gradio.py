@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         demo.queue(default_concurrency_limit=8).launch(server_name=args.host, server_port=args.port, show_error=True)
         return 0
     try:
-        model = zoo.load(args.model, tiny=args.tiny, device=args.device)
+        model = zoo.load(args.model, random_weights="tiny" if args.tiny else None, device=args.device)
     except zoo.ZooError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

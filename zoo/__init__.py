@@ -1,7 +1,7 @@
 """omni-zoo: open end-to-end voice chat models behind one streaming interface.
 
     import zoo
-    model = zoo.load("mini-omni")            # or tiny=True for random weights (noise)
+    model = zoo.load("mini-omni")            # or random_weights="tiny": seeded noise, for tests
     for chunk in model.respond(audio, 16000):
         chunk.audio, chunk.text
 """
@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib
 
 from .core import (  # noqa: F401  (re-exported: the public interface)
-    AudioInputError, Chunk, ModelCard, Options, OptionsError, UnsupportedError, VoiceModel,
+    AudioInputError, Chunk, ModelCard, Options, OptionsError, Stage, UnsupportedError, VoiceModel,
     WeightsNotFound, ZooError,
 )
 
-# name -> "module:Class"; the module defines CARD and the class implements VoiceModel.
+# name -> "module:Class"; the module defines CARD and the class implements VoiceModel; the
+# package's random_weights module builds the model with seeded random weights (zoo.load below).
 _REGISTRY = {
     "mini-omni": "zoo.mini_omni.model:MiniOmni",
     "hertz-dev": "zoo.hertz_dev.model:HertzDev",
@@ -38,21 +39,28 @@ def card(name: str) -> ModelCard:
     return _model_class(name).card
 
 
-def random_model(name: str, size: str = "full", *, device=None, dtype=None, seed: int = 0) -> VoiceModel:
-    """A model with seeded random weights built in memory, for benchmarks: ``size="full"`` has the
-    published dimensions (the real compute cost), ``"tiny"`` the test ones. Its output is noise."""
-    package = _REGISTRY[name].split(":")[0].rsplit(".", 1)[0] if name in _REGISTRY else None
-    if package is None:
-        raise ZooError(f"unknown model {name!r}; available: {names()}")
-    testing = importlib.import_module(f"{package}.testing")
-    return testing.random_model(size, device=device, dtype=dtype, seed=seed)
+RANDOM_WEIGHTS = ("tiny", "full")
 
 
-def load(name: str, *, device=None, dtype=None, tiny: bool = False, seed: int = 0, **components) -> VoiceModel:
+def load(name: str, *, device=None, dtype=None, random_weights: str | None = None, seed: int = 0,
+         **components) -> VoiceModel:
     """Load a model. ``components`` name published parts (hub repo id or local folder), e.g.
-    ``checkpoint=`` and ``codec=`` for Mini-Omni. ``tiny=True``: seeded random tiny weights."""
+    ``checkpoint=`` and ``codec=`` for Mini-Omni.
+
+    ``random_weights`` (seeded by ``seed``; the output is noise): "tiny" writes tiny checkpoint
+    folders in the published layouts and loads them through the real loader (for tests and smoke
+    runs; a component given replaces its tiny folder); "full" builds the published dimensions in
+    memory (the real compute cost, for benchmarks)."""
     cls = _model_class(name)
     unknown = sorted(set(components) - set(cls.card.components))
     if unknown:
         raise ZooError(f"{name} has no component(s) {unknown}; its components: {sorted(cls.card.components)}")
-    return cls.load(device=device, dtype=dtype, tiny=tiny, seed=seed, **components)
+    if random_weights is None:
+        return cls.load(device=device, dtype=dtype, **components)
+    if random_weights not in RANDOM_WEIGHTS:
+        raise ZooError(f"random_weights must be one of {RANDOM_WEIGHTS} or None, got {random_weights!r}")
+    # the package's random-weight builder: the model modules never import it (no import circle)
+    builder = importlib.import_module(cls.__module__.rsplit(".", 1)[0] + ".random_weights")
+    model = builder.build(random_weights, device=device, dtype=dtype, seed=seed, **components)
+    model.random_weights = random_weights
+    return model

@@ -7,21 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import requests
+import streamlit as st
+import streamlit.components.v1 as components
 
-import numpy as np  # noqa: E402
-import requests  # noqa: E402
-import streamlit as st  # noqa: E402
-import streamlit.components.v1 as components  # noqa: E402
-
-from webui.client import DEFAULT_API_URL, BackendError, ServerBackend  # noqa: E402
-from webui.live import DUPLEX_JS, LIVE_JS, duplex_url, duplex_widget_html, realtime_url, widget_html  # noqa: E402
+from webui.client import DEFAULT_API_URL, BackendError, ServerBackend
+from webui.live import DUPLEX_JS, LIVE_JS, duplex_url, duplex_widget_html, realtime_url, widget_html
 
 api_url = os.environ.get("API_URL", DEFAULT_API_URL)
 backend = ServerBackend(api_url)

@@ -1,12 +1,13 @@
 """What every model shares: interface types, errors, audio I/O, checkpoints, sampling."""
 from .errors import AudioInputError, OptionsError, UnsupportedError, WeightsNotFound, ZooError
-from .types import Chunk, ModelCard, Options, VoiceModel
+from .types import Chunk, ModelCard, Options, Stage, VoiceModel
 
 __all__ = [
     "AudioInputError",
     "Chunk",
     "ModelCard",
     "Options",
+    "Stage",
     "OptionsError",
     "UnsupportedError",
     "VoiceModel",

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from .errors import WeightsNotFound
+import torch
+
+from .errors import CheckpointMismatch, WeightsNotFound
+
+SHOWN_NAMES = 20  # tensor names listed per kind of problem; the rest are counted
 
 
 def _way_out(component: str) -> str:
     flag = component.replace("_", "-")
     return (
         f"Download the files on a machine with network access and pass the folder with "
-        f"`--{flag} DIR` (zoo.load(..., {component}=DIR)), or use `--tiny` (tiny=True) for a "
-        f"random-weight smoke test."
+        f"`--{flag} DIR` (zoo.load(..., {component}=DIR)), or use `--tiny` (random_weights='tiny') for "
+        f"a random-weight smoke test."
     )
 
 
@@ -69,3 +73,49 @@ def _download(repo_id: str, files: Sequence[str], optional: Sequence[str], compo
             f"{component}: hub repo '{repo_id}' has no {missing}. {_way_out(component)}"
         )
     return folder
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A flat state dict of tensors, loaded with ``weights_only=True`` (memory-mapped where the
+    file allows it); anything else is a CheckpointMismatch naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip-format file: mmap is not possible
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a corrupt or non-torch file
+        raise CheckpointMismatch(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointMismatch(f"{path}: expected a flat state dict of tensors, got {type(state).__name__}")
+    return dict(state)
+
+
+def mismatch_problems(missing: Sequence[str], unexpected: Sequence[str], shapes: Sequence[str]) -> str:
+    """One line naming every problem of a file against its module ("" when there is none), e.g.
+    ``2 missing: a, b; 1 wrong shape: c: file (3,), model (4,)``."""
+    parts = []
+    for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if names:
+            shown = ", ".join(names[:SHOWN_NAMES])
+            more = f", ... ({len(names) - SHOWN_NAMES} more)" if len(names) > SHOWN_NAMES else ""
+            parts.append(f"{len(names)} {title}: {shown}{more}")
+    return "; ".join(parts)
+
+
+def load_strict(module: torch.nn.Module, path: Path, expected: str, *, rename=None, published=None) -> None:
+    """Load the state dict in ``path`` into ``module`` with exactly its key set and shapes, else
+    one CheckpointMismatch naming every problem (in the file's naming) and what was ``expected``.
+    ``rename``: file keys -> module keys; ``published``: module keys -> file keys (for messages),
+    both on dicts."""
+    state = read_state_dict(path)
+    ours = module.state_dict()
+    theirs = rename(state) if rename else state
+    published = published or (lambda d: d)
+    missing = sorted(published({k: None for k in ours.keys() - theirs.keys()}))
+    unexpected = sorted(published({k: None for k in theirs.keys() - ours.keys()}))
+    shapes = sorted(f"{name}: file {tuple(theirs[key].shape)}, model {tuple(ours[key].shape)}"
+                    for key, name in zip(ours, published({k: None for k in ours}))
+                    if key in theirs and theirs[key].shape != ours[key].shape)
+    problems = mismatch_problems(missing, unexpected, shapes)
+    if problems:
+        raise CheckpointMismatch(f"{path} does not match {expected}: {problems}")
+    module.load_state_dict(theirs, strict=True, assign=True)

@@ -9,6 +9,11 @@ class WeightsNotFound(ZooError):
     """A published checkpoint could not be found locally or fetched from the hub."""
 
 
+class CheckpointMismatch(WeightsNotFound):
+    """A file is there but does not hold the published tensors (wrong file, another model,
+    truncated): the message names every missing, unexpected and mis-shaped tensor."""
+
+
 class AudioInputError(ZooError, ValueError):
     """The audio given to a model cannot be used (empty, not audio, NaN, too long, ...)."""
 

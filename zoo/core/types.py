@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from enum import StrEnum
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -115,6 +116,9 @@ class VoiceModel(ABC):
 
     card: ModelCard
     options_class: ClassVar[type[Options]] = Options
+    # "tiny" or "full" when zoo.load built the model with seeded random weights (its output is
+    # noise, and everything that shows it says so); None for published weights
+    random_weights: str | None = None
 
     def options(self, values: Mapping[str, Any] | Options | None = None) -> Options:
         if isinstance(values, Options):
@@ -145,3 +149,18 @@ class VoiceModel(ABC):
         raise UnsupportedError(
             f"{self.card.name} is a half-duplex model: use respond() for turn-by-turn chat"
         )
+
+    @abstractmethod
+    def benchmark_stages(self, audio: np.ndarray, sample_rate: int) -> dict[str, Callable[[], object]]:
+        """One call per pipeline stage on ``audio``, for bench/latency.py to time: every model
+        has the four ``Stage`` names; a model may add stages of its own under other names. Each
+        call keeps its own state (caches, streams), so live replies are unaffected."""
+
+
+class Stage(StrEnum):
+    """The pipeline stages every model times the same way (``VoiceModel.benchmark_stages``)."""
+
+    ENCODE = "encode"  # the question's audio -> what the generator reads (features, tokens, latents)
+    PREFILL = "prefill"  # the prompt through the generator, up to its first output
+    DECODE_STEP = "decode_step"  # one generation step of one session (a frame, for frame-based models)
+    FIRST_AUDIO = "first_audio"  # the audio decoder's first piece of a reply

@@ -61,7 +61,8 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from ..core.errors import WeightsNotFound, ZooError
+from ..core.checkpoints import load_strict
+from ..core.errors import WeightsNotFound
 from .decoder_config import DecoderConfig, read_config
 from .flow import MaskedDiffWithXvec, mel_frames
 from .hift import HiFTGenerator, module_to_published_keys, published_to_module_keys, receptive_field_frames, source_dtype
@@ -75,36 +76,7 @@ REFERENCE_OVERLAP_FRAMES = 34  # int(5 tokens / 12.5 * 22050 / 256)
 REFERENCE_CACHE_FRAMES = 1  # mel frames (and 256 source samples) carried into the next HiFT call
 
 
-class CheckpointMismatch(ZooError, ValueError):
-    """A checkpoint file's tensor names or shapes are not the published ones."""
-
-
 # -- loading ------------------------------------------------------------------------------------
-
-
-def _load_strict(module: torch.nn.Module, path: Path, rename=None, published=None) -> None:
-    """Load ``path`` (a torch.save'd state dict) into ``module`` with the exact key set; one error
-    names every missing, unexpected and mis-shaped tensor (in the file's naming)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointMismatch(f"{path}: expected a state dict of tensors (torch.save(module.state_dict()))")
-    ours = module.state_dict()
-    theirs = rename(state) if rename else state
-    published = published or (lambda d: d)
-    missing = sorted(published({k: None for k in ours.keys() - theirs.keys()}))
-    unexpected = sorted(published({k: None for k in theirs.keys() - ours.keys()}))
-    shapes = sorted(f"{name}: file {tuple(theirs[key].shape)}, model {tuple(ours[key].shape)}"
-                    for key, name in zip(ours, published({k: None for k in ours}))
-                    if key in theirs and theirs[key].shape != ours[key].shape)
-    if missing or unexpected or shapes:
-        parts = []
-        for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-            if names:
-                shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
-                parts.append(f"{len(names)} {title}: {shown}")
-        raise CheckpointMismatch(f"{path} does not match the published {path.name} layout for {path.parent / 'config.yaml'}: "
-                                 + "; ".join(parts))
-    module.load_state_dict(theirs, strict=True, assign=True)
 
 
 def build_modules(config: DecoderConfig, device=None) -> tuple[MaskedDiffWithXvec, HiFTGenerator]:
@@ -226,27 +198,11 @@ class AudioDecoder:
                                   f"{', '.join(DECODER_FILES)}); download that repository or pass its folder")
         config = read_config(folder / "config.yaml")
         flow, hift = build_modules(config, device="meta")
-        _load_strict(flow, folder / "flow.pt")
-        _load_strict(hift, folder / "hift.pt", rename=published_to_module_keys, published=module_to_published_keys)
+        hint = f"the published layout for {folder / 'config.yaml'}"
+        load_strict(flow, folder / "flow.pt", hint)
+        load_strict(hift, folder / "hift.pt", hint, rename=published_to_module_keys, published=module_to_published_keys)
         device = torch.device(device or "cpu")
         return cls(flow.to(device=device, dtype=dtype), hift.to(device=device, dtype=dtype), seed)
-
-    @classmethod
-    def random(cls, size: str = "tiny", *, device=None, dtype: torch.dtype = torch.float32, seed: int = 0) -> "AudioDecoder":
-        """Seeded random weights, built in memory: "tiny" is the test checkpoint (the same weights
-        ``testing.write_tiny_decoder`` writes), "full" the published sizes (the real compute
-        cost). Noise out."""
-        from .testing import TINY_DECODER, random_decoder_state
-
-        if size not in ("tiny", "full"):
-            raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
-        config = TINY_DECODER if size == "tiny" else DecoderConfig()
-        flow_state, hift_state = random_decoder_state(config, torch.Generator().manual_seed(seed))
-        flow, hift = build_modules(config, device="meta")
-        flow.load_state_dict(flow_state, strict=True, assign=True)
-        hift.load_state_dict(published_to_module_keys(hift_state), strict=True, assign=True)
-        device = torch.device(device or "cpu")
-        return cls(flow.to(device=device, dtype=dtype), hift.to(device=device, dtype=dtype))
 
     def num_samples(self, n_tokens: int) -> int:
         """Samples ``one_pass`` returns for ``n_tokens`` tokens."""

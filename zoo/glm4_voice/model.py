@@ -27,7 +27,7 @@ from ..core.errors import OptionsError
 from ..core.quantize import QUANTIZED, quantize_linears
 from ..core.sampling import sample
 from ..core.scheduler import OneSlotSteppers
-from ..core.types import Chunk, ModelCard, Options, VoiceModel
+from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from .decoder import DECODER_FILES, AudioDecoder
 from .engine import SlotEngine
 from .llm import INDEX_FILE, load_llm
@@ -189,10 +189,8 @@ class GlmVoice(VoiceModel):
     card = CARD
     options_class = GlmVoiceOptions
 
-    def __init__(self, llm, speech_tokenizer: SpeechTokenizer, tokenizer: GlmTokenizer, decoder: AudioDecoder,
-                 *, tiny: bool = False) -> None:
+    def __init__(self, llm, speech_tokenizer: SpeechTokenizer, tokenizer: GlmTokenizer, decoder: AudioDecoder) -> None:
         self.llm, self.speech_tokenizer, self.tokenizer, self.decoder = llm, speech_tokenizer, tokenizer, decoder
-        self.tiny = tiny
         eos = llm.config.eos_token_id
         self.stop_ids = tuple(eos if isinstance(eos, (list, tuple)) else [eos])  # <|endoftext|> <|user|> <|observation|>
         self.max_context = llm.config.max_position_embeddings
@@ -204,16 +202,10 @@ class GlmVoice(VoiceModel):
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
-    def load(cls, *, device=None, dtype=None, tiny: bool = False, seed: int = 0,
-             llm: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+    def load(cls, *, device=None, dtype=None, llm: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
              decoder: str | os.PathLike | None = None) -> "GlmVoice":
         device = pick_device(device)
         llm_dtype, quantized, side_dtype = precision(dtype, device)
-        if tiny:
-            from .testing import tiny_checkpoint
-
-            folders = tiny_checkpoint(seed=seed)
-            llm, tokenizer, decoder = llm or folders.llm, tokenizer or folders.tokenizer, decoder or folders.decoder
         llm_dir = resolve_files(llm or CARD.components["llm"], LLM_FILES, component="llm", optional=("*.safetensors",))
         tokenizer_dir = resolve_files(tokenizer or CARD.components["tokenizer"], TOKENIZER_FILES, component="tokenizer")
         decoder_dir = resolve_files(decoder or CARD.components["decoder"], DECODER_FILES, component="decoder")
@@ -222,8 +214,7 @@ class GlmVoice(VoiceModel):
         else:
             network = load_llm(llm_dir, dtype=llm_dtype, device=device)
         return cls(network, SpeechTokenizer.load(tokenizer_dir, device=device, dtype=side_dtype),
-                   GlmTokenizer.load(llm_dir), AudioDecoder.load(decoder_dir, device=device, dtype=side_dtype),
-                   tiny=tiny)
+                   GlmTokenizer.load(llm_dir), AudioDecoder.load(decoder_dir, device=device, dtype=side_dtype))
 
     # -- the zoo interface --------------------------------------------------------------------
     def respond(self, audio: AudioSource, sample_rate: int | None = None,
@@ -279,8 +270,8 @@ class GlmVoice(VoiceModel):
             stream = self.decoder.stream("seamless")
             stream.push(first_block)
 
-        return {"speech_tokenizer": lambda: self.speech_tokenizer(wav), "prefill": prefill,
-                "decode_step": decode_step, "decoder_first_block": first_decoder_block}
+        return {Stage.ENCODE: lambda: self.speech_tokenizer(wav), Stage.PREFILL: prefill,
+                Stage.DECODE_STEP: decode_step, Stage.FIRST_AUDIO: first_decoder_block}
 
     # -- internals ----------------------------------------------------------------------------
     def _stream(self, reply: Reply) -> Iterator[Chunk]:

@@ -24,8 +24,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..core.checkpoints import resolve_files
-from ..core.errors import WeightsNotFound
+from ..core.checkpoints import mismatch_problems, resolve_files
+from ..core.errors import CheckpointMismatch
 from .codec import STRIDES, CodecConfig, WaveCodec
 from .transformer import (
     HertzLM, LatentQuantizer, MainConfig, QuantizerConfig, ResynthConfig, Resynthesizer,
@@ -45,25 +45,7 @@ _G = (".parametrizations.weight.original0", ".weight_g")
 _V = (".parametrizations.weight.original1", ".weight_v")
 
 
-class CheckpointMismatch(WeightsNotFound):
-    """A file is there but does not hold the tensors the module needs (wrong file, other model,
-    truncated): lists every missing, unexpected and mis-shaped tensor."""
-
-
 # -- reading --------------------------------------------------------------------------------
-def read_state(path: Path) -> dict[str, torch.Tensor]:
-    """A flat state dict, loaded with ``weights_only=True`` (memory-mapped where possible)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip-format file: mmap is not possible
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a corrupt or non-torch file
-        raise CheckpointMismatch(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointMismatch(f"{path}: expected a flat state dict of tensors, got {type(state).__name__}")
-    return dict(state)
-
-
 def resolve(source: str | os.PathLike, files: tuple[str, ...]) -> Path:
     """The folder holding ``files`` (a local folder, or downloaded from the hub repo)."""
     return resolve_files(source, files, component="checkpoint")
@@ -197,17 +179,11 @@ def load_module(module: nn.Module, state: Mapping[str, torch.Tensor], file: str,
             continue
         values[name] = found.to(device=device, dtype=dtype if found.is_floating_point() else found.dtype)
     unexpected = sorted(set(state) - used)
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: {missing}")
-    if shapes:
-        problems.append(f"wrong shape {len(shapes)}: {shapes}")
-    if unexpected and not tolerate_unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {unexpected}")
+    problems = mismatch_problems(missing, [] if tolerate_unexpected else unexpected, shapes)
     if problems:
         raise CheckpointMismatch(
-            f"{file} does not match the {type(module).__name__} it is loaded into ("
-            + "; ".join(problems) + "). Check that the folder holds the files of si-pbc/hertz-dev as published."
+            f"{file} does not match the {type(module).__name__} it is loaded into ({problems}). "
+            "Check that the folder holds the files of si-pbc/hertz-dev as published."
         )
     if unexpected:
         warnings.warn(f"{file}: ignoring {len(unexpected)} tensor(s) the codec does not use: {unexpected}",

@@ -67,12 +67,13 @@ import numpy as np
 import torch
 
 from ..core.audio import AudioSource, load_audio, read_audio, resample
+from ..core.checkpoints import read_state_dict
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import AudioInputError, OptionsError, WeightsNotFound
 from ..core.scheduler import OneSlotSteppers
-from ..core.types import Chunk, ModelCard, Options, VoiceModel
+from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from .checkpoint import (
-    CODEC_FILE, QUANTIZER_FILE, VARIANT_FILES, build_codec, build_main, build_quantizer, build_resynth, read_state,
+    CODEC_FILE, QUANTIZER_FILE, VARIANT_FILES, build_codec, build_main, build_quantizer, build_resynth,
     resolve,
 )
 from .codec import FRAME, SAMPLE_RATE, WaveCodec, sample_posterior
@@ -372,45 +373,41 @@ class HertzDev(VoiceModel):
     options_class = HertzOptions
 
     def __init__(self, codec: WaveCodec, quantizer: LatentQuantizer, networks: Callable[[str], Networks], *,
-                 tiny: bool = False, source: str = "") -> None:
+                 source: str = "") -> None:
         self.codec, self.quantizer = codec, quantizer
         self._build_networks = networks
         self._networks: dict[str, Networks] = {}
         self._lock = threading.Lock()
         self._steppers = OneSlotSteppers(lambda: ReplyStepper(self, 1))
-        self.tiny, self.source = tiny, source
+        self.source = source
         weight = quantizer.input.weight
         self.device, self.dtype = weight.device, weight.dtype
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
     def load(cls, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-             tiny: bool = False, seed: int = 0, checkpoint: str | os.PathLike | None = None) -> "HertzDev":
+             checkpoint: str | os.PathLike | None = None) -> "HertzDev":
         """Codec and quantizer now; the mono / split networks when first used. ``checkpoint``: a
         folder holding the published files, or a hub repo id (default si-pbc/hertz-dev).
         ``dtype`` defaults to bfloat16 on CUDA (as the reference), float32 on CPU."""
         device = pick_device(device)
         dtype = pick_dtype(dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if tiny and checkpoint is None:
-            from .testing import tiny_checkpoint
-
-            checkpoint = tiny_checkpoint(seed=seed)
         source = checkpoint or CARD.components["checkpoint"]
         _check_local_folder(source)
         folder = resolve(source, (CODEC_FILE, QUANTIZER_FILE))
-        codec = build_codec(read_state(folder / CODEC_FILE), dtype=dtype, device=device)
-        quantizer = build_quantizer(read_state(folder / QUANTIZER_FILE), dtype=dtype, device=device)
+        codec = build_codec(read_state_dict(folder / CODEC_FILE), dtype=dtype, device=device)
+        quantizer = build_quantizer(read_state_dict(folder / QUANTIZER_FILE), dtype=dtype, device=device)
 
         def networks(variant: str) -> Networks:
             main_file, resynth_file = VARIANT_FILES[variant]
             where = resolve(source, (main_file, resynth_file))
-            main = build_main(read_state(where / main_file), dtype=dtype, device=device, file=main_file)
-            resynth = build_resynth(read_state(where / resynth_file), dtype=dtype, device=device, file=resynth_file)
+            main = build_main(read_state_dict(where / main_file), dtype=dtype, device=device, file=main_file)
+            resynth = build_resynth(read_state_dict(where / resynth_file), dtype=dtype, device=device, file=resynth_file)
             if main.config.split != (variant == "split") or resynth.config.split != (variant == "split"):
                 raise WeightsNotFound(f"{main_file} / {resynth_file} in {where} are not the {variant} networks")
             return main, resynth
 
-        return cls(codec, quantizer, networks, tiny=tiny, source=str(source))
+        return cls(codec, quantizer, networks, source=str(source))
 
     def networks(self, variant: str) -> Networks:
         """(main model, resynthesizer) of ``variant`` ("mono", "split" or "ablation"), loaded on
@@ -487,11 +484,12 @@ class HertzDev(VoiceModel):
 
     # -- benchmarks ---------------------------------------------------------------------------
     def benchmark_stages(self, audio: np.ndarray, sample_rate: int) -> dict[str, Callable[[], object]]:
-        """One call per per-frame stage of a duplex session (the split networks), for
-        bench/latency.py: ``codec_encode`` (both channels' 2000 samples), ``main_step`` (one
-        position), ``resynth_step`` (one position), ``codec_decode`` (one latent), and the whole
-        ``duplex_frame``; plus ``respond_prefill`` (the mono prompt: encode + prefill + first
-        frame). Each keeps its own state; KV positions wrap at 512 to stay mid-context."""
+        """One call per stage, for bench/latency.py. Frame stages of a duplex session (the split
+        networks): ``encode`` (both channels' 2000 samples through the codec), ``decode_step`` (a
+        whole duplex frame), ``first_audio`` (one latent through the codec decoder), and of its
+        parts ``main_step`` and ``resynth_step`` (one position each); ``prefill``: the mono prompt
+        of respond() (encode + prefill + first frame). Each keeps its own state; KV positions wrap
+        at 512 to stay mid-context."""
         stepper = DuplexStepper(self, 1, main_context=MAIN_CONTEXT, resynth_context=RESYNTH_CONTEXT)
         handle = stepper.open({"seed": 0})
         engine = stepper.engine
@@ -529,12 +527,12 @@ class HertzDev(VoiceModel):
             next(iter(self._stream(reply)))
 
         return {
-            "codec_encode": torch.inference_mode()(lambda: self.codec.posterior(x, enc_state)),
+            Stage.ENCODE: torch.inference_mode()(lambda: self.codec.posterior(x, enc_state)),
+            Stage.PREFILL: respond_prefill,
+            Stage.DECODE_STEP: duplex_frame,
+            Stage.FIRST_AUDIO: torch.inference_mode()(lambda: self.codec.decode(z, dec_state)),
             "main_step": main_step,
             "resynth_step": resynth_step,
-            "codec_decode": torch.inference_mode()(lambda: self.codec.decode(z, dec_state)),
-            "duplex_frame": duplex_frame,
-            "respond_prefill": respond_prefill,
         }
 
 
@@ -554,5 +552,5 @@ def _check_local_folder(source) -> None:
         f"checkpoint: folder {path} lacks {missing} (hertz-dev needs {CODEC_FILE}, {QUANTIZER_FILE} and the mono "
         f"{list(VARIANT_FILES['mono'])} and/or two-speaker {list(VARIANT_FILES['split'])} files of si-pbc/hertz-dev, "
         f"as published). Download them on a machine with network access and pass the folder with `--checkpoint DIR` "
-        f"(zoo.load(..., checkpoint=DIR)), or use `--tiny` (tiny=True) for a random-weight smoke test."
+        f"(zoo.load(..., checkpoint=DIR)), or use `--tiny` (random_weights='tiny') for a random-weight smoke test."
     )

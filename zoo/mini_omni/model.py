@@ -12,10 +12,11 @@ import torch
 from tokenizers import Tokenizer
 
 from ..core.audio import AudioSource, load_audio
-from ..core.checkpoints import resolve_files
+from ..core.checkpoints import load_strict, resolve_files
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError, WeightsNotFound
-from ..core.types import Chunk, ModelCard, Options, VoiceModel
+from ..core.scheduler import OneSlotSteppers
+from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from . import whisper
 from .codec import CODEC_FILES, AudioStreamer, Codec, Window, load_snac
 from .config import GPTConfig
@@ -192,10 +193,11 @@ class MiniOmni(VoiceModel):
     card = CARD
     options_class = MiniOmniOptions
 
-    def __init__(self, gpt: GPT, encoder: whisper.AudioEncoder, codec: Codec, tokenizer: Tokenizer, *, tiny: bool = False) -> None:
+    def __init__(self, gpt: GPT, encoder: whisper.AudioEncoder, codec: Codec, tokenizer: Tokenizer) -> None:
         self.gpt, self.encoder, self.codec, self.tokenizer = gpt.pack(), encoder, codec, tokenizer
-        self.tiny = tiny
-        self.engine = Engine(gpt, max_rows=2)
+        # respond() and generate() run on one-slot steppers (two KV-cache rows: the batch trick's),
+        # so replies that run at once in one process never share cache rows
+        self._steppers = OneSlotSteppers(lambda: ReplyStepper(self, max_sessions=1))
         whisper.mel_filters(encoder.dims.n_mels)  # build once now, not inside the first reply
 
     # -- loading ----------------------------------------------------------------------------
@@ -205,26 +207,18 @@ class MiniOmni(VoiceModel):
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
-        tiny: bool = False,
-        seed: int = 0,
         checkpoint: str | os.PathLike | None = None,
         codec: str | os.PathLike | None = None,
     ) -> "MiniOmni":
         device = pick_device(device)
         dtype = pick_dtype(dtype)
-        if tiny:
-            from .testing import tiny_checkpoint
-
-            folders = tiny_checkpoint(seed=seed)
-            checkpoint = checkpoint or folders.checkpoint
-            codec = codec or folders.codec
         ckpt = resolve_files(checkpoint or CARD.components["checkpoint"], CHECKPOINT_FILES, component="checkpoint", optional=(WHISPER_FILE,))
         codec_dir = resolve_files(codec or CARD.components["codec"], CODEC_FILES, component="codec")
         gpt = load_gpt(ckpt).to(device=device, dtype=dtype).eval()
         encoder = load_whisper_encoder(_whisper_file(ckpt)).to(device=device, dtype=dtype).eval()
         snac = load_snac(codec_dir, dtype, device)
         tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-        return cls(gpt, encoder, Codec(snac), tokenizer, tiny=tiny)
+        return cls(gpt, encoder, Codec(snac), tokenizer)
 
     # -- the zoo interface --------------------------------------------------------------------
     def respond(
@@ -255,8 +249,8 @@ class MiniOmni(VoiceModel):
         options: MiniOmniOptions | Mapping[str, Any] | None = None,
     ) -> Iterator[Chunk]:
         """Stream any reference task: A1A2, A1T2, ASR, T1A2, T1T2 or A1A2+A1T2."""
-        session = self.start_session(task, audio=audio, sample_rate=sample_rate, text=text, options=options)
-        return self._stream(session)
+        _, reply = self.start_session(task, audio=audio, sample_rate=sample_rate, text=text, options=options)
+        return self._stream(reply)
 
     def start_session(self, task: str, *, audio=None, sample_rate=None, text=None, options=None) -> tuple[Session, Reply]:
         """Validate and encode the input, build the prompt; no LLM work yet (the engine's
@@ -303,9 +297,10 @@ class MiniOmni(VoiceModel):
 
         frames = torch.randint(0, 4096, (opts.stream_stride + 6, AUDIO_LAYERS), generator=torch.Generator().manual_seed(0))
         return {
-            "whisper_encode": lambda: self.encode_audio(audio, sample_rate),
-            "prefill": prefill,
-            "decode_step": decode_step,
+            Stage.ENCODE: lambda: self.encode_audio(audio, sample_rate),  # Whisper
+            Stage.PREFILL: prefill,
+            Stage.DECODE_STEP: decode_step,
+            Stage.FIRST_AUDIO: lambda: self.codec.decode(frames[:1 + opts.lookahead]),  # the first chunk
             "codec_chunk": lambda: self.codec.decode(frames),  # 4 frames + 3 left + 3 right
             "codec_chunk_reference": lambda: self.codec.decode(frames[: opts.stream_stride]),
         }
@@ -324,27 +319,15 @@ class MiniOmni(VoiceModel):
             raise OptionsError(f"the text question is too long ({len(ids)} tokens)")
         return text_question(spec, ids), None
 
-    def _stream(self, handle: tuple[Session, Reply]) -> Iterator[Chunk]:
-        session, reply = handle
-        try:
-            self.engine.start(session)
-            while True:
-                chunk = reply.poll()
-                if chunk is not None:
-                    yield chunk
-                if session.done:
-                    break
-                self.engine.step([session])
-        finally:
-            self.engine.release(session)
+    def _stream(self, reply: Reply) -> Iterator[Chunk]:
+        return self._steppers.stream(reply)
 
 
 def load_gpt(folder: Path) -> GPT:
     config = GPTConfig.from_yaml(folder / "model_config.yaml")
     with torch.device("meta"):
         gpt = GPT(config)
-    state = torch.load(folder / "lit_model.pth", map_location="cpu", weights_only=True)
-    gpt.load_state_dict(state, strict=True, assign=True)
+    load_strict(gpt, folder / "lit_model.pth", f"the litgpt layout of {folder / 'model_config.yaml'}")
     if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: re-tie to wte
         gpt.lm_head.weight = gpt.transformer.wte.weight
     return gpt

@@ -257,5 +257,17 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
         encoder.to(device=device, dtype=dtype).eval(),
         Codec(snac.to(device=device, dtype=dtype).eval()),
         Tokenizer.from_str(tiny_tokenizer_json()),
-        tiny=True,
     )
+
+
+def build(size: str, *, device=None, dtype=None, seed: int = 0, checkpoint=None, codec=None):
+    """``zoo.load(..., random_weights=size)``: "tiny" writes the tiny folders in the published
+    layout (once per seed) and loads them through the real loader (a given component folder
+    replaces its tiny one); "full" builds the published dimensions in memory."""
+    from .model import MiniOmni
+
+    if size == "full":
+        return random_model("full", device=device, dtype=dtype, seed=seed)
+    folders = tiny_checkpoint(seed=seed)
+    return MiniOmni.load(device=device, dtype=dtype, checkpoint=checkpoint or folders.checkpoint,
+                         codec=codec or folders.codec)

@@ -159,4 +159,15 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
         resynth = build_resynth(files.pop(resynth_file), dtype=dtype, device=device, file=resynth_file)
         return main, resynth
 
-    return HertzDev(codec, quantizer, networks, tiny=True, source=f"random {size}")
+    return HertzDev(codec, quantizer, networks, source=f"random {size}")
+
+
+def build(size: str, *, device=None, dtype=None, seed: int = 0, checkpoint=None):
+    """``zoo.load(..., random_weights=size)``: "tiny" writes the tiny folder in the published
+    layout (once per seed) and loads it through the real loader (a given ``checkpoint`` folder
+    replaces it); "full" builds the published dimensions in memory."""
+    from .model import HertzDev
+
+    if size == "full":
+        return random_model("full", device=device, dtype=dtype, seed=seed)
+    return HertzDev.load(device=device, dtype=dtype, checkpoint=checkpoint or tiny_checkpoint(seed=seed))

@@ -219,7 +219,6 @@ def random_model(size: str = "tiny", *, device=None, dtype=None, seed: int = 0):
     published sizes (the real compute cost; 19 GB in bf16), "tiny" the test ones. Noise out."""
     from ..core.devices import pick_device
     from ..core.tiny import cached_folder
-    from .decoder import AudioDecoder
     from .model import GlmVoice, precision
     from .speech_tokenizer import SpeechTokenizer
     from .text_tokenizer import GlmTokenizer
@@ -234,8 +233,21 @@ def random_model(size: str = "tiny", *, device=None, dtype=None, seed: int = 0):
     generator = torch.Generator(device=device).manual_seed(seed + 1)
     speech = SpeechTokenizer.build(tokenizer_config, PREPROCESSOR, random_tokenizer_state(tokenizer_config, generator),
                                    device=device, dtype=side_dtype)
-    decoder = AudioDecoder.random(size, device=device, dtype=side_dtype, seed=seed)
-    return GlmVoice(llm, speech, GlmTokenizer.load(text), decoder, tiny=True)
+    decoder = random_decoder(size, device=device, dtype=side_dtype, seed=seed)
+    return GlmVoice(llm, speech, GlmTokenizer.load(text), decoder)
+
+
+def build(size: str, *, device=None, dtype=None, seed: int = 0, llm=None, tokenizer=None, decoder=None):
+    """``zoo.load(..., random_weights=size)``: "tiny" writes the three tiny folders in the
+    published layouts (once per seed) and loads them through the real loader (a given component
+    folder replaces its tiny one); "full" builds the published sizes in memory."""
+    from .model import GlmVoice
+
+    if size == "full":
+        return random_model("full", device=device, dtype=dtype, seed=seed)
+    folders = tiny_checkpoint(seed=seed)
+    return GlmVoice.load(device=device, dtype=dtype, llm=llm or folders.llm,
+                         tokenizer=tokenizer or folders.tokenizer, decoder=decoder or folders.decoder)
 
 
 # -- the audio decoder (glm-4-voice-decoder: config.yaml, flow.pt, hift.pt) ---------------------
@@ -311,3 +323,22 @@ def write_tiny_decoder(folder: Path, seed: int = 0, config=TINY_DECODER) -> Path
     torch.save(flow_state, folder / "flow.pt")
     torch.save(hift_state, folder / "hift.pt")
     return folder
+
+
+def random_decoder(size: str = "tiny", *, device=None, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """An AudioDecoder with seeded random weights built in memory: "tiny" is the test checkpoint
+    (the same weights ``write_tiny_decoder`` writes), "full" the published sizes (the real compute
+    cost). Noise out."""
+    from .decoder import AudioDecoder, build_modules
+    from .decoder_config import DecoderConfig
+    from .hift import published_to_module_keys
+
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
+    config = TINY_DECODER if size == "tiny" else DecoderConfig()
+    flow_state, hift_state = random_decoder_state(config, torch.Generator().manual_seed(seed))
+    flow, hift = build_modules(config, device="meta")
+    flow.load_state_dict(flow_state, strict=True, assign=True)
+    hift.load_state_dict(published_to_module_keys(hift_state), strict=True, assign=True)
+    device = torch.device(device or "cpu")
+    return AudioDecoder(flow.to(device=device, dtype=dtype), hift.to(device=device, dtype=dtype))
