@@ -15,7 +15,7 @@ from __future__ import annotations
 import codecs
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +66,10 @@ class GlmVoiceOptions(Options):
     25, 50, 100, 150, 200 tokens, each with a bounded left context, and loses no samples at block
     seams; "reference" reproduces the reference web demo's stream exactly (25, 50, 100, 150, 200
     tokens, the whole history re-decoded each block, fresh noise per block)."""
+
+    # the published LLM's context (max_position_embeddings); a reply also stops when the prompt
+    # leaves less room
+    MAX_NEW_TOKENS: ClassVar[int] = 8192
 
     temperature: float = 0.2
     top_p: float = 0.8

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.sampling import sample
+from ..core.sampling import is_zero_temperature, sample
 from ..core.types import Options
 from .transformer import (
     MAIN_CONTEXT, RESYNTH_CONTEXT, HertzLM, LatentQuantizer, Resynthesizer, Rows, rope_tables,
@@ -28,7 +28,7 @@ from .transformer import (
 
 
 def is_deterministic(options: Options) -> bool:
-    return options.temperature == 0.0
+    return is_zero_temperature(options.temperature)
 
 
 @dataclass
@@ -211,7 +211,7 @@ class Engine:
         o = slot.options
         cat_t, gauss_t = getattr(o, "categorical_temp", 0.4), getattr(o, "gaussian_temp", 0.1)
         g = slot.generator
-        if slot.deterministic or cat_t == 0:
+        if slot.deterministic or is_zero_temperature(cat_t):
             k = weights.argmax(dim=-1)
         else:
             noise = torch.empty(weights.shape, device=weights.device, dtype=weights.dtype)
@@ -219,7 +219,7 @@ class Engine:
             k = (weights / cat_t + gumbels).argmax(dim=-1)
         chosen = torch.arange(locs.size(0), device=locs.device)
         loc, scale = locs[chosen, k], scales[chosen, k]
-        if slot.deterministic or gauss_t == 0:
+        if slot.deterministic or is_zero_temperature(gauss_t):
             return loc
         eps = torch.randn(loc.shape, generator=g, device=loc.device, dtype=loc.dtype)
         return loc + scale * gauss_t * eps

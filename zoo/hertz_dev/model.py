@@ -61,7 +61,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -105,6 +105,11 @@ class HertzOptions(Options):
     """Defaults are the reference server's temperatures ``TEMPS = (0.8, (0.4, 0.1))``;
     ``max_new_tokens`` counts 125 ms frames (160 = the notebook's 20 s). No top-k / top-p in the
     reference (they apply to the token draw when set)."""
+
+    # 2048 frames (256 s): the reference generates at most one main context (2048 latents, prompt
+    # included); replies beyond it would run on slid contexts the model never saw in training, and
+    # the cap bounds how long one request holds a session slot.
+    MAX_NEW_TOKENS: ClassVar[int] = MAIN_CONTEXT
 
     temperature: float = 0.8  # token temperature; 0 = deterministic everywhere
     top_k: int | None = None

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.sampling import sample
+from ..core.sampling import is_zero_temperature, sample
 from ..core.types import Options
 from .gpt import GPT, KVCache
 from .prompts import Task
@@ -40,7 +40,7 @@ class Session:
 
 
 def _is_greedy(options: Options) -> bool:
-    return options.temperature == 0.0 or options.top_k == 1
+    return is_zero_temperature(options.temperature) or options.top_k == 1
 
 
 class Engine:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,8 @@ class MiniOmniOptions(Options):
     """Defaults are the reference's: temperature 0.9 with top_k 1 (which is greedy), top_p 1.
     ``max_new_tokens`` is further capped so prompt + reply fit the 2048-token context, which is the
     reference's ``max_returned_tokens=2048``."""
+
+    MAX_NEW_TOKENS: ClassVar[int] = 2048  # the published context (block_size): no reply can be longer
 
     temperature: float = 0.9
     top_k: int | None = 1
