@@ -26,7 +26,7 @@ from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError
 from ..core.quantize import QUANTIZED, quantize_linears
 from ..core.sampling import sample
-from ..core.scheduler import OneSlotSteppers
+from ..core.scheduler import OneSlotSteppers, isolate
 from ..core.types import Chunk, ModelCard, Options, VoiceModel
 from .decoder import DECODER_FILES, AudioDecoder
 from .engine import SlotEngine
@@ -117,6 +117,7 @@ class Reply:
         self.token: int | None = None  # sampled, not yet fed to the LLM
         self.generated = 0
         self.done = False
+        self.error: Exception | None = None
         self._text: list[str] = []
         self._audio: list[np.ndarray] = []
         self._final_turn: dict | None = None
@@ -181,7 +182,8 @@ class ReplyStepper:
             return
         logits = self.engine.step([job.slot for job in live], torch.tensor([job.token for job in live]))
         for job, row in zip(live, logits):
-            job.choose(row[None])
+            with isolate(job):  # its draw, its ids routed to text and its decoder
+                job.choose(row[None])
 
     def release(self, job: Reply) -> None:
         if job.slot is not None:

@@ -31,8 +31,10 @@ Batched serving (for server.py):
     stepper = model.duplex_stepper(max_sessions=8)           # one set of caches for 8 sessions
     a = stepper.open(options, prompt=None)                    # DuplexHandle (a session slot)
     b = stepper.open(options)
-    outs = stepper.step([a, b], [frame_a, frame_b])           # one batched forward for both:
-                                                              #   list of (2000,) float32 arrays
+    outs = stepper.step([a, b], [frame_a, frame_b])           # one batched forward for both: per
+                                                              #   handle a (2000,) float32 array, or
+                                                              #   the Exception that ended (and
+                                                              #   closed) that session alone
     stepper.close(a)                                          # frees the slot at once
 
 ``step`` runs codec encode, main model, resynthesizer and codec decode for every handle given in
@@ -69,7 +71,7 @@ import torch
 from ..core.audio import AudioSource, load_audio, read_audio, resample
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import AudioInputError, OptionsError, WeightsNotFound
-from ..core.scheduler import OneSlotSteppers
+from ..core.scheduler import OneSlotSteppers, isolate
 from ..core.types import Chunk, ModelCard, Options, VoiceModel
 from .checkpoint import (
     CODEC_FILE, QUANTIZER_FILE, VARIANT_FILES, build_codec, build_main, build_quantizer, build_resynth, read_state,
@@ -148,6 +150,10 @@ class Reply:
     def tokens(self) -> list[int]:
         return [t[0] for t in self.slot.tokens] if self.slot is not None else []
 
+    @property
+    def error(self) -> Exception | None:
+        return self.slot.error if self.slot is not None else None
+
     def poll(self) -> Chunk | None:
         if not self.pending:
             return None
@@ -207,6 +213,9 @@ class ReplyStepper:
         decoder.put(rows, part)
         out = audio.float().clamp(-1, 1).cpu().numpy()
         for job, z, a in zip(jobs, nxt[:, 0], out):
+            if job.error is not None:  # its draw failed in this step: this frame is not its output
+                job.done = True
+                continue
             job.latents.append(z)
             job.pending.append(a)
             if len(job.latents) >= job.max_frames:
@@ -293,7 +302,11 @@ class DuplexStepper:
         z = []
         for i, h in enumerate(handles):
             m, lv = mu[2 * i : 2 * i + 2], logvar[2 * i : 2 * i + 2]
-            z.append(m if h.slot.deterministic else sample_posterior(m, lv, h.slot.generator))
+            latent = m  # also the placeholder of a session whose draw fails
+            if not h.slot.deterministic:
+                with isolate(h.slot):
+                    latent = sample_posterior(m, lv, h.slot.generator)
+            z.append(latent)
         z = torch.stack(z)  # (B, 2, T, 32)
         return torch.cat([z[:, 0], z[:, 1]], dim=-1)
 
@@ -305,8 +318,11 @@ class DuplexStepper:
         return audio
 
     @torch.inference_mode()
-    def step(self, handles: Sequence[DuplexHandle], frames: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """One 125 ms step for every handle: its user frame in, the model's next frame out."""
+    def step(self, handles: Sequence[DuplexHandle], frames: Sequence[Any]) -> list[np.ndarray | Exception]:
+        """One 125 ms step for every handle: its user frame in, the model's next frame out, or the
+        Exception that ended that session (a bad frame, its own sampling failed): its handle is
+        closed and the others' frames are what they would be without it. Calling it wrongly
+        (closed or foreign handles) or a failure of the batched networks raises for all."""
         if len(handles) != len(frames):
             raise ValueError(f"{len(handles)} sessions but {len(frames)} frames")
         if any(h.closed for h in handles):
@@ -315,17 +331,29 @@ class DuplexStepper:
             raise ValueError("every handle must be a distinct session opened by this stepper")
         if not handles:
             return []
-        user = torch.from_numpy(np.stack([user_frame(f) for f in frames])).to(self.device, self.dtype)
+        user_frames = []
+        for h, f in zip(handles, frames):
+            frame = np.zeros(FRAME, np.float32)  # the placeholder of a refused frame
+            with isolate(h.slot):
+                frame = user_frame(f)
+            user_frames.append(frame)
+        user = torch.from_numpy(np.stack(user_frames)).to(self.device, self.dtype)
         rows = torch.tensor([h.slot.row for h in handles], device=self.device)
         x = torch.stack([user, self.previous[rows]], dim=1).reshape(-1, 1, FRAME)
         latents = self._encode(list(handles), rows, x)
         nxt = self.engine.advance([h.slot for h in handles], latents)  # (B, 1, 32)
         audio = self._decode(rows, nxt)
-        for h, z in zip(handles, nxt[:, 0]):
+        outputs: list[np.ndarray | Exception] = []
+        for h, z, frame in zip(handles, nxt[:, 0], audio.float().clamp(-1, 1).cpu().numpy()):
+            if h.slot.error is not None:
+                self.close(h)
+                outputs.append(h.slot.error)
+                continue
             h.steps += 1
             h.model_latents.append(z)
             del h.model_latents[:-8]
-        return list(audio.float().clamp(-1, 1).cpu().numpy())
+            outputs.append(frame)
+        return outputs
 
     def close(self, handle: DuplexHandle) -> None:
         if not handle.closed:
@@ -344,7 +372,11 @@ class DuplexSession:
         return self.handle.steps
 
     def step(self, frame: np.ndarray) -> Chunk:
-        return Chunk(audio=self.stepper.step([self.handle], [frame])[0])
+        """A refused frame raises and the session goes on; any other failure ends it."""
+        (out,) = self.stepper.step([self.handle], [user_frame(frame)])
+        if isinstance(out, Exception):
+            raise out
+        return Chunk(audio=out)
 
     def close(self) -> None:
         self.stepper.close(self.handle)

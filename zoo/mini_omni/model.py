@@ -15,6 +15,7 @@ from ..core.audio import AudioSource, load_audio
 from ..core.checkpoints import resolve_files
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError, WeightsNotFound
+from ..core.scheduler import isolate
 from ..core.types import Chunk, ModelCard, Options, VoiceModel
 from . import whisper
 from .codec import CODEC_FILES, AudioStreamer, Codec, Window, load_snac
@@ -128,6 +129,10 @@ class Reply:
     def done(self) -> bool:
         return self.session.done
 
+    @property
+    def error(self) -> Exception | None:
+        return self.session.error
+
     def advance(self) -> list[Window]:
         """Consume the session's new outputs: text now, frames into the audio streamer. Returns
         the audio windows due for decoding (hand their audio back with ``complete``)."""
@@ -156,9 +161,10 @@ class Reply:
         return Chunk(audio=audio.astype(np.float32, copy=False), text=text)
 
     def poll(self) -> Chunk | None:
-        windows = self.advance()
-        if windows:
-            self.complete(self.audio.codec.decode_windows(windows))
+        if self.error is None:  # a failed reply's output stops where it failed
+            windows = self.advance()
+            if windows:
+                self.complete(self.audio.codec.decode_windows(windows))
         return self.take()
 
 
@@ -178,10 +184,22 @@ class ReplyStepper:
         self.engine.start(job.session)
 
     def step(self, jobs: list[Reply]) -> None:
-        """One decode step for every session, then every due audio window in one codec batch."""
+        """One decode step for every session, then every due audio window in one codec batch.
+        If that batch fails, each session's windows are decoded on their own (isolated), so only
+        the session whose windows fail ends."""
         self.engine.step([job.session for job in jobs])
-        due = [(job, job.advance()) for job in jobs]
-        audio = self.model.codec.decode_windows([w for _, windows in due for w in windows])
+        due = []
+        for job in jobs:
+            if job.error is None:
+                with isolate(job.session):
+                    due.append((job, job.advance()))
+        try:
+            audio = self.model.codec.decode_windows([w for _, windows in due for w in windows])
+        except Exception:  # noqa: BLE001 - not attributable yet: find the session it belongs to
+            for job, windows in due:
+                with isolate(job.session):
+                    job.complete(self.model.codec.decode_windows(windows))
+            return
         for job, windows in due:
             job.complete(audio[: len(windows)])
             audio = audio[len(windows):]
@@ -334,6 +352,8 @@ class MiniOmni(VoiceModel):
                 chunk = reply.poll()
                 if chunk is not None:
                     yield chunk
+                if session.error is not None:
+                    raise session.error
                 if session.done:
                     break
                 self.engine.step([session])
