@@ -178,8 +178,12 @@ class ReplyStepper:
         return self.engines[variant]
 
     def prepare(self, audio: AudioSource, sample_rate: int | None, options, history=None) -> Reply:
-        """``history`` is not used: Hertz-dev continues the audio it is given."""
-        return self.model.start_reply(audio, sample_rate, options)
+        """``history`` is not used: Hertz-dev continues the audio it is given. Loads the networks
+        of the reply's set if needed (e.g. ``pure_audio_ablation``'s): prepare runs off the
+        scheduler thread, so loading stalls no other session; ``start`` then only builds caches."""
+        job = self.model.start_reply(audio, sample_rate, options)
+        self.model.networks(job.variant)
+        return job
 
     @torch.inference_mode()
     def start(self, job: Reply) -> None:
