@@ -264,3 +264,14 @@ def test_duplex_stepper_returns_the_error_of_one_session_and_closes_it(tiny_hert
     assert isinstance(stepper.step([good], [frame])[0], np.ndarray)  # the other session goes on
     stepper.close(good)
     assert sorted(stepper.engine.free) == [0, 1]
+
+
+def test_hertz_dev_replies_one_failing_session_leaves_the_batch_bit_identical(tiny_hertz):
+    import zoo.hertz_dev.engine as engine
+
+    speech = (0.1 * np.random.default_rng(1).standard_normal(6000)).astype(np.float32)
+    options = [{"max_new_tokens": 10, "seed": 1}, {"max_new_tokens": 10, "seed": VICTIM_SEED},
+               {"max_new_tokens": 8, "temperature": 0}]
+    stepper = check_only_the_victim_failed(tiny_hertz, engine, lambda s, o: s.prepare(speech, 16000, o), options,
+                                           after=4)
+    assert sorted(stepper.engines["mono"][0].free) == [0, 1, 2]

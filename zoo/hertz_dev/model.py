@@ -52,9 +52,9 @@ once per 512 steps for that session.
 
 Sampling follows the reference (``next_latent`` / ``temp_sample``): token ``temperature``
 (softmax draw), ``categorical_temp`` (Gumbel-max mixture component), ``gaussian_temp`` (component
-noise); defaults are the reference server's (0.8, 0.4, 0.1). ``temperature=0`` is deterministic:
-the codec encoder's posterior mean, the main model's argmax index, the mixture's most probable
-component's mean. All randomness comes from a torch.Generator per session seeded with
+noise); defaults are the reference server's (0.8, 0.4, 0.1). ``temperature=0`` (any temperature
+below zoo.core.sampling.MIN_TEMPERATURE) is deterministic: the codec encoder's posterior mean, the
+main model's argmax index, the mixture's most probable component's mean. All randomness comes from a torch.Generator per session seeded with
 ``Options.seed`` (the global RNG is never used).
 """
 from __future__ import annotations
