@@ -275,3 +275,30 @@ def test_hertz_dev_replies_one_failing_session_leaves_the_batch_bit_identical(ti
     stepper = check_only_the_victim_failed(tiny_hertz, engine, lambda s, o: s.prepare(speech, 16000, o), options,
                                            after=4)
     assert sorted(stepper.engines["mono"][0].free) == [0, 1, 2]
+
+
+def test_mini_omni_codec_failure_of_one_session_ends_it_alone(tiny64, question_wav, monkeypatch):
+    """The codec decodes every session's due windows in one batch; when that batch fails, each
+    session's windows are decoded on their own, so only the session they fail for ends."""
+    import zoo.mini_omni.codec as codec
+
+    real = codec._positional_noise
+
+    def noise(seed, block, start, length):
+        if seed == VICTIM_SEED and start > 0:  # its second chunk's noise cannot be made
+            raise RuntimeError("injected codec failure")
+        return real(seed, block, start, length)
+
+    path = str(question_wav[0])
+    options = [{"max_new_tokens": 30}, {"max_new_tokens": 30, "seed": VICTIM_SEED}, {"max_new_tokens": 24, "seed": 7}]
+    stepper = tiny64.stepper(max_sessions=3)
+    with monkeypatch.context() as patch:
+        patch.setattr(codec, "_positional_noise", noise)
+        failing, failed_at = serve(stepper, [stepper.prepare(path, None, o) for o in options], 1)
+    assert isinstance(failing[1][-1], RuntimeError) and failed_at is not None
+    healthy, _ = serve(stepper, [stepper.prepare(path, None, o) for o in options], 1, cancel_victim_after=failed_at)
+    for i in (0, 2):
+        (audio, text), (audio_ok, text_ok) = output(failing[i]), output(healthy[i])
+        assert text == text_ok and audio.size == audio_ok.size
+        np.testing.assert_allclose(audio, audio_ok, rtol=0, atol=1e-12)  # decoded alone in that one step
+    assert sorted(stepper.engine.free_rows) == list(range(6))
