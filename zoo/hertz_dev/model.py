@@ -54,8 +54,8 @@ Sampling follows the reference (``next_latent`` / ``temp_sample``): token ``temp
 (softmax draw), ``categorical_temp`` (Gumbel-max mixture component), ``gaussian_temp`` (component
 noise); defaults are the reference server's (0.8, 0.4, 0.1). ``temperature=0`` (any temperature
 below zoo.core.sampling.MIN_TEMPERATURE) is deterministic: the codec encoder's posterior mean, the
-main model's argmax index, the mixture's most probable component's mean. All randomness comes from a torch.Generator per session seeded with
-``Options.seed`` (the global RNG is never used).
+main model's argmax index, the mixture's most probable component's mean. All randomness comes from
+a torch.Generator per session seeded with ``Options.seed`` (the global RNG is never used).
 """
 from __future__ import annotations
 
@@ -282,6 +282,8 @@ class DuplexStepper:
         if prompt_audio is not None:
             try:
                 self._prefill(handle, prompt_audio)
+                if handle.slot.error is not None:  # its own draws failed on the prompt
+                    raise handle.slot.error
             except BaseException:
                 self.close(handle)
                 raise
