@@ -65,6 +65,10 @@ def test_base_options_work_for_every_model(models, question, name):
     own = model.options(zoo.Options(temperature=0, max_new_tokens=10, seed=3))
     assert isinstance(own, model.options_class) and (own.temperature, own.max_new_tokens, own.seed) == (0, 10, 3)
     assert audio.size and np.array_equal(audio, reply(model, question, own)[0])
+    if model.card.duplex:
+        with model.duplex(zoo.Options(temperature=0), main_context=4, resynth_context=4) as session:
+            assert session.handle.options.temperature == 0 and isinstance(session.handle.options, model.options_class)
+            assert session.step(question[:2000]).audio.shape == (2000,)
 
 
 @pytest.mark.parametrize("name", NAMES)
