@@ -229,23 +229,32 @@ class DuplexHub:
             self._active.remove(conn)
 
     def _step(self, batch: list[DuplexConn], frames: list[np.ndarray]) -> None:
+        """One batched step. The stepper answers each session with its frame, or with the
+        Exception that ended that session alone (its handle is closed): that connection gets the
+        error, the others their frames. Only a failure of the whole step fails every session."""
         started = time.perf_counter()
         try:
             outputs = self.stepper.step([c.handle for c in batch], frames)
-        except Exception as err:  # noqa: BLE001 - a failed step fails the sessions in it
+        except Exception as err:  # noqa: BLE001 - a failed batched step fails the sessions in it
             log.exception("duplex step failed for %d session(s)", len(batch))
-            for conn in batch:
-                self._release(conn)
-                with self._cv:
-                    conn.inbox.clear()
-                conn.deliver(err)
-            return
-        self.steps += 1
-        self.metrics.duplex_step_seconds.observe(time.perf_counter() - started)
-        self.metrics.duplex_batch_size.observe(len(batch))
-        self.metrics.duplex_frames.inc(len(batch))
+            outputs = [err] * len(batch)
+        else:
+            self.steps += 1
+            self.metrics.duplex_step_seconds.observe(time.perf_counter() - started)
+            self.metrics.duplex_batch_size.observe(len(batch))
+            self.metrics.duplex_frames.inc(sum(not isinstance(out, Exception) for out in outputs))
         for conn, out in zip(batch, outputs):
-            conn.deliver(out)
+            if isinstance(out, Exception):
+                self._fail(conn, out)
+            else:
+                conn.deliver(out)
+
+    def _fail(self, conn: DuplexConn, err: Exception) -> None:
+        """The session ended in the worker: its slot is freed, its waiting frames dropped."""
+        self._release(conn)
+        with self._cv:
+            conn.inbox.clear()
+        conn.deliver(err)
 
 
 # -- the WebSocket side -------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_pcm16_clips_instead_of_wrapping():
 
 
 def test_options_from_untrusted_values():
-    opts = MiniOmniOptions.from_dict({"temperature": "0.5", "top_k": 3, "stream_stride": 2})
+    opts = MiniOmniOptions.from_dict({"temperature": 0.5, "top_k": 3, "stream_stride": 2})
     assert (opts.temperature, opts.top_k, opts.stream_stride) == (0.5, 3, 2)
     assert MiniOmniOptions.from_dict({"top_k": None, "max_new_tokens": 30.0}).max_new_tokens == 30
     assert MiniOmniOptions().temperature == 0.9 and MiniOmniOptions().top_k == 1  # reference defaults
@@ -83,7 +83,11 @@ def test_options_from_untrusted_values():
                          ({"top_p": 0}, "top_p"), ({"stream_stride": 0}, "stream_stride"),
                          ({"max_new_tokens": "many"}, "max_new_tokens"), ({"stream_mode": "x"}, "stream_mode"),
                          ({"max_new_tokens": 2.7}, "max_new_tokens"), ({"top_k": True}, "top_k"),
-                         ({"temperature": None}, "cannot be null"), ({"codec_noise": "yes"}, "codec_noise")]:
+                         ({"temperature": None}, "cannot be null"), ({"codec_noise": "yes"}, "codec_noise"),
+                         ({"max_new_tokens": "10"}, "must be int"), ({"temperature": "0.5"}, "must be float"),
+                         ({"codec_noise": 1}, "must be bool"), ({"stream_mode": 5}, "must be str"),
+                         ({"temperature": float("nan")}, "finite"), ({"top_p": float("inf")}, "finite"),
+                         ({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"), ({"temperature": 10**400}, "out of range")]:
         with pytest.raises(OptionsError, match=message):
             MiniOmniOptions.from_dict(bad)
 

@@ -73,7 +73,7 @@ def test_one_slot_steppers_reuse_when_idle_and_never_share_a_slot():
 
     class CountingJob:
         def __init__(self, n):
-            self.left, self.done = n, False
+            self.left, self.done, self.error = n, False, None
 
         def poll(self):
             return Chunk(text="x") if not self.done else None

@@ -1,8 +1,18 @@
 """Token sampling shared by every model: top-k, then temperature, then top-p, then a draw, in the
-order litgpt (and so Mini-Omni) applies them. temperature == 0 or top_k == 1 is greedy argmax."""
+order litgpt (and so Mini-Omni) applies them. A temperature below MIN_TEMPERATURE, or top_k == 1,
+is greedy argmax."""
 from __future__ import annotations
 
 import torch
+
+# Temperatures below this mean "deterministic": dividing logits by them overflows float32 to inf
+# (1e-39 is a valid JSON number) and the softmax becomes NaN, while the draw would be the argmax
+# anyway. Every temperature a model has (token, mixture component, noise) uses this one bound.
+MIN_TEMPERATURE = 1e-5
+
+
+def is_zero_temperature(temperature: float) -> bool:
+    return temperature < MIN_TEMPERATURE
 
 
 def sample(
@@ -13,7 +23,7 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """logits (rows, vocab) -> token ids (rows,). Draws use ``generator`` (never the global RNG)."""
-    if temperature == 0.0 or top_k == 1:
+    if is_zero_temperature(temperature) or top_k == 1:
         # top_k == 1 leaves one finite logit: the reference's multinomial draw is this argmax.
         return logits.argmax(dim=-1)
     logits = logits.float()

@@ -8,10 +8,20 @@ A model takes part by returning a ``Stepper`` from ``model.stepper(max_sessions)
     stepper.step(jobs)        # one batched decode step for all active jobs (scheduler thread)
     job.poll() -> Chunk|None  # output produced since the last poll; job.done when finished
     stepper.release(job)      # free its slot (KV-cache rows)
+
+Failures stay with their session. A stepper does each session's own share of a step (sampling
+with its options, routing its ids, decoding its text and audio) inside ``isolate(job)``: an
+exception there sets ``job.error`` and ``job.done`` and the step goes on for the others, which
+get exactly what they would have got with that session cancelled at that step. The scheduler
+then hands ``job.error`` to that session's ticket only (so does an exception from its ``start``
+or ``poll``). Only a failure of the batched work itself (the forward pass over every session,
+a batched decode that cannot be split by session) still fails every session in the batch.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -20,14 +30,38 @@ from typing import Any, Callable, Iterator, Protocol
 
 from .types import Chunk
 
+log = logging.getLogger("zoo.sessions")
+
 # What a ticket's callback receives: a Chunk, an Exception (the job failed), or None (finished).
 Delivery = Callable[["Chunk | Exception | None"], None]
 
 
 class Job(Protocol):
     done: bool
+    error: Exception | None  # why the job failed (then done is set too); None otherwise
 
     def poll(self) -> Chunk | None: ...
+
+
+class Failable(Protocol):
+    """What ``isolate`` marks: a job, or the per-session state a model's engine steps."""
+
+    done: bool
+    error: Exception | None
+
+
+@contextlib.contextmanager
+def isolate(session: Failable) -> Iterator[None]:
+    """Run one session's share of a batched step: an exception ends that session only (recorded
+    in ``session.error``, ``session.done`` set, logged) and is not raised, so the caller goes on
+    with the next session. The caller skips, or feeds a placeholder for, a failed session."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - reported to that session only
+        log.exception("one session failed; the others in its batch go on")
+        if session.error is None:
+            session.error = err
+        session.done = True
 
 
 class Stepper(Protocol):
@@ -44,6 +78,7 @@ class Ticket:
     deliver: Delivery
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    error: Exception | None = None  # its job's poll() raised
 
 
 class Busy(Exception):
@@ -116,7 +151,8 @@ class Scheduler:
                 try:
                     self.stepper.step([t.job for t in running])
                     self.steps += 1
-                except Exception as err:  # noqa: BLE001 - a failed batch fails its sessions
+                except Exception as err:  # noqa: BLE001 - a failed batched pass fails its sessions
+                    log.exception("a batched step failed for %d session(s)", len(running))
                     for ticket in running:
                         self._finish(ticket, err)
                     self._active = [t for t in self._active if t not in running]
@@ -126,13 +162,21 @@ class Scheduler:
             self._active = [t for t in self._active if not self._drop_if_over(t)]
 
     def _deliver(self, ticket: Ticket) -> None:
-        chunk = ticket.job.poll()
+        """Its output so far (even from a job that just failed), then its error comes with
+        ``_drop_if_over``."""
+        try:
+            chunk = ticket.job.poll()
+        except Exception as err:  # noqa: BLE001 - reported to that session only
+            log.exception("a session's poll failed")
+            ticket.error = err
+            return
         if chunk is not None and not ticket.cancelled:
             ticket.deliver(chunk)
 
     def _drop_if_over(self, ticket: Ticket) -> bool:
-        if ticket.cancelled or ticket.job.done:
-            self._finish(ticket, None)
+        error = ticket.error or ticket.job.error
+        if ticket.cancelled or ticket.job.done or error is not None:
+            self._finish(ticket, error)
             return True
         return False
 
@@ -164,6 +208,8 @@ class OneSlotSteppers:
                 chunk = job.poll()
                 if chunk is not None:
                     yield chunk
+                if job.error is not None:
+                    raise job.error
                 if job.done:
                     break
                 stepper.step([job])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -38,10 +39,18 @@ class ModelCard:
         return d
 
 
+# Seeds are torch.Generator seeds: any int in [0, 2**63) (what JSON clients and int64 fields carry).
+SEED_LIMIT = 2**63
+
+
 @dataclass
 class Options:
     """Generation options shared by every model; models subclass it to set their reference defaults
-    and add their own fields. ``temperature=0`` means greedy decoding."""
+    and add their own fields. A temperature below zoo.core.sampling.MIN_TEMPERATURE (e.g. 0) means
+    greedy decoding. ``max_new_tokens`` above ``MAX_NEW_TOKENS`` (what the model's context or time
+    budget allows; each model's class sets its own) is lowered to it, as a token limit is a ceiling."""
+
+    MAX_NEW_TOKENS: ClassVar[int] = 1 << 16
 
     temperature: float = 1.0
     top_k: int | None = None
@@ -50,6 +59,10 @@ class Options:
     seed: int = 0
 
     def validate(self) -> "Options":
+        """Check every field's type (strictly: no strings for numbers, no NaN or infinity) and
+        range, in place; returns self. Models' subclasses add their own checks after this one."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked_value(f.name, getattr(self, f.name), type(self), f))
         if not (0.0 <= self.temperature <= 10.0):
             raise OptionsError(f"temperature must be in [0, 10], got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -58,34 +71,49 @@ class Options:
             raise OptionsError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise OptionsError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.max_new_tokens = min(self.max_new_tokens, self.MAX_NEW_TOKENS)
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise OptionsError(f"seed must be in [0, 2**63), got {self.seed}")
         return self
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "Options":
-        """Build options from untrusted key/value pairs (CLI, JSON): unknown keys and wrong types
-        are reported by name instead of surfacing as a TypeError deep inside generation."""
+        """Build options from untrusted key/value pairs (JSON): unknown keys and wrong types are
+        reported by name instead of surfacing as a TypeError deep inside generation. Types are
+        JSON's: a number for a numeric option (a whole float such as 30.0 for an int one), a
+        boolean for a flag, a string for a choice; strings are never parsed as numbers (callers
+        holding text, e.g. command lines, parse it themselves)."""
         values = dict(values or {})
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise OptionsError(f"unknown option(s) {unknown}; known: {sorted(known)}")
-        converted = {}
-        for name, value in values.items():
-            if value is None:
-                if "None" not in str(known[name].type):
-                    raise OptionsError(f"option {name!r} cannot be null")
-                converted[name] = None
-                continue
-            kind = _option_kind(cls, known[name])
-            try:
-                if kind is bool and not isinstance(value, bool):
-                    raise TypeError
-                if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
-                    raise TypeError  # 2.7 steps or `true` steps are mistakes, not 2 or 1
-                converted[name] = kind(value)
-            except (TypeError, ValueError):
-                raise OptionsError(f"option {name!r} must be {kind.__name__}, got {value!r}") from None
-        return cls(**converted).validate()
+        return cls(**{name: _checked_value(name, value, cls, known[name]) for name, value in values.items()}).validate()
+
+
+def _checked_value(name: str, value: Any, cls: type, f: dataclasses.Field) -> Any:
+    """``value`` as option ``name``'s kind (int, float, bool or str), or OptionsError."""
+    if value is None:
+        if "None" not in str(f.type):
+            raise OptionsError(f"option {name!r} cannot be null")
+        return None
+    kind = _option_kind(cls, f)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is str:
+        ok = isinstance(value, str)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        ok = False  # `true` steps or "10" steps are mistakes, not 1 or 10
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise OptionsError(f"option {name!r} must be a finite number, got {value!r}")
+    else:
+        ok = kind is float or isinstance(value, int) or value.is_integer()  # 2.7 steps is not 2
+    if not ok:
+        raise OptionsError(f"option {name!r} must be {kind.__name__}, got {value!r}")
+    try:
+        return kind(value)
+    except OverflowError:  # an int beyond any float
+        raise OptionsError(f"option {name!r} is out of range, got {value!r}") from None
 
 
 def _option_kind(cls: type, f: dataclasses.Field) -> type:
@@ -121,8 +149,13 @@ class VoiceModel(ABC):
     random_weights: str | None = None
 
     def options(self, values: Mapping[str, Any] | Options | None = None) -> Options:
+        """Any options -> a validated instance of this model's own options class (a new object:
+        validation may lower ``max_new_tokens``). A base ``zoo.Options`` (or another model's) gives
+        its shared fields; this model's own fields keep their defaults."""
+        if isinstance(values, self.options_class):
+            return dataclasses.replace(values).validate()
         if isinstance(values, Options):
-            return values.validate()
+            values = {f.name: getattr(values, f.name) for f in dataclasses.fields(Options)}
         return self.options_class.from_dict(values)
 
     @abstractmethod

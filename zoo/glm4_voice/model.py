@@ -13,9 +13,10 @@ text, re-tokenised), so a conversation is the same token sequence the reference 
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError
 from ..core.quantize import QUANTIZED, quantize_linears
 from ..core.sampling import sample
-from ..core.scheduler import OneSlotSteppers
+from ..core.scheduler import OneSlotSteppers, isolate
 from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from .decoder import DECODER_FILES, AudioDecoder
 from .engine import SlotEngine
@@ -35,6 +36,8 @@ from .prompt import LOW_LATENCY_BLOCKS, REFERENCE_BLOCKS, ReplySplitter, audio_a
 from .speech_tokenizer import SAMPLE_RATE, TOKENIZER_FILES, SpeechTokenizer
 from .text_tokenizer import TOKENIZER_FILES as TEXT_TOKENIZER_FILES
 from .text_tokenizer import GlmTokenizer
+
+log = logging.getLogger("zoo.glm4_voice")
 
 LLM_FILES = ("config.json", INDEX_FILE, *TEXT_TOKENIZER_FILES)
 STREAM_MODES = ("seamless", "reference")
@@ -66,6 +69,10 @@ class GlmVoiceOptions(Options):
     25, 50, 100, 150, 200 tokens, each with a bounded left context, and loses no samples at block
     seams; "reference" reproduces the reference web demo's stream exactly (25, 50, 100, 150, 200
     tokens, the whole history re-decoded each block, fresh noise per block)."""
+
+    # the published LLM's context (max_position_embeddings); a reply also stops when the prompt
+    # leaves less room
+    MAX_NEW_TOKENS: ClassVar[int] = 8192
 
     temperature: float = 0.2
     top_p: float = 0.8
@@ -112,7 +119,9 @@ class Reply:
         self.slot: int | None = None
         self.token: int | None = None  # sampled, not yet fed to the LLM
         self.generated = 0
+        self.skipped = 0  # sampled ids with no vocabulary entry (no text, no audio)
         self.done = False
+        self.error: Exception | None = None
         self._text: list[str] = []
         self._audio: list[np.ndarray] = []
         self._final_turn: dict | None = None
@@ -130,14 +139,25 @@ class Reply:
             block = self.splitter.push(token) if token == self.end_id else self.splitter.finish()
             self._finish(block)
             return
-        block = self.splitter.push(token)
-        if token < self.model.tokenizer.audio_offset:
-            self._text.append(self.text.push(token))
+        if self.model.tokenizer.has_entry(token):
+            block = self.splitter.push(token)
+            if token < self.model.tokenizer.audio_offset:
+                self._text.append(self.text.push(token))
+        else:
+            self._skip(token)
         out_of_room = self.engine is not None and self.engine.room(self.slot) < 1
         if self.generated >= self.options.max_new_tokens or out_of_room:
             self._finish(block if block is not None else self.splitter.finish())
         elif block is not None:
             self._audio.append(self.audio.push(block))
+
+    def _skip(self, token: int) -> None:
+        """An id the LLM can emit but the vocabulary lacks: not text, not audio, left out of the
+        reply (the LLM still reads it back as its own output)."""
+        if not self.skipped:
+            log.warning("the LLM emitted id %d, which has no vocabulary entry: skipped (once per reply "
+                        "logged; Reply.skipped counts them)", token)
+        self.skipped += 1
 
     def _finish(self, last_block: list[int] | None) -> None:
         self._text.append(self.text.finish())
@@ -177,7 +197,8 @@ class ReplyStepper:
             return
         logits = self.engine.step([job.slot for job in live], torch.tensor([job.token for job in live]))
         for job, row in zip(live, logits):
-            job.choose(row[None])
+            with isolate(job):  # its draw, its ids routed to text and its decoder
+                job.choose(row[None])
 
     def release(self, job: Reply) -> None:
         if job.slot is not None:

@@ -20,6 +20,7 @@ BUILTIN_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<
                     "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
                     "<|begin_of_video|>", "<|end_of_video|>")
 _AUDIO = re.compile(r"<\|audio_(\d+)\|>")
+AUDIO_TOKENS = 16384  # <|audio_0|> .. <|audio_16383|>: the speech tokenizer's codebook
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:
@@ -42,9 +43,10 @@ class GlmTokenizer:
         self.added = {**specials, **added}
         self._bpe = tiktoken.Encoding(name="glm-4-voice", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens={})
         self._strings = {index: token for token, index in self.added.items()}
+        self._ordinary = frozenset(ranks.values())
         self.audio_offset = self.added["<|audio_0|>"]
-        audio_ids = [self.added.get(f"<|audio_{i}|>") for i in range(16384)]
-        if audio_ids != list(range(self.audio_offset, self.audio_offset + 16384)):
+        audio_ids = [self.added.get(f"<|audio_{i}|>") for i in range(AUDIO_TOKENS)]
+        if audio_ids != list(range(self.audio_offset, self.audio_offset + AUDIO_TOKENS)):
             raise ValueError("tokenizer_config.json: <|audio_0|> .. <|audio_16383|> are not consecutive ids")
         # Audio tokens are matched by a pattern of their own; the other added tokens by alternation,
         # longest first so that at any position the longest added token wins (as transformers' trie).
@@ -59,6 +61,11 @@ class GlmTokenizer:
 
     def id(self, token: str) -> int:
         return self.added[token]
+
+    def has_entry(self, index: int) -> bool:
+        """Whether ``index`` is in the vocabulary (a BPE rank or an added token). The LLM's output
+        layer is wider: it can emit ids with no entry, which have no text and no audio."""
+        return index in self._ordinary or index in self._strings
 
     def encode(self, text: str, prefix: bool = True) -> list[int]:
         """``prefix``: prepend ``[gMASK]<sop>`` as ``tokenizer([text])`` does."""

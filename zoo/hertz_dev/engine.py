@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.sampling import sample
+from ..core.sampling import is_zero_temperature, sample
+from ..core.scheduler import isolate
 from ..core.types import Options
 from .transformer import (
     MAIN_CONTEXT, RESYNTH_CONTEXT, HertzLM, LatentQuantizer, Resynthesizer, Rows, rope_tables,
@@ -28,7 +29,7 @@ from .transformer import (
 
 
 def is_deterministic(options: Options) -> bool:
-    return options.temperature == 0.0
+    return is_zero_temperature(options.temperature)
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Slot:
     resynth_len: int = 0
     slides: int = 0  # how many times a context was rebuilt
     tokens: list[list[int]] = field(default_factory=list)  # sampled FSQ indices per step (bounded)
+    # its session failed in its own work (zoo.core.scheduler.isolate); its owner closes it
+    error: Exception | None = None
+    done: bool = False
 
     @property
     def deterministic(self) -> bool:
@@ -170,7 +174,8 @@ class Engine:
             out = self.main(x, self.main_cache, rows, self.main_rope, self.out_channels)
             logits[i] = torch.stack([o[0] for o in out])
             slots[i].main_len = x.size(1)
-        return torch.stack([self._tokens(slot, lg) for slot, lg in zip(slots, logits)])
+        return torch.stack([self._isolated(slot, lambda: self._tokens(slot, lg), lg.argmax(dim=-1))
+                            for slot, lg in zip(slots, logits)])
 
     def resynth_step(self, slots: list[Slot], latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Resynthesizer told the next tokens -> sampled next latents (B, out channels, 32)."""
@@ -192,7 +197,17 @@ class Engine:
                                                  self.resynth_rope, self.out_channels)
             mixtures[i] = (locs[:, 0], scales[:, 0], weights[:, 0])
             slots[i].resynth_len = x.size(1)
-        return torch.stack([self._latents(slot, *m) for slot, m in zip(slots, mixtures)])
+        return torch.stack([self._isolated(slot, lambda: self._latents(slot, *m), torch.zeros_like(m[0][:, 0]))
+                            for slot, m in zip(slots, mixtures)])
+
+    @staticmethod
+    def _isolated(slot: Slot, draw, placeholder: torch.Tensor) -> torch.Tensor:
+        """A slot's own draw; if it fails, the slot is marked failed and ``placeholder`` keeps the
+        batch's shape (the other slots' rows do not depend on it)."""
+        result = placeholder
+        with isolate(slot):
+            result = draw()
+        return result
 
     # -- sampling (the reference's next_latent / temp_sample, with a per-slot generator) ------
     def _tokens(self, slot: Slot, logits: torch.Tensor) -> torch.Tensor:
@@ -211,7 +226,7 @@ class Engine:
         o = slot.options
         cat_t, gauss_t = getattr(o, "categorical_temp", 0.4), getattr(o, "gaussian_temp", 0.1)
         g = slot.generator
-        if slot.deterministic or cat_t == 0:
+        if slot.deterministic or is_zero_temperature(cat_t):
             k = weights.argmax(dim=-1)
         else:
             noise = torch.empty(weights.shape, device=weights.device, dtype=weights.dtype)
@@ -219,7 +234,7 @@ class Engine:
             k = (weights / cat_t + gumbels).argmax(dim=-1)
         chosen = torch.arange(locs.size(0), device=locs.device)
         loc, scale = locs[chosen, k], scales[chosen, k]
-        if slot.deterministic or gauss_t == 0:
+        if slot.deterministic or is_zero_temperature(gauss_t):
             return loc
         eps = torch.randn(loc.shape, generator=g, device=loc.device, dtype=loc.dtype)
         return loc + scale * gauss_t * eps

@@ -31,8 +31,10 @@ Batched serving (for server.py):
     stepper = model.duplex_stepper(max_sessions=8)           # one set of caches for 8 sessions
     a = stepper.open(options, prompt=None)                    # DuplexHandle (a session slot)
     b = stepper.open(options)
-    outs = stepper.step([a, b], [frame_a, frame_b])           # one batched forward for both:
-                                                              #   list of (2000,) float32 arrays
+    outs = stepper.step([a, b], [frame_a, frame_b])           # one batched forward for both: per
+                                                              #   handle a (2000,) float32 array, or
+                                                              #   the Exception that ended (and
+                                                              #   closed) that session alone
     stepper.close(a)                                          # frees the slot at once
 
 ``step`` runs codec encode, main model, resynthesizer and codec decode for every handle given in
@@ -50,10 +52,10 @@ once per 512 steps for that session.
 
 Sampling follows the reference (``next_latent`` / ``temp_sample``): token ``temperature``
 (softmax draw), ``categorical_temp`` (Gumbel-max mixture component), ``gaussian_temp`` (component
-noise); defaults are the reference server's (0.8, 0.4, 0.1). ``temperature=0`` is deterministic:
-the codec encoder's posterior mean, the main model's argmax index, the mixture's most probable
-component's mean. All randomness comes from a torch.Generator per session seeded with
-``Options.seed`` (the global RNG is never used).
+noise); defaults are the reference server's (0.8, 0.4, 0.1). ``temperature=0`` (any temperature
+below zoo.core.sampling.MIN_TEMPERATURE) is deterministic: the codec encoder's posterior mean, the
+main model's argmax index, the mixture's most probable component's mean. All randomness comes from
+a torch.Generator per session seeded with ``Options.seed`` (the global RNG is never used).
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -70,7 +72,7 @@ from ..core.audio import AudioSource, load_audio, read_audio, resample
 from ..core.checkpoints import read_state_dict
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import AudioInputError, OptionsError, WeightsNotFound
-from ..core.scheduler import OneSlotSteppers
+from ..core.scheduler import OneSlotSteppers, isolate
 from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from .checkpoint import (
     CODEC_FILE, QUANTIZER_FILE, VARIANT_FILES, build_codec, build_main, build_quantizer, build_resynth,
@@ -106,6 +108,11 @@ class HertzOptions(Options):
     """Defaults are the reference server's temperatures ``TEMPS = (0.8, (0.4, 0.1))``;
     ``max_new_tokens`` counts 125 ms frames (160 = the notebook's 20 s). No top-k / top-p in the
     reference (they apply to the token draw when set)."""
+
+    # 2048 frames (256 s): the reference generates at most one main context (2048 latents, prompt
+    # included); replies beyond it would run on slid contexts the model never saw in training, and
+    # the cap bounds how long one request holds a session slot.
+    MAX_NEW_TOKENS: ClassVar[int] = MAIN_CONTEXT
 
     temperature: float = 0.8  # token temperature; 0 = deterministic everywhere
     top_k: int | None = None
@@ -144,6 +151,10 @@ class Reply:
     def tokens(self) -> list[int]:
         return [t[0] for t in self.slot.tokens] if self.slot is not None else []
 
+    @property
+    def error(self) -> Exception | None:
+        return self.slot.error if self.slot is not None else None
+
     def poll(self) -> Chunk | None:
         if not self.pending:
             return None
@@ -168,8 +179,12 @@ class ReplyStepper:
         return self.engines[variant]
 
     def prepare(self, audio: AudioSource, sample_rate: int | None, options, history=None) -> Reply:
-        """``history`` is not used: Hertz-dev continues the audio it is given."""
-        return self.model.start_reply(audio, sample_rate, options)
+        """``history`` is not used: Hertz-dev continues the audio it is given. Loads the networks
+        of the reply's set if needed (e.g. ``pure_audio_ablation``'s): prepare runs off the
+        scheduler thread, so loading stalls no other session; ``start`` then only builds caches."""
+        job = self.model.start_reply(audio, sample_rate, options)
+        self.model.networks(job.variant)
+        return job
 
     @torch.inference_mode()
     def start(self, job: Reply) -> None:
@@ -203,6 +218,9 @@ class ReplyStepper:
         decoder.put(rows, part)
         out = audio.float().clamp(-1, 1).cpu().numpy()
         for job, z, a in zip(jobs, nxt[:, 0], out):
+            if job.error is not None:  # its draw failed in this step: this frame is not its output
+                job.done = True
+                continue
             job.latents.append(z)
             job.pending.append(a)
             if len(job.latents) >= job.max_frames:
@@ -265,6 +283,8 @@ class DuplexStepper:
         if prompt_audio is not None:
             try:
                 self._prefill(handle, prompt_audio)
+                if handle.slot.error is not None:  # its own draws failed on the prompt
+                    raise handle.slot.error
             except BaseException:
                 self.close(handle)
                 raise
@@ -289,7 +309,11 @@ class DuplexStepper:
         z = []
         for i, h in enumerate(handles):
             m, lv = mu[2 * i : 2 * i + 2], logvar[2 * i : 2 * i + 2]
-            z.append(m if h.slot.deterministic else sample_posterior(m, lv, h.slot.generator))
+            latent = m  # also the placeholder of a session whose draw fails
+            if not h.slot.deterministic:
+                with isolate(h.slot):
+                    latent = sample_posterior(m, lv, h.slot.generator)
+            z.append(latent)
         z = torch.stack(z)  # (B, 2, T, 32)
         return torch.cat([z[:, 0], z[:, 1]], dim=-1)
 
@@ -301,8 +325,11 @@ class DuplexStepper:
         return audio
 
     @torch.inference_mode()
-    def step(self, handles: Sequence[DuplexHandle], frames: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """One 125 ms step for every handle: its user frame in, the model's next frame out."""
+    def step(self, handles: Sequence[DuplexHandle], frames: Sequence[Any]) -> list[np.ndarray | Exception]:
+        """One 125 ms step for every handle: its user frame in, the model's next frame out, or the
+        Exception that ended that session (a bad frame, its own sampling failed): its handle is
+        closed and the others' frames are what they would be without it. Calling it wrongly
+        (closed or foreign handles) or a failure of the batched networks raises for all."""
         if len(handles) != len(frames):
             raise ValueError(f"{len(handles)} sessions but {len(frames)} frames")
         if any(h.closed for h in handles):
@@ -311,17 +338,29 @@ class DuplexStepper:
             raise ValueError("every handle must be a distinct session opened by this stepper")
         if not handles:
             return []
-        user = torch.from_numpy(np.stack([user_frame(f) for f in frames])).to(self.device, self.dtype)
+        user_frames = []
+        for h, f in zip(handles, frames):
+            frame = np.zeros(FRAME, np.float32)  # the placeholder of a refused frame
+            with isolate(h.slot):
+                frame = user_frame(f)
+            user_frames.append(frame)
+        user = torch.from_numpy(np.stack(user_frames)).to(self.device, self.dtype)
         rows = torch.tensor([h.slot.row for h in handles], device=self.device)
         x = torch.stack([user, self.previous[rows]], dim=1).reshape(-1, 1, FRAME)
         latents = self._encode(list(handles), rows, x)
         nxt = self.engine.advance([h.slot for h in handles], latents)  # (B, 1, 32)
         audio = self._decode(rows, nxt)
-        for h, z in zip(handles, nxt[:, 0]):
+        outputs: list[np.ndarray | Exception] = []
+        for h, z, frame in zip(handles, nxt[:, 0], audio.float().clamp(-1, 1).cpu().numpy()):
+            if h.slot.error is not None:
+                self.close(h)
+                outputs.append(h.slot.error)
+                continue
             h.steps += 1
             h.model_latents.append(z)
             del h.model_latents[:-8]
-        return list(audio.float().clamp(-1, 1).cpu().numpy())
+            outputs.append(frame)
+        return outputs
 
     def close(self, handle: DuplexHandle) -> None:
         if not handle.closed:
@@ -340,7 +379,11 @@ class DuplexSession:
         return self.handle.steps
 
     def step(self, frame: np.ndarray) -> Chunk:
-        return Chunk(audio=self.stepper.step([self.handle], [frame])[0])
+        """A refused frame raises and the session goes on; any other failure ends it."""
+        (out,) = self.stepper.step([self.handle], [user_frame(frame)])
+        if isinstance(out, Exception):
+            raise out
+        return Chunk(audio=out)
 
     def close(self) -> None:
         self.stepper.close(self.handle)

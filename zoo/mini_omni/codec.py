@@ -54,7 +54,9 @@ _NOISE_PAGE = 8192
 
 @functools.lru_cache(maxsize=256)
 def _noise_page(seed: int, block: int, page: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + block) * 1_000_003 + page)
+    # reduced to the generator's 64-bit seed range: any option seed (up to 2**63) works, and small
+    # seeds (all that worked before) keep their noise
+    generator = torch.Generator().manual_seed(((seed * 1_000_003 + block) * 1_000_003 + page) % 2**64)
     return torch.randn(_NOISE_PAGE, generator=generator)
 
 

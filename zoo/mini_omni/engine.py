@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.sampling import sample
+from ..core.sampling import is_zero_temperature, sample
+from ..core.scheduler import isolate
 from ..core.types import Options
 from .gpt import GPT, KVCache
 from .prompts import Task
@@ -33,6 +34,7 @@ class Session:
     position: int = 0
     next_input: torch.Tensor | None = None  # (rows, 8)
     generator: torch.Generator | None = None
+    error: Exception | None = None  # its own sampling or bookkeeping failed (then done)
 
     @property
     def prompt_length(self) -> int:
@@ -40,7 +42,7 @@ class Session:
 
 
 def _is_greedy(options: Options) -> bool:
-    return options.temperature == 0.0 or options.top_k == 1
+    return is_zero_temperature(options.temperature) or options.top_k == 1
 
 
 class Engine:
@@ -64,9 +66,11 @@ class Engine:
         session.generator = torch.Generator().manual_seed(int(session.options.seed))
         with torch.inference_mode():
             hidden = self._prefill(session)
-            ((audio, text),) = self._sample([session], hidden)
-        session.position = T
-        self._record(session, audio, text, first=True)
+            (pick,) = self._sample([session], hidden)
+        if pick is not None:
+            session.position = T
+            with isolate(session):
+                self._record(session, *pick, first=True)
         if session.done:
             self.release(session)
 
@@ -113,17 +117,20 @@ class Engine:
             [torch.full((s.task.rows, 1), s.position, device=self.device) for s in active]
         )
         hidden = self.gpt(self.gpt.embed(tokens), self.cache, rows, positions)[:, 0]
-        for s, (audio, text) in zip(active, self._sample(active, hidden)):
-            s.position += 1
-            self._record(s, audio, text, first=False)
+        for s, pick in zip(active, self._sample(active, hidden)):
+            if pick is not None:
+                s.position += 1
+                with isolate(s):
+                    self._record(s, *pick, first=False)
             if s.done:
                 self.release(s)
 
     # -- per-task sampling and bookkeeping ----------------------------------------------------
-    def _sample(self, sessions: list[Session], hidden: torch.Tensor) -> list[tuple[list[int] | None, int]]:
+    def _sample(self, sessions: list[Session], hidden: torch.Tensor) -> list[tuple[list[int] | None, int] | None]:
         """hidden: the sessions' rows, in order. Each session's text comes from its last row (row 1
         in the batch trick) and its audio from its first row. The logits of all sessions are
-        computed in one product per head (the text head alone is 545 MB of fp32 weights)."""
+        computed in one product per head (the text head alone is 545 MB of fp32 weights); each
+        session draws with its own options, isolated: None for a session whose draw failed."""
         firsts, lasts, start = [], [], 0
         for s in sessions:
             firsts.append(start)
@@ -139,12 +146,15 @@ class Engine:
         for i, s in enumerate(sessions):
             o = s.options
             a = speaking.index(i) if s.task.speaks else None
-            if greedy[i]:
-                text, audio = text_ids[i], (audio_ids[a] if a is not None else None)
-            else:
-                text = int(sample(text_logits[i : i + 1], o.temperature, o.top_k, o.top_p, s.generator))
-                audio = sample(audio_logits[a], o.temperature, o.top_k, o.top_p, s.generator).tolist() if a is not None else None
-            out.append((audio, text))
+            pick = None
+            with isolate(s):
+                if greedy[i]:
+                    pick = (audio_ids[a] if a is not None else None), text_ids[i]
+                else:
+                    text = int(sample(text_logits[i : i + 1], o.temperature, o.top_k, o.top_p, s.generator))
+                    audio = sample(audio_logits[a], o.temperature, o.top_k, o.top_p, s.generator).tolist() if a is not None else None
+                    pick = audio, text
+            out.append(pick)
         return out
 
     def _record(self, s: Session, audio: list[int] | None, text: int, first: bool) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from ..core.audio import AudioSource, load_audio
 from ..core.checkpoints import load_strict, resolve_files
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError, WeightsNotFound
-from ..core.scheduler import OneSlotSteppers
+from ..core.scheduler import OneSlotSteppers, isolate
 from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from . import whisper
 from .codec import CODEC_FILES, AudioStreamer, Codec, Window, load_snac
@@ -51,6 +51,8 @@ class MiniOmniOptions(Options):
     """Defaults are the reference's: temperature 0.9 with top_k 1 (which is greedy), top_p 1.
     ``max_new_tokens`` is further capped so prompt + reply fit the 2048-token context, which is the
     reference's ``max_returned_tokens=2048``."""
+
+    MAX_NEW_TOKENS: ClassVar[int] = 2048  # the published context (block_size): no reply can be longer
 
     temperature: float = 0.9
     top_k: int | None = 1
@@ -127,6 +129,10 @@ class Reply:
     def done(self) -> bool:
         return self.session.done
 
+    @property
+    def error(self) -> Exception | None:
+        return self.session.error
+
     def advance(self) -> list[Window]:
         """Consume the session's new outputs: text now, frames into the audio streamer. Returns
         the audio windows due for decoding (hand their audio back with ``complete``)."""
@@ -155,9 +161,10 @@ class Reply:
         return Chunk(audio=audio.astype(np.float32, copy=False), text=text)
 
     def poll(self) -> Chunk | None:
-        windows = self.advance()
-        if windows:
-            self.complete(self.audio.codec.decode_windows(windows))
+        if self.error is None:  # a failed reply's output stops where it failed
+            windows = self.advance()
+            if windows:
+                self.complete(self.audio.codec.decode_windows(windows))
         return self.take()
 
 
@@ -177,10 +184,22 @@ class ReplyStepper:
         self.engine.start(job.session)
 
     def step(self, jobs: list[Reply]) -> None:
-        """One decode step for every session, then every due audio window in one codec batch."""
+        """One decode step for every session, then every due audio window in one codec batch.
+        If that batch fails, each session's windows are decoded on their own (isolated), so only
+        the session whose windows fail ends."""
         self.engine.step([job.session for job in jobs])
-        due = [(job, job.advance()) for job in jobs]
-        audio = self.model.codec.decode_windows([w for _, windows in due for w in windows])
+        due = []
+        for job in jobs:
+            if job.error is None:
+                with isolate(job.session):
+                    due.append((job, job.advance()))
+        try:
+            audio = self.model.codec.decode_windows([w for _, windows in due for w in windows])
+        except Exception:  # noqa: BLE001 - not attributable yet: find the session it belongs to
+            for job, windows in due:
+                with isolate(job.session):
+                    job.complete(self.model.codec.decode_windows(windows))
+            return
         for job, windows in due:
             job.complete(audio[: len(windows)])
             audio = audio[len(windows):]
