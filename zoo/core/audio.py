@@ -12,6 +12,8 @@ import soxr
 
 from .errors import AudioInputError, AudioTooLong
 
+DECODE_BLOCK_FRAMES = 65536
+UNKNOWN_LENGTH = 2**63 - 1  # libsndfile's frame count for a stream whose header does not say
 AudioSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO, np.ndarray]
 
 
@@ -33,9 +35,9 @@ def read_audio(source: AudioSource, sample_rate: int | None = None, *,
     try:
         with sf.SoundFile(source) as audio_file:
             rate = int(audio_file.samplerate)
-            _check_length(audio_file.frames, rate, max_seconds)  # the header's claim
-            limit = -1 if max_seconds is None else int(max_seconds * rate) + 1
-            data = audio_file.read(frames=limit, dtype="float32", always_2d=False)
+            if audio_file.frames != UNKNOWN_LENGTH:
+                _check_length(audio_file.frames, rate, max_seconds)  # the header's claim, before decoding
+            data = _decode(audio_file, None if max_seconds is None else int(max_seconds * rate) + 1)
     except sf.LibsndfileError as err:
         raise AudioInputError(f"could not decode the audio: {err.error_string.rstrip('.')} "
                               f"(send a WAV, FLAC, OGG or MP3 file)") from None
@@ -43,8 +45,23 @@ def read_audio(source: AudioSource, sample_rate: int | None = None, *,
         raise AudioInputError(f"could not decode the audio: {err}") from None
     except FileNotFoundError:
         raise AudioInputError(f"audio file not found: {source}") from None
-    _check_length(data.shape[0], rate, max_seconds)  # what was really decoded
+    if max_seconds is not None and data.shape[0] > max_seconds * rate:  # the header said less, or nothing
+        raise AudioTooLong(f"the audio is longer than {max_seconds:g} s, the most this model accepts")
     return data, rate
+
+
+def _decode(audio_file: sf.SoundFile, max_frames: int | None) -> np.ndarray:
+    """Decode in blocks, stopping once past ``max_frames``: memory follows what is decoded, not
+    what the header claims (a stream may not say its length at all)."""
+    blocks, total = [], 0
+    while max_frames is None or total < max_frames:
+        block = audio_file.read(frames=DECODE_BLOCK_FRAMES, dtype="float32", always_2d=True)
+        if not block.shape[0]:
+            break
+        blocks.append(block)
+        total += block.shape[0]
+    data = np.concatenate(blocks) if blocks else np.zeros((0, audio_file.channels), np.float32)
+    return data[:, 0] if audio_file.channels == 1 else data
 
 
 def _check_length(samples: int, rate: int, max_seconds: float | None) -> None:
