@@ -28,7 +28,8 @@ async def read_json(request: Request, limit: int, timeout: float = READ_TIMEOUT_
         try:
             part = await asyncio.wait_for(anext(parts, None), timeout)
         except asyncio.TimeoutError:
-            raise ApiError(408, "read_timeout", f"no body data for {timeout:g} s: the request is dropped") from None
+            raise ApiError(408, "read_timeout", f"no body data for {timeout:g} s: the request is dropped",
+                           headers={"Connection": "close"}) from None
         if part is None:
             break
         body += part
