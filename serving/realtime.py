@@ -28,7 +28,6 @@ import binascii
 import copy
 import itertools
 import json
-import logging
 import time
 import uuid
 from typing import Any

@@ -3,7 +3,6 @@ take the server down, nothing fails silently. A real server (tiny model) with an
 small limits, plus in-process apps where a failure has to be provoked inside the model."""
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import logging
