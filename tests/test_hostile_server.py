@@ -3,6 +3,7 @@ take the server down, nothing fails silently. A real server (tiny model) with an
 small limits, plus in-process apps where a failure has to be provoked inside the model."""
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -135,6 +136,35 @@ def test_chat_takes_json_only(server, content_type):
     headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
     response = requests.post(server.url + "/chat", data=json.dumps({"audio": QUESTION}), headers=headers, timeout=30)
     assert response.status_code == 415 and response.json()["error"]["type"] == "unsupported_media_type"
+
+
+def test_web_ui_client_and_demo_send_the_key_from_the_environment(server, monkeypatch):
+    from test_mic_chat import load_demo
+    from webui.client import BackendError, ServerBackend
+
+    backend = ServerBackend(server.url)
+    with pytest.raises(BackendError, match="OMNI_ZOO_API_KEY"):
+        backend.info()
+    monkeypatch.setenv("OMNI_ZOO_API_KEY", KEY)
+    assert backend.info().model == "mini-omni"
+    chunks = list(backend.stream(base64.b64decode(QUESTION), {"max_tokens": 12}))
+    assert sum(c.audio.size for c in chunks) > 0
+
+    async def quiet_microphone():
+        while True:
+            yield bytes(4800)
+            await asyncio.sleep(0.05)
+
+    shown = []
+    demo = load_demo()
+    url = ws_url(server)
+
+    async def connect_and_leave():
+        with contextlib.suppress(asyncio.TimeoutError):  # a quiet room: no reply comes; leave after 2 s
+            await asyncio.wait_for(demo.converse(url, quiet_microphone(), lambda pcm: None, lambda: None,
+                                                 shown.append), 2)
+    asyncio.run(connect_and_leave())
+    assert "connected to mini-omni" in "".join(shown)
 
 
 # -- item 3: compressed audio is measured before it is decoded ------------------------------------
