@@ -48,7 +48,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import zoo
 from serving.duplex import DataUrlWire, DuplexSettings, DuplexSocket, Wire, load_prompt
-from serving.errors import ReplyAborted, error_response
+from serving.errors import ReplyAborted, error_response, report_failure
 from serving.http_input import READ_TIMEOUT_S, decode_audio_field, read_json
 from serving.realtime import IDLE_TIMEOUT_S, MAX_WS_MESSAGE_BYTES, RealtimeSession
 from serving.security import MAX_CONNECTIONS, AccessSettings, Guard, OpenSockets
@@ -88,12 +88,16 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES,
     app.add_middleware(Guard, settings=access or AccessSettings(), metrics=metrics, sockets=app.state.open_sockets)
 
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        if not err.reported:
+            report_failure(metrics, err.kind, f"{request.url.path}: {err.message}", level=logging.WARNING)
         return error_response(err.status, err.kind, err.message, err.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
-        return error_response(422, "bad_request", "; ".join(e["msg"] for e in err.errors()))
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        message = "; ".join(e["msg"] for e in err.errors())
+        report_failure(metrics, "bad_request", f"{request.url.path}: {message}", level=logging.WARNING)
+        return error_response(422, "bad_request", message)
 
     @app.get("/health")
     async def health() -> dict:

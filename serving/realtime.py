@@ -28,6 +28,7 @@ import binascii
 import copy
 import itertools
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -82,7 +83,11 @@ class RealtimeSession:
             await self.ws.send_text(json.dumps(event))
 
     async def error(self, code: str, message: str, client_event: str | None = None,
-                    kind: str = "invalid_request_error") -> None:
+                    kind: str = "invalid_request_error", *, reported: bool = False) -> None:
+        """An ``error`` event; logged and counted as ``realtime_<code>`` unless ``reported`` already."""
+        if not reported:
+            report_failure(self.service.metrics, f"realtime_{code}", f"session {self.config['id']}: {message}",
+                           level=logging.WARNING)
         await self.send({"type": "error", "error": {"type": kind, "code": code,
                                                      "message": message, "event_id": client_event}})
 
@@ -135,7 +140,7 @@ class RealtimeSession:
             report_failure(self.service.metrics, "realtime_internal",
                            f"session {self.config['id']}: event {event.get('type')!r} failed: {err!r}", exc=err)
             await self.error("server_error", "the server failed on this event; its log has the details",
-                             client_event, kind="server_error")
+                             client_event, kind="server_error", reported=True)
 
     # -- session ------------------------------------------------------------------------------
     def _configure_vad(self) -> None:
@@ -295,15 +300,15 @@ class RealtimeSession:
             status, reason = "cancelled", "client_cancelled"
         except ApiError as err:  # refused (busy, bad audio): logged and counted by the service
             status, reason = "failed", err.message
-            await self.error(err.kind, err.message)
+            await self.error(err.kind, err.message, reported=err.reported)
         except GenerationFailed as err:  # logged and counted by the service
             status, reason = "failed", str(err)
-            await self.error("generation_failed", str(err), kind="server_error")
+            await self.error("generation_failed", str(err), kind="server_error", reported=True)
         except Exception as err:  # noqa: BLE001 - a bug fails this reply, not the session
             report_failure(self.service.metrics, "realtime_internal",
                            f"session {self.config['id']}: response {response_id} failed: {err!r}", exc=err)
             status, reason = "failed", "the server failed on this response; its log has the details"
-            await self.error("server_error", reason, kind="server_error")
+            await self.error("server_error", reason, kind="server_error", reported=True)
         finally:
             await reply.aclose()
             if self.response is asyncio.current_task():

@@ -20,9 +20,11 @@ from .errors import report_failure
 class ApiError(Exception):
     """A refusal with an HTTP status and a short machine-readable kind."""
 
-    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None) -> None:
+    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None, *,
+                 reported: bool = False) -> None:
         super().__init__(message)
         self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
+        self.reported = reported  # already logged and counted (Service.refuse): not again
 
 
 class GenerationFailed(Exception):
@@ -99,7 +101,7 @@ class Service:
     def refuse(self, status: int, kind: str, message: str, **headers) -> ApiError:
         """A refusal, logged (with the request id) and counted."""
         report_failure(self.metrics, kind, message, level=logging.WARNING)
-        return ApiError(status, kind, message, headers=headers)
+        return ApiError(status, kind, message, headers=headers, reported=True)
 
     def _admit(self) -> None:
         if self.in_flight >= self.max_sessions:

@@ -287,8 +287,10 @@ def test_connections_over_the_limit_are_refused_at_once(server):
         for ws in [*sockets, again]:
             await ws.close()
         return refused.value.response.status_code, http, health.status_code, waited
+    refused_before = metric(server, "zoo_errors_total", "too_many_connections")
     ws_status, http, health, waited = asyncio.run(run())
     assert ws_status == 503 and http.status_code == 503 and health == 200 and waited < 3
+    assert metric(server, "zoo_errors_total", "too_many_connections") == refused_before + 2
     assert http.json()["error"]["type"] == "too_many_connections"
 
 
@@ -501,20 +503,20 @@ def hertz_app():
 
     service.duplex.reserve = recording_reserve
     with TestClient(create_app(service, access=AccessSettings(api_key=KEY))) as client:
-        yield client, opened
+        yield client, opened, service
 
 
 @pytest.mark.parametrize("query", ["token_temp=nan", "token_temp=-1", "token_temp=1e9", "gaussian_temp=inf",
                                    "categorical_temp=hot", "token_temp="])
 def test_set_temperature_refuses_what_options_refuse(hertz_app, query):
-    client, _ = hertz_app
+    client, _, _ = hertz_app
     response = client.post("/set_temperature?" + query, headers=AUTH)
     assert response.status_code == 422 and response.json()["error"]["type"] == "bad_option"
     assert response.json()["error"]["request_id"] == response.headers["x-request-id"]
 
 
 def test_set_temperature_needs_the_key_and_only_changes_later_sessions(hertz_app):
-    client, opened = hertz_app
+    client, opened, _ = hertz_app
     assert client.post("/set_temperature?token_temp=0.1").status_code == 401
     with client.websocket_connect("/audio", headers=AUTH) as running:
         running.send_text("data:audio/raw;base64," + base64.b64encode(bytes(4000)).decode())
@@ -527,3 +529,40 @@ def test_set_temperature_needs_the_key_and_only_changes_later_sessions(hertz_app
     first, second = opened[-2:]
     assert (first.temperature, first.gaussian_temp) != (0.1, 0.2)
     assert (second.temperature, second.gaussian_temp) == (0.1, 0.2)
+
+
+def test_a_failed_duplex_session_is_told_logged_and_counted(hertz_app, caplog):
+    from starlette.websockets import WebSocketDisconnect
+
+    client, _, service = hertz_app
+    stepper = service.duplex.stepper
+    before = service.metrics.registry.get_sample_value("zoo_errors_total", {"kind": "duplex_generation"}) or 0
+
+    def failing_step(handles, frames):
+        raise RuntimeError("injected duplex failure")
+
+    stepper.step = failing_step
+    try:
+        with caplog.at_level(logging.ERROR, logger="omni-zoo.server"):
+            with client.websocket_connect("/v1/duplex", headers=AUTH) as ws:
+                assert ws.receive_json()["type"] == "session.created"
+                ws.send_bytes(bytes(4000))
+                error = ws.receive_json()
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    ws.receive_bytes()
+    finally:
+        del stepper.step  # the class's own step again
+    assert error["type"] == "error" and error["error"]["code"] == "generation"
+    assert "injected duplex failure" in error["error"]["message"]
+    assert closed.value.code == 1011 and closed.value.reason == "generation"
+    assert service.metrics.registry.get_sample_value("zoo_errors_total", {"kind": "duplex_generation"}) == before + 1
+    assert any("duplex session" in r.getMessage() and "injected duplex failure" in r.getMessage()
+               and r.getMessage().startswith("[req_") for r in caplog.records)
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("::1", True), ("localhost", True),
+                                            ("0.0.0.0", False), ("192.168.1.5", False), ("myhost", False)])
+def test_binding_beyond_loopback_without_a_key_is_warned_about(host, loopback):
+    from server import is_loopback
+
+    assert is_loopback(host) is loopback
