@@ -126,8 +126,8 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES,
         reply = service.stream(audio, None, options, received=time.perf_counter())
         try:  # refusals (busy, bad audio) and early failures become HTTP errors before any byte is sent
             first = await anext(reply, None)
-        except GenerationFailed as err:
-            raise ApiError(500, "generation", str(err)) from None
+        except GenerationFailed as err:  # logged and counted by the service
+            raise ApiError(500, "generation", str(err), reported=True) from None
 
         async def body():
             try:

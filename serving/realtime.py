@@ -58,6 +58,7 @@ class RealtimeSession:
     def __init__(self, ws: WebSocket, service: Service, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self.ws, self.service, self.card = ws, service, service.model.card
         self.idle_timeout_s = idle_timeout_s
+        self.replied_at = -float("inf")  # when the last reply ended (time.monotonic)
         self.config: dict[str, Any] = {
             "type": "realtime", "object": "realtime.session", "id": _id("sess"), "model": self.card.name,
             "output_modalities": ["audio"], "instructions": "", "max_output_tokens": "inf",
@@ -99,8 +100,8 @@ class RealtimeSession:
                 try:
                     message = await asyncio.wait_for(self.ws.receive(), self.idle_timeout_s)
                 except asyncio.TimeoutError:
-                    if self.response is not None:  # the client is listening to a reply: not idle
-                        continue
+                    if self.response is not None or time.monotonic() - self.replied_at < self.idle_timeout_s:
+                        continue  # the client is listening to a reply (or just heard one): not idle
                     reason = f"idle timeout: no client event for {self.idle_timeout_s:g} s"
                     await self.error("idle_timeout", reason)
                     await self.ws.close(code=1000, reason=reason)
@@ -192,6 +193,7 @@ class RealtimeSession:
         encoded = event.get("audio")
         if not isinstance(encoded, str):
             raise ProtocolError("invalid_audio", f"'audio' must be a base64 PCM16 string, got {type(encoded).__name__}")
+        # a first, rough check on the base64 length, so a huge event is refused before it is decoded
         if self.buffered_seconds() + len(encoded) * 3 / 4 / 2 / WIRE_RATE > self.card.max_input_seconds + 1:
             raise ProtocolError("input_too_long", f"the input audio buffer holds at most {self.card.max_input_seconds:g} s; commit or clear it")
         try:
@@ -311,6 +313,7 @@ class RealtimeSession:
             await self.error("server_error", reason, kind="server_error", reported=True)
         finally:
             await reply.aclose()
+            self.replied_at = time.monotonic()
             if self.response is asyncio.current_task():
                 self.response = None
         text = "".join(transcript)

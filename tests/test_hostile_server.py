@@ -447,8 +447,10 @@ def test_a_reply_that_fails_midway_is_cut_not_finished(failing, caplog):
 
 def test_a_failure_before_the_first_byte_is_a_json_500(failing):
     failing.fail(at_start=True)
+    before = failing.errors("generation")
     response = chat(failing, max_tokens=20)
     failing.fail()
+    assert failing.errors("generation") == before + 1  # counted once
     assert response.status_code == 500 and response.headers["content-type"] == "application/json"
     error = response.json()["error"]
     assert error["type"] == "generation" and "injected prefill failure" in error["message"]
