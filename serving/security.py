@@ -54,6 +54,8 @@ def _subprotocols(headers: dict[str, str]) -> list[str]:
 
 
 class Guard:
+    """The ASGI middleware; ``sockets`` collects the open WebSockets for the shutdown."""
+
     def __init__(self, app, settings: AccessSettings, metrics, sockets: "OpenSockets") -> None:
         self.app, self.settings, self.metrics, self.sockets = app, settings, metrics, sockets
         self.key = settings.api_key.encode() if settings.api_key else None
@@ -117,6 +119,8 @@ class Guard:
         headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.get().encode())]
         if refusal.status == 503:
             headers.append((b"retry-after", b"1"))
+        elif refusal.status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
         if scope["type"] == "http":
             prefix = "http"
         elif "websocket.http.response" in scope.get("extensions", {}):

@@ -167,6 +167,25 @@ def test_web_ui_client_and_demo_send_the_key_from_the_environment(server, monkey
     assert "connected to mini-omni" in "".join(shown)
 
 
+def test_web_page_with_its_live_widget_works_with_a_key(server, tmp_path, tmp_path_factory):
+    """The Gradio page through the keyed server, in headless Chromium: the turn-by-turn reply
+    (the page's server calls) and the live widget (the browser's own WebSocket, key as subprotocol)."""
+    from browser import browser_page, fake_mic_wav
+    from procs import LoopbackProcess
+    from test_webui_gradio import check_turn, live_turn, open_page
+
+    mic = fake_mic_wav(tmp_path_factory.mktemp("mic") / "question.wav")
+    ui = LoopbackProcess(["webui/omni_gradio.py", "--port", "{port}"],
+                         env={"GRADIO_ANALYTICS_ENABLED": "False", "API_URL": server.url, "OMNI_ZOO_API_KEY": KEY})
+    try:
+        with browser_page(mic) as page:
+            open_page(page, ui.url + "/")
+            check_turn(page, tmp_path, "gradio_with_key")
+            live_turn(page)
+    finally:
+        ui.stop()
+
+
 # -- item 3: compressed audio is measured before it is decoded ------------------------------------
 def test_two_hours_of_flac_silence_is_413_before_decoding(server):
     buffer = io.BytesIO()
@@ -267,6 +286,24 @@ def test_non_events_and_odd_event_ids_get_errors(server, frame):
     error, done = asyncio.run(run())
     assert error["error"]["code"] and error["error"]["event_id"] is None
     assert done["response"]["status"] == "completed"
+
+
+def test_a_duplex_frame_split_at_an_odd_byte_reaches_the_model_intact(hertz_app):
+    """PCM16 split mid-sample across messages: the odd byte waits for its partner."""
+    client, _, service = hertz_app
+    pushed, push = [], service.duplex.push
+    service.duplex.push = lambda conn, frame: (pushed.append(frame.copy()), push(conn, frame))[1]
+    samples = np.arange(-2000, 2000, 2, dtype="<i2")  # one 2000-sample frame, every sample distinct
+    pcm = samples.tobytes()
+    try:
+        with client.websocket_connect("/v1/duplex", headers=AUTH) as ws:
+            ws.receive_json()
+            for piece in (pcm[:1001], pcm[1001:2999], pcm[2999:]):
+                ws.send_bytes(piece)
+            assert len(ws.receive_bytes()) == 4000
+    finally:
+        del service.duplex.push
+    assert len(pushed) == 1 and np.array_equal(pushed[0], samples.astype(np.float32) / 32768)
 
 
 # -- item 7: connection limit ------------------------------------------------------------------------
