@@ -180,8 +180,8 @@ class OpenSockets(set):
 
 
 class _Socket:
-    """The ASGI ``send`` of one WebSocket: selects a subprotocol for clients that offered some (a
-    browser fails the handshake otherwise), and once the server closed the socket itself (shutdown),
+    """The ASGI ``send`` of one WebSocket: adds ``X-Request-Id`` to the handshake, selects a
+    subprotocol for clients that offered some (a browser fails the handshake otherwise), and once the server closed the socket itself (shutdown),
     drops what the session still sends instead of failing it."""
 
     def __init__(self, send, offered: list[str]) -> None:
@@ -193,8 +193,9 @@ class _Socket:
             return
         if message["type"] == "websocket.accept":
             self.accepted = True
+            message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.get().encode())]}
             if self.offered and not message.get("subprotocol"):
-                message = {**message, "subprotocol": self.offered[0]}
+                message["subprotocol"] = self.offered[0]
         elif message["type"] == "websocket.close":
             self.closed = True
         await self._send(message)

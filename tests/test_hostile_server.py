@@ -25,7 +25,7 @@ from test_realtime import pcm_chunks, speech_24k
 from test_server import QUESTION, Server
 
 KEY = "k3y-for-tests"
-AUTH = {"Authorization": f"Bearer {KEY}"}
+AUTH = {"Authorization": f"Bearer {KEY}"}  # pass a copy to TestClient.websocket_connect: it adds to the dict
 ALLOWED_ORIGIN = "https://ui.example.com"
 MAX_CONNECTIONS = 4
 IDLE_S = 2.0
@@ -107,8 +107,10 @@ def test_openai_sdk_and_browser_subprotocol_carry_the_key(server):
             created = await conn.recv()
         # a browser cannot set headers on a WebSocket: OpenAI's subprotocol convention instead
         async with websockets.connect(ws_url(server), subprotocols=["realtime", f"openai-insecure-api-key.{KEY}"]) as ws:
-            return created.type, ws.subprotocol, json.loads(await ws.recv())["type"]
-    assert asyncio.run(run()) == ("session.created", "realtime", "session.created")
+            request_id = ws.response.headers["x-request-id"]
+            return created.type, ws.subprotocol, json.loads(await ws.recv())["type"], request_id
+    *events, request_id = asyncio.run(run())
+    assert events == ["session.created", "realtime", "session.created"] and request_id.startswith("req_")
 
 
 @pytest.mark.parametrize("origin, allowed", [
@@ -296,7 +298,7 @@ def test_a_duplex_frame_split_at_an_odd_byte_reaches_the_model_intact(hertz_app)
     samples = np.arange(-2000, 2000, 2, dtype="<i2")  # one 2000-sample frame, every sample distinct
     pcm = samples.tobytes()
     try:
-        with client.websocket_connect("/v1/duplex", headers=AUTH) as ws:
+        with client.websocket_connect("/v1/duplex", headers={**AUTH}) as ws:
             ws.receive_json()
             for piece in (pcm[:1001], pcm[1001:2999], pcm[2999:]):
                 ws.send_bytes(piece)
@@ -557,12 +559,12 @@ def test_set_temperature_refuses_what_options_refuse(hertz_app, query):
 def test_set_temperature_needs_the_key_and_only_changes_later_sessions(hertz_app):
     client, opened, _ = hertz_app
     assert client.post("/set_temperature?token_temp=0.1").status_code == 401
-    with client.websocket_connect("/audio", headers=AUTH) as running:
+    with client.websocket_connect("/audio", headers={**AUTH}) as running:
         running.send_text("data:audio/raw;base64," + base64.b64encode(bytes(4000)).decode())
         running.receive_text()
         answer = client.post("/set_temperature?token_temp=0.1&gaussian_temp=0.2", headers=AUTH)
         assert answer.status_code == 200 and answer.json()["status"] == "success"
-        with client.websocket_connect("/audio", headers=AUTH) as later:
+        with client.websocket_connect("/audio", headers={**AUTH}) as later:
             later.send_text("data:audio/raw;base64," + base64.b64encode(bytes(4000)).decode())
             later.receive_text()
     first, second = opened[-2:]
@@ -583,7 +585,7 @@ def test_a_failed_duplex_session_is_told_logged_and_counted(hertz_app, caplog):
     stepper.step = failing_step
     try:
         with caplog.at_level(logging.ERROR, logger="omni-zoo.server"):
-            with client.websocket_connect("/v1/duplex", headers=AUTH) as ws:
+            with client.websocket_connect("/v1/duplex", headers={**AUTH}) as ws:
                 assert ws.receive_json()["type"] == "session.created"
                 ws.send_bytes(bytes(4000))
                 error = ws.receive_json()
