@@ -17,32 +17,43 @@ Routes
   WS   /audio         the Hertz-dev reference live protocol: text "data:audio/raw;base64,<int16>"
                       frames of 2000 samples at 16 kHz both ways (its inference_client.py works
                       unchanged with --server ws://HOST:PORT)
-  POST /set_temperature?token_temp=&categorical_temp=&gaussian_temp=   the reference's: the
-                      temperatures of /audio sessions opened afterwards
+  POST /set_temperature?token_temp=&categorical_temp=&gaussian_temp=   the Hertz-dev reference
+                      client's knob: the default temperatures of /audio sessions opened afterwards
+                      (never a running one), validated as model options (422 otherwise)
   GET  /v1/models     the loaded model's card
   GET  /health        liveness and free session slots
   GET  /metrics       Prometheus metrics
+
+Security (serving/security.py): with --api-key (or OMNI_ZOO_API_KEY) every route but /health needs
+"Authorization: Bearer <key>"; WebSockets from a foreign browser Origin are refused (--allow-origin
+adds one); at most --max-connections requests at once; /chat takes application/json only; slow
+or stalled clients are dropped after --read-timeout; SIGTERM closes sockets with a reason and cuts
+replies after 10 s. Every error is a JSON error (or an error event) with a request id that is
+also in the log and the X-Request-Id header, and is counted in zoo_errors_total{kind}.
 """
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import contextlib
-import json
+import ipaddress
 import logging
+import os
 import time
 
 import numpy as np
-import uvicorn
 from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import zoo
 from serving.duplex import DataUrlWire, DuplexSettings, DuplexSocket, Wire, load_prompt
-from serving.realtime import MAX_WS_MESSAGE_BYTES, RealtimeSession
+from serving.errors import ReplyAborted, error_response, report_failure
+from serving.http_input import READ_TIMEOUT_S, decode_audio_field, read_json
+from serving.realtime import IDLE_TIMEOUT_S, MAX_WS_MESSAGE_BYTES, RealtimeSession
+from serving.security import MAX_CONNECTIONS, AccessSettings, Guard, OpenSockets
 from serving.service import ApiError, GenerationFailed, Service
+from serving.transport import serve
 from zoo.core.audio import to_pcm16
 from zoo.core.cli import add_component_flags, chosen_model, component_values
 
@@ -53,34 +64,9 @@ MULTIPART_BOUNDARY = b"frame"
 # /chat field -> option name: the Mini-Omni reference clients' field names
 FIELD_ALIASES = {"max_tokens": "max_new_tokens"}
 TRANSPORT_FIELDS = {"audio", "format"}
-
-
-async def read_json(request: Request, limit: int) -> dict:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "too_large", f"request body over {limit} bytes")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise ApiError(413, "too_large", f"request body over {limit} bytes")
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, "bad_json", f"body is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "bad_json", "body must be a JSON object")
-    return data
-
-
-def decode_audio_field(data: dict) -> bytes:
-    value = data.get("audio")
-    if not isinstance(value, str) or not value:
-        raise ApiError(400, "bad_request", "field 'audio' (base64 of an audio file) is required")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "bad_base64", "field 'audio' is not valid base64") from None
+# /set_temperature query parameter -> option name (the Hertz-dev reference client's names)
+TEMPERATURE_PARAMS = {"token_temp": "temperature", "categorical_temp": "categorical_temp",
+                      "gaussian_temp": "gaussian_temp"}
 
 
 def multipart_part(content_type: str, payload: bytes) -> bytes:
@@ -88,7 +74,8 @@ def multipart_part(content_type: str, payload: bytes) -> bytes:
 
 
 def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES,
-               duplex_settings: DuplexSettings | None = None) -> FastAPI:
+               duplex_settings: DuplexSettings | None = None, access: AccessSettings | None = None, *,
+               read_timeout: float = READ_TIMEOUT_S, realtime_idle_s: float = IDLE_TIMEOUT_S) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -97,10 +84,20 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES,
     app = FastAPI(title="omni-zoo", version="0.1", lifespan=lifespan)
     model, metrics = service.model, service.metrics
     duplex = duplex_settings or DuplexSettings()
+    app.state.open_sockets = OpenSockets()
+    app.add_middleware(Guard, settings=access or AccessSettings(), metrics=metrics, sockets=app.state.open_sockets)
 
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse({"error": {"type": err.kind, "message": err.message}}, err.status, headers=err.headers)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        if not err.reported:
+            report_failure(metrics, err.kind, f"{request.url.path}: {err.message}", level=logging.WARNING)
+        return error_response(err.status, err.kind, err.message, err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        message = "; ".join(e["msg"] for e in err.errors())
+        report_failure(metrics, "bad_request", f"{request.url.path}: {message}", level=logging.WARNING)
+        return error_response(422, "bad_request", message)
 
     @app.get("/health")
     async def health() -> dict:
@@ -122,15 +119,15 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES,
 
     @app.post("/chat")
     async def chat(request: Request):
-        data = await read_json(request, max_body_bytes)
+        data = await read_json(request, max_body_bytes, read_timeout)
         audio = decode_audio_field(data)
         options = service.options({FIELD_ALIASES.get(k, k): v for k, v in data.items() if k not in TRANSPORT_FIELDS})
         multipart = data.get("format") == "multipart" or "multipart/x-mixed-replace" in request.headers.get("accept", "")
         reply = service.stream(audio, None, options, received=time.perf_counter())
-        try:  # refusals (busy, bad audio) become HTTP errors before any byte is sent
-            first = await reply.__anext__()
-        except StopAsyncIteration:
-            first = None
+        try:  # refusals (busy, bad audio) and early failures become HTTP errors before any byte is sent
+            first = await anext(reply, None)
+        except GenerationFailed as err:  # logged and counted by the service
+            raise ApiError(500, "generation", str(err), reported=True) from None
 
         async def body():
             try:
@@ -142,10 +139,10 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES,
                     elif pcm:
                         yield pcm
                     chunk = await anext(reply, None)
-            except GenerationFailed as err:
-                log.error("generation failed: %s", err)
+            except GenerationFailed as err:  # logged and counted by the service
                 if multipart:
                     yield multipart_part("text/plain", f"[error: {err}]".encode())
+                raise ReplyAborted(str(err)) from None  # no final chunk: the client sees a truncated reply
             finally:
                 await reply.aclose()
 
@@ -156,7 +153,7 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES,
 
     @app.websocket("/v1/realtime")
     async def realtime(websocket: WebSocket):
-        await RealtimeSession(websocket, service).run()
+        await RealtimeSession(websocket, service, idle_timeout_s=realtime_idle_s).run()
 
     @app.websocket("/v1/duplex")
     async def duplex_binary(websocket: WebSocket):
@@ -167,18 +164,22 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES,
         await DuplexSocket(websocket, service, duplex, DataUrlWire()).run()
 
     @app.post("/set_temperature")
-    async def set_temperature(token_temp: float | None = None, categorical_temp: float | None = None,
-                              gaussian_temp: float | None = None) -> JSONResponse:
-        """The Hertz-dev reference server's route (query parameters); a parameter left out keeps
-        its value. Applies to /audio sessions opened afterwards."""
+    async def set_temperature(request: Request) -> JSONResponse:
+        """The Hertz-dev reference client's knob (query parameters): the default temperatures of
+        /audio sessions opened afterwards; a running session keeps its own. A parameter left out
+        keeps its value; every value is checked as a model option."""
         if service.duplex is None:
-            return JSONResponse({"message": f"{model.card.name} is not a duplex model", "status": "error"}, 404)
-        given = {"temperature": token_temp, "categorical_temp": categorical_temp, "gaussian_temp": gaussian_temp}
-        values = {**duplex.reference_options, **{k: v for k, v in given.items() if v is not None}}
-        try:
-            options = service.options(values)
-        except ApiError as err:
-            return JSONResponse({"message": err.message, "status": "error"}, err.status)
+            raise ApiError(404, "not_duplex", f"{model.card.name} is not a duplex model")
+        given = {}
+        for param, option in TEMPERATURE_PARAMS.items():
+            raw = request.query_params.get(param)
+            if raw is not None:
+                try:
+                    given[option] = float(raw)
+                except ValueError:
+                    raise ApiError(422, "bad_option", f"{param} must be a number, got {raw!r}") from None
+        values = {**duplex.reference_options, **given}
+        options = service.options(values)  # ApiError 422 for NaN, negative, huge
         duplex.reference_options = values
         temps = (options.temperature, (getattr(options, "categorical_temp", None), getattr(options, "gaussian_temp", None)))
         return JSONResponse({"message": f"Temperature updated to: {temps}", "status": "success"})
@@ -206,6 +207,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-sessions", type=int, default=16)
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20)
     parser.add_argument("--seed", type=int, default=0)
+    security = parser.add_argument_group("security and limits (see README: Security)")
+    security.add_argument("--api-key", default=os.environ.get("OMNI_ZOO_API_KEY"),
+                          help="require 'Authorization: Bearer KEY' on every route but /health "
+                               "(default: env OMNI_ZOO_API_KEY; unset: no key)")
+    security.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                          help="a browser origin (e.g. https://chat.example.com) allowed to open WebSockets, "
+                               "besides the server's own and loopback pages; repeatable")
+    security.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                          help="open WebSockets and streaming replies at once; more are refused with 503")
+    security.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S,
+                          help="seconds a client may stall while sending a request's headers or body")
+    security.add_argument("--realtime-idle-s", type=float, default=IDLE_TIMEOUT_S,
+                          help="close a /v1/realtime session after this long without a client event "
+                               "(never while a reply is running)")
     duplex = parser.add_argument_group("full duplex (models whose card says duplex)")
     duplex.add_argument("--duplex-sessions", type=int,
                         help="duplex session slots, their caches allocated at start (default: --max-sessions)")
@@ -254,10 +269,24 @@ def main(argv=None) -> int:
                  service.duplex.max_sessions, service.duplex.nbytes() / 2**20)
     settings = DuplexSettings(max_backlog_frames=args.duplex_backlog, idle_timeout_s=args.duplex_idle_s,
                               replay_seconds=args.replay_seconds)
+    access = AccessSettings(api_key=args.api_key or None, allowed_origins=tuple(args.allow_origin),
+                            max_connections=args.max_connections)
+    if access.api_key is None and not is_loopback(args.host):
+        log.warning("--host %s is reachable from other machines and no --api-key is set: anyone who can "
+                    "reach it can use the model", args.host)
     log.info("serving %s on http://%s:%d (max %d sessions)", model.card.name, args.host, args.port, args.max_sessions)
-    uvicorn.run(create_app(service, int(args.max_body_mb * 2**20), settings), host=args.host, port=args.port,
-                log_level="warning", ws_max_size=MAX_WS_MESSAGE_BYTES)
+    app = create_app(service, int(args.max_body_mb * 2**20), settings, access, read_timeout=args.read_timeout,
+                     realtime_idle_s=args.realtime_idle_s)
+    serve(app, app.state.open_sockets, host=args.host, port=args.port, read_timeout=args.read_timeout,
+          ws_max_size=MAX_WS_MESSAGE_BYTES)
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 if __name__ == "__main__":

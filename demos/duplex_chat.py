@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from typing import AsyncIterator, Callable
@@ -22,13 +23,19 @@ import websockets
 DEFAULT_URL = "ws://127.0.0.1:60808/v1/duplex"
 
 
+def auth_headers() -> dict:
+    """The server's API key (server.py --api-key), from the environment like the web UIs."""
+    key = os.environ.get("OMNI_ZOO_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 async def duplex(url: str, microphone: Callable[[dict], AsyncIterator[bytes]], play: Callable[[bytes], None],
                  show: Callable[[str], None], options: dict | None = None, window: int | None = None) -> dict:
     """Connect, send ``options`` (if any), stream ``microphone(session)`` (PCM16 LE at the
     session's rate, any block size) and ``play`` every frame the model sends back until the
     microphone ends and every frame is answered. ``window``: at most this many frames sent and
     not yet answered (a file streamed as fast as the model goes). Returns the session."""
-    async with websockets.connect(url, max_size=None) as ws:
+    async with websockets.connect(url, max_size=None, additional_headers=auth_headers()) as ws:
         created = json.loads(await ws.recv())
         if created.get("type") == "error":
             raise RuntimeError(f"the server refused: {created['error']['message']}")

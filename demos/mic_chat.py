@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import sys
 from typing import AsyncIterator, Callable
 
@@ -20,13 +21,19 @@ RATE = 24000  # the wire format: PCM16 mono at 24 kHz
 CHUNK = 2400  # 100 ms
 
 
+def auth_headers() -> dict:
+    """The server's API key (server.py --api-key), from the environment like the web UIs."""
+    key = os.environ.get("OMNI_ZOO_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 async def converse(url: str, microphone: AsyncIterator[bytes], play: Callable[[bytes], None],
                    interrupt: Callable[[], None], show: Callable[[str], None], replies: int | None = None,
                    max_output_tokens: int | None = None) -> int:
     """Stream ``microphone`` PCM to the server and play and show what comes back. Returns the
     number of finished replies; stops after ``replies`` of them when given (tests use that)."""
     finished = 0
-    async with websockets.connect(url, max_size=None) as ws:
+    async with websockets.connect(url, max_size=None, additional_headers=auth_headers()) as ws:
         created = json.loads(await ws.recv())
         model = created.get("session", {}).get("model", "?")
         show(f"[connected to {model}; speak, and pause to let it answer]\n")

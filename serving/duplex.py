@@ -23,12 +23,14 @@ Two WebSocket protocols, both answered frame by frame:
   means none.
   server -> client, text: ``{"type": "error", "error": {"code": ..., "message": ...}}``; the session
   goes on unless said otherwise. Codes: ``invalid_json``, ``unknown_event``, ``bad_request`` /
-  ``bad_option`` (options), ``bad_audio`` (prompt), ``too_late`` (session.update after audio),
+  ``bad_option`` (options), ``bad_audio`` / ``audio_too_long`` (prompt; its length is read from
+  the file header before decoding), ``too_late`` (session.update after audio),
   ``message_too_large`` (the message is dropped), ``backlog_full`` (``frames_dropped``: the
   last k complete frames of that message were dropped: the client sends faster than the model
   steps), ``busy`` (every duplex slot is taken: close code 1013 follows at once),
   ``not_duplex`` (the model is half-duplex: close 1008), ``idle_timeout`` (close 1000),
-  ``generation`` (the model failed: close 1011). So every complete input frame gets exactly one
+  ``generation`` (the model failed: close 1011; logged with the session number and request id).
+  A close's reason is the error's code. So every complete input frame gets exactly one
   output frame or is counted in one ``backlog_full`` error.
 
 ``WS /audio`` (the Hertz-dev reference server's live protocol, Standard-Intelligence/hertz-dev
@@ -43,9 +45,11 @@ unchanged with ``--server ws://HOST:PORT``)
   the first ``--replay-seconds`` x 8 messages (default 3 s = 24) are answered, as the reference
   does, with the prompt's last seconds (mono mix, ``np.array_split`` into that many pieces)
   while the microphone is ignored; then the model runs, continuing from the prompt.
-  ``POST /set_temperature?token_temp=&categorical_temp=&gaussian_temp=`` sets the options of
-  ``/audio`` sessions opened afterwards (the reference's global ``TEMPS``); a parameter left
-  out keeps its value (the reference sets it to None and crashes); answers
+  ``POST /set_temperature?token_temp=&categorical_temp=&gaussian_temp=`` (the reference client's
+  knob) sets the default options of ``/audio`` sessions opened afterwards (the reference's global
+  ``TEMPS``), never a running one's; each value is checked as a model option (422 JSON error for
+  NaN, negative, too large, not a number); it needs the API key like every route; a parameter
+  left out keeps its value (the reference sets it to None and crashes); answers
   ``{"message": "Temperature updated to: (0.8, (0.4, 0.1))", "status": "success"}``.
   Differences: many clients at once (the reference serves one), sessions opened later pick the
   new temperatures up (the reference changes the running one), no recording is saved, no 50 ms
@@ -79,6 +83,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 import zoo
 from zoo.core.audio import read_audio, resample, to_pcm16
 
+from .errors import report_failure
 from .service import ApiError, Metrics
 
 log = logging.getLogger("omni-zoo.duplex")
@@ -359,13 +364,17 @@ class DuplexSocket:
         async with self.send_lock:
             await self.ws.send_text(json.dumps(event))
 
-    async def error(self, code: str, message: str, **extra) -> None:
-        self.metrics.errors.labels(f"duplex_{code}").inc()
+    async def error(self, code: str, message: str, *, exc: BaseException | None = None, **extra) -> None:
+        number = self.conn.number if self.conn is not None else "-"
+        report_failure(self.metrics, f"duplex_{code}", f"duplex session {number} ({self.wire.name}): {message}",
+                       exc=exc, level=logging.ERROR if exc is not None else logging.WARNING)
         await self.send_json({"type": "error", "error": {"code": code, "message": message, **extra}})
 
-    async def refuse(self, code: str, message: str, close_code: int) -> None:
-        await self.error(code, message)
-        await self.ws.close(code=close_code)
+    async def refuse(self, code: str, message: str, close_code: int, *, exc: BaseException | None = None) -> None:
+        """An error event, then the close, whose reason is the error's code (a close reason is at
+        most 123 bytes; the event has the whole message)."""
+        await self.error(code, message, exc=exc)
+        await self.ws.close(code=close_code, reason=code)
 
     def session_info(self) -> dict:
         options = self.conn.options if self.conn is not None else None
@@ -394,14 +403,10 @@ class DuplexSocket:
             except RuntimeError:  # the event loop is gone (shutdown)
                 pass
 
-        try:
-            options = self.service.model.options(self.options_values)
-        except zoo.OptionsError:  # a stale /set_temperature value: the model's defaults
-            options = self.service.model.options(None)
+        options = self.service.model.options(self.options_values)  # /set_temperature checked them
         try:
             self.conn = self.hub.reserve(options, deliver)
         except Busy as err:
-            self.metrics.errors.labels("busy").inc()
             await self.refuse("busy", str(err), 1013)
             return
         if isinstance(self.wire, DataUrlWire) and self.hub.prompt is not None and self.settings.replay_seconds > 0:
@@ -513,15 +518,15 @@ class DuplexSocket:
         except (binascii.Error, ValueError):
             raise ProtocolError("bad_audio", "'prompt' is not valid base64") from None
         try:
-            audio, rate = await asyncio.to_thread(read_audio, raw)
+            audio, rate = await asyncio.to_thread(read_audio, raw, max_seconds=self.card.max_input_seconds)
+        except zoo.AudioTooLong as err:
+            raise ProtocolError("audio_too_long", f"prompt: {err}") from None
         except zoo.AudioInputError as err:
             raise ProtocolError("bad_audio", f"prompt: {err}") from None
         seconds = audio.shape[0] / rate
         if seconds * self.card.input_sample_rate < self.frame:
             raise ProtocolError("bad_audio", f"the prompt needs at least one frame ({self.frame} samples at "
                                              f"{self.card.input_sample_rate} Hz)")
-        if seconds > self.card.max_input_seconds:
-            raise ProtocolError("bad_audio", f"the prompt is {seconds:.1f} s; at most {self.card.max_input_seconds:g} s")
         return np.asarray(audio, np.float32), rate
 
     async def send_outputs(self) -> None:
@@ -531,12 +536,9 @@ class DuplexSocket:
             if isinstance(item, Exception):
                 if isinstance(item, zoo.ZooError):
                     code, message = "bad_audio" if isinstance(item, zoo.AudioInputError) else "bad_request", str(item)
+                    await self.refuse(code, message, 1008)
                 else:
-                    code, message = "generation", f"the model failed: {type(item).__name__}: {item}"
-                self.metrics.errors.labels(f"duplex_{code}").inc()
-                async with self.send_lock:
-                    await self.ws.send_text(json.dumps({"type": "error", "error": {"code": code, "message": message}}))
-                await self.ws.close(code=1011 if code == "generation" else 1008)
+                    await self.refuse("generation", f"the model failed: {type(item).__name__}: {item}", 1011, exc=item)
                 return
             async with self.send_lock:
                 await self.wire.send_audio(self.ws, item)

@@ -12,6 +12,13 @@ here. Turn detection: "server_vad" (Silero VAD; a pause ends the turn and starts
 during a reply cancels it: barge-in) or null (the client commits and asks for a response).
 Model options: ``session.max_output_tokens`` / ``response.max_output_tokens`` (decode steps) and
 ``session.zoo.options`` (any of the model's options, e.g. temperature).
+
+Every field of every client event is checked (serving/realtime_schema.py): a malformed event gets
+an ``error`` event (``error: {type, code, message, event_id}``, echoing the client's event_id) and
+the session goes on. A reply that fails gets an ``error`` event (type ``server_error``) and a
+``response.done`` with status ``failed``; the failure is logged with the session and request ids
+and counted. A session is closed after ``idle_timeout_s`` without a client event unless a reply
+is running; the close reason says why.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import binascii
 import copy
 import itertools
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -31,31 +39,26 @@ from fastapi import WebSocket, WebSocketDisconnect
 
 from zoo.core.audio import resample, to_pcm16
 
+from . import realtime_schema as schema
+from .errors import report_failure
+from .realtime_schema import DEFAULT_TURN_DETECTION, WIRE_RATE, ProtocolError
 from .service import ApiError, GenerationFailed, Service
 from .vad import VAD_RATE, SpeechDetector
 
-WIRE_RATE = 24000
 MAX_WS_MESSAGE_BYTES = 16 * 1024 * 1024
 MIN_COMMIT_MS = 100
-IDLE_TIMEOUT_S = 300  # a session with no client event for this long is closed
-
-DEFAULT_TURN_DETECTION = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
-                          "silence_duration_ms": 500, "create_response": True, "interrupt_response": True}
+IDLE_TIMEOUT_S = 300.0  # a session with no client event (and no reply running) for this long is closed
 
 
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
 
-class ProtocolError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class RealtimeSession:
-    def __init__(self, ws: WebSocket, service: Service) -> None:
+    def __init__(self, ws: WebSocket, service: Service, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self.ws, self.service, self.card = ws, service, service.model.card
+        self.idle_timeout_s = idle_timeout_s
+        self.replied_at = -float("inf")  # when the last reply ended (time.monotonic)
         self.config: dict[str, Any] = {
             "type": "realtime", "object": "realtime.session", "id": _id("sess"), "model": self.card.name,
             "output_modalities": ["audio"], "instructions": "", "max_output_tokens": "inf",
@@ -80,8 +83,13 @@ class RealtimeSession:
         async with self.send_lock:
             await self.ws.send_text(json.dumps(event))
 
-    async def error(self, code: str, message: str, client_event: str | None = None) -> None:
-        await self.send({"type": "error", "error": {"type": "invalid_request_error", "code": code,
+    async def error(self, code: str, message: str, client_event: str | None = None,
+                    kind: str = "invalid_request_error", *, reported: bool = False) -> None:
+        """An ``error`` event; logged and counted as ``realtime_<code>`` unless ``reported`` already."""
+        if not reported:
+            report_failure(self.service.metrics, f"realtime_{code}", f"session {self.config['id']}: {message}",
+                           level=logging.WARNING)
+        await self.send({"type": "error", "error": {"type": kind, "code": code,
                                                      "message": message, "event_id": client_event}})
 
     async def run(self) -> None:
@@ -90,10 +98,13 @@ class RealtimeSession:
         try:
             while True:
                 try:
-                    message = await asyncio.wait_for(self.ws.receive(), IDLE_TIMEOUT_S)
+                    message = await asyncio.wait_for(self.ws.receive(), self.idle_timeout_s)
                 except asyncio.TimeoutError:
-                    await self.error("idle_timeout", f"no event for {IDLE_TIMEOUT_S} s: closing")
-                    await self.ws.close(code=1000)
+                    if self.response is not None or time.monotonic() - self.replied_at < self.idle_timeout_s:
+                        continue  # the client is listening to a reply (or just heard one): not idle
+                    reason = f"idle timeout: no client event for {self.idle_timeout_s:g} s"
+                    await self.error("idle_timeout", reason)
+                    await self.ws.close(code=1000, reason=reason)
                     return
                 if message["type"] == "websocket.disconnect":
                     return
@@ -114,58 +125,79 @@ class RealtimeSession:
         except ValueError as err:
             await self.error("invalid_json", f"event is not a JSON object: {err}")
             return
-        kind = event.get("type")
-        handler = self.HANDLERS.get(kind)
-        if handler is None:
-            await self.error("unknown_event", f"unsupported event type {kind!r}; supported: {sorted(self.HANDLERS)}",
-                             event.get("event_id"))
-            return
+        client_event = event.get("event_id") if isinstance(event.get("event_id"), str) else None
         try:
+            schema.event_id(event)
+            kind = event.get("type")
+            handler = self.HANDLERS.get(kind) if isinstance(kind, str) else None
+            if handler is None:
+                raise ProtocolError("unknown_event", f"unsupported event type {kind!r}; supported: {sorted(self.HANDLERS)}")
             await handler(self, event)
         except ProtocolError as err:
-            await self.error(err.code, str(err), event.get("event_id"))
+            await self.error(err.code, str(err), client_event)
+        except WebSocketDisconnect:
+            raise
+        except Exception as err:  # noqa: BLE001 - a bug must not end the session; it is logged and counted
+            report_failure(self.service.metrics, "realtime_internal",
+                           f"session {self.config['id']}: event {event.get('type')!r} failed: {err!r}", exc=err)
+            await self.error("server_error", "the server failed on this event; its log has the details",
+                             client_event, kind="server_error", reported=True)
 
     # -- session ------------------------------------------------------------------------------
     def _configure_vad(self) -> None:
         detection = self.config["audio"]["input"]["turn_detection"]
         self.detector = None if detection is None else SpeechDetector(
-            threshold=float(detection.get("threshold", 0.5)),
-            silence_ms=int(detection.get("silence_duration_ms", 500)),
-            prefix_padding_ms=int(detection.get("prefix_padding_ms", 300)))
+            threshold=float(detection["threshold"]), silence_ms=detection["silence_duration_ms"],
+            prefix_padding_ms=detection["prefix_padding_ms"])
 
     async def on_session_update(self, event: dict) -> None:
-        update = event.get("session")
-        if not isinstance(update, dict):
-            raise ProtocolError("invalid_session", "session.update needs a 'session' object")
+        update = schema.expect_object(event.get("session"), "session.update's 'session'")
         config = copy.deepcopy(self.config)
-        audio = update.get("audio") or {}
+        audio = schema.expect_object(update.get("audio"), "session.audio", optional=True)
         for direction in ("input", "output"):
-            fmt = (audio.get(direction) or {}).get("format")
-            if fmt is not None and (fmt.get("type") != "audio/pcm" or int(fmt.get("rate", WIRE_RATE)) != WIRE_RATE):
-                raise ProtocolError("unsupported_format", f"only audio/pcm at {WIRE_RATE} Hz is supported, got {fmt}")
-        if "input" in audio and "turn_detection" in audio["input"]:
-            detection = audio["input"]["turn_detection"]
-            if detection is not None and detection.get("type", "server_vad") != "server_vad":
-                raise ProtocolError("unsupported_turn_detection", "turn_detection must be server_vad or null")
-            config["audio"]["input"]["turn_detection"] = None if detection is None else {**DEFAULT_TURN_DETECTION, **detection}
-        for key in ("instructions", "output_modalities", "max_output_tokens"):
-            if key in update:
-                config[key] = update[key]
+            settings = schema.expect_object(audio.get(direction), f"session.audio.{direction}", optional=True)
+            if settings.get("format") is not None:
+                schema.audio_format(settings["format"], f"session.audio.{direction}.format")
+        inputs = schema.expect_object(audio.get("input"), "session.audio.input", optional=True)
+        if "turn_detection" in inputs:
+            config["audio"]["input"]["turn_detection"] = schema.turn_detection(inputs["turn_detection"])
+        if "instructions" in update:
+            config["instructions"] = schema.instructions(update["instructions"])
+        if "output_modalities" in update:
+            config["output_modalities"] = schema.output_modalities(update["output_modalities"])
+        if "max_output_tokens" in update:
+            config["max_output_tokens"] = self._checked_tokens(update["max_output_tokens"])
         if "zoo" in update:
-            options = (update["zoo"] or {}).get("options", {})
-            try:
-                self.service.options(options)
-            except ApiError as err:
-                raise ProtocolError(err.kind, err.message) from None
+            zoo_settings = schema.expect_object(update["zoo"], "session.zoo", optional=True)
+            options = schema.expect_object(zoo_settings.get("options"), "session.zoo.options", optional=True)
+            self._model_options(options)
             config["zoo"]["options"] = options
         self.config = config
         self._configure_vad()
         await self.send({"type": "session.updated", "session": self.config})
 
+    def _model_options(self, values: dict):
+        try:
+            return self.service.options(values)
+        except ApiError as err:
+            raise ProtocolError(err.kind, err.message) from None
+
+    def _checked_tokens(self, value) -> int | str:
+        value = schema.max_output_tokens(value)
+        if value != "inf":
+            self._model_options({**self.config["zoo"]["options"], "max_new_tokens": value})
+        return value
+
     # -- input audio --------------------------------------------------------------------------
     async def on_append(self, event: dict) -> None:
+        encoded = event.get("audio")
+        if not isinstance(encoded, str):
+            raise ProtocolError("invalid_audio", f"'audio' must be a base64 PCM16 string, got {type(encoded).__name__}")
+        # a first, rough check on the base64 length, so a huge event is refused before it is decoded
+        if self.buffered_seconds() + len(encoded) * 3 / 4 / 2 / WIRE_RATE > self.card.max_input_seconds + 1:
+            raise ProtocolError("input_too_long", f"the input audio buffer holds at most {self.card.max_input_seconds:g} s; commit or clear it")
         try:
-            pcm = base64.b64decode(event.get("audio") or "", validate=True)
+            pcm = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             raise ProtocolError("invalid_audio", "'audio' must be base64 PCM16") from None
         if len(pcm) % 2:
@@ -187,7 +219,7 @@ class RealtimeSession:
                 await self.send({"type": "input_audio_buffer.speech_stopped", "item_id": _id("item"),
                                  "audio_end_ms": int(self.buffered_seconds() * 1000)})
                 await self.commit()
-                if self.config["audio"]["input"]["turn_detection"].get("create_response", True):
+                if self.config["audio"]["input"]["turn_detection"]["create_response"]:
                     await self.start_response({})
         if not self.detector.speaking:  # between turns keep only the pre-speech padding
             self._trim_to_padding()
@@ -220,7 +252,8 @@ class RealtimeSession:
 
     # -- responses ----------------------------------------------------------------------------
     async def on_response_create(self, event: dict) -> None:
-        await self.start_response(event.get("response") or {})
+        await self.start_response(schema.expect_object(event.get("response"), "response.create's 'response'",
+                                                       optional=True))
 
     async def on_response_cancel(self, event: dict) -> None:
         if self.response is None:
@@ -233,13 +266,10 @@ class RealtimeSession:
         if self.response is not None:
             raise ProtocolError("conversation_already_has_active_response", "a response is already in progress")
         values = dict(self.config["zoo"]["options"])
-        limit = request.get("max_output_tokens", self.config.get("max_output_tokens", "inf"))
+        limit = schema.max_output_tokens(request.get("max_output_tokens", self.config["max_output_tokens"]))
         if limit != "inf":
             values["max_new_tokens"] = limit
-        try:
-            options = self.service.options(values)
-        except ApiError as err:
-            raise ProtocolError(err.kind, err.message) from None
+        options = self._model_options(values)
         turn, self.turn = self.turn, None
         self.response = asyncio.create_task(self._respond(turn, options))
 
@@ -270,13 +300,20 @@ class RealtimeSession:
                     await self.send({"type": "response.output_audio_transcript.delta", **where, "delta": chunk.text})
         except asyncio.CancelledError:
             status, reason = "cancelled", "client_cancelled"
-        except ApiError as err:
+        except ApiError as err:  # refused (busy, bad audio): logged and counted by the service
             status, reason = "failed", err.message
-            await self.error(err.kind, err.message)
-        except GenerationFailed as err:
+            await self.error(err.kind, err.message, reported=err.reported)
+        except GenerationFailed as err:  # logged and counted by the service
             status, reason = "failed", str(err)
+            await self.error("generation_failed", str(err), kind="server_error", reported=True)
+        except Exception as err:  # noqa: BLE001 - a bug fails this reply, not the session
+            report_failure(self.service.metrics, "realtime_internal",
+                           f"session {self.config['id']}: response {response_id} failed: {err!r}", exc=err)
+            status, reason = "failed", "the server failed on this response; its log has the details"
+            await self.error("server_error", reason, kind="server_error", reported=True)
         finally:
             await reply.aclose()
+            self.replied_at = time.monotonic()
             if self.response is asyncio.current_task():
                 self.response = None
         text = "".join(transcript)

@@ -3,6 +3,7 @@ loop, the batched scheduler, and metrics. ``Service.stream`` is one reply as an 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
@@ -13,17 +14,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 import zoo
 from zoo.core.scheduler import Busy, Scheduler
 
+from .errors import report_failure
+
 
 class ApiError(Exception):
     """A refusal with an HTTP status and a short machine-readable kind."""
 
-    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None) -> None:
+    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None, *,
+                 reported: bool = False) -> None:
         super().__init__(message)
         self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
+        self.reported = reported  # already logged and counted (Service.refuse): not again
 
 
 class GenerationFailed(Exception):
-    pass
+    """The model failed during a reply (already logged and counted by Service.stream)."""
 
 
 class Metrics:
@@ -83,6 +88,8 @@ class Service:
         self.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     def options(self, values: dict[str, Any]):
+        if not isinstance(values, dict):
+            raise ApiError(400, "bad_request", f"options must be an object of name: value, got {type(values).__name__}")
         unknown = sorted(set(values) - self.option_names)
         if unknown:
             raise ApiError(400, "bad_request", f"unknown option(s) {unknown}; known: {sorted(self.option_names)}")
@@ -91,11 +98,15 @@ class Service:
         except zoo.OptionsError as err:
             raise ApiError(422, "bad_option", str(err)) from None
 
+    def refuse(self, status: int, kind: str, message: str, **headers) -> ApiError:
+        """A refusal, logged (with the request id) and counted."""
+        report_failure(self.metrics, kind, message, level=logging.WARNING)
+        return ApiError(status, kind, message, headers=headers, reported=True)
+
     def _admit(self) -> None:
         if self.in_flight >= self.max_sessions:
-            self.metrics.errors.labels("busy").inc()
-            raise ApiError(503, "busy", f"all {self.max_sessions} session slots are busy; retry shortly",
-                           headers={"Retry-After": "1"})
+            raise self.refuse(503, "busy", f"all {self.max_sessions} session slots are busy; retry shortly",
+                              **{"Retry-After": "1"})
         self.in_flight += 1
         self.metrics.sessions_total.inc()
         self.metrics.sessions_active.inc()
@@ -115,18 +126,17 @@ class Service:
             try:
                 job = await loop.run_in_executor(self.prepare_pool, self.stepper.prepare, audio, sample_rate, options,
                                                  history)
+            except zoo.AudioTooLong as err:
+                raise self.refuse(413, "audio_too_long", str(err)) from None
             except zoo.AudioInputError as err:
-                self.metrics.errors.labels("bad_audio").inc()
-                raise ApiError(400, "bad_audio", str(err)) from None
+                raise self.refuse(400, "bad_audio", str(err)) from None
             except zoo.ZooError as err:
-                self.metrics.errors.labels("bad_request").inc()
-                raise ApiError(400, "bad_request", str(err)) from None
+                raise self.refuse(400, "bad_request", str(err)) from None
             queue: asyncio.Queue = asyncio.Queue()
             try:
                 ticket = self.scheduler.submit(job, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
             except Busy as err:
-                self.metrics.errors.labels("busy").inc()
-                raise ApiError(503, "busy", str(err), headers={"Retry-After": "1"}) from None
+                raise self.refuse(503, "busy", str(err), **{"Retry-After": "1"}) from None
             first_audio, samples, finished = None, 0, False
             try:
                 while True:
@@ -136,8 +146,8 @@ class Service:
                         return
                     if isinstance(item, Exception):
                         finished = True
-                        self.metrics.errors.labels("generation").inc()
-                        raise GenerationFailed(str(item))
+                        report_failure(self.metrics, "generation", f"the model failed mid-reply: {item!r}", exc=item)
+                        raise GenerationFailed(f"the model failed: {type(item).__name__}: {item}")
                     if item.audio.size and first_audio is None:
                         first_audio = time.perf_counter()
                         self.metrics.ttfa.observe(first_audio - received)

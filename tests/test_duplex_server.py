@@ -344,7 +344,7 @@ def test_reference_route_errors_are_json_and_it_keeps_serving(server):
     assert codes == ["bad_message", "bad_message", "bad_audio"]
     assert reply.startswith("data:audio/raw;base64,") and len(base64.b64decode(reply.split(",")[1])) == 2 * FRAME
     response = requests.post(server.url + "/set_temperature", params={"categorical_temp": 50}, timeout=10)
-    assert response.status_code == 422 and response.json()["status"] == "error"
+    assert response.status_code == 422 and response.json()["error"]["type"] == "bad_option"
 
 
 # -- a server with a prompt, as the reference's --prompt_path ---------------------------------------

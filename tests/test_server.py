@@ -126,7 +126,7 @@ def _wav_b64(audio, rate):
 def test_audio_problems_are_4xx(server):
     too_long = _wav_b64(np.zeros(16000 * 31, np.float32), 16000)
     response = requests.post(server.url + "/chat", json={"audio": too_long}, timeout=60)
-    assert response.status_code == 400 and "at most 30 s" in response.json()["error"]["message"]
+    assert response.status_code == 413 and "at most 30 s" in response.json()["error"]["message"]
     silent = requests.post(server.url + "/chat", json={"audio": _wav_b64(np.zeros(8000, np.float32), 8000),
                                                        "max_tokens": 12}, timeout=60)
     assert silent.status_code == 200  # silence is answered, as documented

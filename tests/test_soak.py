@@ -32,7 +32,5 @@ def test_soak_reports_replies_refusals_memory_and_fds(report):
     assert len(sampled) >= 5 and report["rss_mib"]["max"] > 0 and report["open_fds"]["max"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue #11: today's server loses replies to a huge seed or a 1e-39 temperature "
-                   "(and the replies batched with them); drop this marker once the hardening lands")
 def test_soak_loses_no_reply(report):
     assert report["lost"]["total"] == 0, report["lost"]["reasons"]

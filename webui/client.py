@@ -13,7 +13,17 @@ import requests
 from zoo.core.types import Chunk
 
 DEFAULT_API_URL = "http://127.0.0.1:60808"
+API_KEY_ENV = "OMNI_ZOO_API_KEY"  # the key server.py was started with (--api-key), if any
 BOUNDARY = b"\r\n--frame\r\n"
+
+
+def api_key() -> str | None:
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def auth_headers() -> dict:
+    key = api_key()
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 class BackendError(Exception):
@@ -37,7 +47,9 @@ class ServerBackend:
 
     def info(self) -> BackendInfo:
         try:
-            response = requests.get(self.api_url + "/v1/models", timeout=5)
+            response = requests.get(self.api_url + "/v1/models", headers=auth_headers(), timeout=5)
+            if response.status_code == 401:
+                raise BackendError(f"the voice server at {self.api_url} needs an API key: set {API_KEY_ENV}")
             response.raise_for_status()
             model = response.json()["data"][0]
         except (requests.RequestException, KeyError, IndexError, ValueError) as err:
@@ -53,7 +65,8 @@ class ServerBackend:
         """POST /chat in multipart mode: audio and text deltas as they are generated."""
         body = {"audio": base64.b64encode(wav).decode(), "format": "multipart", **(options or {})}
         try:
-            response = requests.post(self.api_url + "/chat", json=body, stream=True, timeout=self.timeout)
+            response = requests.post(self.api_url + "/chat", json=body, headers=auth_headers(), stream=True,
+                                     timeout=self.timeout)
         except requests.RequestException as err:
             raise BackendError(f"cannot reach the voice server at {self.api_url} ({type(err).__name__})") from None
         if response.status_code != 200:

@@ -4,6 +4,7 @@ half-duplex models and ``duplex.js`` (full duplex on /v1/duplex: the mic streams
 model's frames play back continuously) for models whose card says duplex."""
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -25,17 +26,23 @@ def duplex_url(api_url: str) -> str:
     return _ws_base(api_url) + "/v1/duplex"
 
 
-def widget_html(ws_url: str) -> str:
+def _key_attribute(api_key: str | None) -> str:
+    """The server's API key for the widget's WebSocket (browsers cannot set an Authorization
+    header there: the script offers it as a subprotocol). Whoever can open the page can read it."""
+    return f' data-key="{html.escape(api_key)}"' if api_key else ""
+
+
+def widget_html(ws_url: str, api_key: str | None = None) -> str:
     """The live chat widget's markup; an empty ``ws_url`` means the page's own origin."""
-    return (f'<div data-omni-live data-ws="{ws_url}" style="font-family: sans-serif">'
+    return (f'<div data-omni-live data-ws="{ws_url}"{_key_attribute(api_key)} style="font-family: sans-serif">'
             f'<button data-state="off">Start live chat</button> <span class="omni-live-status">not started</span>'
             f'<div class="omni-live-transcript"></div></div>')
 
 
-def duplex_widget_html(ws_url: str, sample_rate: int, frame_samples: int) -> str:
+def duplex_widget_html(ws_url: str, sample_rate: int, frame_samples: int, api_key: str | None = None) -> str:
     """The full-duplex widget's markup (the card's input rate and frame size); an empty
     ``ws_url`` means the page's own origin."""
-    return (f'<div data-omni-duplex data-ws="{ws_url}" data-rate="{int(sample_rate)}" '
+    return (f'<div data-omni-duplex data-ws="{ws_url}"{_key_attribute(api_key)} data-rate="{int(sample_rate)}" '
             f'data-frame="{int(frame_samples)}" style="font-family: sans-serif">'
             f'<button data-state="off">Start full duplex</button> '
             f'<span class="omni-duplex-status">not started</span></div>')

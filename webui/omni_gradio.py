@@ -22,20 +22,20 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zoo  # noqa: E402
-from webui.client import BackendError, LocalBackend, ServerBackend  # noqa: E402
+from webui.client import BackendError, LocalBackend, ServerBackend, api_key  # noqa: E402
 from webui.live import DUPLEX_JS, LIVE_JS, duplex_url, duplex_widget_html, realtime_url, widget_html  # noqa: E402
 
 NOISE_BANNER = "**Random weights (--tiny): every reply is noise, not speech.**"
 def live_widget(ws_url: str) -> gr.HTML:
     """Talk continuously: browser mic -> server.py's /v1/realtime -> WebAudio, no file round trip
     and no HLS buffering. An empty ``ws_url`` means this page's own origin."""
-    return gr.HTML(value=widget_html(ws_url), js_on_load=LIVE_JS, label="Live (low latency)")
+    return gr.HTML(value=widget_html(ws_url, api_key()), js_on_load=LIVE_JS, label="Live (low latency)")
 
 
 def duplex_widget(ws_url: str, info) -> gr.HTML:
     """Full duplex: browser mic -> server.py's /v1/duplex -> the model's frames -> WebAudio, both
     ways at once. An empty ``ws_url`` means this page's own origin."""
-    html = duplex_widget_html(ws_url, info.input_sample_rate, info.frame_samples)
+    html = duplex_widget_html(ws_url, info.input_sample_rate, info.frame_samples, api_key())
     return gr.HTML(value=html, js_on_load=DUPLEX_JS, label="Full duplex (live)")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 from .core import (  # noqa: F401  (re-exported: the public interface)
-    AudioInputError, Chunk, ModelCard, Options, OptionsError, Stage, UnsupportedError, VoiceModel,
+    AudioInputError, AudioTooLong, Chunk, ModelCard, Options, OptionsError, Stage, UnsupportedError, VoiceModel,
     WeightsNotFound, ZooError,
 )
 

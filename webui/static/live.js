@@ -87,7 +87,10 @@
       show("no microphone: " + e.message);
       return;
     }
-    ws = new WebSocket(wsUrl());
+    // the server's API key, if any: browsers cannot set headers on a WebSocket, so it travels as
+    // OpenAI's browser subprotocol next to one the server selects
+    const key = root.dataset.key;
+    ws = new WebSocket(wsUrl(), key ? ["realtime", "openai-insecure-api-key." + key] : []);
     ws.onmessage = (m) => onEvent(JSON.parse(m.data));
     ws.onerror = () => show("cannot reach the voice server at " + wsUrl());
     ws.onclose = () => { if (button.dataset.state === "on") stop("disconnected"); };

@@ -14,7 +14,7 @@ import requests
 import streamlit as st
 import streamlit.components.v1 as components
 
-from webui.client import DEFAULT_API_URL, BackendError, ServerBackend
+from webui.client import DEFAULT_API_URL, BackendError, ServerBackend, api_key
 from webui.live import DUPLEX_JS, LIVE_JS, duplex_url, duplex_widget_html, realtime_url, widget_html
 
 api_url = os.environ.get("API_URL", DEFAULT_API_URL)
@@ -43,12 +43,12 @@ def live_widget(ws_url: str) -> None:
     """The low-latency live chat (the same widget as the Gradio page), in a component iframe
     (Streamlit allows it the microphone)."""
     script = f"<script>const element = document.body;</script><script>{LIVE_JS}</script>"
-    components.html(widget_html(ws_url) + script, height=160, scrolling=True)
+    components.html(widget_html(ws_url, api_key()) + script, height=160, scrolling=True)
 
 
 def duplex_widget(ws_url: str) -> None:
     """Full duplex (models whose card says so): the same widget as the Gradio page's."""
-    html = duplex_widget_html(ws_url, info.input_sample_rate, info.frame_samples)
+    html = duplex_widget_html(ws_url, info.input_sample_rate, info.frame_samples, api_key())
     script = f"<script>const element = document.body;</script><script>{DUPLEX_JS}</script>"
     components.html(html + script, height=80, scrolling=False)
 

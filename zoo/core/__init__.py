@@ -1,9 +1,10 @@
 """What every model shares: interface types, errors, audio I/O, checkpoints, sampling."""
-from .errors import AudioInputError, OptionsError, UnsupportedError, WeightsNotFound, ZooError
+from .errors import AudioInputError, AudioTooLong, OptionsError, UnsupportedError, WeightsNotFound, ZooError
 from .types import Chunk, ModelCard, Options, Stage, VoiceModel
 
 __all__ = [
     "AudioInputError",
+    "AudioTooLong",
     "Chunk",
     "ModelCard",
     "Options",

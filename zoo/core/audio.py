@@ -10,21 +10,34 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .errors import AudioInputError
+from .errors import AudioInputError, AudioTooLong
 
+DECODE_BLOCK_FRAMES = 65536
+UNKNOWN_LENGTH = 2**63 - 1  # libsndfile's frame count for a stream whose header does not say
 AudioSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO, np.ndarray]
 
 
-def read_audio(source: AudioSource, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
-    """Decode ``source`` to float32 of shape (samples,) or (samples, channels) and its rate."""
+def read_audio(source: AudioSource, sample_rate: int | None = None, *,
+               max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode ``source`` to float32 of shape (samples,) or (samples, channels) and its rate.
+
+    ``max_seconds``: longer audio raises AudioTooLong. A file's length is read from its header
+    before anything is decoded, and decoding stops one frame past the limit, so a small
+    compressed file of hours of silence (or a header that lies) costs no more memory than the
+    longest audio accepted."""
     if isinstance(source, np.ndarray):
         if sample_rate is None:
             raise AudioInputError("an audio array needs its sample_rate")
+        _check_length(source.shape[0] if source.ndim else 0, int(sample_rate), max_seconds)
         return _as_float(source), int(sample_rate)
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(bytes(source))
     try:
-        data, rate = sf.read(source, dtype="float32", always_2d=False)
+        with sf.SoundFile(source) as audio_file:
+            rate = int(audio_file.samplerate)
+            if audio_file.frames != UNKNOWN_LENGTH:
+                _check_length(audio_file.frames, rate, max_seconds)  # the header's claim, before decoding
+            data = _decode(audio_file, None if max_seconds is None else int(max_seconds * rate) + 1)
     except sf.LibsndfileError as err:
         raise AudioInputError(f"could not decode the audio: {err.error_string.rstrip('.')} "
                               f"(send a WAV, FLAC, OGG or MP3 file)") from None
@@ -32,7 +45,30 @@ def read_audio(source: AudioSource, sample_rate: int | None = None) -> tuple[np.
         raise AudioInputError(f"could not decode the audio: {err}") from None
     except FileNotFoundError:
         raise AudioInputError(f"audio file not found: {source}") from None
-    return data, int(rate)
+    if max_seconds is not None and data.shape[0] > max_seconds * rate:  # the header said less, or nothing
+        raise AudioTooLong(f"the audio is longer than {max_seconds:g} s, the most this model accepts")
+    return data, rate
+
+
+def _decode(audio_file: sf.SoundFile, max_frames: int | None) -> np.ndarray:
+    """Decode in blocks, stopping once past ``max_frames``: memory follows what is decoded, not
+    what the header claims (a stream may not say its length at all)."""
+    blocks, total = [], 0
+    while max_frames is None or total < max_frames:
+        block = audio_file.read(frames=DECODE_BLOCK_FRAMES, dtype="float32", always_2d=True)
+        if not block.shape[0]:
+            break
+        blocks.append(block)
+        total += block.shape[0]
+    data = np.concatenate(blocks) if blocks else np.zeros((0, audio_file.channels), np.float32)
+    return data[:, 0] if audio_file.channels == 1 else data
+
+
+def _check_length(samples: int, rate: int, max_seconds: float | None) -> None:
+    if rate <= 0:
+        raise AudioInputError(f"sample rate must be positive, got {rate}")
+    if max_seconds is not None and samples > max_seconds * rate:
+        raise AudioTooLong(f"the audio is {samples / rate:.1f} s long; this model accepts at most {max_seconds:g} s")
 
 
 def _as_float(array: np.ndarray) -> np.ndarray:
@@ -75,17 +111,13 @@ def load_audio(
     Raises AudioInputError for: undecodable data, no samples, NaN/inf samples, or audio longer
     than ``max_seconds``. Silence is valid input (the model answers what it hears).
     """
-    data, rate = read_audio(source, sample_rate)
+    data, rate = read_audio(source, sample_rate, max_seconds=max_seconds)
     mono = to_mono(np.asarray(data))
     if mono.size == 0:
         raise AudioInputError("the audio is empty (no samples)")
     if not np.all(np.isfinite(mono)):
         raise AudioInputError("the audio contains NaN or infinite samples")
-    seconds = mono.size / rate
-    if max_seconds is not None and seconds > max_seconds:
-        raise AudioInputError(
-            f"the audio is {seconds:.1f} s long; this model accepts at most {max_seconds:g} s"
-        )
+    _check_length(mono.size, rate, max_seconds)  # an array given as (channels, samples)
     out = resample(mono, rate, target_rate)
     return np.clip(out, -1.0, 1.0)
 

@@ -18,6 +18,10 @@ class AudioInputError(ZooError, ValueError):
     """The audio given to a model cannot be used (empty, not audio, NaN, too long, ...)."""
 
 
+class AudioTooLong(AudioInputError):
+    """The audio is longer than the model accepts (refused before it is decoded in full)."""
+
+
 class OptionsError(ZooError, ValueError):
     """A generation option is unknown or out of range."""
 

@@ -71,7 +71,7 @@ import torch
 from ..core.audio import AudioSource, load_audio, read_audio, resample
 from ..core.checkpoints import read_state_dict
 from ..core.devices import pick_device, pick_dtype
-from ..core.errors import AudioInputError, OptionsError, WeightsNotFound
+from ..core.errors import AudioInputError, AudioTooLong, OptionsError, WeightsNotFound
 from ..core.scheduler import OneSlotSteppers, isolate
 from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from .checkpoint import (
@@ -505,7 +505,7 @@ class HertzDev(VoiceModel):
     def _duplex_prompt(self, prompt: AudioSource, sample_rate: int | None) -> np.ndarray:
         """A prompt -> (2, N) float32 at 16 kHz, whole frames (the end trimmed, as the
         reference server); stereo is (user, model), mono is used for both."""
-        data, rate = read_audio(prompt, sample_rate)
+        data, rate = read_audio(prompt, sample_rate, max_seconds=self.card.max_input_seconds)
         data = np.asarray(data, dtype=np.float32)
         if data.ndim == 1:
             data = np.stack([data, data])
@@ -516,8 +516,8 @@ class HertzDev(VoiceModel):
             raise AudioInputError(f"a prompt must be 1-D or 2-D audio, got shape {data.shape}")
         if not np.all(np.isfinite(data)):
             raise AudioInputError("the prompt contains NaN or infinite samples")
-        if data.shape[1] / rate > self.card.max_input_seconds:
-            raise AudioInputError(f"the prompt is {data.shape[1] / rate:.1f} s; "
+        if data.shape[1] / rate > self.card.max_input_seconds:  # an array given as (channels, samples)
+            raise AudioTooLong(f"the prompt is {data.shape[1] / rate:.1f} s; "
                                   f"at most {self.card.max_input_seconds:g} s")
         data = np.stack([resample(channel, rate, SAMPLE_RATE) for channel in data])
         frames = data.shape[1] // FRAME

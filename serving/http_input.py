@@ -1,0 +1,54 @@
+"""Reading an HTTP request's JSON body without trusting the client: JSON content type only (a
+web page cannot send that cross-site without the browser asking first), bounded size, and a
+deadline for each piece of the body, so a client that stalls halfway cannot hold a connection."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+
+from fastapi import Request
+
+from .service import ApiError
+
+READ_TIMEOUT_S = 30.0
+
+
+async def read_json(request: Request, limit: int, timeout: float = READ_TIMEOUT_S) -> dict:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", f"send the body as application/json, not {content_type or 'nothing'!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "too_large", f"request body over {limit} bytes")
+    body = bytearray()
+    parts = request.stream()
+    while True:
+        try:
+            part = await asyncio.wait_for(anext(parts, None), timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, "read_timeout", f"no body data for {timeout:g} s: the request is dropped",
+                           headers={"Connection": "close"}) from None
+        if part is None:
+            break
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, "too_large", f"request body over {limit} bytes")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, "bad_json", f"body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_json", "body must be a JSON object")
+    return data
+
+
+def decode_audio_field(data: dict) -> bytes:
+    value = data.get("audio")
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "bad_request", "field 'audio' (base64 of an audio file) is required")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "bad_base64", "field 'audio' is not valid base64") from None
