@@ -4,10 +4,11 @@ published ``THUDM/glm-4-voice-decoder`` folder (``config.yaml``, ``flow.pt``, ``
     decoder = AudioDecoder.load(folder, device="cpu", dtype=torch.float32)
     audio = decoder.one_pass(tokens)            # np.float32, mel_frames(len(tokens)) * 256 samples
 
-    stream = decoder.stream()                   # mode="seamless" (default) or "reference"
+    # zoo.core.streaming
+    stream = decoder.new_state()                # mode="seamless" (default) or "reference"
     for block in blocks:                        # e.g. 10, 25, 50, 100, 150, 200, 200, ... tokens
-        play(stream.push(block))                # the new samples this block makes final
-    play(stream.finish(last_block))             # the last (possibly partial or empty) block and the tail
+        play(decoder.step(stream, block))       # the new samples this block makes final
+    play(decoder.finish(stream, last_block))    # the last (possibly partial or empty) block and the tail
 
 ``one_pass`` is the reference's ``AudioDecoder.token2wav(tokens, finalize=True)`` without a prompt:
 the flow (``flow.py``) and the vocoder (``hift.py``) each run once over the whole sequence.
@@ -29,6 +30,7 @@ from torch.nn.utils import parametrize
 
 from ..core.checkpoints import load_strict
 from ..core.errors import WeightsNotFound
+from ..core.streaming import StreamingModule, one_row_only
 from .decoder_config import DecoderConfig, read_config
 from .decoder_noise import ReferenceRandomness, StreamRandomness
 from .decoder_seamless import SeamlessOptions, SeamlessStream, SeamlessVocoder
@@ -50,7 +52,7 @@ def hift_published_state(hift: HiFTGenerator) -> dict:
     return module_to_published_keys(hift.state_dict())
 
 
-class AudioDecoder:
+class AudioDecoder(StreamingModule[DecoderStream, Sequence[int], np.ndarray]):
     def __init__(self, flow: MaskedDiffWithXvec, hift: HiFTGenerator, seed: int = DEFAULT_SEED) -> None:
         self.flow, self.hift, self.seed = flow.eval(), hift.eval(), seed
         weight = flow.encoder_proj.weight
@@ -124,9 +126,11 @@ class AudioDecoder:
         return StreamRandomness(seed, self.device, self.mel_channels, self.harmonics, self.samples_per_frame,
                                 self.state_dtype)
 
-    def stream(self, mode: str = "seamless", *, seed: int | None = None, **options) -> "DecoderStream":
-        """A streaming decode: ``push(tokens)`` per block, then ``finish(last_tokens)``.
-        ``options`` are :class:`SeamlessOptions` fields (seamless mode only)."""
+    # -- zoo.core.streaming: tokens in blocks -> np.float32 audio --------------------------------
+    def new_state(self, mode: str = "seamless", *, seed: int | None = None, **options) -> DecoderStream:
+        """A fresh stream (an utterance): ``step(stream, block)`` per block, then
+        ``finish(stream, last_block)``. ``options`` are :class:`SeamlessOptions` fields (seamless
+        mode only)."""
         seed = self.seed if seed is None else seed
         if mode == "reference":
             if options:
@@ -135,3 +139,18 @@ class AudioDecoder:
         if mode == "seamless":
             return SeamlessStream(self, seed, replace(SeamlessOptions(), **options))
         raise ValueError(f"mode must be 'seamless' or 'reference', not {mode!r}")
+
+    stream = new_state  # the stream's own push / finish then drive it (DecoderStream)
+
+    def step(self, state: DecoderStream, piece: Sequence[int], *, rows=None) -> np.ndarray:
+        """Decode a block; returns the samples it makes final (may be empty)."""
+        one_row_only(rows, "the GLM-4-Voice decoder")
+        return state.decode(piece, final=False)
+
+    def finish(self, state: DecoderStream, piece: Sequence[int] | None = None, *, rows=None) -> np.ndarray:
+        """Decode the last block (may be empty) and return every remaining sample; the stream is
+        then fresh."""
+        one_row_only(rows, "the GLM-4-Voice decoder")
+        audio = state.decode(() if piece is None else piece, final=True)
+        state.reset()
+        return audio

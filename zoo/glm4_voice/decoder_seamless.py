@@ -95,12 +95,16 @@ class SeamlessVocoder:
 
 
 class SeamlessStream(DecoderStream):
-    def __init__(self, decoder, seed: int, options: SeamlessOptions) -> None:  # decoder: its AudioDecoder
-        self.decoder, self.options = decoder, options
+    def __init__(self, decoder, seed: int, options: SeamlessOptions) -> None:
         if options.crossfade_frames > options.holdback_frames:
             raise ValueError("crossfade_frames cannot exceed holdback_frames")
-        self.rnd = decoder._stream_randomness(seed)
-        self.vocoder = SeamlessVocoder(decoder.hift, self.rnd, lookahead=options.vocoder_lookahead_frames)
+        self.decoder, self.seed, self.options = decoder, seed, options
+        self._start()
+
+    def _start(self) -> None:
+        decoder = self.decoder
+        self.rnd = decoder._stream_randomness(self.seed)
+        self.vocoder = SeamlessVocoder(decoder.hift, self.rnd, lookahead=self.options.vocoder_lookahead_frames)
         self.tokens: list[int] = []  # the tail of the tokens, from token self.token_start on
         self.token_start = 0
         self.n_tokens = 0

@@ -11,12 +11,13 @@ lose.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
+from ..core.streaming import StreamingState, one_row_only
 from .decoder_noise import ReferenceRandomness
 
 # flow_inference.AudioDecoder's streaming constants
@@ -24,27 +25,42 @@ REFERENCE_OVERLAP_FRAMES = 34  # int(5 tokens / 12.5 * 22050 / 256)
 REFERENCE_CACHE_FRAMES = 1  # mel frames (and 256 source samples) carried into the next HiFT call
 
 
-class DecoderStream:
-    """One utterance being decoded block by block. Not thread-safe; one per reply."""
+class DecoderStream(StreamingState):
+    """The state of one utterance being decoded block by block by ``decoder`` (an AudioDecoder,
+    which streams through zoo.core.streaming: ``decoder.step(stream, block)``,
+    ``decoder.finish(stream, last_block)``). Not thread-safe; one per reply.
 
+    ``push`` / ``finish`` are the same calls for code that holds just the stream, which then
+    stays closed after ``finish`` (a handle for one utterance; ``reset`` reopens it)."""
+
+    decoder: Any
     finished = False
 
     def push(self, tokens: Sequence[int]) -> np.ndarray:
         """Decode a block of tokens; returns the samples it makes final (np.float32, may be empty)."""
-        self._check_open()
-        with torch.inference_mode():
-            return self._decode(list(tokens), final=False)
+        return self.decoder.step(self, tokens)
 
     def finish(self, tokens: Sequence[int] = ()) -> np.ndarray:
         """Decode the last block (may be empty) and return every remaining sample."""
-        self._check_open()
+        audio = self.decoder.finish(self, tokens)
         self.finished = True
-        with torch.inference_mode():
-            return self._decode(list(tokens), final=True)
+        return audio
 
-    def _check_open(self) -> None:
+    def reset(self, rows=None) -> None:
+        one_row_only(rows, "a GLM-4-Voice decoder stream")
+        self.finished = False
+        self._start()
+
+    def decode(self, tokens: Sequence[int], final: bool) -> np.ndarray:
+        """One block through the stream (the decoder's ``step`` / ``finish``)."""
         if self.finished:
             raise RuntimeError("this decoder stream is finished")
+        with torch.inference_mode():
+            return self._decode(list(tokens), final)
+
+    def _start(self) -> None:
+        """Set the fields of a fresh stream."""
+        raise NotImplementedError
 
     def _decode(self, tokens: list[int], final: bool) -> np.ndarray:
         raise NotImplementedError
@@ -57,14 +73,17 @@ def _numpy(audio: torch.Tensor) -> np.ndarray:
 class ReferenceStream(DecoderStream):
     """``token2wav`` + the ``web_demo.py`` loop, number for number."""
 
-    def __init__(self, decoder, seed: int) -> None:  # decoder: the AudioDecoder that made it
+    def __init__(self, decoder, seed: int) -> None:
         self.decoder, self.seed = decoder, seed
+        self.window = torch.from_numpy(np.hamming(2 * REFERENCE_OVERLAP_FRAMES))  # float64, as numpy gives it
+        self._start()
+
+    def _start(self) -> None:
         self.prompt_tokens: list[int] = []
         self.returned_mels: list[torch.Tensor] = []
         self.overlap: torch.Tensor | None = None  # the last 34 frames of the previous block, not vocoded
         self.cache_mel: torch.Tensor | None = None  # the last vocoded frame, vocoded again next time
         self.cache_source: torch.Tensor | None = None  # its 256 source samples
-        self.window = torch.from_numpy(np.hamming(2 * REFERENCE_OVERLAP_FRAMES))  # float64, as numpy gives it
 
     def _decode(self, tokens: list[int], final: bool) -> np.ndarray:
         d = self.decoder

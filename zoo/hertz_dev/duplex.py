@@ -70,8 +70,9 @@ class DuplexStepper:
         self.engine = Engine(main, resynth, model.quantizer, max_sessions, main_context=main_context,
                              resynth_context=resynth_context, out_channels=(1,), keep=keep, record_tokens=8)
         self.device, self.dtype = self.engine.device, self.engine.dtype
-        self.encoders = self.codec.encoder_state(2 * max_sessions)  # row 2r: user, 2r + 1: model
-        self.decoders = self.codec.decoder_state(max_sessions)
+        self.encoding, self.decoding = self.codec.streaming_encoder, self.codec.streaming_decoder
+        self.encoders = self.encoding.new_state(2 * max_sessions)  # row 2r: user, 2r + 1: model
+        self.decoders = self.decoding.new_state(max_sessions)
         self.previous = torch.zeros(max_sessions, FRAME, dtype=self.dtype, device=self.device)
         self.max_sessions = max_sessions
 
@@ -88,8 +89,8 @@ class DuplexStepper:
             raise AudioInputError(f"the prompt is longer than the {self.engine.main_context}-frame context")
         handle = DuplexHandle(self.engine.open(opts), owner=id(self))
         rows = torch.tensor([handle.slot.row], device=self.device)
-        self.encoders.reset(torch.stack([2 * rows, 2 * rows + 1]).T.reshape(-1))
-        self.decoders.reset(rows)
+        self.encoding.reset(self.encoders, rows=torch.stack([2 * rows, 2 * rows + 1]).T.reshape(-1))
+        self.decoding.reset(self.decoders, rows=rows)
         self.previous[rows] = 0
         if prompt_audio is not None:
             try:
@@ -114,9 +115,7 @@ class DuplexStepper:
     def _encode(self, handles: list[DuplexHandle], rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x (2B, 1, N) rows (user, model) per slot -> latents (B, N / 2000, 64)."""
         enc_rows = torch.stack([2 * rows, 2 * rows + 1]).T.reshape(-1)
-        part = self.encoders.take(enc_rows)
-        mu, logvar = self.codec.posterior(x, part)
-        self.encoders.put(enc_rows, part)
+        mu, logvar = self.encoding.step(self.encoders, x, rows=enc_rows)
         z = []
         for i, h in enumerate(handles):
             m, lv = mu[2 * i : 2 * i + 2], logvar[2 * i : 2 * i + 2]
@@ -129,9 +128,7 @@ class DuplexStepper:
         return torch.cat([z[:, 0], z[:, 1]], dim=-1)
 
     def _decode(self, rows: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
-        part = self.decoders.take(rows)
-        audio = self.codec.decode(nxt, part)[:, 0]  # (B, 2000)
-        self.decoders.put(rows, part)
+        audio = self.decoding.step(self.decoders, nxt, rows=rows)[:, 0]  # (B, 2000)
         self.previous[rows] = audio
         return audio
 

@@ -192,8 +192,8 @@ class HertzDev(VoiceModel):
         x = torch.from_numpy(np.stack([frame, frame])).to(self.device, self.dtype)[:, None]
         latents = torch.zeros(1, 1, engine.width, dtype=self.dtype, device=self.device)
         tokens = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        enc_state = self.codec.encoder_state(2)
-        dec_state = self.codec.decoder_state(1)
+        encoding, decoding = self.codec.streaming_encoder, self.codec.streaming_decoder
+        enc_state, dec_state = encoding.new_state(2), decoding.new_state(1)
         z = torch.zeros(1, 1, self.codec.config.latent_dim, dtype=self.dtype, device=self.device)
 
         def wrap() -> None:
@@ -220,10 +220,10 @@ class HertzDev(VoiceModel):
             next(iter(self._stream(reply)))
 
         return {
-            Stage.ENCODE: torch.inference_mode()(lambda: self.codec.posterior(x, enc_state)),
+            Stage.ENCODE: torch.inference_mode()(lambda: encoding.step(enc_state, x)),
             Stage.PREFILL: respond_prefill,
             Stage.DECODE_STEP: duplex_frame,
-            Stage.FIRST_AUDIO: torch.inference_mode()(lambda: self.codec.decode(z, dec_state)),
+            Stage.FIRST_AUDIO: torch.inference_mode()(lambda: decoding.step(dec_state, z)),
             "main_step": main_step,
             "resynth_step": resynth_step,
         }

@@ -2,14 +2,12 @@
 slots for zoo.core.scheduler (``ReplyStepper``); one ``Reply`` per request."""
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
 from ..core.audio import AudioSource
 from ..core.types import Chunk
-from .codec import sample_posterior
+from .codec import StreamState, sample_posterior
 from .engine import Engine, Slot
 from .options import HertzOptions
 from .transformer import MAIN_CONTEXT
@@ -52,14 +50,15 @@ class ReplyStepper:
 
     def __init__(self, model, max_sessions: int, context: int = MAIN_CONTEXT) -> None:
         self.model, self.max_sessions, self.context = model, max_sessions, context
-        self.engines: dict[str, tuple[Engine, Any]] = {}
+        self.engines: dict[str, tuple[Engine, StreamState]] = {}
+        self.decoding = model.codec.streaming_decoder
 
     def _engine(self, variant: str):
         if variant not in self.engines:
             main, resynth = self.model.networks(variant)
             engine = Engine(main, resynth, self.model.quantizer, self.max_sessions, main_context=self.context,
                             resynth_context=self.context, out_channels=(0,), record_tokens=1 << 16)
-            self.engines[variant] = (engine, self.model.codec.decoder_state(self.max_sessions))
+            self.engines[variant] = (engine, self.decoding.new_state(self.max_sessions))
         return self.engines[variant]
 
     def prepare(self, audio: AudioSource, sample_rate: int | None, options, history=None) -> Reply:
@@ -79,10 +78,8 @@ class ReplyStepper:
         job.prompt_latents = z
         nxt = engine.advance([job.slot], z)
         rows = torch.tensor([job.slot.row], device=engine.device)
-        decoder.reset(rows)
-        part = decoder.take(rows)
-        self.model.codec.decode(z[:, -self.model.codec.decoder_context():], part)  # left context only
-        decoder.put(rows, part)
+        self.decoding.reset(decoder, rows=rows)
+        self.decoding.step(decoder, z[:, -self.model.codec.decoder_context():], rows=rows)  # left context only
         self._emit(job.variant, [job], nxt)
 
     @torch.inference_mode()
@@ -97,9 +94,7 @@ class ReplyStepper:
     def _emit(self, variant: str, jobs: list[Reply], nxt: torch.Tensor) -> None:
         engine, decoder = self._engine(variant)
         rows = torch.tensor([j.slot.row for j in jobs], device=engine.device)
-        part = decoder.take(rows)
-        audio = self.model.codec.decode(nxt, part)[:, 0]
-        decoder.put(rows, part)
+        audio = self.decoding.step(decoder, nxt, rows=rows)[:, 0]
         out = audio.float().clamp(-1, 1).cpu().numpy()
         for job, z, a in zip(jobs, nxt[:, 0], out):
             if job.error is not None:  # its draw failed in this step: this frame is not its output
