@@ -104,7 +104,7 @@ class Timer:
 
 
 def run_stream(decoder: AudioDecoder, timer: Timer, tokens, sizes, mode: str, progress) -> dict:
-    stream = decoder.stream(mode)
+    stream = decoder.new_state(mode)
     committed = []
     if isinstance(stream, SeamlessStream):  # record the mel it commits (for the mel SNR)
         push = stream.vocoder.push

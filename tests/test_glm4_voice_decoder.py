@@ -201,7 +201,7 @@ def test_reference_stream_equals_the_reference_float64(decoder64, sizes):
     expected = REFERENCE["float64"]["stream " + ",".join(map(str, sizes))]
     tokens = REFERENCE["tokens"]
     assert [len(b) for b in schedule(len(tokens), sizes)] == expected["blocks"]
-    stream = decoder64.stream("reference")
+    stream = decoder64.new_state("reference")
     chunks = run_stream(stream, tokens, sizes)
     for audio, mel, chunk in zip(chunks, stream.returned_mels, expected["chunks"]):
         check_audio(audio, chunk["audio"], 1e-6, REFERENCE["stride"])
@@ -213,14 +213,14 @@ def test_reference_stream_equals_the_reference_float64(decoder64, sizes):
 
 
 def test_reference_stream_finish_without_a_last_block_returns_the_held_back_tail(decoder32):
-    stream = decoder32.stream("reference")
+    stream = decoder32.new_state("reference")
     first = stream.push(list(range(25)))
     tail = stream.finish()
     assert len(first) == (172 - 34) * 256 - 256 and len(tail) == (34 + 1) * 256
     with pytest.raises(RuntimeError, match="finished"):
         stream.push([1])
     with pytest.raises(ValueError, match="too short for the reference stream"):  # it would crash there
-        decoder32.stream("reference").push([1, 2, 3])
+        decoder32.new_state("reference").push([1, 2, 3])
 
 
 # -- randomness ---------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_decoding_never_touches_the_global_rng(decoder32):
     state = torch.random.get_rng_state()
     first = decoder32.one_pass(tokens)
     for mode in ("reference", "seamless"):
-        run_stream(decoder32.stream(mode), tokens, LOW_LATENCY_BLOCKS)
+        run_stream(decoder32.new_state(mode), tokens, LOW_LATENCY_BLOCKS)
     assert torch.equal(state, torch.random.get_rng_state())
     torch.manual_seed(7)  # and the output does not depend on it
     assert np.array_equal(decoder32.one_pass(tokens), first)
@@ -257,7 +257,7 @@ def record_mel(stream: SeamlessStream) -> list[torch.Tensor]:
 @pytest.mark.parametrize("sizes", [REFERENCE_BLOCKS, LOW_LATENCY_BLOCKS])
 def test_seamless_stream_has_every_sample_and_seamless_vocoding(decoder64, sizes):
     tokens = list(np.random.default_rng(5).integers(0, 16384, 140))
-    stream = decoder64.stream()
+    stream = decoder64.new_state()
     committed = record_mel(stream)
     chunks = run_stream(stream, tokens, sizes)
     audio = np.concatenate(chunks)
@@ -276,17 +276,17 @@ def test_seamless_stream_has_every_sample_and_seamless_vocoding(decoder64, sizes
 
 def test_seamless_stream_takes_any_block_sizes(decoder32):
     tokens = list(np.random.default_rng(7).integers(0, 16384, 12))  # each push is a flow call: keep it short
-    stream = decoder32.stream()
+    stream = decoder32.new_state()
     chunks = [stream.push(tokens[:1]), stream.push([]), stream.push(tokens[1:3]), stream.push([tokens[3]]),
               stream.push(tokens[4:11])]
     chunks.append(stream.finish(tokens[11:]))
     assert sum(map(len, chunks)) == decoder32.num_samples(12)
-    assert len(decoder32.stream().finish()) == 0
+    assert len(decoder32.new_state().finish()) == 0
 
 
 def test_seamless_single_block_equals_the_one_pass_with_stream_randomness(decoder64):
     tokens = list(np.random.default_rng(6).integers(0, 16384, 50))
-    streamed = decoder64.stream().finish(tokens)
+    streamed = decoder64.new_state().finish(tokens)
     one_pass = decoder64.one_pass(tokens, randomness="stream")
     assert snr(streamed, one_pass) > 100
 
@@ -304,7 +304,7 @@ def test_vocoder_chunks_equal_one_pass_given_enough_context(decoder64):
 
 
 def test_seamless_cost_per_block_is_bounded(decoder32):
-    stream = decoder32.stream(context_tokens=20)
+    stream = decoder32.new_state(context_tokens=20)
     windows = []
     flow_forward = decoder32.flow.forward
 

@@ -59,16 +59,12 @@ def test_streamed_audio_is_the_decoders_stream_of_the_reply_blocks(model, questi
     """The reply hands the decoder its audio ids in the schedule's blocks (10, 25, 50, ...; the rest
     at the end), and its audio is exactly that stream's output: as long as a one-pass decode."""
     calls = []
-    real_stream = model.decoder.stream
 
-    def recording_stream(mode):
-        stream = real_stream(mode)
-        for name in ("push", "finish"):
-            method = getattr(stream, name)
-            setattr(stream, name, lambda ids, method=method, name=name: calls.append((name, list(ids))) or method(ids))
-        return stream
+    def recording(kind, method):  # the reply streams through zoo.core.streaming: step, then finish
+        return lambda state, ids, **rows: calls.append((kind, list(ids))) or method(state, ids, **rows)
 
-    monkeypatch.setattr(model.decoder, "stream", recording_stream)
+    monkeypatch.setattr(model.decoder, "step", recording("push", model.decoder.step))
+    monkeypatch.setattr(model.decoder, "finish", recording("finish", model.decoder.finish))
     chunks, audio, _ = collect(model.respond(*question, {"max_new_tokens": 120, "temperature": 0}))
     monkeypatch.undo()
     ids = [int(t.split("|>")[0]) for t in chunks[-1].turn["assistant"].split("<|audio_")[1:]]
@@ -76,7 +72,7 @@ def test_streamed_audio_is_the_decoders_stream_of_the_reply_blocks(model, questi
     assert sum((block for _, block in calls), []) == ids
     pushed = [len(block) for kind, block in calls if kind == "push"]
     assert pushed == list(LOW_LATENCY_BLOCKS[: len(pushed)]) and len(calls[-1][1]) <= LOW_LATENCY_BLOCKS[len(pushed)]
-    replay = model.decoder.stream("seamless")
+    replay = model.decoder.new_state("seamless")
     expected = [getattr(replay, kind)(block) for kind, block in calls]
     np.testing.assert_allclose(audio, np.concatenate(expected), atol=1e-6)
     assert audio.size == model.decoder.one_pass(ids).size

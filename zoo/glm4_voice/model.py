@@ -112,7 +112,7 @@ class Reply:
         blocks = LOW_LATENCY_BLOCKS if options.stream_mode == "seamless" else REFERENCE_BLOCKS
         self.splitter = ReplySplitter(tokenizer.audio_offset, self.end_id, blocks)
         self.text = TextDeltas(tokenizer)
-        self.audio = model.decoder.stream(options.stream_mode)
+        self.audio = model.decoder.new_state(options.stream_mode)
         device = model.device
         self.generator = torch.Generator(device=device).manual_seed(options.seed)
         self.engine: SlotEngine | None = None  # set with the slot when a stepper starts the reply
@@ -149,7 +149,7 @@ class Reply:
         if self.generated >= self.options.max_new_tokens or out_of_room:
             self._finish(block if block is not None else self.splitter.finish())
         elif block is not None:
-            self._audio.append(self.audio.push(block))
+            self._audio.append(self.model.decoder.step(self.audio, block))
 
     def _skip(self, token: int) -> None:
         """An id the LLM can emit but the vocabulary lacks: not text, not audio, left out of the
@@ -161,7 +161,7 @@ class Reply:
 
     def _finish(self, last_block: list[int] | None) -> None:
         self._text.append(self.text.finish())
-        self._audio.append(self.audio.finish(last_block or []))
+        self._audio.append(self.model.decoder.finish(self.audio, last_block or []))
         completion = self.model.tokenizer.decode(self.splitter.completion_ids)
         self._final_turn = dict(self.turn, assistant=completion)
         self.done = True
@@ -288,8 +288,7 @@ class GlmVoice(VoiceModel):
             engine.step([slot], torch.tensor([reply.prompt_ids[-1]]))
 
         def first_decoder_block() -> None:
-            stream = self.decoder.stream("seamless")
-            stream.push(first_block)
+            self.decoder.step(self.decoder.new_state("seamless"), first_block)
 
         return {Stage.ENCODE: lambda: self.speech_tokenizer(wav), Stage.PREFILL: prefill,
                 Stage.DECODE_STEP: decode_step, Stage.FIRST_AUDIO: first_decoder_block}

@@ -10,14 +10,27 @@ last input samples each causal convolution needs (and the last input of each tra
 convolution). Feeding audio frame by frame (multiples of 2000 samples) or latents one by one
 through a state gives the same numbers as one pass over the whole sequence, at a bounded cost per
 frame. One pass is simply a fresh state.
+
+Both halves speak zoo.core.streaming, batched over session rows: ``codec.streaming_encoder``
+(audio (B, 1, 2000 k) -> posterior mean and log-variance (B, k, 32)) and
+``codec.streaming_decoder`` (latents (B, k, 32) -> audio (B, 1, 2000 k)):
+
+    state = codec.streaming_decoder.new_state(slots)                # one row per session slot
+    audio = codec.streaming_decoder.step(state, latents, rows=ids)  # those sessions' next audio
+    codec.streaming_decoder.reset(state, rows=ids)                  # slots handed to new sessions
+
+Nothing is ever held back (every layer is causal), so ``finish`` only decodes its last piece.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..core.streaming import StreamingModule, StreamingState
 
 SAMPLE_RATE = 16000
 STRIDES = (2, 2, 4, 5, 5, 5)  # encoder order; the decoder runs them reversed
@@ -49,7 +62,7 @@ class CodecConfig:
         return [c * self.decode_multiplier for c in reversed(self.encoder_channels())]
 
 
-class StreamState:
+class StreamState(StreamingState):
     """Streaming state of one codec half for a batch of rows: for every causal convolution the
     last ``(kernel - 1) * dilation`` input samples, for every transposed convolution its last
     input sample, and which rows are fresh (no audio yet: a transposed convolution then repeats
@@ -75,7 +88,8 @@ class StreamState:
             self.buffers[k][rows] = v
         self.fresh[rows] = part.fresh
 
-    def reset(self, rows: torch.Tensor) -> None:
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        rows = slice(None) if rows is None else rows
         for v in self.buffers.values():
             v[rows] = 0
         self.fresh[rows] = True
@@ -251,6 +265,14 @@ class WaveCodec(nn.Module):
             state.fresh[:] = False
         return audio
 
+    @property
+    def streaming_encoder(self) -> StreamingEncoder:
+        return StreamingEncoder(self)
+
+    @property
+    def streaming_decoder(self) -> StreamingDecoder:
+        return StreamingDecoder(self)
+
     def encoder_state(self, rows: int, dtype=None, device=None) -> StreamState:
         weight = self.compressor.proj_in.weight
         return StreamState.zeros(self.encoder, rows, dtype or weight.dtype, device or weight.device)
@@ -263,10 +285,66 @@ class WaveCodec(nn.Module):
         """Latents of left context that can affect a decoded frame (the decoder's receptive
         field, rounded up): decoding the last ``decoder_context()`` latents of a sequence from a
         fresh state leaves the same state as decoding the whole sequence."""
-        return _receptive_latents(self.config, "decoder")
+        return _decoder_receptive_latents(self.config)
 
-    def encoder_context(self) -> int:
-        return _receptive_latents(self.config, "encoder")
+
+class _StreamingHalf(StreamingModule[StreamState, torch.Tensor, object]):
+    """One codec half as a batched streaming module (the module docstring): a call on ``rows``
+    takes those rows' state out, runs them as one batch and puts it back."""
+
+    def __init__(self, codec: WaveCodec) -> None:
+        self.codec = codec
+
+    def step(self, state: StreamState, piece: torch.Tensor, *, rows: torch.Tensor | None = None):
+        if rows is None:
+            return self._run(piece, state)
+        part = state.take(rows)
+        out = self._run(piece, part)
+        state.put(rows, part)
+        return out
+
+    def finish(self, state: StreamState, piece: torch.Tensor | None = None, *, rows: torch.Tensor | None = None):
+        batch = state.fresh.numel() if rows is None else rows.numel()
+        out = self._empty(batch) if piece is None else self.step(state, piece, rows=rows)
+        state.reset(rows)
+        return out
+
+    def _run(self, piece: torch.Tensor, state: StreamState):
+        raise NotImplementedError
+
+    def _empty(self, batch: int):
+        raise NotImplementedError
+
+    def _like(self, *shape: int) -> torch.Tensor:
+        weight = self.codec.compressor.proj_in.weight
+        return weight.new_zeros(shape)
+
+
+class StreamingEncoder(_StreamingHalf):
+    """audio (B, 1, 2000 k) -> (mean, log-variance), each (B, k, latent)."""
+
+    def new_state(self, batch: int = 1, dtype=None, device=None) -> StreamState:
+        return self.codec.encoder_state(batch, dtype, device)
+
+    def _run(self, piece: torch.Tensor, state: StreamState):
+        return self.codec.posterior(piece, state)
+
+    def _empty(self, batch: int):
+        latent = self.codec.config.latent_dim
+        return self._like(batch, 0, latent), self._like(batch, 0, latent)
+
+
+class StreamingDecoder(_StreamingHalf):
+    """latents (B, k, latent) -> audio (B, 1, 2000 k)."""
+
+    def new_state(self, batch: int = 1, dtype=None, device=None) -> StreamState:
+        return self.codec.decoder_state(batch, dtype, device)
+
+    def _run(self, piece: torch.Tensor, state: StreamState):
+        return self.codec.decode(piece, state)
+
+    def _empty(self, batch: int):
+        return self._like(batch, 1, 0)
 
 
 def sample_posterior(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -275,23 +353,15 @@ def sample_posterior(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Ge
     return mu + eps * torch.exp(logvar / 2)
 
 
-def _receptive_latents(c: CodecConfig, half: str) -> int:
-    """Sum over layers of (left context in samples at that layer's rate) / (samples per latent
-    at that rate), plus one latent for alignment within a frame, rounded up."""
+def _decoder_receptive_latents(c: CodecConfig) -> int:
+    """Sum over the decoder's layers of (left context in samples at that layer's rate) / (samples
+    per latent at that rate), plus one latent for alignment within a frame, rounded up."""
     reach = (c.kernel_size - 1) * sum(DILATIONS)  # three res units
     total = 0.0
-    if half == "encoder":
-        rate = 1  # samples per input sample, going up the stack
-        total += (c.kernel_size - 1) / FRAME
-        for s in STRIDES:
-            total += reach * rate / FRAME + (2 * s - 1) * rate / FRAME
-            rate *= s
-    else:
-        per_latent = 1  # samples per latent at each layer's input
-        for s in reversed(STRIDES):
-            total += 1 / per_latent  # a transposed conv's previous input (upsampling has none)
-            per_latent *= s
-            total += reach / per_latent
-        total += (c.kernel_size - 1) / per_latent
+    per_latent = 1  # samples per latent at each layer's input
+    for s in reversed(STRIDES):
+        total += 1 / per_latent  # a transposed conv's previous input (upsampling has none)
+        per_latent *= s
+        total += reach / per_latent
+    total += (c.kernel_size - 1) / per_latent
     return math.ceil(total) + 1
-

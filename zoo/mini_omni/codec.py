@@ -1,5 +1,15 @@
 """SNAC 24 kHz, the codec Mini-Omni speaks through: loading the published files, the mapping from
-the LLM's 7-token frames to SNAC's three codebooks, and seam-free streaming decode."""
+the LLM's 7-token frames to SNAC's three codebooks, and seam-free streaming decode.
+
+``Codec`` streams through zoo.core.streaming, one reply per state (an ``AudioStreamer``):
+
+    state = codec.new_state(stride=4, lookahead=3, mode="seamless", seed=0, noise=True)
+    audio = codec.step(state, frames)     # np.float32: the chunks these 7-token frames complete
+    audio = codec.finish(state)           # the tail ("seamless"); the state is then fresh
+
+Batched serving decodes the due windows of many replies in one call instead
+(``AudioStreamer.plan`` + ``Codec.decode_windows``), with the same numbers.
+"""
 from __future__ import annotations
 
 import contextvars
@@ -7,6 +17,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -14,6 +25,7 @@ from snac import SNAC
 from snac.layers import NoiseBlock
 from torch import nn
 
+from ..core.streaming import StreamingModule, StreamingState, one_row_only
 from .tokens import AUDIO_LAYERS, AUDIO_VOCAB
 
 CODEC_FILES = ("config.json", "pytorch_model.bin")
@@ -140,7 +152,7 @@ class Window:
     noise: bool = True
 
 
-class Codec:
+class Codec(StreamingModule["AudioStreamer", Sequence[Sequence[int]], np.ndarray]):
     def __init__(self, snac: SNAC) -> None:
         self.snac = snac
         self.samples_per_frame = int(snac.hop_length) * int(snac.vq_strides[0])
@@ -174,10 +186,38 @@ class Codec:
                 out[i] = audio[row][windows[i].keep]
         return out
 
+    # -- zoo.core.streaming: 7-token frames -> np.float32 audio ----------------------------------
+    def new_state(self, stride: int, lookahead: int, mode: str, seed: int, noise: bool,
+                  first_chunk: int | None = None) -> AudioStreamer:
+        """A fresh reply's stream (the arguments are AudioStreamer's)."""
+        return AudioStreamer(self, stride, lookahead, mode, seed, noise, first_chunk)
 
-class AudioStreamer:
-    """Turns a growing list of frames into audio chunks: the first of ``first_chunk`` frames (so
-    audio starts as soon as the delay pattern allows), then ``stride`` frames each.
+    def step(self, state: AudioStreamer, piece: Sequence[Sequence[int]], *, rows=None) -> np.ndarray:
+        """Take frames; returns the audio of the chunks they complete (may be empty)."""
+        one_row_only(rows, "the SNAC codec")
+        for frame in piece:
+            state.push(frame)
+        return _joined(state.ready())
+
+    def finish(self, state: AudioStreamer, piece: Sequence[Sequence[int]] | None = None, *,
+               rows=None) -> np.ndarray:
+        """Take the last frames; returns the rest of the audio. The state is then fresh."""
+        one_row_only(rows, "the SNAC codec")
+        for frame in piece or ():
+            state.push(frame)
+        audio = _joined(state.finish())
+        state.reset()
+        return audio
+
+
+def _joined(chunks: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+
+class AudioStreamer(StreamingState):
+    """The state of one reply's audio stream (``Codec.new_state``): turns a growing list of frames
+    into audio chunks: the first of ``first_chunk`` frames (so audio starts as soon as the delay
+    pattern allows), then ``stride`` frames each.
 
     mode "seamless" (default): each chunk is decoded with ``CONTEXT_FRAMES`` of left context and
     ``lookahead`` frames of right context, keeping only its own samples; ``finish`` flushes the
@@ -186,7 +226,7 @@ class AudioStreamer:
     and the last (frames mod stride) frames never sent; its first chunk is ``stride`` frames too.
 
     ``plan`` says which windows are due (so many sessions can be decoded in one batch);
-    ``ready``/``finish`` plan and decode in one go.
+    ``ready``/``finish`` plan and decode in one go, one array per chunk.
     """
 
     def __init__(self, codec: Codec, stride: int, lookahead: int, mode: str, seed: int, noise: bool,
@@ -197,6 +237,10 @@ class AudioStreamer:
         self.lookahead = lookahead if mode == "seamless" else 0
         self.first_chunk = first_chunk if (first_chunk and mode == "seamless") else stride
         self.seed, self.noise = seed, noise
+        self.reset()
+
+    def reset(self, rows=None) -> None:
+        one_row_only(rows, "an AudioStreamer")
         self.frames: list[list[int]] = []
         self.sent = 0  # frames already planned as audio
 

@@ -18,7 +18,7 @@ from ..core.errors import OptionsError, WeightsNotFound
 from ..core.scheduler import OneSlotSteppers, isolate
 from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from . import whisper
-from .codec import CODEC_FILES, AudioStreamer, Codec, Window, load_snac
+from .codec import CODEC_FILES, Codec, Window, load_snac
 from .config import GPTConfig
 from .engine import Engine, Session
 from .gpt import GPT
@@ -117,8 +117,8 @@ class Reply:
     def __init__(self, session: Session, tokenizer: Tokenizer, codec: Codec, options: MiniOmniOptions) -> None:
         self.session = session
         self.text = TextStream(tokenizer)
-        self.audio = AudioStreamer(
-            codec, options.stream_stride, options.lookahead, options.stream_mode, options.seed, options.codec_noise,
+        self.audio = codec.new_state(
+            options.stream_stride, options.lookahead, options.stream_mode, options.seed, options.codec_noise,
             first_chunk=options.first_chunk_frames,
         )
         self.read = 0

@@ -1,0 +1,67 @@
+"""One streaming vocabulary for the audio codecs and decoders of every model.
+
+A streaming module turns a sequence that arrives piece by piece (codec frames, speech tokens,
+latents, audio frames) into its output piece by piece. What it must remember between pieces lives
+in a state object that the module makes, never in the module itself, so one module (its weights)
+serves any number of streams at once:
+
+    state = module.new_state(...)      # a fresh stream; the arguments are the module's own
+    y = module.step(state, x)          # the output that piece x makes final (may be empty)
+    y = module.finish(state, x)        # x (optional) is the last piece: all output still held back
+    module.reset(state)                # the state is fresh again
+
+The outputs of ``step`` and ``finish`` concatenated are the module's one-pass result over the
+whole sequence, exactly or as the module documents (a decoder with bounded context is close, not
+equal). ``finish`` leaves the state fresh, as ``reset`` does, so the same pieces streamed again
+give the same output again.
+
+A batched module decodes many sessions in one call: its state has one row per session and
+``rows`` (a LongTensor of row indices, keyword-only) says which rows a call is about:
+``step(state, x, rows=rows)`` advances those rows with x's batch (row i of x is session
+rows[i]), ``reset(state, rows=rows)`` restarts them for a new session, and the other rows stay as
+they are. Without ``rows`` a call is about every row (``x`` has the state's batch size).
+
+What stays each module's own: the arguments of ``new_state`` (windows of context, a reference's
+block schedule, seeds of its noise) and the types of its pieces and outputs.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Generic, TypeVar
+
+import torch
+
+State = TypeVar("State", bound="StreamingState")
+Piece = TypeVar("Piece")
+Output = TypeVar("Output")
+
+
+class StreamingState(ABC):
+    """What a stream remembers between pieces. ``reset()`` makes it fresh (all rows, or ``rows``
+    of a batched state)."""
+
+    @abstractmethod
+    def reset(self, rows: torch.Tensor | None = None) -> None: ...
+
+
+class StreamingModule(ABC, Generic[State, Piece, Output]):
+    """A module that streams: ``new_state`` / ``step`` / ``finish`` / ``reset`` (module docstring)."""
+
+    @abstractmethod
+    def new_state(self, *args, **kwargs) -> State: ...
+
+    @abstractmethod
+    def step(self, state: State, piece: Piece, *, rows: torch.Tensor | None = None) -> Output: ...
+
+    @abstractmethod
+    def finish(self, state: State, piece: Piece | None = None, *, rows: torch.Tensor | None = None) -> Output: ...
+
+    def reset(self, state: State, *, rows: torch.Tensor | None = None) -> None:
+        state.reset(rows)
+
+
+def one_row_only(rows: torch.Tensor | None, module: str) -> None:
+    """For modules whose states are one stream each: refuse ``rows`` (a caller expecting a
+    batched state would otherwise stream into the wrong session)."""
+    if rows is not None:
+        raise TypeError(f"{module} streams one sequence per state; it takes no rows")

@@ -1,0 +1,241 @@
+"""Hertz-dev's full duplex: sessions stepping 125 ms frames over one set of caches.
+
+Batched serving (for server.py):
+
+    stepper = model.duplex_stepper(max_sessions=8)           # one set of caches for 8 sessions
+    a = stepper.open(options, prompt=None)                    # DuplexHandle (a session slot)
+    b = stepper.open(options)
+    outs = stepper.step([a, b], [frame_a, frame_b])           # one batched forward for both: per
+                                                              #   handle a (2000,) float32 array, or
+                                                              #   the Exception that ended (and
+                                                              #   closed) that session alone
+    stepper.close(a)                                          # frees the slot at once
+
+``step`` runs codec encode, main model, resynthesizer and codec decode for every handle given in
+one batched call each; handles join (``open``) and leave (``close``) between steps; any subset of
+the open handles may step together. A stepper is not thread-safe: call it from one worker thread.
+``model.duplex()`` is a one-slot stepper. ``model.stepper(max_sessions)`` is the same for
+``respond()`` (zoo.core.scheduler protocol). Memory: the KV caches take 2 GiB per session slot in
+bfloat16 at the default contexts (``main_context`` x 0.5 MiB + ``resynth_context`` x 128 KiB);
+smaller contexts cost proportionally less (``stepper.nbytes()`` says what is held). Per step, only
+the model channel's output head and resynthesizer path are computed: the reference also predicts
+the user's channel and throws it away (so its random draws differ from ours; the deterministic
+mode is identical). Measured on an H200, bfloat16, random full-size weights: a step takes about
+35 ms for 1 session, 42 ms for 8, 64 ms for 32 (real time is 125 ms); a context slide adds ~75 ms
+once per 512 steps for that session.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..core.audio import AudioSource, read_audio, resample
+from ..core.errors import AudioInputError, AudioTooLong
+from ..core.scheduler import isolate
+from ..core.types import Chunk, Options
+from .codec import FRAME, SAMPLE_RATE, sample_posterior
+from .engine import Engine, Slot
+from .options import HertzOptions
+from .transformer import MAIN_CONTEXT, RESYNTH_CONTEXT
+
+
+@dataclass
+class DuplexHandle:
+    """One duplex session's slot in a DuplexStepper."""
+
+    slot: Slot
+    owner: int = 0  # id() of the stepper that opened it
+    steps: int = 0
+    closed: bool = False
+    model_latents: list[torch.Tensor] = field(default_factory=list)  # last few, for inspection
+
+    @property
+    def options(self) -> Options:
+        return self.slot.options
+
+
+class DuplexStepper:
+    """Duplex sessions over one set of caches: ``open`` / ``step(handles, frames)`` / ``close``.
+    Per slot: main-model and resynthesizer KV rows, a streaming encoder state per channel, a
+    streaming decoder state, the model's previous output frame and a generator. ``model``: the
+    HertzDev whose networks it runs."""
+
+    def __init__(self, model, max_sessions: int, *, main_context: int = MAIN_CONTEXT,
+                 resynth_context: int = RESYNTH_CONTEXT, keep: float = 0.75) -> None:
+        main, resynth = model.networks("split")
+        self.model, self.codec = model, model.codec
+        self.engine = Engine(main, resynth, model.quantizer, max_sessions, main_context=main_context,
+                             resynth_context=resynth_context, out_channels=(1,), keep=keep, record_tokens=8)
+        self.device, self.dtype = self.engine.device, self.engine.dtype
+        self.encoding, self.decoding = self.codec.streaming_encoder, self.codec.streaming_decoder
+        self.encoders = self.encoding.new_state(2 * max_sessions)  # row 2r: user, 2r + 1: model
+        self.decoders = self.decoding.new_state(max_sessions)
+        self.previous = torch.zeros(max_sessions, FRAME, dtype=self.dtype, device=self.device)
+        self.max_sessions = max_sessions
+
+    def nbytes(self) -> int:
+        """Device memory held for all slots (KV caches, histories excluded)."""
+        return self.engine.nbytes() + self.encoders.nbytes() + self.decoders.nbytes()
+
+    def open(self, options: HertzOptions | Mapping[str, Any] | None = None, prompt: AudioSource | None = None,
+             sample_rate: int | None = None) -> DuplexHandle:
+        opts = self.model.options(options)
+        prompt_audio = None if prompt is None else \
+            read_duplex_prompt(prompt, sample_rate, self.model.card.max_input_seconds)
+        if prompt_audio is not None and prompt_audio.shape[-1] // FRAME > self.engine.main_context:
+            raise AudioInputError(f"the prompt is longer than the {self.engine.main_context}-frame context")
+        handle = DuplexHandle(self.engine.open(opts), owner=id(self))
+        rows = torch.tensor([handle.slot.row], device=self.device)
+        self.encoding.reset(self.encoders, rows=torch.stack([2 * rows, 2 * rows + 1]).T.reshape(-1))
+        self.decoding.reset(self.decoders, rows=rows)
+        self.previous[rows] = 0
+        if prompt_audio is not None:
+            try:
+                self._prefill(handle, prompt_audio)
+                if handle.slot.error is not None:  # its own draws failed on the prompt
+                    raise handle.slot.error
+            except BaseException:
+                self.close(handle)
+                raise
+        return handle
+
+    @torch.inference_mode()
+    def _prefill(self, handle: DuplexHandle, audio: np.ndarray) -> None:
+        """The reference server's prompt: both channels encoded, prefilled; the model's first
+        latent is decoded (fresh decoder, as the reference) and becomes its next input frame."""
+        rows = torch.tensor([handle.slot.row], device=self.device)
+        x = torch.from_numpy(audio).to(self.device, self.dtype)[:, None]  # (2, 1, N)
+        latents = self._encode([handle], rows, x)  # (1, P, 64)
+        nxt = self.engine.advance([handle.slot], latents)
+        self._decode(rows, nxt)
+
+    def _encode(self, handles: list[DuplexHandle], rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x (2B, 1, N) rows (user, model) per slot -> latents (B, N / 2000, 64)."""
+        enc_rows = torch.stack([2 * rows, 2 * rows + 1]).T.reshape(-1)
+        mu, logvar = self.encoding.step(self.encoders, x, rows=enc_rows)
+        z = []
+        for i, h in enumerate(handles):
+            m, lv = mu[2 * i : 2 * i + 2], logvar[2 * i : 2 * i + 2]
+            latent = m  # also the placeholder of a session whose draw fails
+            if not h.slot.deterministic:
+                with isolate(h.slot):
+                    latent = sample_posterior(m, lv, h.slot.generator)
+            z.append(latent)
+        z = torch.stack(z)  # (B, 2, T, 32)
+        return torch.cat([z[:, 0], z[:, 1]], dim=-1)
+
+    def _decode(self, rows: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        audio = self.decoding.step(self.decoders, nxt, rows=rows)[:, 0]  # (B, 2000)
+        self.previous[rows] = audio
+        return audio
+
+    @torch.inference_mode()
+    def step(self, handles: Sequence[DuplexHandle], frames: Sequence[Any]) -> list[np.ndarray | Exception]:
+        """One 125 ms step for every handle: its user frame in, the model's next frame out, or the
+        Exception that ended that session (a bad frame, its own sampling failed): its handle is
+        closed and the others' frames are what they would be without it. Calling it wrongly
+        (closed or foreign handles) or a failure of the batched networks raises for all."""
+        if len(handles) != len(frames):
+            raise ValueError(f"{len(handles)} sessions but {len(frames)} frames")
+        if any(h.closed for h in handles):
+            raise RuntimeError("a closed duplex session cannot step")
+        if any(h.owner != id(self) for h in handles) or len({h.slot.row for h in handles}) != len(handles):
+            raise ValueError("every handle must be a distinct session opened by this stepper")
+        if not handles:
+            return []
+        user_frames = []
+        for h, f in zip(handles, frames):
+            frame = np.zeros(FRAME, np.float32)  # the placeholder of a refused frame
+            with isolate(h.slot):
+                frame = user_frame(f)
+            user_frames.append(frame)
+        user = torch.from_numpy(np.stack(user_frames)).to(self.device, self.dtype)
+        rows = torch.tensor([h.slot.row for h in handles], device=self.device)
+        x = torch.stack([user, self.previous[rows]], dim=1).reshape(-1, 1, FRAME)
+        latents = self._encode(list(handles), rows, x)
+        nxt = self.engine.advance([h.slot for h in handles], latents)  # (B, 1, 32)
+        audio = self._decode(rows, nxt)
+        outputs: list[np.ndarray | Exception] = []
+        for h, z, frame in zip(handles, nxt[:, 0], audio.float().clamp(-1, 1).cpu().numpy()):
+            if h.slot.error is not None:
+                self.close(h)
+                outputs.append(h.slot.error)
+                continue
+            h.steps += 1
+            h.model_latents.append(z)
+            del h.model_latents[:-8]
+            outputs.append(frame)
+        return outputs
+
+    def close(self, handle: DuplexHandle) -> None:
+        if not handle.closed:
+            self.engine.close(handle.slot)
+            handle.closed = True
+
+
+class DuplexSession:
+    """``model.duplex()``: one session on a one-slot DuplexStepper of its own."""
+
+    def __init__(self, stepper: DuplexStepper, handle: DuplexHandle) -> None:
+        self.stepper, self.handle = stepper, handle
+
+    @property
+    def steps(self) -> int:
+        return self.handle.steps
+
+    def step(self, frame: np.ndarray) -> Chunk:
+        """A refused frame raises and the session goes on; any other failure ends it."""
+        (out,) = self.stepper.step([self.handle], [user_frame(frame)])
+        if isinstance(out, Exception):
+            raise out
+        return Chunk(audio=out)
+
+    def close(self) -> None:
+        self.stepper.close(self.handle)
+
+    def __enter__(self) -> "DuplexSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def user_frame(frame: Any) -> np.ndarray:
+    """One duplex input frame -> (2000,) float32; int PCM is scaled, anything else is refused."""
+    array = np.asarray(frame)
+    if array.dtype.kind == "i":
+        array = array.astype(np.float32) / float(np.iinfo(array.dtype).max + 1)
+    elif array.dtype.kind != "f":
+        raise AudioInputError(f"a duplex frame must hold numbers, got dtype {array.dtype}")
+    array = array.astype(np.float32, copy=False).reshape(-1)
+    if array.size != FRAME:
+        raise AudioInputError(f"a duplex frame is {FRAME} samples at {SAMPLE_RATE} Hz, got {array.size}")
+    if not np.all(np.isfinite(array)):
+        raise AudioInputError("the frame contains NaN or infinite samples")
+    return array
+
+
+def read_duplex_prompt(prompt: AudioSource, sample_rate: int | None, max_seconds: float) -> np.ndarray:
+    """A prompt -> (2, N) float32 at 16 kHz, whole frames (the end trimmed, as the
+    reference server); stereo is (user, model), mono is used for both."""
+    data, rate = read_audio(prompt, sample_rate, max_seconds=max_seconds)
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim == 1:
+        data = np.stack([data, data])
+    elif data.ndim == 2:
+        data = data.T if data.shape[0] > data.shape[1] else data
+        data = np.stack([data[0], data[-1]])
+    else:
+        raise AudioInputError(f"a prompt must be 1-D or 2-D audio, got shape {data.shape}")
+    if not np.all(np.isfinite(data)):
+        raise AudioInputError("the prompt contains NaN or infinite samples")
+    if data.shape[1] / rate > max_seconds:  # an array given as (channels, samples)
+        raise AudioTooLong(f"the prompt is {data.shape[1] / rate:.1f} s; at most {max_seconds:g} s")
+    data = np.stack([resample(channel, rate, SAMPLE_RATE) for channel in data])
+    frames = data.shape[1] // FRAME
+    if frames < 1:
+        raise AudioInputError(f"a prompt needs at least one frame ({FRAME} samples at {SAMPLE_RATE} Hz)")
+    return np.ascontiguousarray(data[:, : frames * FRAME])
