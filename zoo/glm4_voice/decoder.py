@@ -140,7 +140,6 @@ class AudioDecoder(StreamingModule[DecoderStream, Sequence[int], np.ndarray]):
             return SeamlessStream(self, seed, replace(SeamlessOptions(), **options))
         raise ValueError(f"mode must be 'seamless' or 'reference', not {mode!r}")
 
-
     def step(self, state: DecoderStream, piece: Sequence[int], *, rows=None) -> np.ndarray:
         """Decode a block; returns the samples it makes final (may be empty)."""
         one_row_only(rows, "the GLM-4-Voice decoder")
