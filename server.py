@@ -48,11 +48,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import zoo
 from serving.duplex import DataUrlWire, DuplexSettings, DuplexSocket, Wire, load_prompt
-from serving.errors import ReplyAborted, error_response, report_failure
+from serving.errors import ApiError, GenerationFailed, ReplyAborted, error_response, report_failure
 from serving.http_input import READ_TIMEOUT_S, decode_audio_field, read_json
 from serving.realtime import IDLE_TIMEOUT_S, MAX_WS_MESSAGE_BYTES, RealtimeSession
 from serving.security import MAX_CONNECTIONS, AccessSettings, Guard, OpenSockets
-from serving.service import ApiError, GenerationFailed, Service
+from serving.service import Service
 from serving.transport import serve
 from zoo.core.audio import to_pcm16
 from zoo.core.cli import add_component_flags, chosen_model, component_values

@@ -83,8 +83,8 @@ from fastapi import WebSocket, WebSocketDisconnect
 import zoo
 from zoo.core.audio import read_audio, resample, to_pcm16
 
-from .errors import report_failure
-from .service import ApiError, Metrics
+from .errors import ApiError, report_failure
+from .metrics import Metrics
 
 log = logging.getLogger("omni-zoo.duplex")
 

@@ -40,9 +40,9 @@ from fastapi import WebSocket, WebSocketDisconnect
 from zoo.core.audio import resample, to_pcm16
 
 from . import realtime_schema as schema
-from .errors import report_failure
+from .errors import ApiError, GenerationFailed, report_failure
 from .realtime_schema import DEFAULT_TURN_DETECTION, WIRE_RATE, ProtocolError
-from .service import ApiError, GenerationFailed, Service
+from .service import Service
 from .vad import VAD_RATE, SpeechDetector
 
 MAX_WS_MESSAGE_BYTES = 16 * 1024 * 1024

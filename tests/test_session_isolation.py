@@ -200,7 +200,7 @@ def run_hub(model, options, frames, victim, close_victim_after=None):
     """Three duplex sessions stepped in lockstep through a DuplexHub: all three get frame k in
     the same tick. Returns what each connection got."""
     from serving.duplex import DuplexHub
-    from serving.service import Metrics
+    from serving.metrics import Metrics
 
     hub = DuplexHub(model, 3, Metrics(), warm_up=False)
     got = [[] for _ in options]
