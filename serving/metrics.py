@@ -31,3 +31,9 @@ class Metrics:
         self.duplex_frame_latency = Histogram("zoo_duplex_frame_latency_seconds",
                                               "duplex input frame received -> its answer sent", registry=r,
                                               buckets=(0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5))
+
+    def duplex_step(self, seconds: float, sessions: int, answered: int) -> None:
+        """One successful batched duplex step (DuplexScheduler's ``on_step``)."""
+        self.duplex_step_seconds.observe(seconds)
+        self.duplex_batch_size.observe(sessions)
+        self.duplex_frames.inc(answered)

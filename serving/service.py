@@ -10,14 +10,14 @@ from dataclasses import fields
 from typing import Any, AsyncIterator
 
 import zoo
-from zoo.core.scheduler import Busy, Scheduler
+from zoo.core.scheduler import Busy, DuplexScheduler, Scheduler
 
 from .errors import ApiError, GenerationFailed, report_failure
 from .metrics import Metrics
 
 
 class Service:
-    """``duplex_sessions``: slots of the full-duplex worker (serving/duplex.py), built only when
+    """``duplex_sessions``: slots of the full-duplex scheduler (zoo.core.scheduler), built only when
     the model's card says duplex (default: ``max_sessions``); ``duplex_prompt``: (audio, rate)
     that seeds every duplex session unless its client gives one."""
 
@@ -33,9 +33,9 @@ class Service:
         self.option_names = {f.name for f in fields(model.options_class)}
         self.duplex = None
         if model.card.duplex:
-            from .duplex import DuplexHub
-
-            self.duplex = DuplexHub(model, duplex_sessions or max_sessions, self.metrics, prompt=duplex_prompt)
+            slots = duplex_sessions or max_sessions
+            self.duplex = DuplexScheduler(model.duplex_stepper(slots), slots, model.card.frame_samples,
+                                          prompt=duplex_prompt, on_step=self.metrics.duplex_step)
 
     def close(self) -> None:
         if self.duplex is not None:
