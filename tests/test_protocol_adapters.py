@@ -6,10 +6,10 @@ import re
 
 import numpy as np
 import pytest
+from conftest import REPO
 from fastapi.testclient import TestClient
 
 import zoo
-from conftest import REPO
 
 FRAME = 4
 

@@ -61,15 +61,12 @@ from zoo.core.scheduler import Busy, DuplexScheduler, DuplexTicket
 from ..errors import ApiError, report_failure
 from ..metrics import Metrics
 
-log = logging.getLogger("omni-zoo.duplex")
-
 MAX_BACKLOG_FRAMES = 8  # frames received and not yet answered, per session (1 s of 125 ms frames)
 MAX_MESSAGE_FRAMES = 16  # audio messages over this many frames are refused
 MAX_CONFIG_BYTES = 8 * 1024 * 1024  # a session.update with a prompt (base64 audio file)
 IDLE_TIMEOUT_S = 60.0  # no client message (and nothing owed to it) for this long: closed
 
 
-# -- the WebSocket side -------------------------------------------------------------------------
 class Wire:
     """How audio travels on one route; this one is ``/v1/duplex``'s binary PCM16 LE."""
 
@@ -107,12 +104,6 @@ class DuplexSettings:
 
     max_backlog_frames: int = MAX_BACKLOG_FRAMES
     idle_timeout_s: float = IDLE_TIMEOUT_S
-
-
-def load_prompt(path: str) -> tuple[np.ndarray, int]:
-    """A prompt file -> (float32 audio (samples,) or (samples, channels), its rate)."""
-    audio, rate = read_audio(path)
-    return np.asarray(audio, np.float32), rate
 
 
 class DuplexSocket:

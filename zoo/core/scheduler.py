@@ -12,6 +12,14 @@ A model takes part in replies by returning a ``Stepper`` from ``model.stepper(ma
     job.poll() -> Chunk|None  # output produced since the last poll; job.done when finished
     stepper.release(job)      # free its slot (KV-cache rows)
 
+and in full-duplex sessions (cards that say duplex) by returning a ``DuplexStepper`` from
+``model.duplex_stepper(max_sessions)``:
+
+    handle = stepper.open(options, prompt=None, sample_rate=None)  # a slot (duplex worker thread)
+    stepper.step(handles, frames)  # one input frame per handle -> per handle its next output frame,
+                                   #   or the Exception that ended (and closed) that session alone
+    stepper.close(handle)          # free its slot
+
 Failures stay with their session. A stepper does each session's own share of a step (sampling
 with its options, routing its ids, decoding its text and audio) inside ``isolate(job)``: an
 exception there sets ``job.error`` and ``job.done`` and the step goes on for the others, which
