@@ -27,6 +27,8 @@ import soxr
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from zoo.core.audio import float_to_pcm16
+
 from loopback import ROOT, post_chat
 
 SAMPLES = sorted((ROOT / "demos" / "samples").glob("*.wav"))
@@ -79,7 +81,7 @@ def load_samples() -> list[Sample]:
     samples = []
     for path in SAMPLES:
         audio, rate = sf.read(path, dtype="float32")
-        pcm = (np.clip(soxr.resample(audio, rate, REALTIME_RATE), -1, 1) * 32767).astype("<i2").tobytes()
+        pcm = float_to_pcm16(soxr.resample(audio, rate, REALTIME_RATE), rounding="truncate").tobytes()
         step = int(REALTIME_RATE * REALTIME_CHUNK_S) * 2
         chunks = [base64.b64encode(pcm[i:i + step]).decode() for i in range(0, len(pcm), step)]
         samples.append(Sample(path.name, base64.b64encode(path.read_bytes()).decode(), chunks))

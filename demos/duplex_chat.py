@@ -20,6 +20,8 @@ from typing import AsyncIterator, Callable
 import numpy as np
 import websockets
 
+from zoo.core.audio import float_to_pcm16
+
 DEFAULT_URL = "ws://127.0.0.1:60808/v1/duplex"
 
 
@@ -96,7 +98,7 @@ def file_microphone(path: str, real_time: bool):
     async def microphone(session):
         mono = soxr.resample(audio.mean(axis=1), rate, session["sample_rate"]) if rate != session["sample_rate"] \
             else audio.mean(axis=1)
-        pcm = (np.clip(mono, -1, 1) * 32767).round().astype("<i2").tobytes()
+        pcm = float_to_pcm16(mono).tobytes()
         step = 2 * session["frame_samples"]
         pcm += bytes(-len(pcm) % step)
         start = time.monotonic()

@@ -1,1 +1,2 @@
-"""Protocol handlers used by server.py (kept apart so server.py stays a readable route list)."""
+"""The HTTP server of server.py: ``serving.app.create_app`` over a ``serving.service.Service``,
+its wire protocols in serving/protocols/."""

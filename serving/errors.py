@@ -41,3 +41,17 @@ class ReplyAborted(Exception):
     """A streamed HTTP reply failed after its first bytes (already logged and counted). Raised out
     of the response body so the server drops the connection without the final chunk: the client
     sees a truncated transfer, never a complete-looking reply."""
+
+
+class ApiError(Exception):
+    """A refusal with an HTTP status and a short machine-readable kind."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None, *,
+                 reported: bool = False) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
+        self.reported = reported  # already logged and counted (Service.refuse): not again
+
+
+class GenerationFailed(Exception):
+    """The model failed during a reply (already logged and counted by Service.stream)."""

@@ -10,7 +10,7 @@ import json
 
 from fastapi import Request
 
-from .service import ApiError
+from .errors import ApiError
 
 READ_TIMEOUT_S = 30.0
 

@@ -9,59 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from typing import Any, AsyncIterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-
 import zoo
-from zoo.core.scheduler import Busy, Scheduler
+from zoo.core.scheduler import Busy, DuplexScheduler, Scheduler
 
-from .errors import report_failure
-
-
-class ApiError(Exception):
-    """A refusal with an HTTP status and a short machine-readable kind."""
-
-    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None, *,
-                 reported: bool = False) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
-        self.reported = reported  # already logged and counted (Service.refuse): not again
-
-
-class GenerationFailed(Exception):
-    """The model failed during a reply (already logged and counted by Service.stream)."""
-
-
-class Metrics:
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
-        self.sessions_active = Gauge("zoo_sessions_active", "replies being generated or prepared", registry=r)
-        self.sessions_total = Counter("zoo_sessions_total", "replies accepted", registry=r)
-        self.ttfa = Histogram("zoo_ttfa_seconds", "request complete -> first audio", registry=r,
-                              buckets=(0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 30))
-        self.rtf = Histogram("zoo_rtf", "compute time / audio time per reply", registry=r,
-                             buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 5, 10))
-        self.errors = Counter("zoo_errors_total", "refused or failed requests, by kind", ["kind"], registry=r)
-        self.stopped = Counter("zoo_replies_stopped_total",
-                               "replies stopped before their end (client gone, cancel, barge-in)", registry=r)
-        # full-duplex sessions (serving/duplex.py)
-        self.duplex_sessions_active = Gauge("zoo_duplex_sessions_active", "duplex sessions connected", registry=r)
-        self.duplex_sessions_total = Counter("zoo_duplex_sessions_total", "duplex sessions accepted", registry=r)
-        self.duplex_step_seconds = Histogram("zoo_duplex_step_seconds", "one batched duplex step (all sessions in it)",
-                                             registry=r, buckets=(0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.125,
-                                                                  0.15, 0.2, 0.3, 0.5, 1, 2))
-        self.duplex_batch_size = Histogram("zoo_duplex_batch_size", "sessions stepped together per duplex step",
-                                           registry=r, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
-        self.duplex_frames = Counter("zoo_duplex_frames_total", "duplex input frames stepped", registry=r)
-        self.duplex_dropped = Counter("zoo_duplex_frames_dropped_total",
-                                      "duplex input frames dropped (client over its backlog)", registry=r)
-        self.duplex_frame_latency = Histogram("zoo_duplex_frame_latency_seconds",
-                                              "duplex input frame received -> its answer sent", registry=r,
-                                              buckets=(0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5))
+from .errors import ApiError, GenerationFailed, report_failure
+from .metrics import Metrics
 
 
 class Service:
-    """``duplex_sessions``: slots of the full-duplex worker (serving/duplex.py), built only when
+    """``duplex_sessions``: slots of the full-duplex scheduler (zoo.core.scheduler), built only when
     the model's card says duplex (default: ``max_sessions``); ``duplex_prompt``: (audio, rate)
     that seeds every duplex session unless its client gives one."""
 
@@ -77,9 +33,9 @@ class Service:
         self.option_names = {f.name for f in fields(model.options_class)}
         self.duplex = None
         if model.card.duplex:
-            from .duplex import DuplexHub
-
-            self.duplex = DuplexHub(model, duplex_sessions or max_sessions, self.metrics, prompt=duplex_prompt)
+            slots = duplex_sessions or max_sessions
+            self.duplex = DuplexScheduler(model.duplex_stepper(slots), slots, model.card.frame_samples,
+                                          prompt=duplex_prompt, on_step=self.metrics.duplex_step)
 
     def close(self) -> None:
         if self.duplex is not None:

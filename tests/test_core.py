@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from zoo.core.audio import load_audio, to_pcm16
+from zoo.core.audio import float_to_pcm16, load_audio, pcm16_to_float
 from zoo.core.checkpoints import resolve_files
 from zoo.core.errors import AudioInputError, OptionsError, WeightsNotFound
 from zoo.core.sampling import sample
@@ -70,8 +70,19 @@ def test_silence_is_valid_input():
 
 
 def test_pcm16_clips_instead_of_wrapping():
-    pcm = np.frombuffer(to_pcm16(np.array([1.5, -1.5, 0.5], np.float32)), "<i2")
+    pcm = np.frombuffer(float_to_pcm16(np.array([1.5, -1.5, 0.5], np.float32)).tobytes(), "<i2")
     assert pcm.tolist() == [32767, -32767, 16384]
+
+
+def test_pcm16_truncation_and_scales_are_declared_choices():
+    audio = np.array([0.99999, -0.99999, 0.50002, -0.3], np.float32)
+    assert float_to_pcm16(audio, rounding="truncate").tolist() == (audio * 32767).astype(np.int16).tolist()
+    assert float_to_pcm16(audio).tolist() == (audio * 32767).round().astype(np.int16).tolist()
+    pcm = np.array([-32768, -1, 0, 16384, 32767], "<i2").tobytes()
+    assert pcm16_to_float(pcm).tolist() == [-1.0, -1 / 32768, 0.0, 0.5, 32767 / 32768]
+    assert pcm16_to_float(pcm + b"\x01", scale=32767.0)[-1] == 1.0  # a trailing odd byte is ignored
+    with pytest.raises(ValueError):
+        float_to_pcm16(audio, rounding="floor")
 
 
 def test_options_from_untrusted_values():

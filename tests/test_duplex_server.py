@@ -382,7 +382,7 @@ def test_prompted_server_replays_like_the_reference_then_continues_the_prompt(mo
 def test_half_duplex_model_refuses_the_duplex_routes():
     from fastapi.testclient import TestClient
 
-    from server import create_app
+    from serving.app import create_app
     from serving.service import Service
     import zoo
 

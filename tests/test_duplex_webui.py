@@ -88,7 +88,7 @@ def test_in_process_gradio_page_offers_full_duplex_on_its_own_origin():
     import zoo
     from fastapi.testclient import TestClient
 
-    from server import create_app
+    from serving.app import create_app
     from serving.service import Service
     from webui.client import LocalBackend
     from webui.omni_gradio import build

@@ -426,7 +426,7 @@ def failing():
     """server.py's app on uvicorn in this process, with a tiny Mini-Omni whose batched step can be
     told to fail after n steps (``failing.after = n``) or whose prefill fails (``failing.at_start``)."""
     import zoo
-    from server import create_app
+    from serving.app import create_app
     from serving.service import Service
 
     service = Service(zoo.load("mini-omni", random_weights="tiny", device="cpu"), max_sessions=2)
@@ -530,7 +530,7 @@ def hertz_app():
     import zoo
     from fastapi.testclient import TestClient
 
-    from server import create_app
+    from serving.app import create_app
     from serving.security import AccessSettings
     from serving.service import Service
 

@@ -197,12 +197,11 @@ def tiny_hertz():
 
 
 def run_hub(model, options, frames, victim, close_victim_after=None):
-    """Three duplex sessions stepped in lockstep through a DuplexHub: all three get frame k in
-    the same tick. Returns what each connection got."""
-    from serving.duplex import DuplexHub
-    from serving.service import Metrics
+    """Three duplex sessions stepped in lockstep through a DuplexScheduler: all three get frame k
+    in the same tick. Returns what each connection got."""
+    from zoo.core.scheduler import DuplexScheduler
 
-    hub = DuplexHub(model, 3, Metrics(), warm_up=False)
+    hub = DuplexScheduler(model.duplex_stepper(3), 3, model.card.frame_samples, warm_up=False)
     got = [[] for _ in options]
     arrived = threading.Semaphore(0)
 

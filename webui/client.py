@@ -10,6 +10,7 @@ from typing import Iterator
 import numpy as np
 import requests
 
+from zoo.core.audio import pcm16_to_float
 from zoo.core.types import Chunk
 
 DEFAULT_API_URL = "http://127.0.0.1:60808"
@@ -87,7 +88,7 @@ def parse_multipart(pieces: Iterator[bytes]) -> Iterator[Chunk]:
         nonlocal audio
         head, _, payload = raw.partition(b"\r\n\r\n")
         if b"audio/" in head:
-            audio = np.frombuffer(payload[: len(payload) // 2 * 2], "<i2").astype(np.float32) / 32768.0
+            audio = pcm16_to_float(payload)
             return None
         chunk = Chunk(audio=audio if audio is not None else np.zeros(0, np.float32), text=payload.decode("utf-8", "replace"))
         audio = None

@@ -5,7 +5,7 @@ sent when you stop recording; the reply streams back as audio (autoplay) with it
     python webui/omni_gradio.py --tiny          # random tiny weights: the replies are noise
     API_URL=http://127.0.0.1:60808 python webui/omni_gradio.py   # talk to a running server.py
 
-For a full-duplex model (its card says duplex, e.g. ``--model hertz-dev``) the live widget is
+For a full-duplex model (its card says duplex) the live widget is
 full duplex: the browser mic streams to /v1/duplex and the model's frames play as they come.
 """
 from __future__ import annotations
@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 import uvicorn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import zoo  # noqa: E402
-from webui.client import BackendError, LocalBackend, ServerBackend, api_key  # noqa: E402
-from webui.live import DUPLEX_JS, LIVE_JS, duplex_url, duplex_widget_html, realtime_url, widget_html  # noqa: E402
+import zoo
+from webui.client import BackendError, LocalBackend, ServerBackend, api_key
+from webui.live import DUPLEX_JS, LIVE_JS, duplex_url, duplex_widget_html, realtime_url, widget_html
+from zoo.core.audio import float_to_pcm16
 
 NOISE_BANNER = "**Random weights (--tiny): every reply is noise, not speech.**"
 def live_widget(ws_url: str) -> gr.HTML:
@@ -65,7 +64,7 @@ def build(backend, live_api: str | None = None) -> gr.Blocks:
                 if chunk.audio.size:
                     if ttfa is None:
                         ttfa = (time.perf_counter() - started) * 1000
-                    audio = (info.output_sample_rate, (np.clip(chunk.audio, -1, 1) * 32767).astype(np.int16))
+                    audio = (info.output_sample_rate, float_to_pcm16(chunk.audio, rounding="truncate"))
                 text += chunk.text
                 history[-1] = {"role": "assistant", "content": text or "…"}
                 status = f"{info.model} · TTFA {ttfa:.0f} ms" if ttfa is not None else "generating…"
@@ -104,7 +103,7 @@ def build(backend, live_api: str | None = None) -> gr.Blocks:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="mini-omni", choices=zoo.names())
+    parser.add_argument("--model", default=zoo.names()[0], choices=zoo.names())
     parser.add_argument("--tiny", action="store_true", help="in-process only: tiny random weights (noise)")
     parser.add_argument("--device")
     parser.add_argument("--host", default="127.0.0.1")
@@ -120,9 +119,9 @@ def main(argv=None) -> int:
     except zoo.ZooError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    # In-process: one FastAPI app serves the page and server.py's routes (the live widget's
+    # In-process: one FastAPI app serves the page and the server's routes (the live widget's
     # /v1/realtime and /v1/duplex among them) on the same origin.
-    from server import create_app
+    from serving.app import create_app
     from serving.service import Service
 
     app = create_app(Service(model, max_sessions=8, duplex_sessions=4))

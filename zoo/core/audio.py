@@ -122,6 +122,21 @@ def load_audio(
     return np.clip(out, -1.0, 1.0)
 
 
-def to_pcm16(audio: np.ndarray) -> bytes:
-    """float audio in [-1, 1] -> signed 16-bit little-endian bytes, clipped (no wrap-around)."""
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+PCM16 = "<i2"  # signed 16-bit little-endian: every PCM wire format and file the project writes
+
+
+def pcm16_to_float(data: bytes | bytearray, scale: float = 32768.0) -> np.ndarray:
+    """Signed 16-bit little-endian PCM -> float32 samples / ``scale`` (32768 maps the full int16
+    range into [-1, 1); a protocol that divides by 32767 says so). A trailing odd byte is ignored."""
+    pcm = np.frombuffer(data, PCM16, count=len(data) // 2)
+    return pcm.astype(np.float32) / np.float32(scale)
+
+
+def float_to_pcm16(audio: np.ndarray, *, rounding: str = "round", scale: float = 32767.0) -> np.ndarray:
+    """float audio -> int16 samples (little-endian; ``.tobytes()`` is the PCM16 wire format):
+    clipped to [-1, 1] (no wrap-around), times ``scale``, then ``rounding`` "round" (to the
+    nearest) or "truncate" (toward zero, what a plain ``astype`` does)."""
+    if rounding not in ("round", "truncate"):
+        raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
+    scaled = np.clip(audio, -1.0, 1.0) * scale
+    return (scaled.round() if rounding == "round" else scaled).astype(PCM16)

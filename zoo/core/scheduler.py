@@ -1,13 +1,24 @@
-"""One model, many sessions: a worker thread runs the model's batched decode step over every active
-session, admitting new sessions (prefill) and dropping finished or cancelled ones between steps.
+"""One model, many sessions: the two schedulers every server drives, both only through the
+contract in zoo.core.types. ``Scheduler``: half-duplex replies; a worker thread runs the model's
+batched decode step over every active session, admitting new sessions (prefill) and dropping
+finished or cancelled ones between steps. ``DuplexScheduler``: full-duplex sessions stepped frame
+by frame together (see its docstring).
 
-A model takes part by returning a ``Stepper`` from ``model.stepper(max_sessions)``:
+A model takes part in replies by returning a ``Stepper`` from ``model.stepper(max_sessions)``:
 
     job = stepper.prepare(audio, sample_rate, options, history)  # validate + encode input (any thread)
     stepper.start(job)        # prefill: the job joins the batch (scheduler thread)
     stepper.step(jobs)        # one batched decode step for all active jobs (scheduler thread)
     job.poll() -> Chunk|None  # output produced since the last poll; job.done when finished
     stepper.release(job)      # free its slot (KV-cache rows)
+
+and in full-duplex sessions (cards that say duplex) by returning a ``DuplexStepper`` from
+``model.duplex_stepper(max_sessions)``:
+
+    handle = stepper.open(options, prompt=None, sample_rate=None)  # a slot (duplex worker thread)
+    stepper.step(handles, frames)  # one input frame per handle -> per handle its next output frame,
+                                   #   or the Exception that ended (and closed) that session alone
+    stepper.close(handle)          # free its slot
 
 Failures stay with their session. A stepper does each session's own share of a step (sampling
 with its options, routing its ids, decoding its text and audio) inside ``isolate(job)``: an
@@ -28,19 +39,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-from .types import Chunk
+import numpy as np
+
+from .types import Chunk, DuplexStepper, Job, Stepper
 
 log = logging.getLogger("zoo.sessions")
 
 # What a ticket's callback receives: a Chunk, an Exception (the job failed), or None (finished).
 Delivery = Callable[["Chunk | Exception | None"], None]
-
-
-class Job(Protocol):
-    done: bool
-    error: Exception | None  # why the job failed (then done is set too); None otherwise
-
-    def poll(self) -> Chunk | None: ...
 
 
 class Failable(Protocol):
@@ -64,13 +70,6 @@ def isolate(session: Failable) -> Iterator[None]:
         session.done = True
 
 
-class Stepper(Protocol):
-    def prepare(self, audio: Any, sample_rate: int | None, options: Any, history: Any = None) -> Job: ...
-    def start(self, job: Job) -> None: ...
-    def step(self, jobs: list[Job]) -> None: ...
-    def release(self, job: Job) -> None: ...
-
-
 @dataclass
 class Ticket:
     id: int
@@ -82,7 +81,7 @@ class Ticket:
 
 
 class Busy(Exception):
-    """Every session slot is taken."""
+    """Every session slot (of replies, or of duplex sessions) is taken."""
 
 
 class Scheduler:
@@ -217,3 +216,167 @@ class OneSlotSteppers:
             stepper.release(job)
             with self._lock:
                 self._idle = stepper
+
+
+class DuplexTicket:
+    """One duplex session as the worker sees it. ``deliver`` is called on the worker thread with
+    each output frame (np.ndarray) or an Exception (the session failed)."""
+
+    def __init__(self, number: int, options: Any, prompt: Any, deliver: Callable[[Any], None]) -> None:
+        self.number, self.options, self.prompt, self.deliver = number, options, prompt, deliver
+        self.inbox: deque[np.ndarray] = deque()
+        self.state = "new"  # new -> queued (waits for open) -> taken (the worker has it) ; closed
+        self.handle = None
+        self.closed = False
+
+
+# what DuplexScheduler reports after each successful step: (seconds, sessions stepped, frames answered)
+StepReport = Callable[[float, int, int], None]
+
+
+class DuplexScheduler:
+    """Full-duplex sessions on a model's ``DuplexStepper``, one worker thread owning it. Each tick
+    it applies the sessions that left (``close``) and joined (``open``, with the prompt's
+    prefill), then steps every session that has a pending input frame in ONE batched
+    ``stepper.step(handles, frames)`` call: one frame per session per tick, so every session
+    advances frame-synchronously and a session with a backlog catches up one frame per tick. A
+    session leaving frees its slot before the next step. ``reserve`` / ``push`` / ``close`` are
+    called from any thread; the stepper only from the worker. ``prompt``: (audio, rate) that seeds
+    every session unless its ``reserve`` caller replaces ``ticket.prompt`` before the first push."""
+
+    def __init__(self, stepper: DuplexStepper, max_sessions: int, frame_samples: int, *,
+                 prompt: tuple[np.ndarray, int] | None = None, warm_up: bool = True,
+                 on_step: StepReport | None = None) -> None:
+        self.stepper, self.max_sessions, self.frame = stepper, max_sessions, frame_samples
+        self.prompt = prompt
+        self.on_step = on_step
+        if warm_up:  # the first step builds lazy state (and loads the duplex networks); a bad prompt fails here
+            audio, rate = prompt if prompt is not None else (None, None)
+            handle = self.stepper.open(None, prompt=audio, sample_rate=rate)
+            self.stepper.step([handle], [np.zeros(self.frame, np.float32)])
+            self.stepper.close(handle)
+        self.reserved = 0
+        self.steps = 0
+        self._cv = threading.Condition()
+        self._opening: list[DuplexTicket] = []
+        self._closing: list[DuplexTicket] = []
+        self._active: list[DuplexTicket] = []  # worker thread only
+        self._numbers = itertools.count(1)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="zoo-duplex", daemon=True)
+        self._thread.start()
+
+    def nbytes(self) -> int:
+        return self.stepper.nbytes()
+
+    def reserve(self, options: Any, deliver: Callable[[Any], None]) -> DuplexTicket:
+        """A slot for a new session (opened in the stepper when its first frame arrives); raises
+        Busy at once when ``max_sessions`` are taken."""
+        with self._cv:
+            if self.reserved >= self.max_sessions:
+                raise Busy(f"all {self.max_sessions} duplex session slots are busy; retry shortly")
+            self.reserved += 1
+            return DuplexTicket(next(self._numbers), options, self.prompt, deliver)
+
+    def push(self, ticket: DuplexTicket, frame: np.ndarray) -> None:
+        with self._cv:
+            if ticket.closed:
+                return
+            ticket.inbox.append(frame)
+            if ticket.state == "new":
+                ticket.state = "queued"
+                self._opening.append(ticket)
+            self._cv.notify()
+
+    def close(self, ticket: DuplexTicket) -> None:
+        """The session leaves: its frames are dropped, its slot freed before the next step."""
+        with self._cv:
+            if ticket.closed:
+                return
+            ticket.closed = True
+            ticket.inbox.clear()
+            self.reserved -= 1
+            if ticket.state == "queued":
+                self._opening.remove(ticket)  # never opened: nothing to free
+            elif ticket.state == "taken":
+                self._closing.append(ticket)
+            self._cv.notify()
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    # -- worker thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stopping or self._opening or self._closing
+                           or any(t.inbox for t in self._active)):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                closing, self._closing = self._closing, []
+                opening, self._opening = self._opening, []
+                for ticket in opening:
+                    ticket.state = "taken"
+            for ticket in closing:  # leave first, so their slots are free for those joining
+                self._release(ticket)
+            for ticket in opening:
+                self._open(ticket)
+            with self._cv:
+                batch = [t for t in self._active if t.inbox and not t.closed]
+                frames = [t.inbox.popleft() for t in batch]
+            if batch:
+                self._step(batch, frames)
+
+    def _open(self, ticket: DuplexTicket) -> None:
+        try:
+            audio, rate = ticket.prompt if ticket.prompt is not None else (None, None)
+            ticket.handle = self.stepper.open(ticket.options, prompt=audio, sample_rate=rate)
+        except Exception as err:  # noqa: BLE001 - reported to that session only
+            with self._cv:
+                ticket.inbox.clear()
+            ticket.deliver(err)
+            return
+        with self._cv:
+            closed = ticket.closed
+        if closed:  # it left while being opened
+            self.stepper.close(ticket.handle)
+        else:
+            self._active.append(ticket)
+
+    def _release(self, ticket: DuplexTicket) -> None:
+        if ticket.handle is not None:
+            self.stepper.close(ticket.handle)
+        if ticket in self._active:
+            self._active.remove(ticket)
+
+    def _step(self, batch: list[DuplexTicket], frames: list[np.ndarray]) -> None:
+        """One batched step. The stepper answers each session with its frame, or with the
+        Exception that ended that session alone (its handle is closed): that session gets the
+        error, the others their frames. Only a failure of the whole step fails every session."""
+        started = time.perf_counter()
+        try:
+            outputs = self.stepper.step([t.handle for t in batch], frames)
+        except Exception as err:  # noqa: BLE001 - a failed batched step fails the sessions in it
+            log.exception("duplex step failed for %d session(s)", len(batch))
+            outputs = [err] * len(batch)
+        else:
+            self.steps += 1
+            if self.on_step is not None:
+                answered = sum(not isinstance(out, Exception) for out in outputs)
+                self.on_step(time.perf_counter() - started, len(batch), answered)
+        for ticket, out in zip(batch, outputs):
+            if isinstance(out, Exception):
+                self._fail(ticket, out)
+            else:
+                ticket.deliver(out)
+
+    def _fail(self, ticket: DuplexTicket, err: Exception) -> None:
+        """The session ended in the worker: its slot is freed, its waiting frames dropped."""
+        self._release(ticket)
+        with self._cv:
+            ticket.inbox.clear()
+        ticket.deliver(err)

@@ -6,7 +6,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -31,10 +31,15 @@ class ModelCard:
     frame_samples: int | None = None  # duplex models: input samples per step
     multi_turn: bool = False  # whether respond() uses ``history``
     text_input: bool = False  # whether respond_text() answers typed questions
+    # the wire protocols of the model's own reference clients that a server should speak for it
+    # (serving/protocols/ names them), each with the model option that each of the protocol's
+    # parameters sets, e.g. {"data-url-live": {"token_temp": "temperature"}}
+    protocols: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["components"] = dict(self.components)
+        d["protocols"] = {name: dict(params) for name, params in self.protocols.items()}
         d["languages"] = list(self.languages)
         return d
 
@@ -139,6 +144,46 @@ class Chunk:
     turn: Any = None
 
 
+# -- the serving contract: what zoo.core.scheduler drives ---------------------------------------
+class Job(Protocol):
+    """One reply being generated (``Stepper.prepare``'s result)."""
+
+    done: bool
+    error: Exception | None  # why the job failed (then done is set too); None otherwise
+
+    def poll(self) -> Chunk | None: ...
+
+
+class Stepper(Protocol):
+    """Half-duplex replies of many sessions in one batched step (``VoiceModel.stepper``)."""
+
+    def prepare(self, audio: Any, sample_rate: int | None, options: Any, history: Any = None) -> Job: ...
+    def start(self, job: Job) -> None: ...
+    def step(self, jobs: list[Job]) -> None: ...
+    def release(self, job: Job) -> None: ...
+
+
+class DuplexStepper(Protocol):
+    """Full-duplex sessions over one set of caches (``VoiceModel.duplex_stepper``): ``open``
+    returns a handle (a session slot); ``step`` takes one input frame (``card.frame_samples``
+    float32 samples at the input rate) per handle and answers, per handle, the model's next frame
+    or the Exception that ended (and closed) that session alone; ``close`` frees a slot at once."""
+
+    def open(self, options: Any = None, prompt: Any = None, sample_rate: int | None = None) -> Any: ...
+    def step(self, handles: Sequence[Any], frames: Sequence[Any]) -> list[np.ndarray | Exception]: ...
+    def close(self, handle: Any) -> None: ...
+    def nbytes(self) -> int: ...  # device memory held for all slots
+
+
+class DuplexSession(Protocol):
+    """One full-duplex session on a one-slot stepper (``VoiceModel.duplex``)."""
+
+    def step(self, frame: np.ndarray) -> Chunk: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> DuplexSession: ...
+    def __exit__(self, *exc: Any) -> None: ...
+
+
 class VoiceModel(ABC):
     """A loaded model. ``respond`` streams a reply to one spoken turn."""
 
@@ -174,11 +219,16 @@ class VoiceModel(ABC):
         """Stream a spoken reply to a typed question (models whose card says ``text_input``)."""
         raise UnsupportedError(f"{self.card.name} does not take typed questions")
 
-    def stepper(self, max_sessions: int):
+    def stepper(self, max_sessions: int) -> Stepper:
         """A batched stepper for zoo.core.scheduler (many sessions in one forward pass)."""
         raise UnsupportedError(f"{self.card.name} has no batched serving yet")
 
-    def duplex(self, options: Options | Mapping[str, Any] | None = None):
+    def duplex_stepper(self, max_sessions: int) -> DuplexStepper:
+        """Batched full-duplex sessions for zoo.core.scheduler (models whose card says duplex)."""
+        raise UnsupportedError(f"{self.card.name} is a half-duplex model: it has no duplex stepper")
+
+    def duplex(self, options: Options | Mapping[str, Any] | None = None) -> DuplexSession:
+        """One full-duplex session (models whose card says duplex)."""
         raise UnsupportedError(
             f"{self.card.name} is a half-duplex model: use respond() for turn-by-turn chat"
         )

@@ -80,6 +80,10 @@ CARD = ModelCard(
     frame_samples=FRAME,
     multi_turn=False,
     text_input=False,
+    # the reference server's live protocol (WS /audio; its /set_temperature knob's parameters ->
+    # our options), so its inference_client.py works unchanged
+    protocols={"data-url-live": {"token_temp": "temperature", "categorical_temp": "categorical_temp",
+                                 "gaussian_temp": "gaussian_temp"}},
 )
 
 Networks = tuple[HertzLM, Resynthesizer]

@@ -1,5 +1,6 @@
-"""Live sessions over WebSocket, speaking a subset of the OpenAI Realtime (GA) event protocol, so
-the official ``openai`` SDK realtime client (and tools built on it) can hold a conversation.
+"""``WS /v1/realtime``, served for every model: live sessions over WebSocket, speaking a subset of
+the OpenAI Realtime (GA) event protocol, so the official ``openai`` SDK realtime client (and tools
+built on it) can hold a conversation.
 
 Client -> server: session.update, input_audio_buffer.append | commit | clear, response.create,
 response.cancel. Server -> client: session.created | updated, input_audio_buffer.speech_started |
@@ -13,7 +14,7 @@ during a reply cancels it: barge-in) or null (the client commits and asks for a 
 Model options: ``session.max_output_tokens`` / ``response.max_output_tokens`` (decode steps) and
 ``session.zoo.options`` (any of the model's options, e.g. temperature).
 
-Every field of every client event is checked (serving/realtime_schema.py): a malformed event gets
+Every field of every client event is checked (serving/protocols/realtime_schema.py): a malformed event gets
 an ``error`` event (``error: {type, code, message, event_id}``, echoing the client's event_id) and
 the session goes on. A reply that fails gets an ``error`` event (type ``server_error``) and a
 ``response.done`` with status ``failed``; the failure is logged with the session and request ids
@@ -35,15 +36,15 @@ from typing import Any
 
 import numpy as np
 import soxr
-from fastapi import WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-from zoo.core.audio import resample, to_pcm16
+from zoo.core.audio import float_to_pcm16, pcm16_to_float, resample
 
+from ..errors import ApiError, GenerationFailed, report_failure
+from ..service import Service
+from ..vad import VAD_RATE, SpeechDetector
 from . import realtime_schema as schema
-from .errors import report_failure
 from .realtime_schema import DEFAULT_TURN_DETECTION, WIRE_RATE, ProtocolError
-from .service import ApiError, GenerationFailed, Service
-from .vad import VAD_RATE, SpeechDetector
 
 MAX_WS_MESSAGE_BYTES = 16 * 1024 * 1024
 MIN_COMMIT_MS = 100
@@ -202,7 +203,7 @@ class RealtimeSession:
             raise ProtocolError("invalid_audio", "'audio' must be base64 PCM16") from None
         if len(pcm) % 2:
             raise ProtocolError("invalid_audio", "PCM16 needs an even number of bytes")
-        audio = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0
+        audio = pcm16_to_float(pcm)
         if self.buffered_seconds() + audio.size / WIRE_RATE > self.card.max_input_seconds:
             raise ProtocolError("input_too_long", f"the input audio buffer holds at most {self.card.max_input_seconds:g} s; commit or clear it")
         self.buffer.append(audio)
@@ -292,7 +293,7 @@ class RealtimeSession:
             async for chunk in reply:
                 exchange = chunk.turn if chunk.turn is not None else exchange
                 if chunk.audio.size:
-                    pcm = to_pcm16(resample(chunk.audio, self.card.output_sample_rate, WIRE_RATE))
+                    pcm = float_to_pcm16(resample(chunk.audio, self.card.output_sample_rate, WIRE_RATE)).tobytes()
                     await self.send({"type": "response.output_audio.delta", **where,
                                      "delta": base64.b64encode(pcm).decode()})
                 if chunk.text:
@@ -337,3 +338,11 @@ class RealtimeSession:
         "response.create": on_response_create,
         "response.cancel": on_response_cancel,
     }
+
+
+def install(app: FastAPI, service: Service, *, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
+    """Every model answers turns (``respond`` is part of the contract): always served."""
+
+    @app.websocket("/v1/realtime")
+    async def realtime(websocket: WebSocket):
+        await RealtimeSession(websocket, service, idle_timeout_s=idle_timeout_s).run()
