@@ -1,4 +1,4 @@
-"""What every model shares: interface types, errors, audio I/O, checkpoints, sampling."""
+"""What every model shares: interface types, errors, audio I/O, checkpoints, sampling, the KV cache."""
 from .errors import AudioInputError, OptionsError, UnsupportedError, WeightsNotFound, ZooError
 from .types import Chunk, ModelCard, Options, Stage, VoiceModel
 
