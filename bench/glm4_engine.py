@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         row = {"batch": batch}
         times, tokens = step_times(engine, batch, args.context, args.steps)
         row["step_ms"] = round(statistics.median(times), 2)
-        row["graphs"] = engine.graphs is not None
+        row["graphs"] = engine.graphs is not None and engine.graphs.enabled  # False after a failed capture
         if graphs_available and not args.no_eager:
             saved, engine.graphs = engine.graphs, None
             eager, eager_tokens = step_times(engine, batch, args.context, args.steps)

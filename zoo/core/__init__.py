@@ -1,4 +1,5 @@
-"""What every model shares: interface types, errors, audio I/O, checkpoints, sampling."""
+"""What every model shares: the interface types (the contract), errors, audio I/O, checkpoints,
+sampling, scheduling, the KV cache and the streaming vocabulary."""
 from .errors import AudioInputError, AudioTooLong, OptionsError, UnsupportedError, WeightsNotFound, ZooError
 from .types import Chunk, ModelCard, Options, Stage, VoiceModel
 

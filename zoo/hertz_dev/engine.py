@@ -99,25 +99,25 @@ class Engine:
         self.main_rope = rope_tables(main.config.head_dim, main_context, self.device)
         self.resynth_rope = rope_tables(resynth.config.head_dim, resynth_context, self.device)
         self.capacity = max(main_context, resynth_context)
-        self.free = list(range(max_slots))
         self.record_tokens = record_tokens
 
     def nbytes(self) -> int:
         return self.main_cache.nbytes() + sum(c.nbytes() for c in self.resynth_caches)
 
-    # -- slots --------------------------------------------------------------------------------
+    # -- slots: a slot owns the same row of every cache (the main cache keeps the books) ------
+    @property
+    def free(self) -> list[int]:
+        return self.main_cache.free_rows
+
     def open(self, options: Options) -> Slot:
-        if not self.free:
-            raise RuntimeError("no free session slot: too many sessions at once")
         generator = torch.Generator(device=self.device).manual_seed(int(options.seed))
         history = torch.zeros(self.capacity, self.width, dtype=self.dtype, device=self.device)
-        row = min(self.free)  # the lowest free row: a freed slot is reused first
-        self.free.remove(row)
+        (row,) = self.main_cache.allocate()  # the lowest free row: a freed slot is reused first
         return Slot(row, options, generator, history)
 
     def close(self, slot: Slot) -> None:
         if slot.row >= 0:
-            self.free.append(slot.row)
+            self.main_cache.release([slot.row])
             slot.row = -1
 
     # -- one step -------------------------------------------------------------------------------

@@ -7,19 +7,18 @@ LayerNorms without bias (eps 1e-5), QK-norm runs over the full q / k vectors bef
 heads, RoPE is the NeoX half-split layout (theta 10 000) with angles computed in float32 as the
 reference does, the FFN is SwiGLU with a fused ``gateup_proj`` (gate first).
 
-Attention runs over a per-row KV cache (``KVCache``): a step takes a batch of rows (sessions),
-each at its own position. ``T > 1`` is a prefill from position 0 of one row (plain causal
-attention); ``T == 1`` is one position for every row in the batch.
+Attention runs over the zoo's KV cache (zoo.core.kv_cache): a step takes a batch of rows
+(sessions), each at its own position, described by ``Rows``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..core.kv_cache import KVCache, Rows, attend
 
 EPS = 1e-5
 THETA = 10_000.0
@@ -29,9 +28,6 @@ MAIN_CONTEXT = 2048  # trained context of the main model (positions)
 RESYNTH_CONTEXT = 8192
 FSQ_LEVELS = (8, 8, 8, 8, 8)
 VOCAB = 8**5  # 32768 FSQ indices
-# cuDNN's attention rebuilds its plan for every new key length: milliseconds of CPU per call when
-# decoding one position at a time (measured on an H200). The other backends have no such cost.
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # -- FSQ latent quantizer (inference_volcano_3.pt) ---------------------------------------------
@@ -157,58 +153,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (y * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
-class KVCache:
-    """Post-RoPE keys and values of ``layers`` layers for ``rows`` independent sequences of up to
-    ``length`` positions: (layers, rows, heads, length, head_dim) each."""
-
-    def __init__(self, layers: int, rows: int, heads: int, length: int, head_dim: int, dtype, device) -> None:
-        shape = (layers, rows, heads, length, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = length
-
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-
-@dataclass(frozen=True)
-class Rows:
-    """Which cache rows a forward uses and where each row's new positions start, known on the
-    host (no layer reads them back from the device): ``index`` / ``positions`` as device
-    tensors, ``view`` the rows as a slice when contiguous (a view of the cache, no copy), else
-    ``index``; ``length`` the keys to attend to after this forward (max start + T)."""
-
-    rows: tuple[int, ...]
-    starts: tuple[int, ...]
-    length: int
-    index: torch.Tensor
-    positions: torch.Tensor
-    view: slice | torch.Tensor
-
-    @classmethod
-    def make(cls, rows: Sequence[int], starts: Sequence[int], T: int, device) -> "Rows":
-        rows, starts = tuple(int(r) for r in rows), tuple(int(p) for p in starts)
-        if T > 1 and any(starts):
-            raise ValueError("a multi-position forward is a prefill from position 0")
-        index, positions = _to_device(rows, device), _to_device(starts, device)
-        contiguous = rows == tuple(range(rows[0], rows[0] + len(rows)))
-        view = slice(rows[0], rows[0] + len(rows)) if contiguous else index
-        return cls(rows, starts, max(starts) + T, index, positions, view)
-
-    def per_channel(self, n: int) -> "Rows":
-        """The resynthesizer's upper-layer rows: row r's k-th output channel is r * n + k."""
-        if n == 1:
-            return self
-        return Rows.make([r * n + k for r in self.rows for k in range(n)], [p for p in self.starts for _ in range(n)],
-                         self.length - max(self.starts), self.index.device)
-
-
-def _to_device(values: Sequence[int], device) -> torch.Tensor:
-    """Host ints to a device tensor without waiting for the device (pinned, asynchronous copy)."""
-    host = torch.tensor(values, dtype=torch.long)
-    if torch.device(device).type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+def per_channel(rows: Rows, n: int) -> Rows:
+    """The resynthesizer's upper-layer rows: row r's k-th output channel is r * n + k."""
+    if n == 1:
+        return rows
+    return Rows.make([r * n + k for r in rows.rows for k in range(n)], [p for p in rows.starts for _ in range(n)],
+                     rows.positions.size(1), rows.index.device)
 
 
 class Attention(nn.Module):
@@ -222,37 +172,15 @@ class Attention(nn.Module):
         self.attn_out = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x, rope, cache_k, cache_v, rows: Rows):
-        """x (B, T, D); rope = (cos, sin) (B, 1, T, hd); cache_k/v (rows, H, L, hd) of this layer.
-        T > 1: a prefill from position 0 (causal); T == 1: one position per row."""
+        """x (B, T, D); rope = (cos, sin) (B, 1, T, hd); cache_k/v (rows, H, L, hd) of this layer."""
         B, T, D = x.shape
         q, k, v = self.proj_qkv(x).chunk(3, dim=-1)
         q = self.norm_q(q).to(q.dtype)
         k = self.norm_k(k).to(k.dtype)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        with sdpa_kernel(ATTENTION_BACKENDS):
-            y = self._attend(q, k, v, cache_k, cache_v, rows)
+        y = attend(q, k, v, cache_k, cache_v, rows)
         return self.attn_out(y.transpose(1, 2).reshape(B, T, D))
-
-    @staticmethod
-    def _attend(q, k, v, cache_k, cache_v, rows: Rows) -> torch.Tensor:
-        B, T, view = q.size(0), q.size(2), rows.view
-        if T > 1:
-            cache_k[view, :, :T] = k
-            cache_v[view, :, :T] = v
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif B == 1:
-            p = rows.starts[0]
-            cache_k[view, :, p] = k[:, :, 0]
-            cache_v[view, :, p] = v[:, :, 0]
-            y = F.scaled_dot_product_attention(q, cache_k[view, :, : p + 1], cache_v[view, :, : p + 1])
-        else:
-            cache_k[rows.index, :, rows.positions] = k[:, :, 0]
-            cache_v[rows.index, :, rows.positions] = v[:, :, 0]
-            visible = torch.arange(rows.length, device=q.device)[None, :] <= rows.positions[:, None]
-            keys, values = cache_k[view, :, : rows.length], cache_v[view, :, : rows.length]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :])
-        return y
 
 
 class PreNormAttn(nn.Module):
@@ -280,10 +208,9 @@ class Block(nn.Module):
         return h + self.ffnn.ffnn(self.ffnn.ffnn_norm(h))
 
 
-def _rope_for(table: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor, T: int):
-    index = positions[:, None] + torch.arange(T, device=positions.device)[None, :]
+def _rope_for(table: tuple[torch.Tensor, torch.Tensor], rows: Rows):
     cos, sin = table
-    return cos[index][:, None], sin[index][:, None]
+    return cos[rows.positions][:, None], sin[rows.positions][:, None]
 
 
 # -- main model (inference_caraway_112000.pt / inference_scion_54000.pt) -----------------------
@@ -344,7 +271,7 @@ class HertzLM(nn.Module):
         """latents (B, T, 32 * channels) -> [logits (B, vocab) of the last position, per channel
         in ``channels``]. ``hooks``: a list that receives every layer's output (tests)."""
         x = self.embed(latents)
-        r = _rope_for(rope, rows.positions, x.size(1))
+        r = _rope_for(rope, rows)
         for i, layer in enumerate(self.layers):
             x = layer(x, r, cache.k[i], cache.v[i], rows)
             if hooks is not None:
@@ -448,7 +375,7 @@ class Resynthesizer(nn.Module):
         if c.split:
             x = x + self.io2.input_projection(xs[1])
         B, T, _ = x.shape
-        r = _rope_for(rope, rows.positions, T)
+        r = _rope_for(rope, rows)
         for i, layer in enumerate(self.stack.layers[: c.plex_layer]):
             x = layer(x, r, lower.k[i], lower.v[i], rows)
             if hooks is not None:
@@ -465,7 +392,7 @@ class Resynthesizer(nn.Module):
             paths.append(x + projections[ch](plex))
         n = len(channels)
         h = torch.stack(paths, dim=1).reshape(B * n, T, -1)  # row-major: (slot, channel)
-        upper_rows = rows.per_channel(n)
+        upper_rows = per_channel(rows, n)
         r2 = r if n == 1 else (r[0].repeat_interleave(n, dim=0), r[1].repeat_interleave(n, dim=0))
         for i, layer in enumerate(self.stack.layers[c.plex_layer :]):
             h = layer(h, r2, upper.k[i], upper.v[i], upper_rows)

@@ -30,7 +30,7 @@ class Session:
     outputs: list[list[int]] = field(default_factory=list)
     done: bool = False
     text_ended: bool = False
-    rows: torch.Tensor | None = None
+    rows: list[int] | None = None  # its KV-cache rows
     position: int = 0
     next_input: torch.Tensor | None = None  # (rows, 8)
     generator: torch.Generator | None = None
@@ -51,18 +51,18 @@ class Engine:
         weight = gpt.transformer.wte.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.cache = KVCache(gpt.config, max_rows, gpt.config.block_size, self.dtype, self.device)
-        self.free_rows = list(range(max_rows))
+
+    @property
+    def free_rows(self) -> list[int]:
+        return self.cache.free_rows
 
     # -- joining and leaving ------------------------------------------------------------------
     def start(self, session: Session) -> None:
         """Allocate rows, run the prefill and record output position 0."""
-        rows_needed = session.task.rows
-        if len(self.free_rows) < rows_needed:
-            raise RuntimeError("no free KV-cache rows: too many sessions at once")
         T = session.prompt_length
         if T >= self.gpt.config.block_size:
             raise ValueError(f"prompt of {T} tokens does not fit the {self.gpt.config.block_size}-token context")
-        session.rows = torch.tensor([self.free_rows.pop(0) for _ in range(rows_needed)], device=self.device)
+        session.rows = self.cache.allocate(session.task.rows)
         session.generator = torch.Generator().manual_seed(int(session.options.seed))
         with torch.inference_mode():
             hidden = self._prefill(session)
@@ -87,21 +87,21 @@ class Engine:
         shared = T > 1 and all(torch.equal(tokens[0, :, :-1], t[:, :-1]) for t in tokens[1:])
         first = 1 if shared else tokens.size(0)
         x = self.gpt.embed(tokens[:first], None if features is None else features.expand(first, -1, -1))
-        positions = torch.arange(T, device=self.device).expand(first, T)
-        hidden = self.gpt(x, self.cache, rows[:first], positions)[:, -1]
+        hidden = self.gpt(x, self.cache, self.cache.rows_for(rows[:first], T))[:, -1]
+        self.cache.advance(rows[:first], T)
         if first == tokens.size(0):
             return hidden
         others = rows[first:]
-        self.cache.k[:, others, :, : T - 1] = self.cache.k[:, rows[:1], :, : T - 1]
-        self.cache.v[:, others, :, : T - 1] = self.cache.v[:, rows[:1], :, : T - 1]
+        self.cache.copy_prefix(rows[0], others, T - 1)
         # the last position is never one of the whisper feature positions (1..T-3)
         last = self.gpt.embed(tokens[first:, :, -1:])
-        step = torch.full((others.numel(), 1), T - 1, device=self.device)
-        return torch.cat([hidden, self.gpt(last, self.cache, others, step)[:, 0]])
+        step = self.gpt(last, self.cache, self.cache.rows_for(others, 1))[:, 0]
+        self.cache.advance(others, 1)
+        return torch.cat([hidden, step])
 
     def release(self, session: Session) -> None:
         if session.rows is not None:
-            self.free_rows.extend(session.rows.tolist())
+            self.cache.release(session.rows)
             session.rows = None
         session.done = True
 
@@ -111,12 +111,10 @@ class Engine:
         active = [s for s in sessions if not s.done]
         if not active:
             return
-        rows = torch.cat([s.rows for s in active])
+        rows = [row for s in active for row in s.rows]
         tokens = torch.cat([s.next_input for s in active]).unsqueeze(-1)  # (B, 8, 1)
-        positions = torch.cat(
-            [torch.full((s.task.rows, 1), s.position, device=self.device) for s in active]
-        )
-        hidden = self.gpt(self.gpt.embed(tokens), self.cache, rows, positions)[:, 0]
+        hidden = self.gpt(self.gpt.embed(tokens), self.cache, self.cache.rows_for(rows, 1))[:, 0]
+        self.cache.advance(rows, 1)
         for s, pick in zip(active, self._sample(active, hidden)):
             if pick is not None:
                 s.position += 1

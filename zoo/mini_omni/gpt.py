@@ -1,11 +1,13 @@
 """Mini-Omni's LLM: Qwen2-0.5B in litgpt form, with the published tensor names as attribute names
-(so ``lit_model.pth`` loads unchanged), written for batched, per-row KV-cached decoding."""
+(so ``lit_model.pth`` loads unchanged), written for batched, per-row KV-cached decoding over zoo.core.kv_cache."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import kv_cache
+from ..core.kv_cache import Rows, attend
 from .config import GPTConfig
 from .tokens import AUDIO_LAYERS, PADDED_AUDIO_VOCAB, PADDED_TEXT_VOCAB
 
@@ -53,15 +55,20 @@ class GatedMLP(nn.Module):
         return self.proj(F.silu(gate) * up)
 
 
-class KVCache:
-    """Keys and values of every layer for ``rows`` independent sequences of up to ``max_len``
-    positions. Stored per KV group (not expanded to every query head as litgpt does)."""
+class KVCache(kv_cache.KVCache):
+    """The zoo's cache (zoo.core.kv_cache) shaped for a GPTConfig: one row per sequence, stored per
+    KV group (not expanded to every query head as litgpt does)."""
 
     def __init__(self, config: GPTConfig, rows: int, max_len: int, dtype, device) -> None:
-        shape = (config.n_layer, rows, config.n_query_groups, max_len, config.head_size)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
+        super().__init__(config.n_layer, rows, config.n_query_groups, max_len, config.head_size, dtype, device)
+
+
+def as_rows(rows: Rows | torch.Tensor, positions: torch.Tensor | None) -> Rows:
+    """The engine passes ``Rows``; direct callers may pass a row tensor and the (B, T) positions of
+    their tokens (read back to the host once, to build the ``Rows``)."""
+    if isinstance(rows, Rows):
+        return rows
+    return Rows.make(rows.tolist(), positions[:, 0].tolist(), positions.size(1), positions.device)
 
 
 def rope_tables(config: GPTConfig, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,10 +95,9 @@ class CausalSelfAttention(nn.Module):
         self.attn = nn.Linear(config.n_embd, qkv_rows, bias=config.add_qkv_bias)
         self.proj = nn.Linear(config.head_size * config.n_head, config.n_embd, bias=config.bias)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, rows, positions):
+    def forward(self, x, cos, sin, cache_k, cache_v, rows, positions=None):
         """x (B, T, C); cos/sin (B, T, n_elem); cache_k/v (rows_total, G, max_len, hs) of this
-        layer; rows (B,) cache rows; positions (B, T) absolute positions of x's tokens.
-        T > 1 is a prefill from position 0; T == 1 is one decode step per row."""
+        layer; rows: the cache rows and positions of x's tokens (see ``as_rows``)."""
         c = self.config
         B, T, _ = x.shape
         q_per_kv = c.n_head // c.n_query_groups
@@ -104,21 +110,7 @@ class CausalSelfAttention(nn.Module):
         n = c.rope_n_elem
         q = torch.cat((apply_rope(q[..., :n], cos, sin), q[..., n:]), dim=-1)
         k = torch.cat((apply_rope(k[..., :n], cos, sin), k[..., n:]), dim=-1)
-
-        if T > 1:  # prefill: the sequence starts at position 0, plain causal attention
-            cache_k[rows, :, :T] = k
-            cache_v[rows, :, :T] = v
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            pos = positions[:, 0]
-            cache_k[rows, :, pos] = k[:, :, 0]
-            cache_v[rows, :, pos] = v[:, :, 0]
-            length = int(pos.max()) + 1
-            keys, values = cache_k[rows, :, :length], cache_v[rows, :, :length]
-            visible = torch.arange(length, device=x.device)[None, :] <= pos[:, None]
-            y = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=visible[:, None, None, :], enable_gqa=True
-            )
+        y = attend(q, k, v, cache_k, cache_v, as_rows(rows, positions))
         return self.proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size))
 
 
@@ -130,8 +122,8 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = GatedMLP(config.n_embd, config.intermediate_size, config.n_embd, config.bias)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, rows, positions):
-        x = x + self.attn(self.norm_1(x), cos, sin, cache_k, cache_v, rows, positions)
+    def forward(self, x, cos, sin, cache_k, cache_v, rows: Rows):
+        x = x + self.attn(self.norm_1(x), cos, sin, cache_k, cache_v, rows)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -182,12 +174,14 @@ class GPT(nn.Module):
             x = x + emb[:, stream]
         return x / emb.size(1)
 
-    def forward(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C) embeddings -> final-normed hidden states (B, T, C)."""
+    def forward(self, x: torch.Tensor, cache: kv_cache.KVCache, rows: Rows | torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) embeddings at ``rows`` (see ``as_rows``) -> final-normed hidden states (B, T, C)."""
+        rows = as_rows(rows, positions)
         cos_table, sin_table = self.rope()
-        cos, sin = cos_table[positions], sin_table[positions]
+        cos, sin = cos_table[rows.positions], sin_table[rows.positions]
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cos, sin, cache.k[i], cache.v[i], rows, positions)
+            x = block(x, cos, sin, cache.k[i], cache.v[i], rows)
         return self.transformer.ln_f(x)
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
