@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from tqdm import tqdm
-
 from loopback import RESULTS, ROOT, is_loopback, metrics, post_chat, start_server, stop_server
+from tqdm import tqdm
 
 QUESTION = ROOT / "demos" / "samples" / "01.wav"
 
@@ -132,7 +131,7 @@ def main(argv=None) -> int:
         "date": date.today().isoformat(), "model": card["id"], "random_weights": card.get("random_weights"),
         "machine": f"{os.cpu_count()} cores", "device": args.device or "auto", "max_tokens": args.max_tokens,
         "question": QUESTION.name, "levels": levels,
-        "throughput_vs_first_level": [round(l["throughput_audio_s_per_s"] / base, 2) for l in levels],
+        "throughput_vs_first_level": [round(level["throughput_audio_s_per_s"] / base, 2) for level in levels],
         "model_ttfa_ms_in_process": round(model_ttfa, 1) if model_ttfa else None,
         "server_overhead_ms_at_1_client": (round(levels[0]["ttfa_ms_p50"] - model_ttfa, 1)
                                            if model_ttfa and levels[0]["clients"] == 1 else None),
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
                     f"| {level['requests']} | {level['errors']} | {level['ttfa_ms_p50']} / {level['ttfa_ms_p90']} "
                     f"| {level['rtf_per_session_median']} | {level['throughput_audio_s_per_s']} | {ratio} |\n")
     print(json.dumps(result, indent=2))
-    return 1 if any(l["errors"] for l in levels) else 0
+    return 1 if any(level["errors"] for level in levels) else 0
 
 
 if __name__ == "__main__":

@@ -27,11 +27,10 @@ from datetime import date
 from pathlib import Path
 
 import requests
-from tqdm import tqdm
-
 import soak_report
 from loopback import RESULTS, ROOT, is_loopback, metrics, start_server, stop_server
 from soak_actions import MIX, Outcome, Target, load_samples, silence_flac
+from tqdm import tqdm
 
 
 class ServerWatch(threading.Thread):

@@ -16,20 +16,19 @@ import json
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from urllib.parse import urlsplit
 
 import numpy as np
 import requests
 import soundfile as sf
 import soxr
+from loopback import ROOT, post_chat
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from zoo.core.audio import float_to_pcm16
-
-from loopback import ROOT, post_chat
 
 SAMPLES = sorted((ROOT / "demos" / "samples").glob("*.wav"))
 REPLY_TOKENS = (20, 30, 40)  # few lengths, so every valid reply has siblings of the same request
@@ -98,7 +97,7 @@ def silence_flac(seconds: float, rate: int = 16000) -> str:
 def chat_reply(t: Target, rng: random.Random, action: str = "chat_reply", **options) -> Outcome:
     sample, tokens = rng.choice(t.samples), rng.choice(REPLY_TOKENS)
     body = {"audio": sample.chat_audio, "max_tokens": tokens, **options}
-    for retry in range(BUSY_RETRIES + 1):
+    for retry in range(BUSY_RETRIES + 1):  # noqa: B007 - the count is read after the loop
         reply = post_chat(t.url, body, t.output_rate, t.timeout, t.headers)
         if reply["status"] not in BUSY_STATUSES:
             break

@@ -7,7 +7,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
-
 from soak_actions import Outcome
 
 

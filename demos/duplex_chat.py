@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import websockets
@@ -70,7 +70,7 @@ async def duplex(url: str, microphone: Callable[[dict], AsyncIterator[bytes]], p
             while not (done_sending.is_set() and answered >= sent // frame_bytes):
                 try:
                     message = await asyncio.wait_for(ws.recv(), 1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 if isinstance(message, bytes):
                     answered += 1

@@ -13,7 +13,7 @@ import base64
 import json
 import os
 import sys
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import websockets
 

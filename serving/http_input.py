@@ -27,7 +27,7 @@ async def read_json(request: Request, limit: int, timeout: float = READ_TIMEOUT_
     while True:
         try:
             part = await asyncio.wait_for(anext(parts, None), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApiError(408, "read_timeout", f"no body data for {timeout:g} s: the request is dropped",
                            headers={"Connection": "close"}) from None
         if part is None:

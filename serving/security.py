@@ -56,7 +56,7 @@ def _subprotocols(headers: dict[str, str]) -> list[str]:
 class Guard:
     """The ASGI middleware; ``sockets`` collects the open WebSockets for the shutdown."""
 
-    def __init__(self, app, settings: AccessSettings, metrics, sockets: "OpenSockets") -> None:
+    def __init__(self, app, settings: AccessSettings, metrics, sockets: OpenSockets) -> None:
         self.app, self.settings, self.metrics, self.sockets = app, settings, metrics, sockets
         self.key = settings.api_key.encode() if settings.api_key else None
         self.allowed_origins = {o.rstrip("/").lower() for o in settings.allowed_origins}

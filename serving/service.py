@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
-from typing import Any, AsyncIterator
+from typing import Any
 
 import zoo
 from zoo.core.scheduler import Busy, DuplexScheduler, Scheduler

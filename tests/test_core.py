@@ -108,7 +108,9 @@ def test_sampling_greedy_and_seeded():
     greedy = logits.argmax(-1)
     assert torch.equal(sample(logits, 0.0, None, 1.0), greedy)
     assert torch.equal(sample(logits, 0.9, 1, 1.0), greedy)  # the reference's settings
-    draw = lambda seed: sample(logits, 1.0, None, 1.0, torch.Generator().manual_seed(seed))
+    def draw(seed):
+        return sample(logits, 1.0, None, 1.0, torch.Generator().manual_seed(seed))
+
     assert torch.equal(draw(7), draw(7))
     state = torch.random.get_rng_state()
     draws = torch.stack([draw(s) for s in range(40)])

@@ -19,7 +19,6 @@ import pytest
 import requests
 import torch
 import websockets
-
 from conftest import SAMPLES
 from procs import LoopbackProcess
 from test_server import Server
@@ -382,9 +381,9 @@ def test_prompted_server_replays_like_the_reference_then_continues_the_prompt(mo
 def test_half_duplex_model_refuses_the_duplex_routes():
     from fastapi.testclient import TestClient
 
+    import zoo
     from serving.app import create_app
     from serving.service import Service
-    import zoo
 
     service = Service(zoo.load("mini-omni", random_weights="tiny", device="cpu"), max_sessions=1)
     try:
@@ -404,7 +403,6 @@ def test_demo_client_streams_a_file(server, model, tmp_path):
     import importlib.util
 
     import soundfile as sf
-
     from conftest import REPO
 
     spec = importlib.util.spec_from_file_location("duplex_chat", REPO / "demos" / "duplex_chat.py")

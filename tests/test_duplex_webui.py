@@ -8,7 +8,6 @@ import os
 import shutil
 
 import pytest
-
 from browser import browser_page, fake_mic_wav
 from conftest import REPO
 from procs import LoopbackProcess
@@ -85,9 +84,9 @@ def test_gradio_page_through_server_talks_full_duplex(server, tmp_path):
 def test_in_process_gradio_page_offers_full_duplex_on_its_own_origin():
     """Without a browser: the in-process page's widget connects to its own origin, whose app
     (server.py's routes) serves /v1/duplex."""
-    import zoo
     from fastapi.testclient import TestClient
 
+    import zoo
     from serving.app import create_app
     from serving.service import Service
     from webui.client import LocalBackend

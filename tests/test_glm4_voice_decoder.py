@@ -11,10 +11,9 @@ import torch
 import yaml
 
 from zoo.core.errors import CheckpointMismatch
-from zoo.glm4_voice.decoder import (AudioDecoder, SeamlessStream, SeamlessVocoder, build_modules,
-                                    hift_published_state)
-from zoo.glm4_voice.decoder_config import ConfigError, DecoderConfig, read_config, render_config
 from zoo.glm4_voice.conformer import block_causal_grid, relative_shift
+from zoo.glm4_voice.decoder import AudioDecoder, SeamlessStream, SeamlessVocoder, build_modules, hift_published_state
+from zoo.glm4_voice.decoder_config import ConfigError, DecoderConfig, read_config, render_config
 from zoo.glm4_voice.flow import mel_frames
 from zoo.glm4_voice.hift import receptive_field_frames
 from zoo.glm4_voice.prompt import LOW_LATENCY_BLOCKS, REFERENCE_BLOCKS

@@ -1,6 +1,11 @@
 """GLM-4-Voice prompt construction and reply splitting, as the reference web demo does them."""
 from zoo.glm4_voice.prompt import (
-    LOW_LATENCY_BLOCKS, REFERENCE_BLOCKS, SYSTEM_PROMPT_AUDIO, SYSTEM_PROMPT_TEXT, ReplySplitter, audio_as_text,
+    LOW_LATENCY_BLOCKS,
+    REFERENCE_BLOCKS,
+    SYSTEM_PROMPT_AUDIO,
+    SYSTEM_PROMPT_TEXT,
+    ReplySplitter,
+    audio_as_text,
     build_prompt,
 )
 

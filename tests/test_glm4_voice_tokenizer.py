@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import SAMPLES
-from zoo.glm4_voice.speech_tokenizer import SpeechTokenizer, SpeechTokenizerEncoder, TokenizerConfig, block_causal_mask
+
 from zoo.glm4_voice.random_weights import write_tiny_tokenizer
+from zoo.glm4_voice.speech_tokenizer import SpeechTokenizer, SpeechTokenizerEncoder, TokenizerConfig, block_causal_mask
 
 KEYS = {f["file"]: f for f in json.loads((Path(__file__).parent / "data/keys/glm-4-voice.json").read_text())["files"]}
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import SAMPLES
 
 import zoo
-from conftest import SAMPLES
 from zoo.hertz_dev.codec import FRAME
 
 

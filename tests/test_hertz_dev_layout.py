@@ -10,15 +10,26 @@ import pytest
 import torch
 
 import zoo
-from zoo.hertz_dev.checkpoint import (
-    CODEC_FILE, QUANTIZER_FILE, VARIANT_FILES, codec_config, file_keys, main_config,
-    quantizer_config, resynth_config,
-)
 from zoo.core.errors import CheckpointMismatch
+from zoo.hertz_dev.checkpoint import (
+    CODEC_FILE,
+    QUANTIZER_FILE,
+    VARIANT_FILES,
+    codec_config,
+    file_keys,
+    main_config,
+    quantizer_config,
+    resynth_config,
+)
 from zoo.hertz_dev.codec import FRAME, WaveCodec
 from zoo.hertz_dev.model import HertzDev
 from zoo.hertz_dev.random_weights import (
-    FULL_CODEC, FULL_MAIN, FULL_QUANTIZER, FULL_RESYNTH, TINY_CODEC, tiny_checkpoint,
+    FULL_CODEC,
+    FULL_MAIN,
+    FULL_QUANTIZER,
+    FULL_RESYNTH,
+    TINY_CODEC,
+    tiny_checkpoint,
 )
 from zoo.hertz_dev.transformer import FSQ, HertzLM, LatentQuantizer, MainConfig, ResynthConfig, Resynthesizer
 

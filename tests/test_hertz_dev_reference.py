@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import SAMPLES
 
 import zoo
-from conftest import SAMPLES
 from zoo.hertz_dev.codec import FRAME
 from zoo.hertz_dev.random_weights import TINY_FORMAT
 from zoo.hertz_dev.transformer import Rows, rope_tables

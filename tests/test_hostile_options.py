@@ -8,10 +8,10 @@ import threading
 import numpy as np
 import pytest
 import requests
-
-import zoo
 from conftest import SAMPLES
 from procs import LoopbackProcess
+
+import zoo
 
 NAMES = ("mini-omni", "glm-4-voice", "hertz-dev")
 EDGES = [

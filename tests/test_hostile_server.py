@@ -19,7 +19,6 @@ import soundfile as sf
 import uvicorn
 import websockets
 from openai import AsyncOpenAI
-
 from procs import free_port
 from test_realtime import pcm_chunks, speech_24k
 from test_server import QUESTION, Server
@@ -142,6 +141,7 @@ def test_chat_takes_json_only(server, content_type):
 
 def test_web_ui_client_and_demo_send_the_key_from_the_environment(server, monkeypatch):
     from test_mic_chat import load_demo
+
     from webui.client import BackendError, ServerBackend
 
     backend = ServerBackend(server.url)
@@ -527,9 +527,9 @@ def test_a_failed_realtime_reply_never_looks_completed(failing):
 # -- item 2: /set_temperature ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hertz_app():
-    import zoo
     from fastapi.testclient import TestClient
 
+    import zoo
     from serving.app import create_app
     from serving.security import AccessSettings
     from serving.service import Service

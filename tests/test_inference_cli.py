@@ -6,7 +6,6 @@ import sys
 import time
 
 import soundfile as sf
-
 from conftest import REPO
 
 

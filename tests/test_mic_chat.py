@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import REPO
 from test_realtime import speech_24k
 from test_server import Server

@@ -3,13 +3,22 @@ batched sessions, and streamed audio against the one-pass decode of the same cod
 import numpy as np
 import pytest
 import torch
-
 from conftest import snr_db
+
 from zoo.mini_omni.codec import CONTEXT_FRAMES, AudioStreamer
 from zoo.mini_omni.engine import Session
 from zoo.mini_omni.prompts import TASKS, audio_question, text_question
 from zoo.mini_omni.tokens import (
-    ANSWER_A, ANSWER_T, ASR, EOA, EOT, INPUT_A, INPUT_T, PAD_A, PAD_T, layershift,
+    ANSWER_A,
+    ANSWER_T,
+    ASR,
+    EOA,
+    EOT,
+    INPUT_A,
+    INPUT_T,
+    PAD_A,
+    PAD_T,
+    layershift,
 )
 
 LIMIT = {"max_new_tokens": 30}

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import SAMPLES
 
 import zoo
-from conftest import SAMPLES
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "reference_tiny_tokens.json").read_text())
 AUDIO_TASKS = {"A1A2", "A1T2", "ASR", "A1A2+A1T2"}
@@ -27,7 +27,9 @@ def models(tiny_folders, tmp_path_factory):
     torch.save(state, stops / "lit_model.pth")
     config = yaml.safe_load((stops / "model_config.yaml").read_text())
     (stops / "model_config.yaml").write_text(yaml.safe_dump({**config, "tie_word_embeddings": False}))
-    load = lambda ckpt: zoo.load("mini-omni", device="cpu", dtype="float64", checkpoint=ckpt, codec=tiny_folders.codec)
+    def load(ckpt):
+        return zoo.load("mini-omni", device="cpu", dtype="float64", checkpoint=ckpt, codec=tiny_folders.codec)
+
     return {"seed0": load(tiny_folders.checkpoint), "seed0_stops": load(stops)}
 
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-from openai import AsyncOpenAI
-
 from conftest import SAMPLES
+from openai import AsyncOpenAI
 from test_server import Server
 
 CHUNK = 2400  # 100 ms at 24 kHz

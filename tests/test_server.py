@@ -6,7 +6,6 @@ import time
 import numpy as np
 import pytest
 import requests
-
 from conftest import SAMPLES
 from procs import LoopbackProcess
 

@@ -6,7 +6,6 @@ import base64
 import numpy as np
 import pytest
 import requests
-
 from conftest import SAMPLES
 from procs import LoopbackProcess
 

@@ -7,7 +7,6 @@ import shutil
 import time
 
 import pytest
-
 from browser import audio_playing, browser_page, fake_mic_wav
 from procs import LoopbackProcess, free_port
 from test_server import Server

@@ -7,7 +7,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-
 from browser import audio_playing, browser_page, fake_mic_wav
 from procs import LoopbackProcess, free_port
 from test_server import Server

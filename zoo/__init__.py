@@ -10,8 +10,17 @@ from __future__ import annotations
 import importlib
 
 from .core import (  # noqa: F401  (re-exported: the public interface)
-    AudioInputError, AudioTooLong, Chunk, ModelCard, Options, OptionsError, Stage, UnsupportedError, VoiceModel,
-    WeightsNotFound, ZooError,
+    AudioInputError,
+    AudioTooLong,
+    Chunk,
+    ModelCard,
+    Options,
+    OptionsError,
+    Stage,
+    UnsupportedError,
+    VoiceModel,
+    WeightsNotFound,
+    ZooError,
 )
 
 # name -> "module:Class"; the module defines CARD and the class implements VoiceModel; the

@@ -100,7 +100,7 @@ class RealtimeSession:
             while True:
                 try:
                     message = await asyncio.wait_for(self.ws.receive(), self.idle_timeout_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if self.response is not None or time.monotonic() - self.replied_at < self.idle_timeout_s:
                         continue  # the client is listening to a reply (or just heard one): not idle
                     reason = f"idle timeout: no client event for {self.idle_timeout_s:g} s"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -14,7 +14,7 @@ from .errors import AudioInputError, AudioTooLong
 
 DECODE_BLOCK_FRAMES = 65536
 UNKNOWN_LENGTH = 2**63 - 1  # libsndfile's frame count for a stream whose header does not say
-AudioSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO, np.ndarray]
+AudioSource = str | os.PathLike | bytes | bytearray | BinaryIO | np.ndarray
 
 
 def read_audio(source: AudioSource, sample_rate: int | None = None, *,

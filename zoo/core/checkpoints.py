@@ -4,8 +4,8 @@ huggingface_hub itself. Anything that cannot be had becomes one WeightsNotFound 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 

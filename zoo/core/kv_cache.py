@@ -13,8 +13,8 @@ values at their positions and runs SDPA (with GQA when there are fewer KV heads)
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ class Rows:
 
     @classmethod
     def make(cls, rows: Sequence[int], starts: Sequence[int], new: int, device, width: int | None = None,
-             masked: bool = False) -> "Rows":
+             masked: bool = False) -> Rows:
         """``new`` tokens per row, row i's first at position ``starts[i]``. ``width`` defaults to the
         longest row after this forward; ``masked`` keeps a mask even where none is needed (a graph
         replays the mask it captured)."""
@@ -73,7 +73,7 @@ class Rows:
         return cls(index, positions, width, view, mask, rows, starts, fresh)
 
     @classmethod
-    def placeholder(cls, batch: int, width: int, row: int, device) -> "Rows":
+    def placeholder(cls, batch: int, width: int, row: int, device) -> Rows:
         """Static single-token rows for a graph capture: every row is ``row`` at position 0."""
         index = torch.full((batch,), row, dtype=torch.long, device=device)
         positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -207,7 +207,7 @@ class DecodeGraphs:
             try:
                 self.graphs[key] = self._capture(inputs, *key)
             except RuntimeError as err:
-                warnings.warn(f"CUDA graph capture failed ({err}); decoding without graphs")
+                warnings.warn(f"CUDA graph capture failed ({err}); decoding without graphs", stacklevel=2)
                 self.enabled = False
                 return self.decode(inputs, rows)
         graph, static_inputs, static_rows, output = self.graphs[key]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def cached_folder(key: str, write: Callable[[Path], None], root: str | os.PathLike | None = None) -> Path:

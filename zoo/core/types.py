@@ -4,9 +4,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequence
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -63,7 +64,7 @@ class Options:
     max_new_tokens: int = 1024
     seed: int = 0
 
-    def validate(self) -> "Options":
+    def validate(self) -> Options:
         """Check every field's type (strictly: no strings for numbers, no NaN or infinity) and
         range, in place; returns self. Models' subclasses add their own checks after this one."""
         for f in dataclasses.fields(self):
@@ -82,7 +83,7 @@ class Options:
         return self
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> "Options":
+    def from_dict(cls, values: Mapping[str, Any] | None) -> Options:
         """Build options from untrusted key/value pairs (JSON): unknown keys and wrong types are
         reported by name instead of surfacing as a TypeError deep inside generation. Types are
         JSON's: a number for a numeric option (a whole float such as 30.0 for an int one), a

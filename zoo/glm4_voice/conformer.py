@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 def relative_positions(length: int, d_model: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """(1, 2*length-1, d_model): sinusoids of the relative positions length-1 ... -(length-1),
     computed in float32 exactly as ESPnet's ``RelPositionalEncoding`` (the checkpoint was trained

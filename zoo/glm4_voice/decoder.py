@@ -20,9 +20,9 @@ stays off torch's global RNG: decoder_noise.py.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class AudioDecoder(StreamingModule[DecoderStream, Sequence[int], np.ndarray]):
         self.state_dtype = source_dtype(self.dtype)
 
     @classmethod
-    def load(cls, folder: str | Path, device=None, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED) -> "AudioDecoder":
+    def load(cls, folder: str | Path, device=None, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED) -> AudioDecoder:
         """``folder`` holds the published files: config.yaml, flow.pt, hift.pt."""
         folder = Path(folder)
         missing = [name for name in DECODER_FILES if not (folder / name).is_file()]

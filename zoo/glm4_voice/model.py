@@ -15,8 +15,9 @@ from __future__ import annotations
 import codecs
 import logging
 import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ class GlmVoiceOptions(Options):
     max_new_tokens: int = 2000
     stream_mode: str = "seamless"
 
-    def validate(self) -> "GlmVoiceOptions":
+    def validate(self) -> GlmVoiceOptions:
         super().validate()
         if self.stream_mode not in STREAM_MODES:
             raise OptionsError(f"stream_mode must be one of {STREAM_MODES}, got {self.stream_mode!r}")
@@ -104,7 +105,7 @@ class Reply:
     """One reply in flight: its slot, the sampled ids routed into text deltas and audio blocks,
     and the chunks not yet collected by ``poll``."""
 
-    def __init__(self, model: "GlmVoice", prompt: str, prompt_ids: list[int], turn: dict, options: GlmVoiceOptions) -> None:
+    def __init__(self, model: GlmVoice, prompt: str, prompt_ids: list[int], turn: dict, options: GlmVoiceOptions) -> None:
         self.model, self.prompt, self.prompt_ids, self.turn, self.options = model, prompt, prompt_ids, turn, options
         tokenizer = model.tokenizer
         self.stop_ids = set(model.stop_ids)
@@ -180,7 +181,7 @@ class ReplyStepper:
     """Batched serving for zoo.core.scheduler: one slot engine shared by every admitted reply;
     each step feeds every reply's last id in one forward pass."""
 
-    def __init__(self, model: "GlmVoice", max_sessions: int) -> None:
+    def __init__(self, model: GlmVoice, max_sessions: int) -> None:
         self.model = model
         self.engine = SlotEngine(model.llm, slots=max_sessions, max_len=model.max_context)
 
@@ -224,7 +225,7 @@ class GlmVoice(VoiceModel):
     # -- loading ----------------------------------------------------------------------------
     @classmethod
     def load(cls, *, device=None, dtype=None, llm: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-             decoder: str | os.PathLike | None = None) -> "GlmVoice":
+             decoder: str | os.PathLike | None = None) -> GlmVoice:
         device = pick_device(device)
         llm_dtype, quantized, side_dtype = precision(dtype, device)
         llm_dir = resolve_files(llm or CARD.components["llm"], LLM_FILES, component="llm", optional=("*.safetensors",))

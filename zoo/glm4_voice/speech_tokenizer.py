@@ -44,7 +44,7 @@ class TokenizerConfig:
     scale_embedding: bool = False
 
     @classmethod
-    def from_json(cls, path: Path) -> "TokenizerConfig":
+    def from_json(cls, path: Path) -> TokenizerConfig:
         raw = json.loads(path.read_text())
         config = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
         supported = dict(pooling_type="avg", encoder_causal_convolution=True, encoder_causal_attention=False,
@@ -160,14 +160,14 @@ class SpeechTokenizer:
         self.feature_extractor = feature_extractor
 
     @classmethod
-    def load(cls, folder: Path, device=None, dtype=torch.float32) -> "SpeechTokenizer":
+    def load(cls, folder: Path, device=None, dtype=torch.float32) -> SpeechTokenizer:
         return cls.build(TokenizerConfig.from_json(folder / "config.json"),
                          json.loads((folder / "preprocessor_config.json").read_text()),
                          load_file(folder / "model.safetensors"), device=device, dtype=dtype)
 
     @classmethod
     def build(cls, config: TokenizerConfig, preprocessor: dict, state: dict[str, torch.Tensor], device=None,
-              dtype=torch.float32) -> "SpeechTokenizer":
+              dtype=torch.float32) -> SpeechTokenizer:
         """From a config, the preprocessor settings and a state dict with the published names."""
         from transformers import WhisperFeatureExtractor
 

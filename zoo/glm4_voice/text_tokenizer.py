@@ -54,7 +54,7 @@ class GlmTokenizer:
         self._split = re.compile(r"<\|audio_(?:\d+)\|>|" + "|".join(map(re.escape, others)))
 
     @classmethod
-    def load(cls, folder: Path) -> "GlmTokenizer":
+    def load(cls, folder: Path) -> GlmTokenizer:
         config = json.loads((folder / "tokenizer_config.json").read_text())
         added = {entry["content"]: int(index) for index, entry in config.get("added_tokens_decoder", {}).items()}
         return cls(read_ranks(folder / "tokenizer.model"), added)

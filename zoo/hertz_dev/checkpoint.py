@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -28,7 +28,12 @@ from ..core.checkpoints import mismatch_problems, resolve_files
 from ..core.errors import CheckpointMismatch
 from .codec import STRIDES, CodecConfig, WaveCodec
 from .transformer import (
-    HertzLM, LatentQuantizer, MainConfig, QuantizerConfig, ResynthConfig, Resynthesizer,
+    HertzLM,
+    LatentQuantizer,
+    MainConfig,
+    QuantizerConfig,
+    ResynthConfig,
+    Resynthesizer,
 )
 
 CODEC_FILE = "inference_apatosaurus_95000.pt"

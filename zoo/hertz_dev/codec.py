@@ -73,17 +73,17 @@ class StreamState(StreamingState):
         self.fresh = fresh
 
     @classmethod
-    def zeros(cls, half: nn.Module, rows: int, dtype: torch.dtype, device) -> "StreamState":
+    def zeros(cls, half: nn.Module, rows: int, dtype: torch.dtype, device) -> StreamState:
         buffers = {}
         for name, module in half.named_modules():
             if isinstance(module, (CausalConv, CausalDeconv)):
                 buffers[name] = torch.zeros(rows, module.in_channels, module.context, dtype=dtype, device=device)
         return cls(buffers, torch.ones(rows, dtype=torch.bool, device=device))
 
-    def take(self, rows: torch.Tensor) -> "StreamState":
+    def take(self, rows: torch.Tensor) -> StreamState:
         return StreamState({k: v[rows] for k, v in self.buffers.items()}, self.fresh[rows])
 
-    def put(self, rows: torch.Tensor, part: "StreamState") -> None:
+    def put(self, rows: torch.Tensor, part: StreamState) -> None:
         for k, v in part.buffers.items():
             self.buffers[k][rows] = v
         self.fresh[rows] = part.fresh

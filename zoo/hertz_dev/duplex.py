@@ -26,8 +26,9 @@ once per 512 steps for that session.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -196,7 +197,7 @@ class DuplexSession:
     def close(self) -> None:
         self.stepper.close(self.handle)
 
-    def __enter__(self) -> "DuplexSession":
+    def __enter__(self) -> DuplexSession:
         return self
 
     def __exit__(self, *exc) -> None:

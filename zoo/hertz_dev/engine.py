@@ -24,7 +24,13 @@ from ..core.sampling import is_zero_temperature, sample
 from ..core.scheduler import isolate
 from ..core.types import Options
 from .transformer import (
-    MAIN_CONTEXT, RESYNTH_CONTEXT, HertzLM, LatentQuantizer, Resynthesizer, Rows, rope_tables,
+    MAIN_CONTEXT,
+    RESYNTH_CONTEXT,
+    HertzLM,
+    LatentQuantizer,
+    Resynthesizer,
+    Rows,
+    rope_tables,
 )
 
 
@@ -174,7 +180,7 @@ class Engine:
             out = self.main(x, self.main_cache, rows, self.main_rope, self.out_channels)
             logits[i] = torch.stack([o[0] for o in out])
             slots[i].main_len = x.size(1)
-        return torch.stack([self._isolated(slot, lambda: self._tokens(slot, lg), lg.argmax(dim=-1))
+        return torch.stack([self._isolated(slot, lg.argmax(dim=-1), self._tokens, slot, lg)
                             for slot, lg in zip(slots, logits)])
 
     def resynth_step(self, slots: list[Slot], latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -197,16 +203,16 @@ class Engine:
                                                  self.resynth_rope, self.out_channels)
             mixtures[i] = (locs[:, 0], scales[:, 0], weights[:, 0])
             slots[i].resynth_len = x.size(1)
-        return torch.stack([self._isolated(slot, lambda: self._latents(slot, *m), torch.zeros_like(m[0][:, 0]))
+        return torch.stack([self._isolated(slot, torch.zeros_like(m[0][:, 0]), self._latents, slot, *m)
                             for slot, m in zip(slots, mixtures)])
 
     @staticmethod
-    def _isolated(slot: Slot, draw, placeholder: torch.Tensor) -> torch.Tensor:
-        """A slot's own draw; if it fails, the slot is marked failed and ``placeholder`` keeps the
-        batch's shape (the other slots' rows do not depend on it)."""
+    def _isolated(slot: Slot, placeholder: torch.Tensor, draw, *args) -> torch.Tensor:
+        """A slot's own ``draw(*args)``; if it fails, the slot is marked failed and ``placeholder``
+        keeps the batch's shape (the other slots' rows do not depend on it)."""
         result = placeholder
         with isolate(slot):
-            result = draw()
+            result = draw(*args)
         return result
 
     # -- sampling (the reference's next_latent / temp_sample, with a per-slot generator) ------

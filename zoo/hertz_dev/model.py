@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,13 @@ from ..core.errors import OptionsError, WeightsNotFound
 from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Stage, VoiceModel
 from .checkpoint import (
-    CODEC_FILE, QUANTIZER_FILE, VARIANT_FILES, build_codec, build_main, build_quantizer, build_resynth,
+    CODEC_FILE,
+    QUANTIZER_FILE,
+    VARIANT_FILES,
+    build_codec,
+    build_main,
+    build_quantizer,
+    build_resynth,
     resolve,
 )
 from .codec import FRAME, SAMPLE_RATE, WaveCodec
@@ -106,7 +113,7 @@ class HertzDev(VoiceModel):
     # -- loading ----------------------------------------------------------------------------
     @classmethod
     def load(cls, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-             checkpoint: str | os.PathLike | None = None) -> "HertzDev":
+             checkpoint: str | os.PathLike | None = None) -> HertzDev:
         """Codec and quantizer now; the mono / split networks when first used. ``checkpoint``: a
         folder holding the published files, or a hub repo id (default si-pbc/hertz-dev).
         ``dtype`` defaults to bfloat16 on CUDA (as the reference), float32 on CPU."""

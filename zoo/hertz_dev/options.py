@@ -29,7 +29,7 @@ class HertzOptions(Options):
     gaussian_temp: float = 0.1  # component noise (0: its mean)
     pure_audio_ablation: bool = False  # respond(): the optional no-text-init main model (syrup)
 
-    def validate(self) -> "HertzOptions":
+    def validate(self) -> HertzOptions:
         super().validate()
         for name in ("categorical_temp", "gaussian_temp"):
             if not 0.0 <= getattr(self, name) <= 10.0:

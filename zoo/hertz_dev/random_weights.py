@@ -21,7 +21,14 @@ from torch import nn
 from ..core.devices import pick_device, pick_dtype
 from ..core.tiny import cached_folder
 from .checkpoint import (
-    CODEC_FILE, QUANTIZER_FILE, VARIANT_FILES, build_codec, build_main, build_quantizer, build_resynth, file_keys,
+    CODEC_FILE,
+    QUANTIZER_FILE,
+    VARIANT_FILES,
+    build_codec,
+    build_main,
+    build_quantizer,
+    build_resynth,
+    file_keys,
 )
 from .codec import CodecConfig, WaveCodec
 from .transformer import HertzLM, LatentQuantizer, MainConfig, QuantizerConfig, ResynthConfig, Resynthesizer

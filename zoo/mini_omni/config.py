@@ -36,7 +36,7 @@ class GPTConfig:
         return int(self.rotary_percentage * self.head_size)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "GPTConfig":
+    def from_yaml(cls, path: str | Path) -> GPTConfig:
         """Read litgpt's yaml. Keys we do not use are ignored (the reference's strict Config would
         reject unknown keys); values that would need code we do not have are refused clearly."""
         raw = yaml.safe_load(Path(path).read_text()) or {}

@@ -148,7 +148,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def pack(self) -> "GPT":
+    def pack(self) -> GPT:
         """Faster weight layouts for inference (see GatedMLP.pack); call after .to(device, dtype)."""
         for module in self.modules():
             if isinstance(module, GatedMLP):

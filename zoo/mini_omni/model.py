@@ -3,9 +3,10 @@ reference plus its batch trick, and streaming replies (text deltas alongside aud
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ class MiniOmniOptions(Options):
     stream_mode: str = "seamless"  # or "reference": independent chunks, tail dropped
     codec_noise: bool = True  # SNAC's learned noise injection (seeded by ``seed``)
 
-    def validate(self) -> "MiniOmniOptions":
+    def validate(self) -> MiniOmniOptions:
         super().validate()
         if not 1 <= self.stream_stride <= 64:
             raise OptionsError(f"stream_stride must be in [1, 64], got {self.stream_stride}")
@@ -172,7 +173,7 @@ class ReplyStepper:
     """Batched serving of respond() for zoo.core.scheduler: its own engine with two KV-cache rows
     per session (the batch trick), shared by every session the scheduler admits."""
 
-    def __init__(self, model: "MiniOmni", max_sessions: int) -> None:
+    def __init__(self, model: MiniOmni, max_sessions: int) -> None:
         self.model = model
         self.engine = Engine(model.gpt, max_rows=2 * max_sessions)
 
@@ -228,7 +229,7 @@ class MiniOmni(VoiceModel):
         dtype: torch.dtype | str | None = None,
         checkpoint: str | os.PathLike | None = None,
         codec: str | os.PathLike | None = None,
-    ) -> "MiniOmni":
+    ) -> MiniOmni:
         device = pick_device(device)
         dtype = pick_dtype(dtype)
         ckpt = resolve_files(checkpoint or CARD.components["checkpoint"], CHECKPOINT_FILES, component="checkpoint", optional=(WHISPER_FILE,))

@@ -7,7 +7,17 @@ from dataclasses import dataclass
 import torch
 
 from .tokens import (
-    ANSWER_A, ANSWER_T, ASR, AUDIO_LAYERS, EOA, EOT, INPUT_A, INPUT_T, PAD_A, PAD_T, layershift,
+    ANSWER_A,
+    ANSWER_T,
+    ASR,
+    AUDIO_LAYERS,
+    EOA,
+    EOT,
+    INPUT_A,
+    INPUT_T,
+    PAD_A,
+    PAD_T,
+    layershift,
 )
 
 

@@ -231,8 +231,8 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
     published dimensions (and so the real compute cost), ``tiny`` the test dimensions."""
     from tokenizers import Tokenizer
 
-    from .codec import Codec, prepare_for_inference
     from ..core.devices import pick_device, pick_dtype
+    from .codec import Codec, prepare_for_inference
     from .model import MiniOmni
     from .whisper import AudioEncoder, EncoderDims
 

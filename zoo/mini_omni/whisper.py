@@ -26,7 +26,7 @@ class EncoderDims:
     n_audio_layer: int = 12
 
     @classmethod
-    def from_checkpoint(cls, dims: dict) -> "EncoderDims":
+    def from_checkpoint(cls, dims: dict) -> EncoderDims:
         return cls(**{k: int(dims[k]) for k in cls.__dataclass_fields__})
 
 
