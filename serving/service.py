@@ -40,8 +40,8 @@ class Service:
 
     def close(self) -> None:
         if self.duplex is not None:
-            self.duplex.shutdown()
-        self.scheduler.close()
+            self.duplex.stop()
+        self.scheduler.stop()
         self.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     def options(self, values: dict[str, Any]):

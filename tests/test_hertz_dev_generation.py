@@ -205,6 +205,6 @@ def test_batched_respond_through_the_scheduler(tiny_hertz, speech):
         while len(finished) < 2 and time.time() < deadline:
             time.sleep(0.01)
     finally:
-        scheduler.close()
+        scheduler.stop()
     for i in range(2):
         np.testing.assert_allclose(np.concatenate([c.audio for c in results[i]]), alone[i], rtol=0, atol=1e-5)

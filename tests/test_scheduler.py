@@ -40,7 +40,7 @@ def test_batched_sessions_equal_each_session_alone(tiny64, question_wav):
             assert "".join(c.text for c in chunks) == text_alone
         assert sorted(stepper.engine.free_rows) == list(range(8))
     finally:
-        scheduler.close()
+        scheduler.stop()
 
 
 def test_capacity_cancel_and_release(tiny64, question_wav):
@@ -62,7 +62,7 @@ def test_capacity_cancel_and_release(tiny64, question_wav):
             threading.Event().wait(0.05)
         assert scheduler.load == 1 and not finished.is_set()  # freed, and nobody is told
     finally:
-        scheduler.close()
+        scheduler.stop()
 
 
 def test_one_slot_steppers_reuse_when_idle_and_never_share_a_slot():

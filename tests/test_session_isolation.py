@@ -82,7 +82,7 @@ def serve(stepper, jobs, victim_index, cancel_victim_after=None):
                 assert done.wait(WAIT_S), f"session {i} did not finish"
         return received, failed_at[0] if failed_at else None
     finally:
-        scheduler.close()
+        scheduler.stop()
 
 
 def output(items):
@@ -184,7 +184,7 @@ def test_a_failing_poll_ends_its_session_only():
                              [1] and ends[i].set())
         assert all(e.wait(10) for e in ends)
     finally:
-        scheduler.close()
+        scheduler.stop()
     assert [c.text for c in got[0][:-1]] == ["3", "2", "1", "0"] and got[0][-1] is None
     assert isinstance(got[1][-1], ValueError) and stepper.released == 2
 
@@ -225,7 +225,7 @@ def run_hub(model, options, frames, victim, close_victim_after=None):
                 live.remove(victim)
         return got
     finally:
-        hub.shutdown()
+        hub.stop()
 
 
 def test_duplex_hub_one_failing_session_leaves_the_others_bit_identical(tiny_hertz):

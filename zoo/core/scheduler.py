@@ -85,16 +85,33 @@ class Busy(Exception):
     """Every session slot (of replies, or of duplex sessions) is taken."""
 
 
-class Scheduler:
+class WorkerThread:
+    """The one thread that owns a stepper: callers on other threads hand it work under ``_cv``
+    and notify it; ``stop`` ends it between steps."""
+
+    def __init__(self, name: str) -> None:
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+
+class Scheduler(WorkerThread):
     def __init__(self, stepper: Stepper, max_sessions: int) -> None:
+        super().__init__("zoo-scheduler")
         self.stepper, self.max_sessions = stepper, max_sessions
         self._pending: deque[Ticket] = deque()
         self._active: list[Ticket] = []
-        self._cv = threading.Condition()
         self._ids = itertools.count(1)
-        self._stopping = False
         self.steps = 0
-        self._thread = threading.Thread(target=self._run, name="zoo-scheduler", daemon=True)
         self._thread.start()
 
     @property
@@ -118,12 +135,6 @@ class Scheduler:
         with self._cv:
             ticket.cancelled = True
             self._cv.notify()
-
-    def close(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        self._thread.join(timeout=10)
 
     # -- worker thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -235,7 +246,7 @@ class DuplexTicket:
 StepReport = Callable[[float, int, int], None]
 
 
-class DuplexScheduler:
+class DuplexScheduler(WorkerThread):
     """Full-duplex sessions on a model's ``DuplexStepper``, one worker thread owning it. Each tick
     it applies the sessions that left (``close``) and joined (``open``, with the prompt's
     prefill), then steps every session that has a pending input frame in ONE batched
@@ -248,6 +259,7 @@ class DuplexScheduler:
     def __init__(self, stepper: DuplexStepper, max_sessions: int, frame_samples: int, *,
                  prompt: tuple[np.ndarray, int] | None = None, warm_up: bool = True,
                  on_step: StepReport | None = None) -> None:
+        super().__init__("zoo-duplex")
         self.stepper, self.max_sessions, self.frame = stepper, max_sessions, frame_samples
         self.prompt = prompt
         self.on_step = on_step
@@ -258,13 +270,10 @@ class DuplexScheduler:
             self.stepper.close(handle)
         self.reserved = 0
         self.steps = 0
-        self._cv = threading.Condition()
         self._opening: list[DuplexTicket] = []
         self._closing: list[DuplexTicket] = []
         self._active: list[DuplexTicket] = []  # worker thread only
         self._numbers = itertools.count(1)
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="zoo-duplex", daemon=True)
         self._thread.start()
 
     def nbytes(self) -> int:
@@ -302,12 +311,6 @@ class DuplexScheduler:
             elif ticket.state == "taken":
                 self._closing.append(ticket)
             self._cv.notify()
-
-    def shutdown(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        self._thread.join(timeout=10)
 
     # -- worker thread --------------------------------------------------------------------------
     def _run(self) -> None:
