@@ -70,3 +70,98 @@ def test_the_latency_bench_runs_for_every_model(model, tmp_path):
     result = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert {s.value for s in zoo.Stage} <= set(result["stages"])
     assert model.card.name in (tmp_path / "latency.md").read_text()
+
+
+# -- the card ---------------------------------------------------------------------------------------
+def test_the_card_is_consistent_and_readable_without_loading(model):
+    import dataclasses
+    import json
+
+    name = model.card.name
+    card = zoo.card(name)  # no weights loaded for this
+    assert card == model.card
+    assert card.name == name and card.title and card.description
+    assert card.input_sample_rate > 0 and card.output_sample_rate > 0 and card.max_input_seconds > 0
+    assert card.components and all("/" in repo for repo in card.components.values())  # hub repo ids
+    if card.duplex:
+        assert card.frame_samples and card.frame_samples > 0
+    options = {f.name for f in dataclasses.fields(model.options_class)}
+    for protocol, knobs in card.protocols.items():
+        assert set(knobs.values()) <= options, f"{protocol} sets options {name} does not have"
+    assert json.loads(json.dumps(card.to_dict()))["name"] == name  # what /v1/models sends
+
+
+# -- options ----------------------------------------------------------------------------------------
+def test_a_base_options_is_converted_to_the_models_own(model):
+    options = model.options(zoo.Options(temperature=0.0, max_new_tokens=12, seed=3))
+    assert type(options) is model.options_class
+    assert (options.temperature, options.max_new_tokens, options.seed) == (0.0, 12, 3)
+    chunks = list(model.respond(QUESTION, 16000, zoo.Options(temperature=0.0, max_new_tokens=12)))
+    assert chunks
+
+
+@pytest.mark.parametrize("bad", [{"temperature": "hot"}, {"temperature": float("nan")}, {"seed": -1},
+                                 {"max_new_tokens": 0}, {"no_such_option": 1}, {"top_p": 0.0}])
+def test_bad_options_are_refused_by_name_before_any_work(model, bad):
+    with pytest.raises(zoo.OptionsError, match=next(iter(bad))):
+        next(iter(model.respond(QUESTION, 16000, bad)))
+
+
+# -- replies -----------------------------------------------------------------------------------------
+def test_chunks_carry_mono_float32_audio_in_range_and_text(model):
+    chunks = list(model.respond(QUESTION, 16000, SHORT))
+    assert chunks and any(c.audio.size for c in chunks)
+    for chunk in chunks:
+        assert chunk.audio.dtype == np.float32 and chunk.audio.ndim == 1
+        assert np.all(np.abs(chunk.audio) <= 1.0) and np.all(np.isfinite(chunk.audio))
+        assert isinstance(chunk.text, str)
+    if not model.card.text_input:
+        with pytest.raises(zoo.UnsupportedError):
+            next(iter(model.respond_text("hello", SHORT)))
+
+
+@pytest.fixture(scope="module", params=zoo.names())
+def model64(request, _tiny_cache):
+    return zoo.load(request.param, random_weights="tiny", device="cpu", dtype="float64")
+
+
+def test_batched_stepper_output_equals_each_reply_alone(model64):
+    """Two sessions of different lengths and seeds in one batched stepper (what the server runs)
+    give what each gives alone through respond()."""
+    questions = [(QUESTION, {"max_new_tokens": 16, "seed": 1}), (QUESTION[:9000] * 2, {"max_new_tokens": 12, "seed": 2})]
+    alone = [list(model64.respond(audio, 16000, options)) for audio, options in questions]
+    stepper = model64.stepper(2)
+    jobs = [stepper.prepare(audio, 16000, model64.options(options)) for audio, options in questions]
+    batched = [[] for _ in jobs]
+    for job in jobs:
+        stepper.start(job)
+    while True:
+        for job, out in zip(jobs, batched):
+            chunk = job.poll()
+            if chunk is not None:
+                out.append(chunk)
+            assert job.error is None
+        live = [job for job in jobs if not job.done]
+        if not live:
+            break
+        stepper.step(live)
+    for job in jobs:
+        stepper.release(job)
+    for one, many in zip(alone, batched):
+        assert "".join(c.text for c in many) == "".join(c.text for c in one)
+        np.testing.assert_allclose(np.concatenate([c.audio for c in many]),
+                                   np.concatenate([c.audio for c in one]), rtol=0, atol=1e-9)
+
+
+# -- duplex ------------------------------------------------------------------------------------------
+def test_duplex_when_the_card_says_so(model):
+    if not model.card.duplex:
+        with pytest.raises(zoo.UnsupportedError):
+            model.duplex()
+        return
+    frame = np.zeros(model.card.frame_samples, np.float32)
+    answer = model.card.frame_samples * model.card.output_sample_rate // model.card.input_sample_rate
+    with model.duplex(zoo.Options(temperature=0.0)) as session:
+        outputs = [session.step(frame) for _ in range(3)]
+    for out in outputs:
+        assert out.audio.dtype == np.float32 and out.audio.shape == (answer,)
