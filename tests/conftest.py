@@ -17,6 +17,18 @@ def _tiny_cache(tmp_path_factory):
     os.environ["ZOO_TINY_DIR"] = str(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are overhead-bound: one torch thread avoids OpenMP contention on a busy machine
+    (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_folders(_tiny_cache):
     from zoo.mini_omni.random_weights import tiny_checkpoint

@@ -36,13 +36,7 @@ from zoo.hertz_dev.transformer import FSQ, HertzLM, LatentQuantizer, MainConfig,
 KEYS = {f["file"]: f for f in json.loads((Path(__file__).parent / "data/keys/hertz-dev.json").read_text())["files"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one thread avoids OpenMP contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ def assert_same_arrays(a: list[np.ndarray], b: list[np.ndarray]) -> None:
     assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread
 
 
 # -- Mini-Omni: SNAC, one reply per state -------------------------------------------------------
