@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 
 from fastapi import Request
 
 from .errors import ApiError
+from .parsing import json_object
 
 READ_TIMEOUT_S = 30.0
 
@@ -36,12 +36,9 @@ async def read_json(request: Request, limit: int, timeout: float = READ_TIMEOUT_
         if len(body) > limit:
             raise ApiError(413, "too_large", f"request body over {limit} bytes")
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, "bad_json", f"body is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "bad_json", "body must be a JSON object")
-    return data
+        return json_object(body)
+    except ValueError as err:
+        raise ApiError(400, "bad_json", f"the body must be a JSON object: {err}") from None
 
 
 def decode_audio_field(data: dict) -> bytes:

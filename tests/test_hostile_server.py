@@ -66,15 +66,21 @@ async def next_event(ws, *types, timeout=60) -> dict:
     return await asyncio.wait_for(wait(), timeout)
 
 
-async def exchange(ws) -> dict:
-    """A normal manual turn on an open realtime socket; returns its response.done."""
+async def ask(ws, max_output_tokens: int) -> None:
+    """Send a manual turn (1 s of speech, committed) and ask for a response of at most
+    ``max_output_tokens`` on an open realtime socket."""
     await ws.send(json.dumps({"type": "session.update", "session": {
-        "max_output_tokens": 10, "audio": {"input": {"turn_detection": None}}}}))
+        "max_output_tokens": max_output_tokens, "audio": {"input": {"turn_detection": None}}}}))
     await next_event(ws, "session.updated")
     for chunk in pcm_chunks(speech_24k(pad_before=0, pad_after=0)[:24000]):
         await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
     await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
     await ws.send(json.dumps({"type": "response.create"}))
+
+
+async def exchange(ws) -> dict:
+    """A normal short turn on an open realtime socket; returns its response.done."""
+    await ask(ws, max_output_tokens=10)
     return await next_event(ws, "response.done")
 
 
@@ -343,13 +349,7 @@ def test_a_body_shorter_than_its_content_length_is_dropped(server):
 def test_idle_timer_spares_a_running_reply_and_says_why_it_closes(server):
     async def run():
         async with await realtime(server) as ws:
-            await ws.send(json.dumps({"type": "session.update", "session": {
-                "max_output_tokens": 1500, "audio": {"input": {"turn_detection": None}}}}))
-            await next_event(ws, "session.updated")
-            for chunk in pcm_chunks(speech_24k(pad_before=0, pad_after=0)[:24000]):
-                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
-            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-            await ws.send(json.dumps({"type": "response.create"}))
+            await ask(ws, max_output_tokens=1500)
             quiet_since = time.monotonic()  # the client sends nothing from here on while it listens
             deltas = 0
             while time.monotonic() - quiet_since < IDLE_S * 2:

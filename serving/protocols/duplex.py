@@ -60,6 +60,7 @@ from zoo.core.scheduler import Busy, DuplexScheduler, DuplexTicket
 
 from ..errors import ApiError, report_failure
 from ..metrics import Metrics
+from ..parsing import json_object
 
 MAX_BACKLOG_FRAMES = 8  # frames received and not yet answered, per session (1 s of 125 ms frames)
 MAX_MESSAGE_FRAMES = 16  # audio messages over this many frames are refused
@@ -251,9 +252,7 @@ class DuplexSocket:
 
     async def configure(self, text: str) -> None:
         try:
-            event = json.loads(text)
-            if not isinstance(event, dict):
-                raise ValueError("not an object")
+            event = json_object(text)
         except ValueError as err:
             raise ProtocolError("invalid_json", f"text messages must be JSON objects: {err}") from None
         if event.get("type", "session.update") != "session.update":

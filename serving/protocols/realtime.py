@@ -41,6 +41,7 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from zoo.core.audio import float_to_pcm16, pcm16_to_float, resample
 
 from ..errors import ApiError, GenerationFailed, report_failure
+from ..parsing import json_object
 from ..service import Service
 from ..vad import VAD_RATE, SpeechDetector
 from . import realtime_schema as schema
@@ -120,9 +121,7 @@ class RealtimeSession:
 
     async def handle(self, text: str) -> None:
         try:
-            event = json.loads(text)
-            if not isinstance(event, dict):
-                raise ValueError("not an object")
+            event = json_object(text)
         except ValueError as err:
             await self.error("invalid_json", f"event is not a JSON object: {err}")
             return
