@@ -137,7 +137,7 @@ def test_glm4_voice_one_failing_session_leaves_the_batch_bit_identical(tiny_glm,
                {"max_new_tokens": 36, "seed": 7}]
     path = str(question_wav[0])
     stepper = check_only_the_victim_failed(tiny_glm, glm, lambda s, o: s.prepare(path, None, o), options, after=8)
-    assert sorted(stepper.engine.free) == [0, 1, 2]
+    assert sorted(stepper.engine.free_rows) == [0, 1, 2]
 
 
 def test_respond_raises_the_sessions_error(tiny_glm):
@@ -261,7 +261,7 @@ def test_duplex_stepper_returns_the_error_of_one_session_and_closes_it(tiny_hert
     assert isinstance(out[1], zoo.AudioInputError) and bad.closed and not good.closed
     assert isinstance(stepper.step([good], [frame])[0], np.ndarray)  # the other session goes on
     stepper.close(good)
-    assert sorted(stepper.engine.free) == [0, 1]
+    assert sorted(stepper.engine.free_rows) == [0, 1]
 
 
 def test_hertz_dev_replies_one_failing_session_leaves_the_batch_bit_identical(tiny_hertz):
@@ -272,7 +272,7 @@ def test_hertz_dev_replies_one_failing_session_leaves_the_batch_bit_identical(ti
                {"max_new_tokens": 8, "temperature": 0}]
     stepper = check_only_the_victim_failed(tiny_hertz, engine, lambda s, o: s.prepare(speech, 16000, o), options,
                                            after=4)
-    assert sorted(stepper.engines["mono"][0].free) == [0, 1, 2]
+    assert sorted(stepper.engines["mono"][0].free_rows) == [0, 1, 2]
 
 
 def test_mini_omni_codec_failure_of_one_session_ends_it_alone(tiny64, question_wav, monkeypatch):

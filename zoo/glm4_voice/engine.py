@@ -36,7 +36,7 @@ class SlotEngine:
         return self.model.model.embed_tokens.weight.device
 
     @property
-    def free(self) -> list[int]:
+    def free_rows(self) -> list[int]:
         return self.cache.free_rows
 
     def acquire(self) -> int:

@@ -112,7 +112,7 @@ class Engine:
 
     # -- slots: a slot owns the same row of every cache (the main cache keeps the books) ------
     @property
-    def free(self) -> list[int]:
+    def free_rows(self) -> list[int]:
         return self.main_cache.free_rows
 
     def open(self, options: Options) -> Slot:
