@@ -7,10 +7,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 from typing import Any
 
 import zoo
+from zoo.core.errors import UnknownOption
 from zoo.core.scheduler import Busy, DuplexScheduler, Scheduler
 
 from .errors import ApiError, GenerationFailed, report_failure
@@ -31,7 +31,6 @@ class Service:
         self.prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zoo-prepare")
         self.in_flight = 0
         self.metrics = Metrics()
-        self.option_names = {f.name for f in fields(model.options_class)}
         self.duplex = None
         if model.card.duplex:
             slots = duplex_sessions or max_sessions
@@ -47,11 +46,10 @@ class Service:
     def options(self, values: dict[str, Any]):
         if not isinstance(values, dict):
             raise ApiError(400, "bad_request", f"options must be an object of name: value, got {type(values).__name__}")
-        unknown = sorted(set(values) - self.option_names)
-        if unknown:
-            raise ApiError(400, "bad_request", f"unknown option(s) {unknown}; known: {sorted(self.option_names)}")
         try:
             return self.model.options(values)
+        except UnknownOption as err:  # a field this request should not carry at all
+            raise ApiError(400, "bad_request", str(err)) from None
         except zoo.OptionsError as err:
             raise ApiError(422, "bad_option", str(err)) from None
 

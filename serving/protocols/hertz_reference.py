@@ -112,7 +112,7 @@ def install(app: FastAPI, service: Service, duplex: DuplexSettings, settings: Re
     refusal = unavailable(card) or (None if PROTOCOL in card.protocols else
                                     ("not_offered", f"{card.name} does not declare the {PROTOCOL} protocol"))
     knob = dict(card.protocols.get(PROTOCOL, {}))  # query parameter -> model option
-    unknown = sorted(set(knob) - set(KNOB_PARAMS)) + sorted(set(knob.values()) - service.option_names)
+    unknown = sorted(set(knob) - set(KNOB_PARAMS)) + sorted(set(knob.values()) - {f.name for f in dataclasses.fields(service.model.options_class)})
     if unknown:
         raise ValueError(f"{card.name}'s card maps {PROTOCOL} parameters wrongly: {unknown}")
 

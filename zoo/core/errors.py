@@ -23,7 +23,11 @@ class AudioTooLong(AudioInputError):
 
 
 class OptionsError(ZooError, ValueError):
-    """A generation option is unknown or out of range."""
+    """A generation option is unknown, of the wrong type or out of range."""
+
+
+class UnknownOption(OptionsError):
+    """An option name the model does not have (a client's typo or another model's option)."""
 
 
 class UnsupportedError(ZooError):

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from .errors import OptionsError, UnsupportedError
+from .errors import OptionsError, UnknownOption, UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Options:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise OptionsError(f"unknown option(s) {unknown}; known: {sorted(known)}")
+            raise UnknownOption(f"unknown option(s) {unknown}; known: {sorted(known)}")
         return cls(**{name: _checked_value(name, value, cls, known[name]) for name, value in values.items()}).validate()
 
 
