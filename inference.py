@@ -20,28 +20,20 @@ import soundfile as sf
 from tqdm import tqdm
 
 import zoo
-from zoo.core.cli import add_component_flags, chosen_model, component_values
+from zoo.cli import add_model_flags, load_model, noise_notice
 
 SAMPLES = Path(__file__).resolve().parent / "demos" / "samples"
-TINY_MAX_NEW_TOKENS = 64  # tiny random models rarely stop by themselves
-NOISE_BANNER = "!! RANDOM WEIGHTS (--tiny): every reply below is noise, not speech. !!"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="mini-omni", choices=zoo.names())
     parser.add_argument("--input", nargs="+", type=Path, metavar="FILE", help="your own audio files")
     parser.add_argument("--text", help="a typed question instead of audio")
-    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
-    parser.add_argument("--dtype", help="float32 (default), bfloat16, float16, float64")
-    parser.add_argument("--tiny", action="store_true", help="tiny random weights (no download; noise)")
     parser.add_argument("--output-dir", type=Path, default=Path("output"))
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--seed", type=int, default=0)
-    model = chosen_model(argv, parser.get_default("model"))
-    if model in zoo.names():  # an unknown name is reported by the full parser below
-        add_component_flags(parser, zoo.card(model))
+    add_model_flags(parser, argv)
     return parser.parse_args(argv)
 
 
@@ -83,15 +75,14 @@ def answer(model, question: dict, options) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     card = zoo.card(args.model)
-    components = component_values(args, card)
-    if args.tiny:
-        print(NOISE_BANNER, file=sys.stderr)
     try:
-        model = zoo.load(args.model, device=args.device, dtype=args.dtype, random_weights="tiny" if args.tiny else None,
-                         seed=args.seed, **components)
+        model = load_model(args, seed=args.seed)
+        notice = noise_notice(model)
+        if notice:
+            print(f"!! {notice} !!", file=sys.stderr)
         overrides = {"seed": args.seed}
-        if args.max_new_tokens is not None or args.tiny:
-            overrides["max_new_tokens"] = args.max_new_tokens or TINY_MAX_NEW_TOKENS
+        if args.max_new_tokens is not None:
+            overrides["max_new_tokens"] = args.max_new_tokens
         if args.temperature is not None:
             overrides["temperature"] = args.temperature
         options = model.options(overrides)
@@ -114,12 +105,12 @@ def main(argv=None) -> int:
         sf.write(wav_path, result.pop("audio"), card.output_sample_rate, subtype="PCM_16")
         results.append({**result, "wav": wav_path.name})
 
-    summary = {"model": args.model, "tiny": args.tiny, "device": str(args.device or "auto"), "dtype": args.dtype or "float32",
-               "random_weights_noise": args.tiny, "results": results}
+    summary = {"model": args.model, "random_weights": model.random_weights, "device": str(args.device or "auto"),
+               "dtype": args.dtype or "float32", "results": results}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     print_table(results)
-    if args.tiny:
-        print(NOISE_BANNER)
+    if notice:
+        print(f"!! {notice} !!")
     print(f"wrote {len(results)} replies to {run_dir}")
     return 1 if any("error" in r for r in results) else 0
 

@@ -52,8 +52,8 @@ from serving.protocols.realtime import IDLE_TIMEOUT_S, MAX_WS_MESSAGE_BYTES
 from serving.security import MAX_CONNECTIONS, AccessSettings
 from serving.service import Service
 from serving.transport import serve
+from zoo.cli import add_model_flags, load_model, noise_notice
 from zoo.core.audio import read_audio
-from zoo.core.cli import add_component_flags, chosen_model, component_values
 
 log = logging.getLogger("omni-zoo.server")
 
@@ -67,14 +67,8 @@ def warm_up(model: zoo.VoiceModel) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="mini-omni", choices=zoo.names())
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
     parser.add_argument("--port", type=int, default=60808)
-    parser.add_argument("--device")
-    parser.add_argument("--dtype")
-    parser.add_argument("--tiny", action="store_true", help="tiny random weights (noise), for tests")
-    parser.add_argument("--random-full", action="store_true",
-                        help="published dimensions with random weights (noise), for load benchmarks")
     parser.add_argument("--max-sessions", type=int, default=16)
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20)
     parser.add_argument("--seed", type=int, default=0)
@@ -103,25 +97,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="close a duplex session after this long without a message")
     duplex.add_argument("--replay-seconds", type=float, default=ReferenceSettings.replay_seconds,
                         help="/audio with a prompt: answer the first seconds with the prompt's end, as the reference")
-    model = chosen_model(argv, parser.get_default("model"))
-    if model in zoo.names():  # an unknown name is reported by the full parser below
-        add_component_flags(parser, zoo.card(model))
+    add_model_flags(parser, argv)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    components = component_values(args, zoo.card(args.model))
     try:
-        random_weights = "full" if args.random_full else "tiny" if args.tiny else None
-        model = zoo.load(args.model, device=args.device, dtype=args.dtype, random_weights=random_weights,
-                         seed=args.seed, **components)
+        model = load_model(args, seed=args.seed)
     except zoo.ZooError as err:
         log.error("%s", err)
         return 2
     if model.random_weights:
-        log.warning("RANDOM WEIGHTS (%s): every reply is noise, not speech", model.random_weights)
+        log.warning("%s", noise_notice(model))
     prompt = None
     if args.duplex_prompt:
         try:

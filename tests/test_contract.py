@@ -107,6 +107,19 @@ def test_bad_options_are_refused_by_name_before_any_work(model, bad):
         next(iter(model.respond(QUESTION, 16000, bad)))
 
 
+def test_random_weight_replies_are_capped_to_a_few_seconds_unless_asked(model):
+    """A first try with random weights must not wait minutes for noise; the card's token rate
+    turns the cap in seconds into the model's own token limit, and a caller's limit wins."""
+    from zoo.cli import noise_notice
+
+    cap = model.default_max_new_tokens
+    assert cap == round(zoo.RANDOM_REPLY_SECONDS * model.card.reply_tokens_per_second)
+    assert model.options().max_new_tokens == cap and model.options({"max_new_tokens": 5}).max_new_tokens == 5
+    audio = np.concatenate([c.audio for c in model.respond(QUESTION, 16000)])
+    assert 0 < audio.size / model.card.output_sample_rate <= zoo.RANDOM_REPLY_SECONDS + 1.0
+    assert f"max_new_tokens={cap}" in noise_notice(model)
+
+
 # -- replies -----------------------------------------------------------------------------------------
 def test_chunks_carry_mono_float32_audio_in_range_and_text(model):
     chunks = list(model.respond(QUESTION, 16000, SHORT))

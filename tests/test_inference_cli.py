@@ -20,7 +20,7 @@ def test_tiny_end_to_end_writes_wavs_summary_and_says_it_is_noise(tmp_path, tran
     assert "RANDOM WEIGHTS" in result.stderr and "RANDOM WEIGHTS" in result.stdout
     run_dir = next((tmp_path / "mini-omni").iterdir())
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["random_weights_noise"] is True
+    assert summary["random_weights"] == "tiny"
     assert [r["question"] for r in summary["results"]] == [transcripts[k] for k in sorted(transcripts)]
     for i, r in enumerate(summary["results"]):
         audio, rate = sf.read(run_dir / f"{i:02d}.wav")
@@ -70,4 +70,4 @@ def test_every_model_answers_through_the_same_cli(tmp_path, question_wav):
         summary = json.loads((run_dir / "summary.json").read_text())
         audio, rate = sf.read(run_dir / "00.wav")
         assert rate == zoo.card(name).output_sample_rate and audio.size > 0
-        assert summary["random_weights_noise"] is True
+        assert summary["random_weights"] == "tiny"

@@ -34,7 +34,7 @@ class StubModel(zoo.VoiceModel):
     def __init__(self, **card) -> None:
         self.card = zoo.ModelCard(name="stub", title="Stub", description="", input_sample_rate=8000,
                                   output_sample_rate=8000, languages=("en",), parameters="0", hardware="none",
-                                  components={}, max_input_seconds=1.0, **card)
+                                  components={}, max_input_seconds=1.0, reply_tokens_per_second=1.0, **card)
 
     def respond(self, audio, sample_rate=None, options=None, history=None):
         yield zoo.Chunk()

@@ -49,6 +49,9 @@ def card(name: str) -> ModelCard:
 
 
 RANDOM_WEIGHTS = ("tiny", "full")
+# Random-weight replies are noise that rarely stops by itself: without a cap a first try of any
+# page waits minutes. This is the default reply length then (a caller's max_new_tokens wins).
+RANDOM_REPLY_SECONDS = 4.0
 
 
 def load(name: str, *, device=None, dtype=None, random_weights: str | None = None, seed: int = 0,
@@ -59,7 +62,8 @@ def load(name: str, *, device=None, dtype=None, random_weights: str | None = Non
     ``random_weights`` (seeded by ``seed``; the output is noise): "tiny" writes tiny checkpoint
     folders in the published layouts and loads them through the real loader (for tests and smoke
     runs; a component given replaces its tiny folder); "full" builds the published dimensions in
-    memory (the real compute cost, for benchmarks)."""
+    memory (the real compute cost, for benchmarks). Random-weight replies are capped to about
+    ``RANDOM_REPLY_SECONDS`` by default (``model.default_max_new_tokens``)."""
     cls = _model_class(name)
     unknown = sorted(set(components) - set(cls.card.components))
     if unknown:
@@ -72,4 +76,5 @@ def load(name: str, *, device=None, dtype=None, random_weights: str | None = Non
     builder = importlib.import_module(cls.__module__.rsplit(".", 1)[0] + ".random_weights")
     model = builder.build(random_weights, device=device, dtype=dtype, seed=seed, **components)
     model.random_weights = random_weights
+    model.default_max_new_tokens = max(1, round(RANDOM_REPLY_SECONDS * cls.card.reply_tokens_per_second))
     return model

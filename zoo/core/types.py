@@ -28,6 +28,9 @@ class ModelCard:
     hardware: str  # what it needs to run, in words
     components: Mapping[str, str]  # component name -> default Hugging Face repo id
     max_input_seconds: float
+    # generation steps (``max_new_tokens`` units) per second of reply audio, on average: how a
+    # cap in seconds becomes a token limit (zoo.load's random-weight reply cap)
+    reply_tokens_per_second: float
     duplex: bool = False
     frame_samples: int | None = None  # duplex models: input samples per step
     multi_turn: bool = False  # whether respond() uses ``history``
@@ -193,6 +196,9 @@ class VoiceModel(ABC):
     # "tiny" or "full" when zoo.load built the model with seeded random weights (its output is
     # noise, and everything that shows it says so); None for published weights
     random_weights: str | None = None
+    # the ``max_new_tokens`` used when a caller sets none (zoo.load sets it for random weights,
+    # whose replies rarely stop by themselves); None: the options class's own default
+    default_max_new_tokens: int | None = None
 
     def options(self, values: Mapping[str, Any] | Options | None = None) -> Options:
         """Any options -> a validated instance of this model's own options class (a new object:
@@ -202,6 +208,9 @@ class VoiceModel(ABC):
             return dataclasses.replace(values).validate()
         if isinstance(values, Options):
             values = {f.name: getattr(values, f.name) for f in dataclasses.fields(Options)}
+        values = dict(values or {})
+        if self.default_max_new_tokens is not None:
+            values.setdefault("max_new_tokens", self.default_max_new_tokens)
         return self.options_class.from_dict(values)
 
     @abstractmethod

@@ -57,6 +57,7 @@ CARD = ModelCard(
     components={"llm": "THUDM/glm-4-voice-9b", "tokenizer": "THUDM/glm-4-voice-tokenizer",
                 "decoder": "THUDM/glm-4-voice-decoder"},
     max_input_seconds=120.0,
+    reply_tokens_per_second=12.5 * 39 / 26,  # 13 text + 26 audio tokens per 26 audio tokens at 12.5 Hz
     multi_turn=True,
     text_input=True,
 )

@@ -83,6 +83,7 @@ CARD = ModelCard(
     hardware="a CUDA GPU with 20 GB+ for one network set in bfloat16 (RTX 4090 in the reference); CPU only for tiny",
     components={"checkpoint": "si-pbc/hertz-dev"},
     max_input_seconds=240.0,
+    reply_tokens_per_second=SAMPLE_RATE / FRAME,  # one 125 ms frame per step
     duplex=True,
     frame_samples=FRAME,
     multi_turn=False,

@@ -42,6 +42,7 @@ CARD = ModelCard(
     hardware="CPU works (slow); any CUDA GPU with 4 GB+ for real time",
     components={"checkpoint": "gpt-omni/mini-omni", "codec": "hubertsiuzdak/snac_24khz"},
     max_input_seconds=30.0,
+    reply_tokens_per_second=24000 / 2048,  # one SNAC frame (7 codes, 2048 samples) per step
     multi_turn=False,
     text_input=True,
 )
