@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from zoo.cli import noise_notice
+
 from .errors import ApiError, error_response, report_failure
 from .http_input import READ_TIMEOUT_S
 from .protocols import chat, duplex, hertz_reference, realtime
@@ -59,7 +61,10 @@ def create_app(service: Service, max_body_bytes: int = chat.MAX_BODY_BYTES,
     async def models() -> dict:
         card = model.card.to_dict()
         return {"object": "list", "data": [{"id": card["name"], "object": "model", "owned_by": "omni-zoo",
-                                            "random_weights": model.random_weights is not None, "card": card}]}
+                                            "random_weights": model.random_weights is not None,
+                                            "notice": noise_notice(model),
+                                            "default_max_new_tokens": model.default_max_new_tokens,
+                                            "card": card}]}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

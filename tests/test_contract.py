@@ -128,6 +128,8 @@ def test_chunks_carry_mono_float32_audio_in_range_and_text(model):
         assert chunk.audio.dtype == np.float32 and chunk.audio.ndim == 1
         assert np.all(np.abs(chunk.audio) <= 1.0) and np.all(np.isfinite(chunk.audio))
         assert isinstance(chunk.text, str)
+    if not model.card.text_output:  # an audio-only card never sends text
+        assert all(chunk.text == "" for chunk in chunks)
     if not model.card.text_input:
         with pytest.raises(zoo.UnsupportedError):
             next(iter(model.respond_text("hello", SHORT)))

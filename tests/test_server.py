@@ -48,6 +48,14 @@ def test_binds_to_localhost_and_describes_its_model(server):
     assert health["status"] == "ok" and health["random_weights"] is True
     models = requests.get(server.url + "/v1/models").json()
     assert models["data"][0]["id"] == "mini-omni" and models["data"][0]["card"]["output_sample_rate"] == 24000
+    assert "RANDOM WEIGHTS" in models["data"][0]["notice"] and models["data"][0]["default_max_new_tokens"] > 0
+
+
+def test_a_request_for_another_model_is_refused_by_name(server):
+    response = chat(server, model="glm-4-voice", max_tokens=4)
+    assert response.status_code == 404 and response.json()["error"]["type"] == "model_not_found"
+    assert "mini-omni" in response.json()["error"]["message"]
+    assert chat(server, model="mini-omni", max_tokens=4).status_code == 200
 
 
 def test_reference_client_gets_pcm_before_generation_ends(server):

@@ -21,7 +21,7 @@ MAX_BODY_BYTES = 25 * 1024 * 1024  # a base64 WAV of 30 s at 48 kHz stereo is ~7
 MULTIPART_BOUNDARY = b"frame"
 # /chat field -> option name: the reference clients' field names
 FIELD_ALIASES = {"max_tokens": "max_new_tokens"}
-TRANSPORT_FIELDS = {"audio", "format"}
+TRANSPORT_FIELDS = {"audio", "format", "model"}
 
 
 def multipart_part(content_type: str, payload: bytes) -> bytes:
@@ -35,6 +35,9 @@ def install(app: FastAPI, service: Service, *, max_body_bytes: int = MAX_BODY_BY
     @app.post("/chat")
     async def chat(request: Request):
         data = await read_json(request, max_body_bytes, read_timeout)
+        if data.get("model", card.name) != card.name:  # OpenAI style: the model a client meant
+            raise ApiError(404, "model_not_found", f"this server runs {card.name!r}, not {data['model']!r}: "
+                                                   "GET /v1/models lists what it offers")
         audio = decode_audio_field(data)
         options = service.options({FIELD_ALIASES.get(k, k): v for k, v in data.items() if k not in TRANSPORT_FIELDS})
         multipart = data.get("format") == "multipart" or "multipart/x-mixed-replace" in request.headers.get("accept", "")

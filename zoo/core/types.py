@@ -35,6 +35,7 @@ class ModelCard:
     frame_samples: int | None = None  # duplex models: input samples per step
     multi_turn: bool = False  # whether respond() uses ``history``
     text_input: bool = False  # whether respond_text() answers typed questions
+    text_output: bool = True  # whether replies carry text (False: audio only, chunk.text is "")
     # the wire protocols of the model's own reference clients that a server should speak for it
     # (serving/protocols/ names them), each with the model option that each of the protocol's
     # parameters sets, e.g. {"data-url-live": {"token_temp": "temperature"}}

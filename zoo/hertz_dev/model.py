@@ -86,6 +86,7 @@ CARD = ModelCard(
     reply_tokens_per_second=SAMPLE_RATE / FRAME,  # one 125 ms frame per step
     duplex=True,
     frame_samples=FRAME,
+    text_output=False,
     multi_turn=False,
     text_input=False,
     # the reference server's live protocol (WS /audio; its /set_temperature knob's parameters ->
