@@ -51,7 +51,7 @@ from serving.protocols.hertz_reference import ReferenceSettings
 from serving.protocols.realtime import IDLE_TIMEOUT_S, MAX_WS_MESSAGE_BYTES
 from serving.security import MAX_CONNECTIONS, AccessSettings
 from serving.service import Service
-from serving.transport import serve
+from serving.transport import PortUnavailable, bind, serve
 from zoo.cli import add_model_flags, load_model, noise_notice
 from zoo.core.audio import read_audio
 
@@ -105,6 +105,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        sock = bind(args.host, args.port)  # before minutes of loading: a busy port is said at once
+    except PortUnavailable as err:
+        log.error("%s", err)
+        return 2
+    try:
+        return run(args, sock)
+    except PortUnavailable as err:
+        log.error("%s", err)
+        return 2
+    finally:
+        sock.close()
+
+
+def run(args: argparse.Namespace, sock) -> int:
+    """Load the model, build the app and serve it on ``sock`` until stopped."""
+    try:
         model = load_model(args, seed=args.seed)
     except zoo.ZooError as err:
         log.error("%s", err)
@@ -134,13 +150,21 @@ def main(argv=None) -> int:
     if access.api_key is None and not is_loopback(args.host):
         log.warning("--host %s is reachable from other machines and no --api-key is set: anyone who can "
                     "reach it can use the model", args.host)
-    log.info("serving %s on http://%s:%d (max %d sessions)", model.card.name, args.host, args.port, args.max_sessions)
     app = create_app(service, int(args.max_body_mb * 2**20), settings, access, read_timeout=args.read_timeout,
                      realtime_idle_s=args.realtime_idle_s,
                      reference_settings=ReferenceSettings(replay_seconds=args.replay_seconds))
-    serve(app, app.state.open_sockets, host=args.host, port=args.port, read_timeout=args.read_timeout,
-          ws_max_size=MAX_WS_MESSAGE_BYTES)
+
+    def started() -> None:
+        log.info("serving %s on http://%s:%d (max %d sessions)", model.card.name, url_host(args.host), args.port,
+                 args.max_sessions)
+
+    serve(app, app.state.open_sockets, sock=sock, read_timeout=args.read_timeout, ws_max_size=MAX_WS_MESSAGE_BYTES,
+          on_started=started)
     return 0
+
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def is_loopback(host: str) -> bool:
