@@ -107,14 +107,18 @@ def file_microphone(path: str, real_time: bool):
     return microphone
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wav", help="stream this file instead of the microphone")
     parser.add_argument("--out", help="with --wav: write the model's audio here")
     parser.add_argument("--fast", action="store_true", help="with --wav: do not pace the file in real time")
     parser.add_argument("--temperature", type=float, help="token temperature (0: deterministic)")
     add_client_flags(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     options = {"temperature": args.temperature} if args.temperature is not None else None
     try:
         server = connect(args, duplex=True)

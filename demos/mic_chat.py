@@ -69,11 +69,15 @@ async def converse(url: str, microphone: AsyncIterator[bytes], play: Callable[[b
     return finished
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-output-tokens", type=int, help="cap each reply (decode steps)")
     add_client_flags(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         import pyaudio  # only this demo needs a sound card
     except ImportError:

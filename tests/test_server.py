@@ -210,7 +210,7 @@ def test_it_says_where_it_serves_once_bound_and_logs_every_request():
         assert reply.status_code == 200 and len(reply.content) > 0
     finally:
         s.stop()
-    output = s.proc.stdout.read()
+    output = s.output()
     assert f"serving mini-omni on http://127.0.0.1:{s.port}" in output
     assert re.search(r"omni-zoo.access INFO POST /chat 200 \d+\.\d{3}s ttfa=\d+\.\d{3}s req_\w+", output), output
     assert re.search(r"omni-zoo.access INFO GET /health 200 \d+\.\d{3}s req_\w+", output)
