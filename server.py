@@ -6,7 +6,7 @@ the app is serving/app.py, each wire protocol a module of serving/protocols/, en
     python server.py --model mini-omni --tiny          # random tiny weights (noise), for tests
 
 Routes
-  POST /chat          {"audio": base64 audio file, "stream_stride": 4, "max_tokens": 2048, ...}
+  POST /chat          {"audio": base64 audio file, "max_tokens": 100, ...the model's options}
                       -> chunked raw PCM s16le mono at the model's output rate (the Mini-Omni
                       reference clients' protocol); with "Accept: multipart/x-mixed-replace" or
                       "format": "multipart", Mini-Omni2-style parts alternating audio and text.
@@ -31,7 +31,8 @@ Security (serving/security.py): with --api-key (or OMNI_ZOO_API_KEY) every route
 adds one); at most --max-connections requests at once; /chat takes application/json only; slow
 or stalled clients are dropped after --read-timeout; SIGTERM closes sockets with a reason and cuts
 replies after 10 s. Every error is a JSON error (or an error event) with a request id that is
-also in the log and the X-Request-Id header, and is counted in zoo_errors_total{kind}.
+also in the log and the X-Request-Id header, and is counted in zoo_errors_total{kind}. The log has
+one line per request (serving/access_log.py). A port in use is one error line and exit status 2.
 """
 from __future__ import annotations
 
