@@ -9,7 +9,7 @@ test does not know fails it.
 
 Commands are rewritten only in these documented ways:
 - `127.0.0.1:60808` -> the test server's port; the terminal demos get the server through `API_URL`;
-- `python inference.py` gets `--tiny` (unless it names weight folders) and `--max-new-tokens 16`;
+- `python inference.py` gets `--tiny` (unless it names weight folders) and `--max-new-tokens 8`;
 - `weights/<part>` folders are the tiny checkpoints, written in the published layout;
 - `zoo.load("mini-omni")` in the Python example gets `random_weights="tiny"`.
 Each expected output is (what README shows, a pattern the output must match): the first must be
@@ -36,7 +36,7 @@ import zoo
 README = (REPO / "README.md").read_text()
 SERVER_LINE = "python server.py --tiny --max-sessions 32"  # the README line the test serves with
 DOCUMENTED_PORT = "127.0.0.1:60808"
-TOKENS = "16"
+TOKENS = "8"
 TIMEOUT_S = 300
 
 
