@@ -90,6 +90,8 @@ RULES = [
                                         f"`{SERVER_LINE}` for the commands below, and parses this one's flags"),
     Rule(r"^python demos/mic_chat\.py", reason="needs a microphone and a speaker (PyAudio); its flags are parsed"),
     Rule(r"^python demos/duplex_chat\.py$", reason="needs a microphone and a speaker (PyAudio)"),
+    Rule(r"^docker ", reason="needs Docker, which the tests do not have; tests/test_container.py checks the "
+                             "image's and the compose example's server.py flags"),
     Rule(r"^(python webui/|streamlit run |API_URL=)", reason="the pages' own tests run them in a browser "
                                                              "(tests/test_webui_gradio.py, tests/test_webui_streamlit.py)"),
     Rule(r"^python inference\.py --checkpoint weights/", expect=[ANSWERED]),
