@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         options = model.options(overrides)
         todo = questions(args)
     except (zoo.ZooError, OSError) as err:  # expected: no weights, no GPU, bad option: its message says it all
-        log.error("%s", err)
+        log.error("%s", err, exc_info=not isinstance(err, zoo.ZooError))  # an OSError's origin: in the log
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a bug or a broken install: one line here, the traceback in the log
