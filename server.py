@@ -6,7 +6,7 @@ the app is serving/app.py, each wire protocol a module of serving/protocols/, en
     python server.py --model mini-omni --tiny          # random tiny weights (noise), for tests
 
 Routes
-  POST /chat          {"audio": base64 audio file, "stream_stride": 4, "max_tokens": 2048, ...}
+  POST /chat          {"audio": base64 audio file, "max_tokens": 100, ...the model's options}
                       -> chunked raw PCM s16le mono at the model's output rate (the Mini-Omni
                       reference clients' protocol); with "Accept: multipart/x-mixed-replace" or
                       "format": "multipart", Mini-Omni2-style parts alternating audio and text.
@@ -31,7 +31,8 @@ Security (serving/security.py): with --api-key (or OMNI_ZOO_API_KEY) every route
 adds one); at most --max-connections requests at once; /chat takes application/json only; slow
 or stalled clients are dropped after --read-timeout; SIGTERM closes sockets with a reason and cuts
 replies after 10 s. Every error is a JSON error (or an error event) with a request id that is
-also in the log and the X-Request-Id header, and is counted in zoo_errors_total{kind}.
+also in the log and the X-Request-Id header, and is counted in zoo_errors_total{kind}. The log has
+one line per request (serving/access_log.py). A port in use is one error line and exit status 2.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ from serving.protocols.hertz_reference import ReferenceSettings
 from serving.protocols.realtime import IDLE_TIMEOUT_S, MAX_WS_MESSAGE_BYTES
 from serving.security import MAX_CONNECTIONS, AccessSettings
 from serving.service import Service
-from serving.transport import serve
+from serving.transport import PortUnavailable, bind, serve
 from zoo.cli import add_model_flags, load_model, noise_notice
 from zoo.core.audio import read_audio
 
@@ -105,6 +106,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        sock = bind(args.host, args.port)  # before minutes of loading: a busy port is said at once
+    except PortUnavailable as err:
+        log.error("%s", err)
+        return 2
+    try:
+        return run(args, sock)
+    except PortUnavailable as err:
+        log.error("%s", err)
+        return 2
+    finally:
+        sock.close()
+
+
+def run(args: argparse.Namespace, sock) -> int:
+    """Load the model, build the app and serve it on ``sock`` until stopped."""
+    try:
         model = load_model(args, seed=args.seed)
     except zoo.ZooError as err:
         log.error("%s", err)
@@ -134,13 +151,21 @@ def main(argv=None) -> int:
     if access.api_key is None and not is_loopback(args.host):
         log.warning("--host %s is reachable from other machines and no --api-key is set: anyone who can "
                     "reach it can use the model", args.host)
-    log.info("serving %s on http://%s:%d (max %d sessions)", model.card.name, args.host, args.port, args.max_sessions)
     app = create_app(service, int(args.max_body_mb * 2**20), settings, access, read_timeout=args.read_timeout,
                      realtime_idle_s=args.realtime_idle_s,
                      reference_settings=ReferenceSettings(replay_seconds=args.replay_seconds))
-    serve(app, app.state.open_sockets, host=args.host, port=args.port, read_timeout=args.read_timeout,
-          ws_max_size=MAX_WS_MESSAGE_BYTES)
+
+    def started() -> None:
+        log.info("serving %s on http://%s:%d (max %d sessions)", model.card.name, url_host(args.host), args.port,
+                 args.max_sessions)
+
+    serve(app, app.state.open_sockets, sock=sock, read_timeout=args.read_timeout, ws_max_size=MAX_WS_MESSAGE_BYTES,
+          on_started=started)
     return 0
+
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def is_loopback(host: str) -> bool:

@@ -36,6 +36,10 @@ class ModelCard:
     multi_turn: bool = False  # whether respond() uses ``history``
     text_input: bool = False  # whether respond_text() answers typed questions
     text_output: bool = True  # whether replies carry text (False: audio only, chunk.text is "")
+    image_input: bool = False  # whether a question may carry an image (no model here does yet)
+    # what the published files of every component take on disk, in words ("≈" where computed from
+    # parameter counts rather than read from the published repo); README's model table shows it
+    download_size: str = ""
     # the wire protocols of the model's own reference clients that a server should speak for it
     # (serving/protocols/ names them), each with the model option that each of the protocol's
     # parameters sets, e.g. {"data-url-live": {"token_temp": "temperature"}}

@@ -40,6 +40,7 @@ CARD = ModelCard(
     languages=("en",),
     parameters="0.5B LLM (532M unique params, 2.8 GB fp32 file) + Whisper-small encoder (88M) + SNAC (20M)",
     hardware="CPU works (slow); any CUDA GPU with 4 GB+ for real time",
+    download_size="≈ 3.4 GB: lit_model.pth 2.8 GB (fp32) + Whisper small.pt 0.46 GB (fp16) + SNAC ≈ 0.08 GB",
     components={"checkpoint": "gpt-omni/mini-omni", "codec": "hubertsiuzdak/snac_24khz"},
     max_input_seconds=30.0,
     reply_tokens_per_second=24000 / 2048,  # one SNAC frame (7 codes, 2048 samples) per step
