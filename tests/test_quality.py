@@ -150,3 +150,47 @@ def test_one_command_scores_two_tiny_models_end_to_end(tmp_path, asr):
     assert stereo.shape == (18 * 2000, 2) and rate == 16000
     assert d == {**d, **duplex.latencies(stereo[:, 1], rate, d["user_end_s"], d["barge_in_at_s"])}
     assert "duplex" not in mini  # half-duplex models have no scripted conversation
+
+
+def tiny_whisper(folder):
+    """A random Whisper with a byte-level vocabulary, saved as a checkpoint folder: what it hears
+    is nonsense, but it runs through transformers' pipeline as a real checkpoint would."""
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizer,
+    )
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]  # GPT-2's byte alphabet
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
+                "<|notimestamps|>"]
+    vocab = {token: i for i, token in enumerate(chars + specials)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    end = vocab["<|endoftext|>"]
+    tokenizer = WhisperTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token=specials[0],
+                                 bos_token=specials[0], eos_token=specials[0], pad_token=specials[0])
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.save_pretrained(folder)
+    config = WhisperConfig(vocab_size=len(vocab), d_model=32, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64, max_target_positions=64, pad_token_id=end, bos_token_id=end,
+                           eos_token_id=end, decoder_start_token_id=vocab["<|startoftranscript|>"])
+    WhisperForConditionalGeneration(config).save_pretrained(folder)
+    GenerationConfig(decoder_start_token_id=config.decoder_start_token_id, eos_token_id=end, pad_token_id=end,
+                     max_length=12, is_multilingual=True, lang_to_id={"<|en|>": vocab["<|en|>"]},
+                     task_to_id={"transcribe": vocab["<|transcribe|>"], "translate": vocab["<|translate|>"]},
+                     no_timestamps_token_id=vocab["<|notimestamps|>"]).save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(folder)
+    return folder
+
+
+def test_whisper_runs_from_a_local_folder_when_there_is_one(tmp_path):
+    asr = load_asr("auto", whisper_source=str(tiny_whisper(tmp_path)), device="cpu")
+    assert asr.name.startswith("whisper (") and str(tmp_path) in asr.name
+    audio, rate = sf.read(QUALITY / "q05.wav", dtype="float32")
+    assert isinstance(asr.transcribe(audio, rate), str)  # random weights: the words are nonsense

@@ -60,10 +60,14 @@ def whisper(folder: str, device: str | None = None) -> Transcriber:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     asr = pipeline("automatic-speech-recognition", model=folder, device=device)
 
+    # English transcription (not translation); English-only checkpoints (*.en) take no language
+    multilingual = getattr(asr.model.generation_config, "is_multilingual", True)
+    language = {"language": "en", "task": "transcribe"} if multilingual else {}
+
     def run(audio: np.ndarray) -> str:
-        # English, transcription (not translation); long replies are cut into 30 s windows
-        out = asr({"raw": audio, "sampling_rate": RATE}, chunk_length_s=30,
-                  generate_kwargs={"language": "en", "task": "transcribe"})
+        # over 30 s (Whisper's window) transformers transcribes long-form, which needs timestamps
+        out = asr({"raw": audio, "sampling_rate": RATE}, generate_kwargs=language,
+                  return_timestamps=audio.size > 30 * RATE)
         return out["text"]
 
     return Transcriber(f"whisper ({folder}) via transformers {version('transformers')}", run)
