@@ -44,6 +44,9 @@ def notices(result: dict) -> list[str]:
                  f"{_fmt(result['asr_check']['wer_mean'])} (a floor for every speech-text WER below)")
     lines.append(f"MOS: {result['mos']}")
     for m in result["models"]:
+        if m["errors"]:
+            lines.append(f"{m['model']}: {len(m['errors'])} question(s) not scored: "
+                         + "; ".join(f"{e['id']} {e['error']}" for e in m["errors"]))
         if not m["text_output"]:
             lines.append(f"{m['model']} is audio-only: no speech-text WER; answers are scored on the ASR transcript")
         d = m.get("duplex") or {}

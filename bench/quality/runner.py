@@ -127,16 +127,21 @@ def run_model(name: str, args, questions, asr, mos, out: Path) -> dict:
     options = model.options(values)
     folder = out / "replies" / name
     folder.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, errors = [], []
     for q in questions:
-        rows.append(score_question(model, q, options, asr, mos, folder))
+        try:
+            rows.append(score_question(model, q, options, asr, mos, folder))
+        except zoo.ZooError as e:  # e.g. audio over card.max_input_seconds: that question only
+            errors.append({"id": q["id"], "error": f"{type(e).__name__}: {e}"})
+            print(f"[{name}] {q['id']}: {errors[-1]['error']}", file=sys.stderr)
+            continue
         report.progress(name, rows[-1])
     result = {"model": name, "random_weights": weights, "notice": noise_notice(model),
               "checkpoint": f"seeded random weights ({weights}, seed {args.seed})" if weights
               else {c: components.get(c, repo) for c, repo in card.components.items()},
               "device": str(pick_device(args.device)), "dtype": args.dtype or "the model's default",
               "options": {"max_new_tokens": options.max_new_tokens, "seed": options.seed},
-              "text_output": card.text_output, "questions": rows, "summary": summary(rows)}
+              "text_output": card.text_output, "questions": rows, "errors": errors, "summary": summary(rows)}
     if card.duplex and not args.no_duplex:
         seconds = [float(s) for s in args.duplex_script.split(",")]
         script = Script(questions[0]["audio"], questions[min(1, len(questions) - 1)]["audio"], *seconds)
