@@ -126,23 +126,32 @@ def parse_multipart(pieces: Iterator[bytes]) -> Iterator[Chunk]:
             audio = pcm16_to_float(payload)
             return None
         if audio is None and payload.startswith(b"[error:"):  # the server's last part before it cuts the reply
-            raise ReplyBrokeOff("the reply broke off: " + payload.decode("utf-8", "replace").strip("[]"))
+            reason = payload.decode("utf-8", "replace").removeprefix("[error:").removesuffix("]").strip()
+            raise ReplyBrokeOff(f"the reply broke off: {reason}")
         chunk = Chunk(audio=audio if audio is not None else np.zeros(0, np.float32), text=payload.decode("utf-8", "replace"))
         audio = None
         return chunk
 
-    for piece in pieces:
-        buffer += piece
-        # a part is complete once the next boundary has arrived
-        while True:
-            start = buffer.find(BOUNDARY)
-            end = buffer.find(BOUNDARY, start + len(BOUNDARY)) if start >= 0 else -1
-            if end < 0:
-                break
-            chunk = part(buffer[start + len(BOUNDARY) : end])
-            buffer = buffer[end:]
-            if chunk is not None:
-                yield chunk
+    try:
+        for piece in pieces:
+            buffer += piece
+            # a part is complete once the next boundary has arrived
+            while True:
+                start = buffer.find(BOUNDARY)
+                end = buffer.find(BOUNDARY, start + len(BOUNDARY)) if start >= 0 else -1
+                if end < 0:
+                    break
+                chunk = part(buffer[start + len(BOUNDARY) : end])
+                buffer = buffer[end:]
+                if chunk is not None:
+                    yield chunk
+    except ReplyBrokeOff:
+        raise
+    except Exception:
+        # the stream broke: the last part that arrived may be the server's reason (then that is raised)
+        if buffer.startswith(BOUNDARY):
+            part(buffer[len(BOUNDARY):])
+        raise
     if buffer.startswith(BOUNDARY):
         chunk = part(buffer[len(BOUNDARY):])
         if chunk is not None:

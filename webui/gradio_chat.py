@@ -22,7 +22,7 @@ from webui.turns import error_text, reply_text, turn_stats, waveform_png
 from zoo.core.audio import float_to_pcm16
 
 TITLE = "omni-zoo voice chat"
-READY = "ready"
+READY, THINKING, SPEAKING = "ready", "thinking…", "speaking…"
 QUESTION = "(spoken question)"
 CONVERSATION_HEIGHT_PX = 420  # the conversation scrolls inside this height; the page does not grow
 # waveform pictures live here until Gradio copies them into its own cache for the browser
@@ -68,8 +68,13 @@ def model_controls(catalog: Catalog, model: str | None):
             gr.update(value=info.default_max_new_tokens if info is not None else None))
 
 
+def status_markdown(state: str) -> str:
+    return f"Status: **{state}**"
+
+
 def _reply_options(max_tokens) -> dict | None:
-    return {"max_new_tokens": int(max_tokens)} if max_tokens else None
+    """The user's reply cap, if they set one (an empty field arrives as 0 or None)."""
+    return {"max_new_tokens": int(max_tokens)} if max_tokens and max_tokens > 0 else None
 
 
 def _finished_reply(info: BackendInfo, text: str, audio: list[np.ndarray], ttfa_ms: float | None) -> list:
@@ -123,14 +128,14 @@ def build(backend, live_api: str | None = None) -> gr.Blocks:
         if not recording:
             raise gr.Error("Record or upload a question first.")
         history = history + [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "…"}]
-        yield gr.skip(), history, "thinking…"
+        yield gr.skip(), history, status_markdown(THINKING)
         if model not in catalog.models:  # the server was down when the page loaded: ask again
             catalog = Catalog.read(backend)
             model = model if model in catalog.models else getattr(catalog.default, "model", None)
         info = catalog.models.get(model)
         if info is None:
             history[-1] = {"role": "assistant", "content": error_text(catalog.error or "no model to ask")}
-            yield gr.skip(), history, READY
+            yield gr.skip(), history, status_markdown(READY)
             return
         started, ttfa_ms, text, audio = time.perf_counter(), None, "", []
         try:
@@ -143,17 +148,17 @@ def build(backend, live_api: str | None = None) -> gr.Blocks:
                     played = (info.output_sample_rate, float_to_pcm16(chunk.audio, rounding="truncate"))
                 text += chunk.text
                 history[-1] = {"role": "assistant", "content": reply_text(text, info.text_output)}
-                yield played, history, "speaking…" if ttfa_ms is not None else "thinking…"
+                yield played, history, status_markdown(SPEAKING if ttfa_ms is not None else THINKING)
         except Exception as err:  # noqa: BLE001 - every failure ends in the conversation, not in a stuck page
             if not isinstance(err, BackendError):  # unexpected: the log gets the traceback, people one line
                 traceback.print_exc(file=sys.stderr)
                 err = f"unexpected error: {type(err).__name__}: {err}"
             partial = f"{text.strip()}\n\n" if text.strip() else ""
             history[-1] = {"role": "assistant", "content": partial + error_text(err)}
-            yield gr.skip(), history, READY
+            yield gr.skip(), history, status_markdown(READY)
             return
         history[-1] = {"role": "assistant", "content": _finished_reply(info, text, audio, ttfa_ms)}
-        yield gr.skip(), history, READY
+        yield gr.skip(), history, status_markdown(READY)
 
     with gr.Blocks(title=TITLE) as demo:
         catalog = gr.State(first)
@@ -175,10 +180,10 @@ def build(backend, live_api: str | None = None) -> gr.Blocks:
                 mic = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Your question")
                 reply = gr.Audio(label="Reply", streaming=True, autoplay=True, interactive=False)
                 max_tokens = gr.Number(first.default.default_max_new_tokens if first.default else None,
-                                       label="Max reply tokens", precision=0, minimum=1, elem_id="max-tokens",
-                                       info="empty: the model's own default")
+                                       label="Max reply tokens", precision=0, minimum=0, elem_id="max-tokens",
+                                       info="0 or empty: the model's own default")
                 with gr.Row():
-                    status = gr.Markdown(READY, elem_id="status")
+                    status = gr.Markdown(status_markdown(READY), elem_id="status")
                     send = gr.Button("Send again", variant="secondary")
         inputs, outputs = [mic, chatbot, choice, max_tokens, catalog], [reply, chatbot, status]
         mic.stop_recording(respond, inputs, outputs)
