@@ -73,8 +73,11 @@ def record(page, seconds=2.0) -> float:
     return time.monotonic()
 
 
+REPLIES = "#conversation .bot-row"  # one row per assistant message, with all its parts
+
+
 def last_reply(page):
-    return page.locator('#conversation [data-testid="bot"]').last
+    return page.locator(REPLIES).last
 
 
 def wait_ready(page, timeout_s=120) -> str:
@@ -82,7 +85,7 @@ def wait_ready(page, timeout_s=120) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = page.locator("#status").inner_text()
-        if status.strip().endswith("ready") and page.locator('#conversation [data-testid="bot"]').count():
+        if status.strip().endswith("ready") and page.locator(REPLIES).count():
             return last_reply(page).inner_text()
         page.wait_for_timeout(200)
     raise AssertionError(f"the page never returned to ready: {page.locator('#status').inner_text()!r}")
@@ -102,9 +105,10 @@ def talk(page) -> dict:
     text = wait_ready(page)
     stats = STATS.search(text)
     assert stats, f"no time to first audio and length with the turn: {text!r}"
-    waveform = last_reply(page).locator('img[alt="waveform of the reply"]')
+    waveform = last_reply(page).locator('img[src*="waveform-"]')
     waveform.wait_for(timeout=30000)
-    assert page.evaluate("(img) => img.complete && img.naturalWidth > 100", waveform.element_handle())
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 100", arg=waveform.element_handle(),
+                           timeout=30000)
     return {"stop_to_audio_ms": round(stop_to_audio * 1000), "ttfa_ms": int(stats[1]),
             "audio_s": float(stats[2]), "text": text.split("\n")[0].strip()}
 
@@ -259,9 +263,9 @@ def test_failures_end_in_the_conversation_and_the_page_is_ready_again(mic, tmp_p
                     choose(page, model)
                     entry = next(m for m in MODELS if m["id"] == model)
                     check_model_header(page, entry)
-                    count = page.locator('#conversation [data-testid="bot"]').count()
+                    count = page.locator(REPLIES).count()
                     page.get_by_role("button", name="Send again").click()
-                    page.wait_for_function(f"() => document.querySelectorAll('#conversation [data-testid=\"bot\"]').length > {count}")
+                    page.wait_for_function(f"() => document.querySelectorAll({REPLIES!r}).length > {count}")
                     text = wait_ready(page, 60)
                     assert "reply failed" in text and all(w in text for w in words), (model, text)
                     assert not STATS.search(text), text  # a cut reply never looks finished

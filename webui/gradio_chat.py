@@ -83,7 +83,8 @@ def _finished_reply(info: BackendInfo, text: str, audio: list[np.ndarray], ttfa_
     content = [f"{reply_text(text, info.text_output, finished=True)}\n\n"
                f"*{turn_stats(ttfa_ms, samples.size, info.output_sample_rate)}*"]
     if samples.size:
-        png = tempfile.NamedTemporaryFile(dir=WAVEFORMS, suffix=".png", delete=False)
+        # the name says what it is: Gradio 6 drops alt_text from the <img> it renders
+        png = tempfile.NamedTemporaryFile(dir=WAVEFORMS, prefix="waveform-", suffix=".png", delete=False)
         with png:
             png.write(waveform_png(samples))
         content.append({"path": png.name, "alt_text": "waveform of the reply"})
