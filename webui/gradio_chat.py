@@ -192,8 +192,10 @@ def build(backend, live_api: str | None = None) -> gr.Blocks:
         send.click(respond, inputs, outputs)
         choice.change(lambda c, m: model_controls(c, m), [catalog, choice], [facts, notice, max_tokens])
 
-        def reload(_: Catalog):
+        def reload(known: Catalog):
             fresh = Catalog.read(backend)
+            if fresh == known:  # nothing changed: leave the fields alone (the user may be typing in them)
+                return fresh, gr.skip(), gr.skip(), gr.skip(), gr.skip()
             model = getattr(fresh.default, "model", None)
             return (fresh, gr.update(choices=list(fresh.models), value=model), *model_controls(fresh, model))
 
