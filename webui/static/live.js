@@ -9,7 +9,7 @@
   const transcript = root.querySelector(".omni-live-transcript");
   const RATE = 24000;
   let ws = null, ctx = null, stream = null, processor = null, sources = [], playHead = 0;
-  let speechEnd = null, firstAudio = false, reply = null;
+  let speechEnd = null, firstAudio = false, reply = null, speaker = "model";
   window.omniLiveStats = window.omniLiveStats || {turns: []};
 
   function wsUrl() {
@@ -18,6 +18,22 @@
     return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/v1/realtime";
   }
   function show(text) { status.textContent = text; }
+  // one labelled line of the live conversation ("You", the model's name); the panel has a fixed
+  // height and scrolls, kept at its newest line
+  function addLine(cls, who, text) {
+    const empty = transcript.querySelector(".omni-live-empty");
+    if (empty) empty.remove();
+    const line = document.createElement("div");
+    line.className = cls;
+    const label = document.createElement("b");
+    label.textContent = who + ": ";
+    const body = document.createElement("span");
+    body.textContent = text;
+    line.append(label, body);
+    transcript.appendChild(line);
+    transcript.scrollTop = transcript.scrollHeight;
+    return body;
+  }
   function toBase64(int16) {
     let s = "";
     const bytes = new Uint8Array(int16.buffer);
@@ -54,27 +70,37 @@
   function onEvent(event) {
     if (event.type === "session.created") {
       const s = event.session || {};
+      speaker = s.model || "model";
       show("listening (" + s.model + (s.zoo && s.zoo.random_weights ? ", random weights: replies are noise" : "") + ")");
     } else if (event.type === "input_audio_buffer.speech_started") {
       stopPlayback();  // barge-in: the user talks over the reply
       show("hearing you…");
     } else if (event.type === "input_audio_buffer.speech_stopped") {
       speechEnd = performance.now();
+      addLine("omni-live-you", "You", "(spoken)");
       show("thinking…");
     } else if (event.type === "response.created") {
       firstAudio = false;
-      reply = {firstAudioMs: null, text: ""};
+      reply = {firstAudioMs: null, text: "", line: null};
       window.omniLiveStats.current = reply;
-      const line = document.createElement("div");
-      line.className = "omni-live-reply";
-      transcript.appendChild(line);
+      reply.line = addLine("omni-live-reply", speaker, "…");
     } else if (event.type === "response.output_audio.delta") {
       play(event.delta);
     } else if (event.type === "response.output_audio_transcript.delta") {
       reply.text += event.delta;
-      transcript.lastChild.textContent = reply.text;
+      reply.line.textContent = reply.text;
+      transcript.scrollTop = transcript.scrollHeight;
     } else if (event.type === "response.done") {
-      if (reply) { reply.status = event.response.status; window.omniLiveStats.turns.push(reply); }
+      if (reply) {
+        // a reply without a transcript was spoken only; one that did not complete says so
+        if (!reply.text) reply.line.textContent = "(audio only)";
+        if (event.response.status !== "completed") {
+          const details = event.response.status_details || {};
+          reply.line.textContent += " [" + event.response.status + (details.reason ? ": " + details.reason : "") + "]";
+        }
+        reply.status = event.response.status;
+        window.omniLiveStats.turns.push({firstAudioMs: reply.firstAudioMs, text: reply.text, status: reply.status});
+      }
     } else if (event.type === "error") {
       show("server: " + event.error.message);
     }
