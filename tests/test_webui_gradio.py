@@ -10,11 +10,9 @@ shared model flags.
 ``WEBUI_SHOTS=docs/screenshots`` also writes the screenshots committed there."""
 import json
 import os
-import queue
 import re
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -39,20 +37,15 @@ class GradioPage(LoopbackProcess):
         super().__init__(["webui/omni_gradio.py", "--port", "{port}", *args],
                          env={"GRADIO_ANALYTICS_ENABLED": "False", "API_URL": api_url})
         self.url += "/"
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [self.lines.put(x) for x in self.proc.stdout], daemon=True).start()
 
     def line(self, pattern: str, timeout: float = 60) -> str:
-        deadline, seen = time.monotonic() + timeout, []
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            seen.append(line)
-            if re.search(pattern, line):
-                return line.strip()
-        raise AssertionError(f"no line matching {pattern!r} in the page's output: {seen}")
+            for line in self.output().splitlines():
+                if re.search(pattern, line):
+                    return line.strip()
+            time.sleep(0.5)
+        raise AssertionError(f"no line matching {pattern!r} in the page's output: {self.output().splitlines()}")
 
 
 @pytest.fixture(scope="module")
