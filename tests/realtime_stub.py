@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from procs import free_port
 
@@ -66,10 +66,13 @@ class RealtimeStub:
             await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
             model = ws.query_params.get("model")
             await ws.send_json({"type": "session.created", "session": {"model": model}})
-            while True:
-                event = await ws.receive_json()
-                if event["type"] == "response.create":
-                    await self._reply(ws, self.replies.pop(0) if self.replies else "ok")
+            try:
+                while True:
+                    event = await ws.receive_json()
+                    if event["type"] == "response.create":
+                        await self._reply(ws, self.replies.pop(0) if self.replies else "ok")
+            except WebSocketDisconnect:  # the page closes the socket once the reply has ended
+                pass
 
         return app
 

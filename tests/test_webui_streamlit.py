@@ -91,6 +91,22 @@ def screenshot(page, tmp_path, name: str) -> None:
         shutil.copy(shot, SHOTS / name)
 
 
+def live_turn(page) -> int:
+    """The live widget in its component iframe: start it; the fake mic speaks and pauses; the
+    reply must play through WebAudio. Returns the widget's speech end -> first audio (ms)."""
+    page.frame_locator("iframe").first.get_by_role("button", name="Start live chat").click()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        for frame in page.frames:
+            current = frame.evaluate("() => window.omniLiveStats ? window.omniLiveStats.current || null : null")
+            if current and current.get("firstAudioMs") is not None:
+                assert frame.locator(".omni-live-transcript").inner_text().strip()
+                frame.get_by_role("button", name="Stop live chat").click()
+                return current["firstAudioMs"]
+        page.wait_for_timeout(50)
+    raise AssertionError("the live reply never played")
+
+
 def test_reply_plays_while_it_streams_and_a_broken_reply_says_so(tmp_path):
     wav = fake_mic_wav(tmp_path / "q.wav")
     server = Server("--max-sessions", "4")
@@ -130,7 +146,11 @@ def test_reply_plays_while_it_streams_and_a_broken_reply_says_so(tmp_path):
             text = turn.get_by_test_id("stMarkdownContainer").first.inner_text().strip()
             assert text and text not in ("(no text)", "(audio only)")
             assert_no_traceback(page)
+            turn.get_by_alt_text("waveform of the reply").scroll_into_view_if_needed()
             screenshot(page, tmp_path, "streamlit-turn.png")
+
+            live_ms = live_turn(page)  # the live widget (server VAD) on the same page
+            print(f"live widget: speech end -> reply audio playing: {live_ms} ms")
 
             # a reply cut off mid-stream (the server dies) says so and the page is ready again
             set_reply_cap(page, LONG_TOKENS)
@@ -146,6 +166,11 @@ def test_reply_plays_while_it_streams_and_a_broken_reply_says_so(tmp_path):
             assert assistant_messages(page).count() == 2
             assert mic_ready(page)
             assert_no_traceback(page)
+            page.get_by_test_id("stAlertContentWarning").get_by_text("cannot reach the voice server").wait_for()
+            page.wait_for_timeout(1000)
+            # the rerun that noticed the server gone kept the broken turn's player: it did not ask again
+            assert reply_stats(page, turn=stats["turn"])["error"] == broken["error"]
+            turn.evaluate("message => message.scrollIntoView({block: 'start'})")
             screenshot(page, tmp_path, "streamlit-error.png")
 
             # the server is gone now: the next question says so in the conversation

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def waveform_svg(audio: np.ndarray, width: int = 600, height: int = 48, color: str = "#ff4b4b") -> str:
+def waveform_svg(audio: np.ndarray, width: int = 600, height: int = 48, color: str = "#8a8fa3") -> str:
     """``audio`` float samples in [-1, 1]; an empty reply is a flat line."""
     audio = np.asarray(audio, np.float32).ravel()
     columns = max(1, min(width, audio.size))

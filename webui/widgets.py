@@ -31,4 +31,4 @@ def live_widgets(api_url: str, entry: ModelEntry) -> None:
         with st.expander("Live chat (low latency): talk, pause, and the reply plays as it is generated",
                          expanded=True):
             url = f"{realtime_url(api_url)}?{urlencode({'model': entry.id})}"  # the model picked in the sidebar
-            _embed(widget_html(url, api_key()), LIVE_JS, 160, True)
+            _embed(widget_html(url, api_key()), LIVE_JS, 120, True)

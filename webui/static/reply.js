@@ -59,8 +59,8 @@
       const audio = new Int16Array(total);
       let at = 0;
       pcm.forEach((c) => { audio.set(c, at); at += c.length; });
-      textBox.textContent = "";  // the page shows the text with the finished turn
-      show(state === "completed" ? "reply finished" : "failed: " + error, state);
+      textBox.textContent = "";  // the page shows the text (and the error) with the ended turn
+      show(state === "completed" ? "reply finished" : "reply failed", state);
       post("streamlit:setComponentValue", {dataType: "json", value: {
         turn: args.turn, status: state, error: error, text: text, ttfa_ms: stats.firstAudioMs,
         audio: OmniPcm.toBase64(audio), rate: RATE, playing_before_end: stats.playingBeforeEnd}});
@@ -111,7 +111,8 @@
         finish("failed", "cannot reach the voice server at " + args.ws.split("?")[0]);
       } else {
         finish("failed", "the connection to the voice server closed before the reply finished" +
-                         (event.reason ? " (" + event.reason + ")" : " (code " + event.code + ")"));
+                         (event.reason ? " (" + event.reason + ")" :
+                          event.code === 1006 ? " (the connection dropped)" : " (code " + event.code + ")"));
       }
     };
   }
@@ -121,6 +122,16 @@
     const args = message.data.args;
     if (turn !== args.turn) {  // a rerun renders the same turn again: it keeps playing
       turn = args.turn;
+      // A player rebuilt by Streamlit (the page around it changed) must not ask the question
+      // again: the turn ends as failed, which the page ignores if the first player reported.
+      const seen = "omni-reply-started:" + args.turn;
+      if (sessionStorage.getItem(seen)) {
+        show("reply failed", "failed");
+        post("streamlit:setComponentValue", {dataType: "json", value: {turn: args.turn, status: "failed",
+          error: "the reply's player was reloaded before the reply finished", text: "", audio: "", rate: RATE}});
+        return;
+      }
+      sessionStorage.setItem(seen, "1");
       start(args);
     }
   });

@@ -24,10 +24,18 @@ api_url = os.environ.get("API_URL", DEFAULT_API_URL)
 
 st.title("Voice chat")
 
+problem = None
 try:
-    models = list_models(api_url)
+    models = st.session_state["models"] = list_models(api_url)
 except BackendError as err:
-    st.error(str(err))
+    problem, models = str(err), st.session_state.get("models")
+# Always one element here, filled or not: elements above a reply's player keep their places, so
+# Streamlit keeps the player (and its sound) when the server's state changes.
+server_problem = st.empty()
+if problem and models:  # the server went away mid-conversation: keep the conversation, say what happened
+    server_problem.warning(f"{problem} (the page goes on with the models it listed before)", icon=":material/cloud_off:")
+elif problem:
+    st.error(problem)
     st.info("Hint: start the server in another terminal, e.g. `python server.py` (or `python server.py --tiny` "
             "to try it without weights), then reload this page. The UI uses `API_URL` "
             f"(now `{api_url}`).")
@@ -52,8 +60,9 @@ with st.sidebar:
 
 title = entry.card.get("title") or entry.id
 st.markdown(f"Model: **{entry.id}** ({title}) &nbsp;·&nbsp; server {api_url}")
+notice = st.empty()  # one element whatever the model, as server_problem above
 if entry.notice or entry.random_weights:
-    st.warning(entry.notice or "random weights: replies are noise", icon=":material/warning:")
+    notice.warning(entry.notice or "random weights: replies are noise", icon=":material/warning:")
 
 live_widgets(api_url, entry)
 
