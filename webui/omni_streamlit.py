@@ -1,7 +1,9 @@
 """Streamlit web UI: ``streamlit run webui/omni_streamlit.py [--server.port N]``.
 
 A home page at ``/`` and the voice chat at ``/chat`` (webui/views/chat.py), which talks to
-server.py at ``API_URL`` (default http://127.0.0.1:60808; start it with ``python server.py``).
+server.py at ``API_URL`` (default http://127.0.0.1:60808; start it with ``python server.py``):
+a model picker, replies that play as they stream, and each turn's record. Run it from the
+repository root so Streamlit reads ``.streamlit/config.toml`` (no usage statistics).
 """
 from pathlib import Path
 

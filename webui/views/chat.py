@@ -82,6 +82,8 @@ if recording is not None:
             turn["question_pcm"] = question_pcm(wav, entry.card.get("max_input_seconds"))
         except AudioInputError as err:
             turn.update(status="failed", error=f"the recording could not be sent: {err}")
+        for old in turns:  # only the latest turn's player needs its question
+            old["question_pcm"] = None
         turns.append(turn)
 
 with history:
