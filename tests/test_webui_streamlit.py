@@ -8,6 +8,7 @@ import time
 
 import requests
 from browser import browser_page, fake_mic_wav
+from busy_stub import BusyStub  # noqa: F401 - test_webui_gradio imports it from here
 from conftest import REPO
 from playwright.sync_api import expect
 from procs import LoopbackProcess, free_port
