@@ -32,13 +32,14 @@ class StreamlitApp(LoopbackProcess):
                          env={"API_URL": api_url, "OMNI_MAX_TOKENS": None, **env})
 
 
-def record(page, seconds: float = 2.0) -> None:
-    """Click the audio_input's record button, speak (the fake mic), stop."""
+def record(page, seconds: float = 2.0) -> float:
+    """Click the audio_input's record button, speak (the fake mic), stop; returns when stopped."""
     mic = page.get_by_test_id("stAudioInput")
     mic.get_by_role("button", name="Record", exact=True).click()
     mic.get_by_role("button", name="Stop recording", exact=True).wait_for(timeout=10_000)
     page.wait_for_timeout(seconds * 1000)
     mic.get_by_role("button", name="Stop recording", exact=True).click()
+    return time.monotonic()
 
 
 def reply_stats(page, timeout: float = 120, until=lambda stats: stats["status"] in ("completed", "failed"),
@@ -128,10 +129,13 @@ def test_reply_plays_while_it_streams_and_a_broken_reply_says_so(tmp_path):
             assert cap.input_value() == str(offered["default_max_new_tokens"])  # the server's cap, overridable
             set_reply_cap(page, STREAMED_TOKENS)
 
-            record(page)
+            stopped = record(page)
+            reply_stats(page, until=lambda s: s["firstAudioMs"] is not None)
+            stop_to_audio_ms = (time.monotonic() - stopped) * 1000  # upload, rerun, player, request
             stats = reply_stats(page)
-            print(f"streamed reply: first audio {stats['firstAudioMs']} ms after the request, last byte "
-                  f"{stats['endMs']} ms after it, {stats['chunks']} chunks")
+            print(f"streamed reply: first audio {stats['firstAudioMs']} ms after the request "
+                  f"({stop_to_audio_ms:.0f} ms after the recording stopped), last byte {stats['endMs']} ms "
+                  f"after the request, {stats['chunks']} chunks")
             assert stats["status"] == "completed", stats
             assert stats["firstAudioMs"] is not None and stats["playingBeforeEnd"], stats
             assert stats["firstAudioMs"] < stats["endMs"], stats  # heard before the reply was all there
