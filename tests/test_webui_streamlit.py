@@ -7,6 +7,7 @@ import sys
 import time
 
 import requests
+from browser import _loopback as loopback
 from browser import browser_page, fake_mic_wav
 from busy_stub import BusyStub  # noqa: F401 - test_webui_gradio imports it from here
 from conftest import REPO
@@ -115,6 +116,8 @@ def test_reply_plays_while_it_streams_and_a_broken_reply_says_so(tmp_path):
     try:
         offered = requests.get(server.url + "/v1/models", timeout=5).json()["data"][0]
         with StreamlitApp(server.url) as app, browser_page(wav) as page:
+            outside = []  # requests that would leave this machine (the browser blocks them)
+            page.on("request", lambda r: outside.append(r.url) if not loopback(r.url) else None)
             # home page at /, linking to the chat page at /chat
             page.goto(app.url + "/")
             page.get_by_role("heading", name="omni-zoo").wait_for(timeout=30_000)
@@ -156,6 +159,7 @@ def test_reply_plays_while_it_streams_and_a_broken_reply_says_so(tmp_path):
 
             live_ms = live_turn(page)  # the live widget (server VAD) on the same page
             print(f"live widget: speech end -> reply audio playing: {live_ms} ms")
+            assert outside == []
 
             # a reply cut off mid-stream (the server dies) says so and the page is ready again
             set_reply_cap(page, LONG_TOKENS)
@@ -192,12 +196,16 @@ def test_server_down_shows_an_error(tmp_path):
     wav = fake_mic_wav(tmp_path / "q.wav")
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with StreamlitApp(down) as app, browser_page(wav) as page:
+        outside = []  # requests that would leave this machine (the browser blocks them)
+        page.on("request", lambda r: outside.append(r.url) if not loopback(r.url) else None)
         page.goto(app.url + "/chat")
         error = page.get_by_test_id("stAlertContentError")
         error.wait_for(timeout=30_000)
         assert "cannot reach the voice server" in error.inner_text() and down in error.inner_text()
         assert page.get_by_text("python server.py").first.is_visible()  # the hint
         assert_no_traceback(page)
+        page.wait_for_timeout(2000)  # Streamlit reports usage statistics (if on) soon after the page loads
+        assert outside == []  # no usage statistics (.streamlit/config.toml), no fonts from elsewhere
 
 
 def test_model_picker_refusal_and_audio_only_replies(tmp_path):
