@@ -137,8 +137,9 @@ def test_reply_plays_while_it_streams_and_a_broken_reply_says_so(tmp_path):
             stop_to_audio_ms = (time.monotonic() - stopped) * 1000  # upload, rerun, player, request
             stats = reply_stats(page)
             print(f"streamed reply: first audio {stats['firstAudioMs']} ms after the request "
-                  f"({stop_to_audio_ms:.0f} ms after the recording stopped), last byte {stats['endMs']} ms "
-                  f"after the request, {stats['chunks']} chunks")
+                  f"({stop_to_audio_ms:.0f} ms after the recording stopped; the player sent the request "
+                  f"{stats['sentMs']} ms after it was created), last byte {stats['endMs']} ms after the request, "
+                  f"{stats['chunks']} chunks")
             assert stats["status"] == "completed", stats
             assert stats["firstAudioMs"] is not None and stats["playingBeforeEnd"], stats
             assert stats["firstAudioMs"] < stats["endMs"], stats  # heard before the reply was all there

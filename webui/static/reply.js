@@ -15,10 +15,10 @@
   const textBox = root.querySelector(".omni-reply-text");
   const playButton = root.querySelector("button");
   const RATE = 24000;  // the realtime protocol's PCM rate, both ways
-  // for people debugging and for the browser tests: request sent -> first audio audible, and
-  // request sent -> the reply's last byte (endMs)
-  const stats = window.omniReplyStats = {turn: null, status: null, chunks: 0, firstAudioMs: null, endMs: null,
-                                         playingBeforeEnd: null, error: null};
+  // for people debugging and for the browser tests: player created -> request sent (sentMs),
+  // request sent -> first audio audible, and request sent -> the reply's last byte (endMs)
+  const stats = window.omniReplyStats = {turn: null, status: null, chunks: 0, sentMs: null, firstAudioMs: null,
+                                         endMs: null, playingBeforeEnd: null, error: null};
   let turn = null;
 
   function post(type, data) {
@@ -73,6 +73,7 @@
       const response = args.max_tokens ? {max_output_tokens: args.max_tokens} : {};
       ws.send(JSON.stringify({type: "response.create", response: response}));
       sentAt = performance.now();
+      stats.sentMs = Math.round(sentAt);  // this frame's clock starts when Streamlit creates it
       show("waiting for the reply…");
     };
     ws.onmessage = (message) => {
