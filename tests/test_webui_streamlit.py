@@ -155,8 +155,12 @@ def test_reply_plays_while_it_streams_and_a_broken_reply_says_so(tmp_path):
             text = turn.get_by_test_id("stMarkdownContainer").first.inner_text().strip()
             assert text and text not in ("(no text)", "(audio only)")
             assert_no_traceback(page)
-            turn.get_by_alt_text("waveform of the reply").scroll_into_view_if_needed()
+            # the whole page on a tall desktop screen: the notice, the picker and the finished turn
+            page.set_viewport_size({"width": 1280, "height": 1500})
+            page.get_by_role("heading", name="Voice chat").scroll_into_view_if_needed()
+            page.wait_for_timeout(500)
             screenshot(page, tmp_path, "streamlit-turn.png")
+            page.set_viewport_size({"width": 1280, "height": 900})
 
             live_ms = live_turn(page)  # the live widget (server VAD) on the same page
             print(f"live widget: speech end -> reply audio playing: {live_ms} ms")

@@ -22,11 +22,12 @@ def home() -> None:
     st.page_link(chat_page, label="Open the voice chat", icon=":material/mic:")
 
 
-chat_page = st.Page(HERE / "views" / "chat.py", url_path="chat", title="Voice chat", icon="🎙️")
-home_page = st.Page(home, url_path="home", title="Home", icon="🏠")  # first page: served at /
+chat_page = st.Page(HERE / "views" / "chat.py", url_path="chat", title="Voice chat")
+home_page = st.Page(home, url_path="home", title="Home")  # first page: served at /
 
-# Emoji, not Material, icons for the pages: Streamlit makes the page's icon the favicon, fetching a
-# Material one from fonts.gstatic.com; an emoji is drawn in the page. The page asks nothing of
-# anyone but this server (and, with .streamlit/config.toml, sends no usage statistics).
-st.set_page_config(page_title="omni-zoo voice chat", page_icon="🎙️")
+# No page icons: Streamlit makes a page's icon the favicon and fetches a Material one from
+# fonts.gstatic.com (an emoji needs an emoji font, which many Linux desktops lack); its own
+# favicon is served locally. The page asks nothing of anyone but this server (and, with
+# .streamlit/config.toml, sends no usage statistics).
+st.set_page_config(page_title="omni-zoo voice chat")
 st.navigation([home_page, chat_page]).run()
