@@ -1,7 +1,7 @@
 """A stand-in voice server for the web UI tests: several models in ``GET /v1/models`` (as a
 multi-model deployment lists them) and a ``/v1/realtime`` socket whose replies the test scripts
-turn by turn (``replies``: "ok" or "busy"), recording the model each session asked for and the
-API key it offered. uvicorn on a free loopback port in a thread."""
+turn by turn (``replies``: "ok" or "busy"), recording the model each session asked for, the API
+key it offered and the host it was addressed to. uvicorn on a free loopback port in a thread."""
 from __future__ import annotations
 
 import asyncio
@@ -59,7 +59,7 @@ class RealtimeStub:
         async def realtime(ws: WebSocket):
             offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
             key = next((p[len(KEY_PROTOCOL):] for p in offered if p.startswith(KEY_PROTOCOL)), None)
-            self.sessions.append({"model": ws.query_params.get("model"), "key": key})
+            self.sessions.append({"model": ws.query_params.get("model"), "key": key, "host": ws.headers.get("host")})
             if key != self.api_key:
                 await ws.close(code=1008)
                 return

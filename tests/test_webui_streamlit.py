@@ -220,7 +220,11 @@ def test_model_picker_refusal_and_audio_only_replies(tmp_path):
     wav = fake_mic_wav(tmp_path / "q.wav")
     stub = RealtimeStub([("stub-talker", True), ("stub-hum", False)], api_key="s3cret")
     try:
-        with StreamlitApp(stub.url, OMNI_ZOO_API_KEY="s3cret") as app, browser_page(wav) as page:
+        # the page's Python side and the browser reach the server by different names (as in
+        # docker/compose.yaml): the player connects to the browser's
+        python_url = stub.url.replace("127.0.0.1", "localhost")
+        with StreamlitApp(python_url, BROWSER_API_URL=stub.url, OMNI_ZOO_API_KEY="s3cret") as app, \
+                browser_page(wav) as page:
             page.goto(app.url + "/chat")
             sidebar = page.get_by_test_id("stSidebar")
             expect(picker(page)).to_have_value("stub-talker", timeout=30_000)
@@ -249,6 +253,7 @@ def test_model_picker_refusal_and_audio_only_replies(tmp_path):
             assert turn.get_by_test_id("stMarkdownContainer").first.inner_text().strip() == "(audio only)"
             assert [s["model"] for s in stub.sessions] == ["stub-hum", "stub-hum"]
             assert all(s["key"] == "s3cret" for s in stub.sessions)
+            assert all(s["host"] == f"127.0.0.1:{stub.port}" for s in stub.sessions)
             assert_no_traceback(page)
     finally:
         stub.stop()

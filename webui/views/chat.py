@@ -2,7 +2,9 @@
 server offers (sidebar), record a question in the browser, and hear the reply as it streams
 (webui/reply_player.py); each turn keeps its text, time to first audio, length and waveform.
 
-Environment: ``API_URL`` (the server, default http://127.0.0.1:60808); ``OMNI_ZOO_API_KEY`` (the
+Environment: ``API_URL`` (the server, default http://127.0.0.1:60808); ``BROWSER_API_URL`` (the
+same server as the browser reaches it, when that differs, e.g. docker/compose.yaml: the reply
+player and the live widgets connect from the browser); ``OMNI_ZOO_API_KEY`` (the
 server's key, if it has one); ``OMNI_MAX_TOKENS`` (the reply cap the page starts with; unset: the
 server's default for the model, which caps random-weight replies to a few seconds)."""
 from __future__ import annotations
@@ -21,6 +23,7 @@ from webui.widgets import live_widgets
 from zoo.core.errors import AudioInputError
 
 api_url = os.environ.get("API_URL", DEFAULT_API_URL)
+browser_api_url = os.environ.get("BROWSER_API_URL") or api_url
 
 st.title("Voice chat")
 
@@ -64,7 +67,7 @@ notice = st.empty()  # one element whatever the model, as server_problem above
 if entry.notice or entry.random_weights:
     notice.warning(entry.notice or "random weights: replies are noise", icon=":material/warning:")
 
-live_widgets(api_url, entry)
+live_widgets(browser_api_url, entry)
 
 turns: list[dict] = st.session_state.setdefault("turns", [])
 history = st.container()
@@ -88,4 +91,4 @@ if recording is not None:
 
 with history:
     for index, turn in enumerate(turns):
-        render_turn(turn, api_url, api_key(), latest=index == len(turns) - 1)
+        render_turn(turn, browser_api_url, api_key(), latest=index == len(turns) - 1)
