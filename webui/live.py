@@ -8,8 +8,9 @@ import html
 from pathlib import Path
 
 STATIC = Path(__file__).resolve().parent / "static"
-LIVE_JS = (STATIC / "live.js").read_text()
-DUPLEX_JS = (STATIC / "duplex.js").read_text()
+PCM_JS = (STATIC / "pcm.js").read_text()  # PCM16 -> Web Audio, shared by every widget
+LIVE_JS = PCM_JS + (STATIC / "live.js").read_text()
+DUPLEX_JS = PCM_JS + (STATIC / "duplex.js").read_text()
 
 
 def _ws_base(api_url: str) -> str:
