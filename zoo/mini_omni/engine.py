@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.graphs import DecodeGraphs
+from ..core.kv_cache import Rows
 from ..core.sampling import is_zero_temperature, sample
 from ..core.scheduler import isolate
 from ..core.types import Options
@@ -46,11 +48,18 @@ def _is_greedy(options: Options) -> bool:
 
 
 class Engine:
-    def __init__(self, gpt: GPT, max_rows: int) -> None:
+    """``graphs`` / ``buckets``: how decode steps run (zoo.core.graphs.DecodeGraphs; by default
+    captured CUDA graphs on a GPU, exact eager steps on CPU)."""
+
+    def __init__(self, gpt: GPT, max_rows: int, *, graphs: bool | None = None, buckets: bool | None = None) -> None:
         self.gpt = gpt
         weight = gpt.transformer.wte.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.cache = KVCache(gpt.config, max_rows, gpt.config.block_size, self.dtype, self.device)
+        padded = self.device.type == "cuda" if graphs is None and buckets is None else bool(graphs or buckets)
+        block = gpt.config.block_size
+        self.cache = KVCache(gpt.config, max_rows, block, self.dtype, self.device, scratch=padded)
+        self.graphs = DecodeGraphs(self._decode, pad_row=self.cache.scratch, max_len=block, device=self.device,
+                                   capture=graphs, buckets=buckets)
 
     @property
     def free_rows(self) -> list[int]:
@@ -113,7 +122,7 @@ class Engine:
             return
         rows = [row for s in active for row in s.rows]
         tokens = torch.cat([s.next_input for s in active]).unsqueeze(-1)  # (B, 8, 1)
-        hidden = self.gpt(self.gpt.embed(tokens), self.cache, self.cache.rows_for(rows, 1))[:, 0]
+        hidden = self.graphs(tokens, rows, [self.cache.lengths[r] for r in rows])
         self.cache.advance(rows, 1)
         for s, pick in zip(active, self._sample(active, hidden)):
             if pick is not None:
@@ -122,6 +131,10 @@ class Engine:
                     self._record(s, *pick, first=False)
             if s.done:
                 self.release(s)
+
+    def _decode(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """(B, 8, 1) ids at ``rows`` -> the hidden state of each (B, C): tensor operations only."""
+        return self.gpt(self.gpt.embed(tokens), self.cache, rows)[:, 0]
 
     # -- per-task sampling and bookkeeping ----------------------------------------------------
     def _sample(self, sessions: list[Session], hidden: torch.Tensor) -> list[tuple[list[int] | None, int] | None]:

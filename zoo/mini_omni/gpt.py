@@ -59,8 +59,9 @@ class KVCache(kv_cache.KVCache):
     """The zoo's cache (zoo.core.kv_cache) shaped for a GPTConfig: one row per sequence, stored per
     KV group (not expanded to every query head as litgpt does)."""
 
-    def __init__(self, config: GPTConfig, rows: int, max_len: int, dtype, device) -> None:
-        super().__init__(config.n_layer, rows, config.n_query_groups, max_len, config.head_size, dtype, device)
+    def __init__(self, config: GPTConfig, rows: int, max_len: int, dtype, device, scratch: bool = False) -> None:
+        super().__init__(config.n_layer, rows, config.n_query_groups, max_len, config.head_size, dtype, device,
+                         scratch=scratch)
 
 
 def as_rows(rows: Rows | torch.Tensor, positions: torch.Tensor | None) -> Rows:
