@@ -24,12 +24,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _to_device(values, device) -> torch.Tensor:
-    """Host ints to a device tensor without waiting for the device (pinned, asynchronous copy)."""
-    host = torch.tensor(values, dtype=torch.long)
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device (pinned, asynchronous copy): a
+    plain copy from pageable memory would stall the host until the queued kernels have run."""
     if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def _to_device(values, device) -> torch.Tensor:
+    """Host ints to a device tensor (see ``to_device``)."""
+    return to_device(torch.tensor(values, dtype=torch.long), device)
 
 
 @dataclass(frozen=True)
