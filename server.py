@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-sessions", type=int, default=16)
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefill-batch", type=int, default=8,
+                        help="new replies that join (one batched prefill) between two decode steps")
     security = parser.add_argument_group("security and limits (see README: Security)")
     security.add_argument("--api-key", default=os.environ.get("OMNI_ZOO_API_KEY"),
                           help="require 'Authorization: Bearer KEY' on every route but /health "
@@ -138,7 +140,8 @@ def run(args: argparse.Namespace, sock) -> int:
             return 2
     warm_up(model)
     try:
-        service = Service(model, args.max_sessions, duplex_sessions=args.duplex_sessions, duplex_prompt=prompt)
+        service = Service(model, args.max_sessions, duplex_sessions=args.duplex_sessions, duplex_prompt=prompt,
+                          prefill_batch=args.prefill_batch)
     except zoo.ZooError as err:  # e.g. a --duplex-prompt the model refuses
         log.error("%s", err)
         return 2

@@ -20,13 +20,14 @@ from .metrics import Metrics
 class Service:
     """``duplex_sessions``: slots of the full-duplex scheduler (zoo.core.scheduler), built only when
     the model's card says duplex (default: ``max_sessions``); ``duplex_prompt``: (audio, rate)
-    that seeds every duplex session unless its client gives one."""
+    that seeds every duplex session unless its client gives one; ``prefill_batch``: how many new
+    replies join between two decode steps (zoo.core.scheduler.Scheduler)."""
 
     def __init__(self, model: zoo.VoiceModel, max_sessions: int, *, duplex_sessions: int | None = None,
-                 duplex_prompt=None) -> None:
+                 duplex_prompt=None, prefill_batch: int = 8) -> None:
         self.model, self.max_sessions = model, max_sessions
         self.stepper = model.stepper(max_sessions)
-        self.scheduler = Scheduler(self.stepper, max_sessions)
+        self.scheduler = Scheduler(self.stepper, max_sessions, prefill_batch=prefill_batch)
         # input decoding and audio encoding run here: off the event loop and off the decode thread
         self.prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zoo-prepare")
         self.in_flight = 0

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -170,6 +170,17 @@ class Stepper(Protocol):
     def start(self, job: Job) -> None: ...
     def step(self, jobs: list[Job]) -> None: ...
     def release(self, job: Job) -> None: ...
+
+
+@runtime_checkable
+class BatchStarter(Protocol):
+    """A ``Stepper`` that can also prefill several new jobs in one forward (the scheduler then
+    admits a burst of arrivals in batches instead of one prefill each). A job that cannot start
+    (its prompt does not fit, ...) gets its own ``error`` and ``done`` and the others start; an
+    exception out of ``start_many`` (the batched forward itself failed) fails every job in it.
+    The jobs' outputs are those ``start`` one at a time gives (identical tokens, float32)."""
+
+    def start_many(self, jobs: list[Job]) -> None: ...
 
 
 class DuplexStepper(Protocol):

@@ -21,9 +21,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # litgpt normalises in float32 for low-precision inputs; float64 stays float64.
         compute = torch.promote_types(x.dtype, torch.float32)
-        y = x.to(compute)
+        y = x if x.dtype == compute else x.to(compute)  # no cast (a dispatch each) when none is needed
         y = y * torch.rsqrt(torch.mean(y * y, dim=-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight
+        return (y if y.dtype == x.dtype else y.to(x.dtype)) * self.weight
 
 
 class GatedMLP(nn.Module):
@@ -59,8 +59,9 @@ class KVCache(kv_cache.KVCache):
     """The zoo's cache (zoo.core.kv_cache) shaped for a GPTConfig: one row per sequence, stored per
     KV group (not expanded to every query head as litgpt does)."""
 
-    def __init__(self, config: GPTConfig, rows: int, max_len: int, dtype, device) -> None:
-        super().__init__(config.n_layer, rows, config.n_query_groups, max_len, config.head_size, dtype, device)
+    def __init__(self, config: GPTConfig, rows: int, max_len: int, dtype, device, scratch: bool = False) -> None:
+        super().__init__(config.n_layer, rows, config.n_query_groups, max_len, config.head_size, dtype, device,
+                         scratch=scratch)
 
 
 def as_rows(rows: Rows | torch.Tensor, positions: torch.Tensor | None) -> Rows:
@@ -108,8 +109,11 @@ class CausalSelfAttention(nn.Module):
         v = qkv[:, :, :, q_per_kv + 1].transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         n = c.rope_n_elem
-        q = torch.cat((apply_rope(q[..., :n], cos, sin), q[..., n:]), dim=-1)
-        k = torch.cat((apply_rope(k[..., :n], cos, sin), k[..., n:]), dim=-1)
+        if n == c.head_size:  # Qwen2 rotates every dimension: no slices and concatenation (launches)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:
+            q = torch.cat((apply_rope(q[..., :n], cos, sin), q[..., n:]), dim=-1)
+            k = torch.cat((apply_rope(k[..., :n], cos, sin), k[..., n:]), dim=-1)
         y = attend(q, k, v, cache_k, cache_v, as_rows(rows, positions))
         return self.proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size))
 

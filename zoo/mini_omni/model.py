@@ -186,6 +186,10 @@ class ReplyStepper:
     def start(self, job: Reply) -> None:
         self.engine.start(job.session)
 
+    def start_many(self, jobs: list[Reply]) -> None:
+        """zoo.core.types.BatchStarter: new arrivals' prompts in one forward."""
+        self.engine.start_many([job.session for job in jobs])
+
     def step(self, jobs: list[Reply]) -> None:
         """One decode step for every session, then every due audio window in one codec batch.
         If that batch fails, each session's windows are decoded on their own (isolated), so only

@@ -103,9 +103,14 @@ def random_gpt_state(config: GPTConfig, generator: torch.Generator) -> dict[str,
     return state
 
 
+def litgpt_yaml(config: GPTConfig) -> dict:
+    """``config`` as the published model_config.yaml spells it (what litgpt's Config takes)."""
+    return {**_EXTRA_YAML, **config.to_yaml_dict()}
+
+
 def _write_gpt(folder: Path, config: GPTConfig, generator: torch.Generator) -> None:
     torch.save(random_gpt_state(config, generator), folder / "lit_model.pth")
-    (folder / "model_config.yaml").write_text(yaml.safe_dump({**_EXTRA_YAML, **config.to_yaml_dict()}))
+    (folder / "model_config.yaml").write_text(yaml.safe_dump(litgpt_yaml(config)))
 
 
 def _sinusoids(length: int, channels: int) -> torch.Tensor:
