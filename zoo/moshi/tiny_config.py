@@ -19,7 +19,7 @@ TINY_MIMI = {
 }
 
 TINY_LM = {
-    "dim": 32, "text_card": 64, "existing_text_padding_id": 3, "n_q": 16, "dep_q": 8, "card": 32,
+    "dim": 32, "text_card": 48, "existing_text_padding_id": 3, "n_q": 16, "dep_q": 8, "card": 32,
     "num_heads": 2, "num_layers": 2, "hidden_scale": 4.125, "causal": True, "layer_scale": None,
     "context": 12, "max_period": 10000, "gating": "silu", "norm": "rms_norm_f32",
     "positional_embedding": "rope", "depformer_dim": 16, "depformer_dim_feedforward": 66,
