@@ -29,14 +29,19 @@ class Draw:
 
     options: MoshiOptions
     generator: torch.Generator | None
+    error: Exception | None = None  # this session's own draw failed: it ends, the others go on
 
     def pick(self, logits: torch.Tensor, text: bool) -> torch.Tensor:
         """logits (1, vocab) -> (1,). As the reference, logits are float32 before the choice."""
         o = self.options
         temperature = o.text_temperature if text else o.temperature
-        if is_zero_temperature(o.temperature) or is_zero_temperature(temperature):
-            return logits.float().argmax(dim=-1)
-        return sample(logits.float(), temperature, o.text_top_k if text else o.top_k, o.top_p, self.generator)
+        logits = logits.float()
+        if self.error is None and not (is_zero_temperature(o.temperature) or is_zero_temperature(temperature)):
+            try:
+                return sample(logits, temperature, o.text_top_k if text else o.top_k, o.top_p, self.generator)
+            except Exception as err:  # noqa: BLE001 - recorded; the batch goes on with a placeholder
+                self.error = err
+        return logits.argmax(dim=-1)
 
 
 class LMState:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..core.tiny import cached_folder
 from .mimi import Mimi, MimiConfig
 from .tiny_config import TINY_MIMI
 
@@ -96,3 +97,43 @@ def write_tiny_checkpoint(folder: Path, *, seed: int = 0) -> Path:
     (folder / "config.json").write_text(json.dumps({**TINY_LM, "mimi_config_name": MIMI_CONFIG_FILE}, indent=1))
     write_tiny_tokenizer(folder / TOKENIZER_FILE, TINY_LM["text_card"])
     return folder
+
+
+def tiny_checkpoint(seed: int = 0, root=None) -> Path:
+    """The tiny checkpoint folder for ``seed``, written once into a cache directory
+    (``ZOO_TINY_DIR``, else the system temp dir) and reused."""
+    return cached_folder(f"moshi-v{TINY_FORMAT}-seed{seed}", lambda folder: write_tiny_checkpoint(folder, seed=seed),
+                         root)
+
+
+def build(size: str, *, device=None, dtype=None, seed: int = 0, checkpoint=None):
+    """``tiny``: the tiny folder through the real loader (``checkpoint`` replaces it); ``full``:
+    the published 7B sizes in memory with seeded random weights (for benchmarks)."""
+    from .model import Moshi
+
+    if size == "tiny":
+        return Moshi.load(device=device, dtype=dtype, checkpoint=checkpoint or tiny_checkpoint(seed))
+    if size != "full":
+        raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
+    return _build_full(device=device, dtype=dtype, seed=seed)
+
+
+def _build_full(*, device, dtype, seed: int):
+    import sentencepiece
+
+    from ..core.devices import pick_device, pick_dtype
+    from .lm import LMConfig, MoshiLM
+    from .mimi import MimiConfig
+    from .model import Moshi
+
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        mimi, lm = Mimi(MimiConfig()), MoshiLM(LMConfig())
+    for module, kind in ((mimi, torch.float32 if dtype != torch.float64 else dtype), (lm, dtype)):
+        state = {k: random_tensor(k, v.shape, generator).to(device, kind) for k, v in module.state_dict().items()}
+        module.load_state_dict(state, assign=True)
+    folder = tiny_checkpoint(seed)  # a tokenizer for the pieces (ids beyond it give "")
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(folder / TOKENIZER_FILE))
+    return Moshi(mimi.eval(), lm.eval(), tokenizer, source="random full")
