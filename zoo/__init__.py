@@ -29,6 +29,7 @@ _REGISTRY = {
     "mini-omni": "zoo.mini_omni.model:MiniOmni",
     "hertz-dev": "zoo.hertz_dev.model:HertzDev",
     "glm-4-voice": "zoo.glm4_voice.model:GlmVoice",
+    "moshi": "zoo.moshi.model:Moshi",
 }
 
 

@@ -55,6 +55,12 @@ class Rows:
     rows: tuple[int, ...] | None = None
     starts: tuple[int, ...] | None = None
     fresh: bool = False
+    absolute: torch.Tensor | None = None  # a ring's absolute positions (``positions`` are its slots)
+
+    @property
+    def absolute_positions(self) -> torch.Tensor:
+        """(B, T) absolute position of every new token (what RoPE rotates by)."""
+        return self.positions if self.absolute is None else self.absolute
 
     @classmethod
     def make(cls, rows: Sequence[int], starts: Sequence[int], new: int, device, width: int | None = None,
@@ -75,6 +81,28 @@ class Rows:
         exact = not masked and new == 1 and all(s + 1 == width for s in starts)
         mask = None if fresh or exact else _visible(positions, width)
         return cls(index, positions, width, view, mask, rows, starts, fresh)
+
+    @classmethod
+    def ring(cls, rows: Sequence[int], starts: Sequence[int], new: int, capacity: int, context: int,
+             device) -> Rows:
+        """Rows over a ring of ``capacity`` slots per row (absolute position p lives in slot
+        p % capacity; the oldest positions are overwritten), for models that attend to a sliding
+        window and run indefinitely (Moshi's RingKVCache). Token at position q sees the held
+        positions p with q - context < p <= q. ``starts`` are absolute positions."""
+        rows, starts = tuple(int(r) for r in rows), tuple(int(s) for s in starts)
+        width = min(capacity, max(starts) + new)
+        index = _to_device(rows, device)
+        absolute = _to_device([[s + t for t in range(new)] for s in starts], device)
+        last = absolute[:, -1:]  # (B, 1): the newest position once these are written
+        slots = torch.arange(width, device=device)[None]
+        delta = slots - last % capacity
+        held = torch.where(delta <= 0, last + delta, last + delta - capacity)  # (B, width)
+        behind = absolute[:, :, None] - held[:, None, :]  # (B, T, width)
+        mask = (held[:, None, :] >= 0) & (behind >= 0) & (behind < context)
+        contiguous = rows == tuple(range(rows[0], rows[0] + len(rows)))
+        view = slice(rows[0], rows[0] + len(rows)) if contiguous else index
+        # starts stay None: the new keys are scattered to their slots (a write may wrap the ring)
+        return cls(index, absolute % capacity, width, view, mask[:, None], rows, None, absolute=absolute)
 
     @classmethod
     def placeholder(cls, batch: int, width: int, row: int, device) -> Rows:
