@@ -48,6 +48,7 @@ CARD = ModelCard(
     parameters="7.7B LM (Helium 7B + depth transformer) + 96M Mimi codec",
     hardware="a CUDA GPU with 24 GB for bfloat16 (the reference: about 18 GB at full context); CPU only for tiny",
     components={"checkpoint": DEFAULT_REPO},
+    download_size="≈ 15.8 GB: model.safetensors 15.4 GB (bf16) + Mimi 0.39 GB + tokenizer 0.6 MB",
     max_input_seconds=120.0,
     reply_tokens_per_second=FRAME_RATE,  # one 80 ms step per token
     duplex=True,
