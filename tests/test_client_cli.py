@@ -74,7 +74,7 @@ def test_the_duplex_demo_refuses_a_half_duplex_server_in_one_line(server, monkey
     assert demo.main(["--server", server.url, "--wav", str(REPO / "demos" / "samples" / "01.wav")]) == 2
     err = capsys.readouterr().err
     assert err.strip() == (f"error: the server at {server.url} runs 'mini-omni', which is not full duplex: start it "
-                           "with a full-duplex model (`python server.py --model NAME`, NAME one of: hertz-dev)")
+                           "with a full-duplex model (`python server.py --model NAME`, NAME one of: hertz-dev, moshi)")
 
 
 def test_the_mic_demo_checks_the_server_before_opening_the_sound_card(server, monkeypatch, capsys):

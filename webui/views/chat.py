@@ -9,7 +9,6 @@ server's key, if it has one); ``OMNI_MAX_TOKENS`` (the reply cap the page starts
 server's default for the model, which caps random-weight replies to a few seconds)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 
@@ -75,9 +74,10 @@ recording = st.audio_input("Speak your question", key="mic")
 
 if recording is not None:
     wav = recording.getvalue()
-    digest = hashlib.sha256(wav).hexdigest()
-    if digest != st.session_state.get("last_recording"):
-        st.session_state["last_recording"] = digest
+    # each recording is a new upload with its own id; the same words asked twice (same bytes) are
+    # still two questions
+    if recording.file_id != st.session_state.get("last_recording"):
+        st.session_state["last_recording"] = recording.file_id
         if turns and turns[-1]["status"] == "streaming":  # its player goes away with this rerun
             turns[-1].update(status="failed", error="interrupted by the next question before the reply finished")
         turn = new_turn(uuid.uuid4().hex[:12], wav, entry, int(max_tokens) if max_tokens else None)
