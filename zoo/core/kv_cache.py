@@ -27,7 +27,7 @@ ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 def to_device(host: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on ``device`` without waiting for the device (pinned, asynchronous copy): a
     plain copy from pageable memory would stall the host until the queued kernels have run."""
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or host.device.type != "cpu":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
 

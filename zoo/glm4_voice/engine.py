@@ -13,7 +13,7 @@ from torch import nn
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
 from ..core.graphs import DecodeGraphs
-from ..core.kv_cache import KVCache, Rows, attend
+from ..core.kv_cache import KVCache, Rows, attend, to_device
 
 
 class SlotEngine:
@@ -69,7 +69,7 @@ class SlotEngine:
         for slot in slots:
             if self.room(slot) < 1:
                 raise ValueError(f"slot {slot} is at the model's context limit ({self.max_len})")
-        tokens = ids.view(-1, 1).to(self.device)
+        tokens = to_device(ids.view(-1, 1), self.device)  # no stall behind the queued kernels
         logits = self.graphs(tokens, slots, [self.cache.lengths[s] for s in slots])
         self.cache.advance(slots, 1)
         return logits

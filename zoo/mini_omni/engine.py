@@ -213,8 +213,12 @@ class Engine:
         text_logits = self.gpt.text_logits(hidden[lasts])  # (S, 152000)
         audio_logits = self.gpt.audio_logits(hidden[[firsts[i] for i in speaking]]) if speaking else None
         greedy = [_is_greedy(s.options) for s in sessions]
-        text_ids = text_logits.argmax(-1).tolist() if any(greedy) else None
-        audio_ids = audio_logits.argmax(-1).tolist() if speaking and any(greedy) else None
+        text_ids = audio_ids = None
+        if any(greedy):  # one read back to the host for the whole batch, not one per head
+            picks = [text_logits.argmax(-1)] + ([audio_logits.argmax(-1).flatten()] if speaking else [])
+            ids = torch.cat(picks).tolist()
+            text_ids, flat = ids[: len(sessions)], ids[len(sessions):]
+            audio_ids = [flat[i : i + AUDIO_LAYERS] for i in range(0, len(flat), AUDIO_LAYERS)] if speaking else None
         out = []
         for i, s in enumerate(sessions):
             o = s.options
