@@ -35,6 +35,8 @@ class Session:
     next_input: torch.Tensor | None = None  # (rows, 8)
     generator: torch.Generator | None = None
     error: Exception | None = None  # its own sampling or bookkeeping failed (then done)
+    audio_start: int = 1  # the prompt position of the first audio feature
+    image_features: torch.Tensor | None = None  # (1, n, vision_dim): models with vision (gpt.embed)
 
     @property
     def prompt_length(self) -> int:
@@ -86,14 +88,18 @@ class Engine:
             features = session.features.to(self.device, self.dtype)
         shared = T > 1 and all(torch.equal(tokens[0, :, :-1], t[:, :-1]) for t in tokens[1:])
         first = 1 if shared else tokens.size(0)
-        x = self.gpt.embed(tokens[:first], None if features is None else features.expand(first, -1, -1))
+        extra = {}
+        if session.image_features is not None:  # a model with vision: its gpt.embed takes them
+            extra["image_features"] = session.image_features.to(self.device, self.dtype).expand(first, -1, -1)
+        x = self.gpt.embed(tokens[:first], None if features is None else features.expand(first, -1, -1),
+                           session.audio_start, **extra)
         hidden = self.gpt(x, self.cache, self.cache.rows_for(rows[:first], T))[:, -1]
         self.cache.advance(rows[:first], T)
         if first == tokens.size(0):
             return hidden
         others = rows[first:]
         self.cache.copy_prefix(rows[0], others, T - 1)
-        # the last position is never one of the whisper feature positions (1..T-3)
+        # the last position is never a feature position (whisper or image features end by T-3)
         last = self.gpt.embed(tokens[first:, :, -1:])
         step = self.gpt(last, self.cache, self.cache.rows_for(others, 1))[:, 0]
         self.cache.advance(others, 1)
