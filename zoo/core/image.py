@@ -74,7 +74,9 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             image.load()
     except ImageInputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:  # PIL's own header check, far past ours
+        raise ImageInputError(f"the image is more than the {max_pixels} pixels accepted") from None
+    except UnidentifiedImageError as err:
         raise ImageInputError(f"could not decode the image ({err}); send a PNG or JPEG file") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated or corrupt data
         raise ImageInputError(f"could not decode the image: {err}") from None

@@ -53,6 +53,9 @@ CARD = ModelCard(
     multi_turn=False,
     text_input=True,
     image_input=True,
+    # the reference server answers /chat in multipart (audio and text parts), and its clients
+    # parse that: serving/protocols/chat.py does so by default for this card
+    protocols={"chat-multipart": {}},
 )
 
 
