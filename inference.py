@@ -5,6 +5,8 @@ factor, and write the replies as wav files plus summary.json.
     python inference.py                      # Mini-Omni from the Hugging Face hub
     python inference.py --tiny               # random tiny weights: a smoke test, output is noise
     python inference.py --input my.wav --checkpoint ./mini-omni --codec ./snac_24khz
+    python inference.py --model mini-omni2   # spoken questions about the preset images in demos/images/
+    python inference.py --model mini-omni2 --input question.wav --image photo.jpg
 
 Each run writes output/<model>/<timestamp>/: the replies (NN.wav), summary.json and inference.log
 (what happened, with the traceback of any failure). Exit status: 0 when every question was
@@ -29,6 +31,7 @@ import zoo
 from zoo.cli import add_model_flags, load_model, noise_notice
 
 SAMPLES = Path(__file__).resolve().parent / "demos" / "samples"
+IMAGES = Path(__file__).resolve().parent / "demos" / "images"  # presets.json: image + spoken question
 log = logging.getLogger("omni-zoo.inference")
 
 
@@ -36,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", type=Path, metavar="FILE", help="your own audio files")
     parser.add_argument("--text", help="a typed question instead of audio")
+    parser.add_argument("--image", type=Path, help="an image the --input questions are about (models that take images)")
     parser.add_argument("--output-dir", type=Path, default=Path("output"))
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--temperature", type=float)
@@ -44,11 +48,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def questions(args) -> list[dict]:
+def questions(args, card: zoo.ModelCard) -> list[dict]:
     if args.text:
         return [{"name": "text", "transcript": args.text, "text": args.text}]
     if args.input:
-        return [{"name": p.stem, "transcript": f"({p.name})", "path": p} for p in args.input]
+        image = {"image": args.image} if args.image else {}
+        return [{"name": p.stem, "transcript": f"({p.name})", "path": p, **image} for p in args.input]
+    if card.image_input:  # the preset questions about the preset images
+        presets = json.loads((IMAGES / "presets.json").read_text())
+        return [{"name": Path(p["audio"]).stem, "transcript": f"{p['question']} [{p['image']}]",
+                 "path": IMAGES / p["audio"], "image": IMAGES / p["image"]} for p in presets]
     transcripts = json.loads((SAMPLES / "transcripts.json").read_text())
     return [{"name": Path(f).stem, "transcript": t, "path": SAMPLES / f} for f, t in sorted(transcripts.items())]
 
@@ -58,7 +67,8 @@ def answer(model, question: dict, options) -> dict:
     if "text" in question:
         stream = model.respond_text(question["text"], options)
     else:
-        stream = model.respond(str(question["path"]), options=options)
+        image = question.get("image")
+        stream = model.respond(str(question["path"]), options=options, image=None if image is None else str(image))
     first_audio, audio, text = None, [], []
     for chunk in stream:
         if chunk.audio.size and first_audio is None:
@@ -107,7 +117,9 @@ def main(argv=None) -> int:
         if args.temperature is not None:
             overrides["temperature"] = args.temperature
         options = model.options(overrides)
-        todo = questions(args)
+        if args.image and not card.image_input:
+            raise zoo.UnsupportedError(f"{card.name} does not take images (--image)")
+        todo = questions(args, card)
     except (zoo.ZooError, OSError) as err:  # expected: no weights, no GPU, bad option: its message says it all
         log.error("%s", err, exc_info=not isinstance(err, zoo.ZooError))  # an OSError's origin: in the log
         print(f"error: {err}", file=sys.stderr)

@@ -100,6 +100,7 @@ RULES = [
     Rule(r"^python inference\.py --checkpoint weights/", expect=[ANSWERED]),
     Rule(r"^python inference\.py --tiny", expect=[ANSWERED, ("RANDOM WEIGHTS", r"RANDOM WEIGHTS")]),
     Rule(r"^python inference\.py --input ", expect=[ANSWERED]),
+    Rule(r"^python inference\.py --model mini-omni2 --tiny", expect=[ANSWERED, ("RANDOM WEIGHTS", r"RANDOM WEIGHTS")]),
     Rule(r"^python -c \"import base64, json;.*> question\.json$", files={"question.json": 0}),
     Rule(r"^curl -sS -D - -o reply\.pcm .*/chat$",
          expect=[("HTTP/1.1 200 OK", r"HTTP/1.1 200 OK"), ("x-model: mini-omni", r"(?i)x-model: mini-omni"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,7 +37,7 @@ class ModelCard:
     multi_turn: bool = False  # whether respond() uses ``history``
     text_input: bool = False  # whether respond_text() answers typed questions
     text_output: bool = True  # whether replies carry text (False: audio only, chunk.text is "")
-    image_input: bool = False  # whether a question may carry an image (no model here does yet)
+    image_input: bool = False  # whether respond() (and Stepper.prepare) take an ``image`` with the question
     # what the published files of every component take on disk, in words ("≈" where computed from
     # parameter counts rather than read from the published repo); README's model table shows it
     download_size: str = ""
@@ -166,7 +167,9 @@ class Job(Protocol):
 class Stepper(Protocol):
     """Half-duplex replies of many sessions in one batched step (``VoiceModel.stepper``)."""
 
-    def prepare(self, audio: Any, sample_rate: int | None, options: Any, history: Any = None) -> Job: ...
+    # ``image``: only for cards with image_input; callers go through ``prepare_job``
+    def prepare(self, audio: Any, sample_rate: int | None, options: Any, history: Any = None,
+                image: Any = None) -> Job: ...
     def start(self, job: Job) -> None: ...
     def step(self, jobs: list[Job]) -> None: ...
     def release(self, job: Job) -> None: ...
@@ -181,6 +184,22 @@ class BatchStarter(Protocol):
     The jobs' outputs are those ``start`` one at a time gives (identical tokens, float32)."""
 
     def start_many(self, jobs: list[Job]) -> None: ...
+
+
+def check_image(card: ModelCard, image: Any) -> None:
+    """The one place a model without vision refuses an image (UnsupportedError)."""
+    if image is not None and not card.image_input:
+        raise UnsupportedError(f"{card.name} does not take images (its card says image_input=False)")
+
+
+def prepare_job(stepper: Stepper, card: ModelCard, audio: Any, sample_rate: int | None, options: Any,
+                history: Any = None, image: Any = None) -> Job:
+    """``stepper.prepare`` for any model: an image goes only to a model whose card takes one (the
+    steppers of models without vision have no ``image`` parameter at all)."""
+    check_image(card, image)
+    if image is None:
+        return stepper.prepare(audio, sample_rate, options, history)
+    return stepper.prepare(audio, sample_rate, options, history, image=image)
 
 
 class DuplexStepper(Protocol):
@@ -216,6 +235,25 @@ class VoiceModel(ABC):
     # whose replies rarely stop by themselves); None: the options class's own default
     default_max_new_tokens: int | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every model's ``respond`` takes ``image=``: a model without vision (its card says
+        image_input=False) refuses a non-None image here, once, and its own ``respond`` never
+        sees the parameter; a model with vision gets it passed on."""
+        super().__init_subclass__(**kwargs)
+        respond = cls.__dict__.get("respond")
+        if respond is None or getattr(respond, "_checks_image", False):
+            return
+
+        @functools.wraps(respond)
+        def checked(self, audio, sample_rate=None, options=None, history=None, image=None):
+            check_image(self.card, image)
+            if image is None:
+                return respond(self, audio, sample_rate, options, history)
+            return respond(self, audio, sample_rate, options, history, image=image)
+
+        checked._checks_image = True
+        cls.respond = checked
+
     def options(self, values: Mapping[str, Any] | Options | None = None) -> Options:
         """Any options -> a validated instance of this model's own options class (a new object:
         validation may lower ``max_new_tokens``). A base ``zoo.Options`` (or another model's) gives
@@ -236,8 +274,11 @@ class VoiceModel(ABC):
         sample_rate: int | None = None,
         options: Options | Mapping[str, Any] | None = None,
         history: Sequence[Any] | None = None,
+        image: Any = None,
     ) -> Iterator[Chunk]:
-        """Stream the reply to ``audio`` (an array at ``sample_rate``, or a file path or bytes)."""
+        """Stream the reply to ``audio`` (an array at ``sample_rate``, or a file path or bytes).
+        ``image`` (cards with image_input): an HxWx3 uint8 array, a path, PNG/JPEG bytes or a PIL
+        image that the question is about; other models raise UnsupportedError for one."""
 
     def respond_text(
         self, text: str, options: Options | Mapping[str, Any] | None = None

@@ -37,6 +37,8 @@ class Session:
     next_input: torch.Tensor | None = None  # (rows, 8), on the host
     generator: torch.Generator | None = None
     error: Exception | None = None  # its own sampling or bookkeeping failed (then done)
+    audio_start: int = 1  # the prompt position of the first audio feature
+    image_features: torch.Tensor | None = None  # (1, n, vision_dim): models with vision (gpt.embed)
 
     @property
     def prompt_length(self) -> int:
@@ -151,7 +153,10 @@ class Engine:
         features = session.features
         if features is not None:
             features = features.to(self.device, self.dtype).expand(first, -1, -1)
-        x = self.gpt.embed(tokens, features)
+        extra = {}
+        if session.image_features is not None:  # a model with vision: its gpt.embed takes them
+            extra["image_features"] = session.image_features.to(self.device, self.dtype).expand(first, -1, -1)
+        x = self.gpt.embed(tokens, features, session.audio_start, **extra)
         pad = length - x.size(1)
         return x if pad == 0 else torch.nn.functional.pad(x, (0, 0, 0, pad))
 
@@ -163,7 +168,7 @@ class Engine:
             others = s.rows[1:]
             self.cache.copy_prefix(s.rows[0], others, s.prompt_length - 1)
             rows += others
-            # the last position is never one of the whisper feature positions (1..T-3)
+            # the last position is never a feature position (whisper or image features end by T-3)
             x.append(self.gpt.embed(to_device(s.prompt[1:, :, -1:], self.device)))
         hidden = self.gpt(torch.cat(x), self.cache, self.cache.rows_for(rows, 1))[:, 0]
         self.cache.advance(rows, 1)

@@ -165,14 +165,28 @@ class GPT(nn.Module):
             self._rope = rope_tables(self.config, weight.dtype, weight.device)
         return self._rope
 
-    def embed(self, tokens: torch.Tensor, audio_features: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, audio_features: torch.Tensor | None = None, audio_start: int = 1) -> torch.Tensor:
         """tokens (B, 8, T) absolute ids -> (B, T, C): the mean of the 8 stream embeddings.
-        ``audio_features`` (B, T_a, whisper_dim) replace the audio streams at positions 1..T_a
-        (the text stream keeps its embedding there), as the reference's concat_whisper_feat."""
-        emb = self.transformer.wte(tokens)  # (B, 8, T, C)
+        ``audio_features`` (B, T_a, whisper_dim) replace the audio streams at positions
+        ``audio_start``.. (the text stream keeps its embedding there), as the reference's
+        concat_whisper_feat (position 1: right after ``_input_a``)."""
+        return self.mean_of_streams(self.stream_embeddings(tokens, audio_features, audio_start))
+
+    def stream_embeddings(self, tokens: torch.Tensor, audio_features: torch.Tensor | None = None,
+                          audio_start: int = 1) -> torch.Tensor:
+        """(B, 8, T, C): each stream's embeddings, the adapted audio features in place."""
+        emb = self.transformer.wte(tokens)
         if audio_features is not None:
-            adapted = self.whisper_adapter(audio_features.to(emb.dtype))
-            emb[:, :AUDIO_LAYERS, 1 : 1 + adapted.size(1)] = adapted.unsqueeze(1)
+            self.place(emb, self.whisper_adapter(audio_features.to(emb.dtype)), audio_start)
+        return emb
+
+    @staticmethod
+    def place(emb: torch.Tensor, adapted: torch.Tensor, start: int) -> None:
+        """Adapter outputs (B, n, C) replace the 7 audio streams' embeddings at start..start+n-1."""
+        emb[:, :AUDIO_LAYERS, start : start + adapted.size(1)] = adapted.unsqueeze(1)
+
+    @staticmethod
+    def mean_of_streams(emb: torch.Tensor) -> torch.Tensor:
         x = emb[:, 0]
         for stream in range(1, emb.size(1)):  # summed in the reference's order
             x = x + emb[:, stream]

@@ -223,7 +223,7 @@ class MiniOmni(VoiceModel):
         self.gpt, self.encoder, self.codec, self.tokenizer = gpt.pack(), encoder, codec, tokenizer
         # respond() and generate() run on one-slot steppers (two KV-cache rows: the batch trick's),
         # so replies that run at once in one process never share cache rows
-        self._steppers = OneSlotSteppers(lambda: ReplyStepper(self, max_sessions=1))
+        self._steppers = OneSlotSteppers(lambda: self.stepper(1))
         whisper.mel_filters(encoder.dims.n_mels)  # build once now, not inside the first reply
 
     # -- loading ----------------------------------------------------------------------------
@@ -273,9 +273,11 @@ class MiniOmni(VoiceModel):
         sample_rate: int | None = None,
         text: str | None = None,
         options: MiniOmniOptions | Mapping[str, Any] | None = None,
+        **inputs: Any,
     ) -> Iterator[Chunk]:
-        """Stream any reference task: A1A2, A1T2, ASR, T1A2, T1T2 or A1A2+A1T2."""
-        _, reply = self.start_session(task, audio=audio, sample_rate=sample_rate, text=text, options=options)
+        """Stream any reference task: A1A2, A1T2, ASR, T1A2, T1T2 or A1A2+A1T2 (``inputs``: what
+        a subclass's own tasks take, e.g. an image)."""
+        _, reply = self.start_session(task, audio=audio, sample_rate=sample_rate, text=text, options=options, **inputs)
         return self._stream(reply)
 
     def start_session(self, task: str, *, audio=None, sample_rate=None, text=None, options=None) -> tuple[Session, Reply]:
@@ -349,10 +351,10 @@ class MiniOmni(VoiceModel):
         return self._steppers.stream(reply)
 
 
-def load_gpt(folder: Path) -> GPT:
-    config = GPTConfig.from_yaml(folder / "model_config.yaml")
+def load_gpt(folder: Path, config_class: type[GPTConfig] = GPTConfig, gpt_class: type[GPT] = GPT) -> GPT:
+    config = config_class.from_yaml(folder / "model_config.yaml")
     with torch.device("meta"):
-        gpt = GPT(config)
+        gpt = gpt_class(config)
     load_strict(gpt, folder / "lit_model.pth", f"the litgpt layout of {folder / 'model_config.yaml'}")
     if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: re-tie to wte
         gpt.lm_head.weight = gpt.transformer.wte.weight

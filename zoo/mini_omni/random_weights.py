@@ -82,10 +82,10 @@ def write_tiny_checkpoint(checkpoint: Path, codec: Path, *, seed: int = 0, confi
     _write_snac(codec, seed)
 
 
-def random_gpt_state(config: GPTConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def random_gpt_state(config: GPTConfig, generator: torch.Generator, gpt_class: type[GPT] = GPT) -> dict[str, torch.Tensor]:
     """Seeded random weights with the published names (litgpt's init: normal(0, 0.02))."""
     with torch.device("meta"):
-        names = GPT(config).state_dict()
+        names = gpt_class(config).state_dict()
     state = {}
     for name, tensor in names.items():
         if name.endswith(("norm_1.weight", "norm_2.weight", "ln_f.weight")):
