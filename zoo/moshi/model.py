@@ -57,6 +57,10 @@ CARD = ModelCard(
     text_output=True,
     multi_turn=False,
     text_input=False,
+    # the reference server's /api/chat (serving/protocols/kyutai_reference.py); the reference web
+    # client's URL parameters that set options
+    protocols={"kyutai-opus": {"text_temperature": "text_temperature", "text_topk": "text_top_k",
+                               "audio_temperature": "temperature", "audio_topk": "top_k"}},
 )
 
 
