@@ -103,8 +103,10 @@ class Wire:
         return pcm16_to_float(data[:even], self.in_scale)
 
     async def greet(self, socket: DuplexSocket) -> None:
-        """What the client gets once the session has its slot: ``session.created`` here."""
-        await socket.send_json({"type": "session.created", "session": socket.session_info()})
+        """What the client gets once the session has its slot: ``session.created`` on a wire with
+        JSON events, nothing otherwise."""
+        if self.json_events:
+            await socket.send_json({"type": "session.created", "session": socket.session_info()})
 
     def error_message(self, code: str, message: str, **extra) -> str | bytes:
         """An error as this wire sends it (text: a JSON ``error`` event; bytes: a binary message)."""
