@@ -25,7 +25,7 @@ Routes
   WS   /api/chat      models whose card lists "kyutai-opus" (moshi): the Kyutai reference server's
                       protocol, binary messages of a kind byte + payload: 0x00 handshake, 0x01
                       Ogg/Opus audio both ways at the card's rate (24 kHz), 0x02 the model's text
-                      pieces, 0x05 errors; its moshi.client and web client work unchanged (URL
+                      pieces, 0x05 errors, as its moshi.client and web client speak it (URL
                       options text_temperature, text_topk, audio_temperature, audio_topk;
                       serving/protocols/kyutai_reference.py)
   GET  /v1/models     the loaded model's card

@@ -1,5 +1,5 @@
-"""The Kyutai reference server's live protocol (``moshi/moshi/server.py`` of kyutai-labs; its
-``moshi.client`` and its web client work with ``ws://HOST:PORT/api/chat``), served for a duplex
+"""The Kyutai reference server's live protocol (``server.py`` of kyutai-labs' Moshi repository; its
+Python client and its web client speak it to ``ws://HOST:PORT/api/chat``), served for a duplex
 model whose card lists ``"kyutai-opus"`` in ``card.protocols``; without it ``/api/chat`` refuses.
 Rates and frame size are the card's (24 kHz, 1920 samples = 80 ms for the reference model); this
 module adds only the wire format (kyutai-labs' ``rust/protocol.md``):
