@@ -3,7 +3,9 @@ streams in and the model's audio streams out at the same time, one fixed-size fr
 model step (``card.frame_samples`` at ``card.input_sample_rate``, e.g. 2000 samples = 125 ms at
 16 kHz). No turns, no VAD: the model decides when to speak. ``DuplexSocket`` runs one connection
 for any wire (``Wire``: this module's binary one, or a reference client's, e.g.
-serving/protocols/hertz_reference.py).
+serving/protocols/hertz_reference.py, serving/protocols/kyutai_reference.py): the wire says how
+audio, text pieces and errors are written; slots, backlog, limits and failures are handled here
+once.
 
 ``WS /v1/duplex`` (ours)
   server -> client, text, on connect: ``{"type": "session.created", "session": {...}}`` with
@@ -29,7 +31,7 @@ serving/protocols/hertz_reference.py).
   last k complete frames of that message were dropped: the client sends faster than the model
   steps), ``busy`` (every duplex slot is taken: close code 1013 follows at once),
   ``not_duplex`` (the model is half-duplex: close 1008; the route answers only that),
-  ``idle_timeout`` (close 1000),
+  ``idle_timeout`` (close 1000), ``max_duration`` (the server's ``--duplex-max-s``: close 1000),
   ``generation`` (the model failed: close 1011; logged with the session number and request id).
   A close's reason is the error's code. So every complete input frame gets exactly one
   output frame or is counted in one ``backlog_full`` error.
