@@ -235,7 +235,7 @@ def test_a_card_that_declares_the_protocol_gets_api_chat():
     # 960 samples, so a message goes each way per 6 frames
     model = StubModel(duplex=True, frame_samples=160, text_output=False,
                       protocols={"kyutai-opus": {"audio_temperature": "temperature"}})
-    client, service = stub_client(model, duplex_settings=DuplexSettings(max_session_s=3.0))
+    client, service = stub_client(model, duplex_settings=DuplexSettings(max_session_s=5.0))
     tone = (0.5 * np.sin(2 * np.pi * 400 * np.arange(160 * 30) / 8000)).astype(np.float32)
     writer, reader = sphn.OpusStreamWriter(8000), sphn.OpusStreamReader(8000)
     try:
@@ -259,7 +259,7 @@ def test_a_card_that_declares_the_protocol_gets_api_chat():
             spectrum = np.abs(np.fft.rfft(audio[960:]))
             assert abs(np.argmax(spectrum) * 8000 / (audio.size - 960) - 400) < 10
             # the session limit of every duplex route: an error, then the close
-            assert ws.receive_bytes().startswith(b"\x05max_duration: sessions last at most 3 s")
+            assert ws.receive_bytes().startswith(b"\x05max_duration: sessions last at most 5 s")
             with pytest.raises(WebSocketDisconnect):
                 ws.receive_bytes()
     finally:
