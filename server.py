@@ -22,6 +22,12 @@ Routes
   POST /set_temperature?token_temp=&categorical_temp=&gaussian_temp=   the same reference
                       client's knob: the default temperatures of /audio sessions opened afterwards
                       (never a running one), validated as model options (422 otherwise)
+  WS   /api/chat      models whose card lists "kyutai-opus" (moshi): the Kyutai reference server's
+                      protocol, binary messages of a kind byte + payload: 0x00 handshake, 0x01
+                      Ogg/Opus audio both ways at the card's rate (24 kHz), 0x02 the model's text
+                      pieces, 0x05 errors, as its moshi.client and web client speak it (URL
+                      options text_temperature, text_topk, audio_temperature, audio_topk;
+                      serving/protocols/kyutai_reference.py)
   GET  /v1/models     the loaded model's card
   GET  /health        liveness and free session slots
   GET  /metrics       Prometheus metrics
@@ -98,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="input frames a session may have waiting for the model; more are dropped with an error")
     duplex.add_argument("--duplex-idle-s", type=float, default=DuplexSettings.idle_timeout_s,
                         help="close a duplex session after this long without a message")
+    duplex.add_argument("--duplex-max-s", type=float, default=DuplexSettings.max_session_s,
+                        help="close a duplex session after this long in all (0: no limit)")
     duplex.add_argument("--replay-seconds", type=float, default=ReferenceSettings.replay_seconds,
                         help="/audio with a prompt: answer the first seconds with the prompt's end, as the reference")
     add_model_flags(parser, argv)
@@ -148,7 +156,8 @@ def run(args: argparse.Namespace, sock) -> int:
     if service.duplex is not None:
         log.info("full duplex: %d session slots (%.1f MiB of caches)",
                  service.duplex.max_sessions, service.duplex.nbytes() / 2**20)
-    settings = DuplexSettings(max_backlog_frames=args.duplex_backlog, idle_timeout_s=args.duplex_idle_s)
+    settings = DuplexSettings(max_backlog_frames=args.duplex_backlog, idle_timeout_s=args.duplex_idle_s,
+                              max_session_s=args.duplex_max_s)
     access = AccessSettings(api_key=args.api_key or None, allowed_origins=tuple(args.allow_origin),
                             max_connections=args.max_connections)
     if access.api_key is None and not is_loopback(args.host):

@@ -18,8 +18,12 @@ step() {  # step SECONDS command...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$LOG"
 
-# Issue #14 first (newest questions), then the rows that track earlier issues; the limits add up
-# to about 9.5 minutes, the usual run is shorter.
+# Issue #16 first (newest question), then #14, then the rows that track earlier issues; the limits
+# add up to about 12.5 minutes (a 10-minute command then loses only the last rows), the usual run
+# is shorter.
+# Moshi duplex steps (#16): ms per 80 ms step for 1, 8 and 32 sessions at full size (7.7B, bf16,
+# seeded random weights built on the host first: about a minute); 32 sessions' caches take ~50 GB
+step 180 python bench/duplex.py --model moshi --device cuda --dtype bfloat16 --sessions 1 8 32
 # Mini-Omni decode steps through zoo.core.graphs: CUDA graphs vs eager, identical tokens, host syncs
 step 75 python bench/decode_graphs.py --device cuda --size full --dtype float32 --batches 1 8 32
 # Side by side with the reference (one process, same weights). Needs a checkout of the reference
@@ -37,7 +41,7 @@ fi
 step 120 python bench/load.py --spawn --full --dtype bfloat16 --clients 32 64 --requests-per-client 1 --max-tokens 100
 # Mini-Omni stages (prefill: one forward for both rows on a GPU) and Hertz-dev duplex (graphs)
 step 75 python bench/latency.py --model mini-omni --size full --device cuda --dtype bfloat16 --repeats 5
-step 90 python bench/hertz_duplex.py --device cuda --dtype bfloat16 --sessions 1 8 32
+step 90 python bench/duplex.py --model hertz-dev --device cuda --dtype bfloat16 --sessions 1 8 32
 # GLM-4-Voice: decode steps over 1..32 sessions (graphs vs eager, now padded to batch buckets)
 step 100 python bench/glm4_engine.py --device cuda --dtype bfloat16 --batches 1 5 32
 # Measured on 2026-12-04 and unchanged by #14 (run by hand when needed):

@@ -15,7 +15,7 @@ from zoo.cli import noise_notice
 
 from .errors import ApiError, error_response, report_failure
 from .http_input import READ_TIMEOUT_S
-from .protocols import chat, duplex, hertz_reference, realtime
+from .protocols import chat, duplex, hertz_reference, kyutai_reference, realtime
 from .protocols.duplex import DuplexSettings
 from .protocols.hertz_reference import ReferenceSettings
 from .security import AccessSettings, Guard, OpenSockets
@@ -74,4 +74,5 @@ def create_app(service: Service, max_body_bytes: int = chat.MAX_BODY_BYTES,
     realtime.install(app, service, idle_timeout_s=realtime_idle_s)
     duplex.install(app, service, duplex_settings)
     hertz_reference.install(app, service, duplex_settings, reference_settings or ReferenceSettings())
+    kyutai_reference.install(app, service, duplex_settings)
     return app

@@ -3,7 +3,9 @@ streams in and the model's audio streams out at the same time, one fixed-size fr
 model step (``card.frame_samples`` at ``card.input_sample_rate``, e.g. 2000 samples = 125 ms at
 16 kHz). No turns, no VAD: the model decides when to speak. ``DuplexSocket`` runs one connection
 for any wire (``Wire``: this module's binary one, or a reference client's, e.g.
-serving/protocols/hertz_reference.py).
+serving/protocols/hertz_reference.py, serving/protocols/kyutai_reference.py): the wire says how
+audio, text pieces and errors are written; slots, backlog, limits and failures are handled here
+once.
 
 ``WS /v1/duplex`` (ours)
   server -> client, text, on connect: ``{"type": "session.created", "session": {...}}`` with
@@ -29,7 +31,7 @@ serving/protocols/hertz_reference.py).
   last k complete frames of that message were dropped: the client sends faster than the model
   steps), ``busy`` (every duplex slot is taken: close code 1013 follows at once),
   ``not_duplex`` (the model is half-duplex: close 1008; the route answers only that),
-  ``idle_timeout`` (close 1000),
+  ``idle_timeout`` (close 1000), ``max_duration`` (the server's ``--duplex-max-s``: close 1000),
   ``generation`` (the model failed: close 1011; logged with the session number and request id).
   A close's reason is the error's code. So every complete input frame gets exactly one
   output frame or is counted in one ``backlog_full`` error.
@@ -69,11 +71,16 @@ IDLE_TIMEOUT_S = 60.0  # no client message (and nothing owed to it) for this lon
 
 
 class Wire:
-    """How audio travels on one route; this one is ``/v1/duplex``'s binary PCM16 LE."""
+    """How audio travels on one route; this one is ``/v1/duplex``'s binary PCM16 LE. One wire
+    object per connection (it may keep a connection's codec state)."""
 
     name = "binary"
     in_scale = 32768.0  # int16 -> float
     json_events = True  # session.created on connect, text messages are session.update events
+    sends_text = False  # whether the model's text pieces go out too (send_text)
+
+    def __init__(self) -> None:
+        self._odd = b""  # a sample's first byte whose second byte comes in the next message
 
     def initial_options(self) -> dict:
         """The model options a new session starts with (before any session.update)."""
@@ -89,8 +96,29 @@ class Wire:
             raise ProtocolError("bad_message", "audio goes in binary messages (PCM16 LE)")
         return message["bytes"]
 
+    def samples(self, message: dict) -> np.ndarray:
+        """A received message -> its float32 samples at the card's input rate (raises
+        ProtocolError); this PCM16 one keeps a split sample's first byte for the next message."""
+        data = self._odd + self.decode(message)
+        even = len(data) // 2 * 2
+        self._odd = data[even:]
+        return pcm16_to_float(data[:even], self.in_scale)
+
+    async def greet(self, socket: DuplexSocket) -> None:
+        """What the client gets once the session has its slot: ``session.created`` on a wire with
+        JSON events, nothing otherwise."""
+        if self.json_events:
+            await socket.send_json({"type": "session.created", "session": socket.session_info()})
+
+    def error_message(self, code: str, message: str, **extra) -> str | bytes:
+        """An error as this wire sends it (text: a JSON ``error`` event; bytes: a binary message)."""
+        return json.dumps({"type": "error", "error": {"code": code, "message": message, **extra}})
+
     async def send_audio(self, ws: WebSocket, audio: np.ndarray) -> None:
         await ws.send_bytes(float_to_pcm16(audio).tobytes())
+
+    async def send_text(self, ws: WebSocket, text: str) -> None:
+        """A non-empty text piece of the model's (wires with ``sends_text``)."""
 
 
 class ProtocolError(Exception):
@@ -101,10 +129,12 @@ class ProtocolError(Exception):
 
 @dataclasses.dataclass
 class DuplexSettings:
-    """Server-wide settings of the duplex routes."""
+    """Server-wide settings of the duplex routes. ``max_session_s``: a session is closed after
+    this long (0: no limit)."""
 
     max_backlog_frames: int = MAX_BACKLOG_FRAMES
     idle_timeout_s: float = IDLE_TIMEOUT_S
+    max_session_s: float = 0.0
 
 
 class DuplexSocket:
@@ -118,7 +148,7 @@ class DuplexSocket:
         self.frame = self.card.frame_samples or 0
         self.frame_bytes = 2 * self.frame
         self.max_message_bytes = MAX_MESSAGE_FRAMES * self.frame_bytes
-        self.pending = bytearray()  # received audio bytes not yet a whole frame
+        self.pending = np.zeros(0, np.float32)  # received samples not yet a whole frame
         self.in_flight: deque[float] = deque()  # receive times of frames pushed and not yet answered
         self.started_audio = False
         self.options_values: dict = wire.initial_options()
@@ -137,7 +167,8 @@ class DuplexSocket:
         number = self.conn.number if self.conn is not None else "-"
         report_failure(self.metrics, f"duplex_{code}", f"duplex session {number} ({self.wire.name}): {message}",
                        exc=exc, level=logging.ERROR if exc is not None else logging.WARNING)
-        await self.send_json({"type": "error", "error": {"code": code, "message": message, **extra}})
+        async with self.send_lock:
+            await send_message(self.ws, self.wire.error_message(code, message, **extra))
 
     async def refuse(self, code: str, message: str, close_code: int, *, exc: BaseException | None = None) -> None:
         """An error event, then the close, whose reason is the error's code (a close reason is at
@@ -175,13 +206,13 @@ class DuplexSocket:
         except Busy as err:
             await self.refuse("busy", str(err), 1013)
             return
+        self.conn.chunks = self.wire.sends_text  # before its first frame: the worker reads it after a push
         self.metrics.duplex_sessions_active.inc()
         self.metrics.duplex_sessions_total.inc()
         self.replay = self.wire.opening_frames(self.hub.prompt, self.card)
         sender = asyncio.create_task(self.send_outputs())
         try:
-            if self.wire.json_events:
-                await self.send_json({"type": "session.created", "session": self.session_info()})
+            await self.wire.greet(self)
             await self.receive_loop(sender)
         except WebSocketDisconnect:
             pass
@@ -193,12 +224,20 @@ class DuplexSocket:
                 self.receiving.cancel()
 
     async def receive_loop(self, sender: asyncio.Task) -> None:
+        limit = self.settings.max_session_s
+        deadline = time.monotonic() + limit if limit > 0 else None
         while True:
             if self.receiving is None:
                 self.receiving = asyncio.ensure_future(self.ws.receive())
-            done, _ = await asyncio.wait({self.receiving, sender}, timeout=self.settings.idle_timeout_s,
+            wait = self.settings.idle_timeout_s
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            done, _ = await asyncio.wait({self.receiving, sender}, timeout=wait,
                                          return_when=asyncio.FIRST_COMPLETED)
             if sender in done:  # the session failed (the sender closed the socket)
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                await self.refuse("max_duration", f"sessions last at most {limit:g} s: closing", 1000)
                 return
             if not done:
                 if self.in_flight:  # the client waits for us: not idle
@@ -226,14 +265,13 @@ class DuplexSocket:
             raise ProtocolError("message_too_large",
                                 f"audio messages are at most {self.max_message_bytes} bytes of PCM "
                                 f"({MAX_MESSAGE_FRAMES} frames); this one is dropped")
-        pcm = self.wire.decode(message)
-        self.started_audio = self.started_audio or bool(pcm)
-        self.pending += pcm
-        whole = len(self.pending) // self.frame_bytes * self.frame_bytes
+        samples = self.wire.samples(message)
+        self.started_audio = self.started_audio or size > 0
+        self.pending = np.concatenate([self.pending, samples]) if self.pending.size else samples
+        whole = self.pending.size // self.frame * self.frame
         if not whole:
             return
-        frames = pcm16_to_float(bytes(self.pending[:whole]), self.wire.in_scale).reshape(-1, self.frame)
-        del self.pending[:whole]
+        frames, self.pending = self.pending[:whole].reshape(-1, self.frame), self.pending[whole:]
         received, dropped = time.perf_counter(), 0
         for frame in frames:
             if self.replay:  # the wire's opening frames: the input is not used
@@ -305,8 +343,11 @@ class DuplexSocket:
                 else:
                     await self.refuse("generation", f"the model failed: {type(item).__name__}: {item}", 1011, exc=item)
                 return
+            audio, text = (item.audio, item.text) if isinstance(item, zoo.Chunk) else (item, "")
             async with self.send_lock:
-                await self.wire.send_audio(self.ws, item)
+                await self.wire.send_audio(self.ws, audio)
+                if text:
+                    await self.wire.send_text(self.ws, text)
             if self.in_flight:
                 self.metrics.duplex_frame_latency.observe(time.perf_counter() - self.in_flight.popleft())
 
@@ -318,11 +359,19 @@ def unavailable(card: zoo.ModelCard) -> tuple[str, str] | None:
     return None
 
 
-async def refuse_connection(ws: WebSocket, metrics: Metrics, wire: str, code: str, message: str) -> None:
-    """A route this model does not offer: accept, send the error event, close (1008, the code)."""
+async def send_message(ws: WebSocket, message: str | bytes) -> None:
+    if isinstance(message, bytes):
+        await ws.send_bytes(message)
+    else:
+        await ws.send_text(message)
+
+
+async def refuse_connection(ws: WebSocket, metrics: Metrics, wire: Wire, code: str, message: str) -> None:
+    """A route this model does not offer (or a connection it cannot open): accept, send the
+    wire's error message, close (1008, the code)."""
     await ws.accept()
-    report_failure(metrics, f"duplex_{code}", f"duplex session - ({wire}): {message}", level=logging.WARNING)
-    await ws.send_text(json.dumps({"type": "error", "error": {"code": code, "message": message}}))
+    report_failure(metrics, f"duplex_{code}", f"duplex session - ({wire.name}): {message}", level=logging.WARNING)
+    await send_message(ws, wire.error_message(code, message))
     await ws.close(code=1008, reason=code)
 
 
@@ -333,6 +382,6 @@ def install(app: FastAPI, service, settings: DuplexSettings) -> None:
     @app.websocket("/v1/duplex")
     async def duplex_binary(websocket: WebSocket):
         if refusal is not None:
-            await refuse_connection(websocket, service.metrics, Wire.name, *refusal)
+            await refuse_connection(websocket, service.metrics, Wire(), *refusal)
         else:
             await DuplexSocket(websocket, service, settings, Wire()).run()

@@ -66,6 +66,7 @@ class DataUrlWire(Wire):
     json_events = False  # the reference client expects audio only; its text messages are audio
 
     def __init__(self, settings: ReferenceSettings) -> None:
+        super().__init__()
         self.settings = settings
 
     def decode(self, message: dict) -> bytes:
@@ -119,7 +120,7 @@ def install(app: FastAPI, service: Service, duplex: DuplexSettings, settings: Re
     @app.websocket("/audio")
     async def audio(websocket: WebSocket):
         if refusal is not None:
-            await refuse_connection(websocket, service.metrics, DataUrlWire.name, *refusal)
+            await refuse_connection(websocket, service.metrics, DataUrlWire(settings), *refusal)
         else:
             await DuplexSocket(websocket, service, duplex, DataUrlWire(settings)).run()
 

@@ -254,7 +254,8 @@ class OneSlotSteppers:
 
 class DuplexTicket:
     """One duplex session as the worker sees it. ``deliver`` is called on the worker thread with
-    each output frame (np.ndarray) or an Exception (the session failed)."""
+    each output frame (np.ndarray; a Chunk with the step's text piece when ``chunks`` is set) or
+    an Exception (the session failed)."""
 
     def __init__(self, number: int, options: Any, prompt: Any, deliver: Callable[[Any], None]) -> None:
         self.number, self.options, self.prompt, self.deliver = number, options, prompt, deliver
@@ -262,6 +263,9 @@ class DuplexTicket:
         self.state = "new"  # new -> queued (waits for open) -> taken (the worker has it) ; closed
         self.handle = None
         self.closed = False
+        # deliver a Chunk (the frame and the handle's ``text``, the step's text piece) instead of
+        # the bare frame; set before the first push
+        self.chunks = False
 
 
 # what DuplexScheduler reports after each successful step: (seconds, sessions stepped, frames answered)
@@ -397,6 +401,8 @@ class DuplexScheduler(WorkerThread):
         for ticket, out in zip(batch, outputs):
             if isinstance(out, Exception):
                 self._fail(ticket, out)
+            elif ticket.chunks:
+                ticket.deliver(Chunk(audio=out, text=getattr(ticket.handle, "text", "")))
             else:
                 ticket.deliver(out)
 

@@ -206,7 +206,9 @@ class DuplexStepper(Protocol):
     """Full-duplex sessions over one set of caches (``VoiceModel.duplex_stepper``): ``open``
     returns a handle (a session slot); ``step`` takes one input frame (``card.frame_samples``
     float32 samples at the input rate) per handle and answers, per handle, the model's next frame
-    or the Exception that ended (and closed) that session alone; ``close`` frees a slot at once."""
+    or the Exception that ended (and closed) that session alone; ``close`` frees a slot at once.
+    A handle of a model with text output (``card.text_output``) has ``text``: the text piece of
+    its last step ("" when none); zoo.core.duplex has what every model's stepper shares."""
 
     def open(self, options: Any = None, prompt: Any = None, sample_rate: int | None = None) -> Any: ...
     def step(self, handles: Sequence[Any], frames: Sequence[Any]) -> list[np.ndarray | Exception]: ...

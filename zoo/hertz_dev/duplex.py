@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 from ..core.audio import AudioSource, read_audio, resample
+from ..core.duplex import FrameChecks
 from ..core.errors import AudioInputError, AudioTooLong
 from ..core.scheduler import isolate
-from ..core.types import Chunk, Options
+from ..core.types import Options
 from .codec import FRAME, SAMPLE_RATE, sample_posterior
 from .engine import Engine, Slot
 from .options import HertzOptions
@@ -58,11 +59,13 @@ class DuplexHandle:
         return self.slot.options
 
 
-class DuplexStepper:
+class DuplexStepper(FrameChecks):
     """Duplex sessions over one set of caches: ``open`` / ``step(handles, frames)`` / ``close``.
     Per slot: main-model and resynthesizer KV rows, a streaming encoder state per channel, a
     streaming decoder state, the model's previous output frame and a generator. ``model``: the
-    HertzDev whose networks it runs."""
+    HertzDev whose networks it runs. Argument checks and input frames: zoo.core.duplex.FrameChecks."""
+
+    frame_samples, sample_rate = FRAME, SAMPLE_RATE
 
     def __init__(self, model, max_sessions: int, *, main_context: int = MAIN_CONTEXT,
                  resynth_context: int = RESYNTH_CONTEXT, keep: float = 0.75) -> None:
@@ -76,6 +79,12 @@ class DuplexStepper:
         self.decoders = self.decoding.new_state(max_sessions)
         self.previous = torch.zeros(max_sessions, FRAME, dtype=self.dtype, device=self.device)
         self.max_sessions = max_sessions
+
+    def row(self, handle: DuplexHandle) -> int:
+        return handle.slot.row
+
+    def failable(self, handle: DuplexHandle) -> Slot:
+        return handle.slot
 
     def nbytes(self) -> int:
         """Device memory held for all slots (KV caches, histories excluded)."""
@@ -139,21 +148,9 @@ class DuplexStepper:
         Exception that ended that session (a bad frame, its own sampling failed): its handle is
         closed and the others' frames are what they would be without it. Calling it wrongly
         (closed or foreign handles) or a failure of the batched networks raises for all."""
-        if len(handles) != len(frames):
-            raise ValueError(f"{len(handles)} sessions but {len(frames)} frames")
-        if any(h.closed for h in handles):
-            raise RuntimeError("a closed duplex session cannot step")
-        if any(h.owner != id(self) for h in handles) or len({h.slot.row for h in handles}) != len(handles):
-            raise ValueError("every handle must be a distinct session opened by this stepper")
-        if not handles:
+        if not self.check_step(handles, frames):
             return []
-        user_frames = []
-        for h, f in zip(handles, frames):
-            frame = np.zeros(FRAME, np.float32)  # the placeholder of a refused frame
-            with isolate(h.slot):
-                frame = user_frame(f)
-            user_frames.append(frame)
-        user = torch.from_numpy(np.stack(user_frames)).to(self.device, self.dtype)
+        user = torch.from_numpy(self.user_frames(handles, frames)).to(self.device, self.dtype)
         rows = torch.tensor([h.slot.row for h in handles], device=self.device)
         x = torch.stack([user, self.previous[rows]], dim=1).reshape(-1, 1, FRAME)
         latents = self._encode(list(handles), rows, x)
@@ -175,48 +172,6 @@ class DuplexStepper:
         if not handle.closed:
             self.engine.close(handle.slot)
             handle.closed = True
-
-
-class DuplexSession:
-    """``model.duplex()``: one session on a one-slot DuplexStepper of its own."""
-
-    def __init__(self, stepper: DuplexStepper, handle: DuplexHandle) -> None:
-        self.stepper, self.handle = stepper, handle
-
-    @property
-    def steps(self) -> int:
-        return self.handle.steps
-
-    def step(self, frame: np.ndarray) -> Chunk:
-        """A refused frame raises and the session goes on; any other failure ends it."""
-        (out,) = self.stepper.step([self.handle], [user_frame(frame)])
-        if isinstance(out, Exception):
-            raise out
-        return Chunk(audio=out)
-
-    def close(self) -> None:
-        self.stepper.close(self.handle)
-
-    def __enter__(self) -> DuplexSession:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def user_frame(frame: Any) -> np.ndarray:
-    """One duplex input frame -> (2000,) float32; int PCM is scaled, anything else is refused."""
-    array = np.asarray(frame)
-    if array.dtype.kind == "i":
-        array = array.astype(np.float32) / float(np.iinfo(array.dtype).max + 1)
-    elif array.dtype.kind != "f":
-        raise AudioInputError(f"a duplex frame must hold numbers, got dtype {array.dtype}")
-    array = array.astype(np.float32, copy=False).reshape(-1)
-    if array.size != FRAME:
-        raise AudioInputError(f"a duplex frame is {FRAME} samples at {SAMPLE_RATE} Hz, got {array.size}")
-    if not np.all(np.isfinite(array)):
-        raise AudioInputError("the frame contains NaN or infinite samples")
-    return array
 
 
 def read_duplex_prompt(prompt: AudioSource, sample_rate: int | None, max_seconds: float) -> np.ndarray:

@@ -52,6 +52,7 @@ import torch
 from ..core.audio import AudioSource, load_audio
 from ..core.checkpoints import read_state_dict
 from ..core.devices import pick_device, pick_dtype
+from ..core.duplex import OneSlotDuplex
 from ..core.errors import OptionsError, WeightsNotFound
 from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Stage, VoiceModel
@@ -66,7 +67,7 @@ from .checkpoint import (
     resolve,
 )
 from .codec import FRAME, SAMPLE_RATE, WaveCodec
-from .duplex import DuplexSession, DuplexStepper
+from .duplex import DuplexStepper
 from .options import HertzOptions
 from .reply import Reply, ReplyStepper
 from .transformer import MAIN_CONTEXT, RESYNTH_CONTEXT, HertzLM, LatentQuantizer, Resynthesizer
@@ -182,9 +183,9 @@ class HertzDev(VoiceModel):
     # -- full duplex --------------------------------------------------------------------------
     def duplex(self, options: HertzOptions | Mapping[str, Any] | None = None, *, prompt: AudioSource | None = None,
                sample_rate: int | None = None, main_context: int = MAIN_CONTEXT,
-               resynth_context: int = RESYNTH_CONTEXT) -> DuplexSession:
+               resynth_context: int = RESYNTH_CONTEXT) -> OneSlotDuplex:
         stepper = DuplexStepper(self, 1, main_context=main_context, resynth_context=resynth_context)
-        return DuplexSession(stepper, stepper.open(options, prompt=prompt, sample_rate=sample_rate))
+        return OneSlotDuplex(stepper, stepper.open(options, prompt=prompt, sample_rate=sample_rate))
 
     def duplex_stepper(self, max_sessions: int, *, main_context: int = MAIN_CONTEXT,
                        resynth_context: int = RESYNTH_CONTEXT, keep: float = 0.75) -> DuplexStepper:

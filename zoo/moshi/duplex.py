@@ -28,9 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.duplex import FrameChecks
 from ..core.errors import AudioInputError
-from ..core.scheduler import isolate
-from ..core.types import Chunk
 from .generate import Draw, LMState
 from .mimi import FRAME_SAMPLES, SAMPLE_RATE
 from .options import MoshiOptions
@@ -55,9 +54,12 @@ class DuplexHandle:
         return self.draw.options
 
 
-class DuplexStepper:
+class DuplexStepper(FrameChecks):
     """Duplex sessions over one set of caches: ``open`` / ``step(handles, frames)`` / ``close``.
-    ``model``: the Moshi whose networks it runs. Not thread-safe: one worker thread calls it."""
+    ``model``: the Moshi whose networks it runs. Not thread-safe: one worker thread calls it.
+    Argument checks and input frames: zoo.core.duplex.FrameChecks (float64 frames stay float64)."""
+
+    frame_samples, sample_rate, keep_float64 = FRAME_SAMPLES, SAMPLE_RATE, True
 
     def __init__(self, model, max_sessions: int) -> None:
         self.model, self.max_sessions = model, max_sessions
@@ -67,6 +69,9 @@ class DuplexStepper:
         self.decoders = self.mimi.decoder_stream(max_sessions)
         self.state = LMState(self.lm, max_sessions, self.dtype, self.device)
         self.free = list(range(max_sessions))
+
+    def row(self, handle: DuplexHandle) -> int:
+        return handle.row
 
     def nbytes(self) -> int:
         return self.state.nbytes() + self.encoders.nbytes() + self.decoders.nbytes()
@@ -92,23 +97,12 @@ class DuplexStepper:
         """One 80 ms step for every handle: its user frame in, Moshi's frame out (its text piece on
         ``handle.text``), or the Exception that ended that session alone (a bad frame, its own
         sampling failed: its handle is closed). Wrong calls (closed or foreign handles) raise."""
-        if len(handles) != len(frames):
-            raise ValueError(f"{len(handles)} sessions but {len(frames)} frames")
-        if any(h.closed for h in handles):
-            raise RuntimeError("a closed duplex session cannot step")
-        if any(h.owner != id(self) for h in handles) or len({h.row for h in handles}) != len(handles):
-            raise ValueError("every handle must be a distinct session opened by this stepper")
-        if not handles:
+        if not self.check_step(handles, frames):
             return []
-        user = []
-        for h, f in zip(handles, frames):
-            frame = np.zeros(FRAME_SAMPLES, np.float32)  # the placeholder of a refused frame
-            with isolate(h):
-                frame = user_frame(f)
-            user.append(frame)
+        user = self.user_frames(handles, frames)
         rows = [h.row for h in handles]
         ids = torch.tensor(rows)
-        x = torch.from_numpy(np.stack(user)).to(self.device, self.dtype)[:, None]
+        x = torch.from_numpy(user).to(self.device, self.dtype)[:, None]
         codes = self.mimi.encode_step(self.encoders, x, rows=ids)  # (B, K, 1)
         first = [h.row for h in handles if h.steps == 0]
         if first:  # the reference server's reset after a connection's first frame
@@ -138,48 +132,3 @@ class DuplexStepper:
             handle.closed = True
             self.free.append(handle.row)
             self.free.sort()
-
-
-class DuplexSession:
-    """``model.duplex()``: one session on a one-row DuplexStepper of its own."""
-
-    def __init__(self, stepper: DuplexStepper, handle: DuplexHandle) -> None:
-        self.stepper, self.handle = stepper, handle
-
-    @property
-    def steps(self) -> int:
-        return self.handle.steps
-
-    def step(self, frame: np.ndarray) -> Chunk:
-        """1920 samples of the user's audio at 24 kHz -> Moshi's next 1920 samples and its text
-        piece. A refused frame raises and the session goes on; any other failure ends it."""
-        (out,) = self.stepper.step([self.handle], [user_frame(frame)])
-        if isinstance(out, Exception):
-            raise out
-        return Chunk(audio=out, text=self.handle.text)
-
-    def close(self) -> None:
-        self.stepper.close(self.handle)
-
-    def __enter__(self) -> DuplexSession:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def user_frame(frame: Any) -> np.ndarray:
-    """One duplex input frame -> (1920,) float32 (float64 kept as given: a float64 model then
-    sees the exact samples, as in parity checks); int PCM is scaled, anything else is refused."""
-    array = np.asarray(frame)
-    if array.dtype.kind == "i":
-        array = array.astype(np.float32) / float(np.iinfo(array.dtype).max + 1)
-    elif array.dtype.kind != "f":
-        raise AudioInputError(f"a duplex frame must hold numbers, got dtype {array.dtype}")
-    kind = np.float64 if array.dtype == np.float64 else np.float32
-    array = array.astype(kind, copy=False).reshape(-1)
-    if array.size != FRAME_SAMPLES:
-        raise AudioInputError(f"a duplex frame is {FRAME_SAMPLES} samples at {SAMPLE_RATE} Hz, got {array.size}")
-    if not np.all(np.isfinite(array)):
-        raise AudioInputError("the frame contains NaN or infinite samples")
-    return array

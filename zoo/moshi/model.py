@@ -26,10 +26,11 @@ import torch
 
 from ..core.audio import AudioSource
 from ..core.devices import pick_device, pick_dtype
+from ..core.duplex import OneSlotDuplex
 from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Stage, VoiceModel
 from .checkpoint import DEFAULT_REPO, CheckpointInfo, load_lm, load_mimi
-from .duplex import DuplexSession, DuplexStepper
+from .duplex import DuplexStepper
 from .generate import Generator
 from .lm import MoshiLM
 from .mimi import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE, Mimi
@@ -56,6 +57,10 @@ CARD = ModelCard(
     text_output=True,
     multi_turn=False,
     text_input=False,
+    # the reference server's /api/chat (serving/protocols/kyutai_reference.py); the reference web
+    # client's URL parameters that set options
+    protocols={"kyutai-opus": {"text_temperature": "text_temperature", "text_topk": "text_top_k",
+                               "audio_temperature": "temperature", "audio_topk": "top_k"}},
 )
 
 
@@ -107,9 +112,9 @@ class Moshi(VoiceModel):
         return ReplyStepper(self, max_sessions)
 
     # -- full duplex --------------------------------------------------------------------------
-    def duplex(self, options: MoshiOptions | Mapping[str, Any] | None = None) -> DuplexSession:
+    def duplex(self, options: MoshiOptions | Mapping[str, Any] | None = None) -> OneSlotDuplex:
         stepper = DuplexStepper(self, 1)
-        return DuplexSession(stepper, stepper.open(options))
+        return OneSlotDuplex(stepper, stepper.open(options))
 
     def duplex_stepper(self, max_sessions: int) -> DuplexStepper:
         return DuplexStepper(self, max_sessions)

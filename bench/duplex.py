@@ -1,11 +1,15 @@
-"""Hertz-dev full-duplex sessions per GPU, full size with seeded random weights.
+"""Full-duplex sessions per device for any model whose card says duplex, with seeded random
+weights (full size by default: the real compute cost).
 
-    python bench/hertz_duplex.py --device cuda --dtype bfloat16 --sessions 1 2 4 8
+    python bench/duplex.py --model hertz-dev --device cuda --dtype bfloat16 --sessions 1 2 4 8
+    python bench/duplex.py --model moshi --size tiny --device cpu --dtype float32 --sessions 1 8 32
 
-For each number of concurrent sessions: the median time of one batched 125 ms step (codec
-encode of both channels, main model, resynthesizer, codec decode, for every session at once) and
-whether it keeps real time (a step under 125 ms). Writes
-bench/results/<date>_hertz-dev_duplex_<size>_<device>_<dtype>.json and prints it.
+For each number of concurrent sessions: the median (and p90) time of one batched step of every
+session at once through the model's ``duplex_stepper`` (one ``card.frame_samples`` frame each:
+125 ms for Hertz-dev, 80 ms for Moshi; the whole step: codec encode, transformers, sampling,
+codec decode) and whether it keeps real time (a step under the frame's duration). The frame and
+everything else come from the card. Writes
+bench/results/<date>_<model>_duplex_<size>_<device>_<dtype>.json and prints it.
 """
 from __future__ import annotations
 
@@ -25,22 +29,26 @@ import zoo
 from bench.latency import machine, sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FRAME_MS = 125.0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="hertz-dev", choices=[n for n in zoo.names() if zoo.card(n).duplex])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--size", default="full", choices=["full", "tiny"])
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = zoo.load("hertz-dev", random_weights=args.size, device=device, dtype=args.dtype)
+    model = zoo.load(args.model, random_weights=args.size, device=device, dtype=args.dtype)
     stepper = model.duplex_stepper(max(args.sessions))
     frame_samples = model.card.frame_samples
+    frame_ms = 1000 * frame_samples / model.card.input_sample_rate
     rng = np.random.default_rng(0)
     rows = []
     for count in tqdm(args.sessions, desc="sessions", unit="batch"):
@@ -54,23 +62,24 @@ def main(argv=None) -> int:
             sync(device)
             if step >= 3:  # warm-up steps excluded
                 times.append((time.perf_counter() - start) * 1000)
-        assert all(o.shape == (frame_samples,) for o in outputs)
+        out_samples = frame_samples * model.card.output_sample_rate // model.card.input_sample_rate
+        assert all(isinstance(o, np.ndarray) and o.shape == (out_samples,) for o in outputs), outputs
         for handle in handles:
             stepper.close(handle)
         median = statistics.median(times)
         rows.append({"sessions": count, "step_ms": round(median, 2),
-                     "p90_ms": round(float(np.percentile(times, 90)), 2), "real_time": median < FRAME_MS})
+                     "p90_ms": round(float(np.percentile(times, 90)), 2), "real_time": median < frame_ms})
     result = {
-        "model": "hertz-dev", "size": args.size, "device": str(device),
+        "model": args.model, "size": args.size, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine(),
-        "dtype": args.dtype, "torch": torch.__version__, "date": date.today().isoformat(),
-        "frame_ms": FRAME_MS, "rows": rows,
+        "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "date": date.today().isoformat(), "frame_ms": frame_ms, "rows": rows,
         "max_real_time_sessions": max([r["sessions"] for r in rows if r["real_time"]], default=0),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        "note": "random weights; each step is one batched 125 ms frame for every session",
+        "note": f"random weights; each step is one batched {frame_ms:g} ms frame for every session",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{result['date']}_hertz-dev_duplex_{args.size}_{device.type}_{args.dtype}.json"
+    name = f"{result['date']}_{args.model}_duplex_{args.size}_{device.type}_{args.dtype}.json"
     (args.out / name).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0
