@@ -39,6 +39,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import sys
 
 import numpy as np
 
@@ -49,6 +50,7 @@ from serving.protocols.chat import MAX_BODY_BYTES
 from serving.protocols.duplex import DuplexSettings
 from serving.protocols.hertz_reference import ReferenceSettings
 from serving.protocols.realtime import IDLE_TIMEOUT_S, MAX_WS_MESSAGE_BYTES
+from serving.scale import cli as scale
 from serving.security import MAX_CONNECTIONS, AccessSettings
 from serving.service import Service
 from serving.transport import serve
@@ -98,10 +100,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     duplex.add_argument("--replay-seconds", type=float, default=ReferenceSettings.replay_seconds,
                         help="/audio with a prompt: answer the first seconds with the prompt's end, as the reference")
     add_model_flags(parser, argv)
+    scale.add_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if scale.requested(argv):  # many replicas, many models: serving/scale on Ray Serve
+        return scale.main(argv, parse_args)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

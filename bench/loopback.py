@@ -44,7 +44,8 @@ def start_server(flags: list[str], env: dict | None = None, timeout: float = 300
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if requests.get(url + "/health", timeout=1).status_code < 500:  # 401 without a key is up too
+            # 401 without a key is up too; a Ray Serve proxy answers 404 until the app is deployed
+            if requests.get(url + "/health", timeout=1).status_code in (200, 401):
                 return proc, url
         except requests.ConnectionError:
             time.sleep(0.5)

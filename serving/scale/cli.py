@@ -1,0 +1,124 @@
+"""``python server.py --replicas N [--ray-address ADDR] [--model a,b,...]``: the same server on
+Ray Serve. Without ``--ray-address`` a local Ray instance is started (bound to 127.0.0.1 when
+``--host`` is loopback, dashboard off); with it, the deployment joins that cluster. The other
+server.py flags keep their meaning (security, limits, model flags; the component flags apply to
+the first model). Serve's HTTP proxy listens on ``--host``/``--port`` of every node it runs on.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+
+from ..protocols.duplex import DuplexSettings
+from ..protocols.hertz_reference import ReferenceSettings
+from ..security import AccessSettings
+
+log = logging.getLogger("omni-zoo.scale")
+SCALE_FLAGS = ("--replicas", "--ray-address", "--min-replicas", "--max-replicas")
+
+
+def requested(argv: list[str]) -> bool:
+    """Whether the command line asks for the Ray deployment."""
+    return any(a == f or a.startswith(f + "=") for a in argv for f in SCALE_FLAGS)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scale-out on Ray Serve (pip install '.[ray]'; docs/SCALING.md)")
+    group.add_argument("--replicas", help="replicas per model: N, or NAME=N,NAME=N (--model may then list "
+                                          "several models, comma-separated)")
+    group.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    group.add_argument("--min-replicas", help="autoscaling lower bound: N or NAME=N,...")
+    group.add_argument("--max-replicas", help="autoscaling upper bound: N or NAME=N,...")
+    group.add_argument("--cpus-per-replica", type=float, default=1.0,
+                       help="CPUs Ray reserves for each model replica (scheduling only; default 1)")
+    group.add_argument("--gpus-per-replica", type=float,
+                       help="GPUs each model replica holds (default 1 when the cluster has GPUs, else 0)")
+
+
+def split_models(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(model names of ``--model a,b``, argv with only the first name, for the one-model parser)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="mini-omni")
+    names = [n.strip() for n in pre.parse_known_args(argv)[0].model.split(",") if n.strip()]
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            out.append(names[0])
+            skip = False
+        elif a == "--model":
+            out.append(a)
+            skip = True
+        elif a.startswith("--model="):
+            out.append("--model=" + names[0])
+        else:
+            out.append(a)
+    return names, out
+
+
+def specs_from(args: argparse.Namespace, names: list[str], num_gpus: float):
+    from zoo import card
+    from zoo import names as known
+    from zoo.cli import component_values
+
+    from .deploy import ModelSpec, parse_replicas
+
+    unknown = [n for n in names if n not in known()]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {known()}")
+    counts = parse_replicas(args.replicas or "1", names)
+    low = parse_replicas(args.min_replicas, names) if args.min_replicas else {}
+    high = parse_replicas(args.max_replicas, names) if args.max_replicas else {}
+    specs = []
+    for i, name in enumerate(names):
+        # the model flags only (never the API key); the component flags were parsed for the first model
+        model_args = {"model": name, "tiny": args.tiny, "random_full": args.random_full, "device": args.device,
+                      "dtype": args.dtype, **(component_values(args, card(name)) if i == 0 else {})}
+        specs.append(ModelSpec(model_args=model_args, max_sessions=args.max_sessions, seed=args.seed,
+                               replicas=counts[name], min_replicas=low.get(name), max_replicas=high.get(name),
+                               num_gpus=num_gpus, num_cpus=args.cpus_per_replica))
+    return specs
+
+
+def main(argv: list[str], parse_args) -> int:
+    """``parse_args``: server.py's parser (its flags, this module's add_flags among them)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        log.error("--replicas / --ray-address need Ray Serve: pip install '.[ray]'")
+        return 2
+    from server import is_loopback
+
+    from .deploy import INGRESS_CPUS, build
+    from .ingress import FrontSettings
+
+    names, one_model_argv = split_models(argv)
+    args = parse_args(one_model_argv)
+    try:  # checked before Ray starts, with the GPU count settled afterwards
+        specs = specs_from(args, names, 0)
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
+    if args.ray_address:
+        ray.init(address=args.ray_address)
+    else:  # a local instance: Ray's CPU count is for scheduling, so room for every replica asked for
+        local = {"_node_ip_address": "127.0.0.1"} if is_loopback(args.host) else {}
+        wanted = sum(s.num_cpus * max(s.replicas, s.max_replicas or 0) for s in specs) + INGRESS_CPUS
+        ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)), **local)
+    if ray.cluster_resources().get("GPU") and args.gpus_per_replica is None or args.gpus_per_replica:
+        for spec in specs:
+            spec.num_gpus = args.gpus_per_replica if args.gpus_per_replica is not None else 1
+    front = FrontSettings(access=AccessSettings(api_key=args.api_key or None, allowed_origins=tuple(args.allow_origin),
+                                                max_connections=args.max_connections),
+                          max_body_bytes=int(args.max_body_mb * 2**20), read_timeout=args.read_timeout,
+                          realtime_idle_s=args.realtime_idle_s,
+                          duplex=DuplexSettings(max_backlog_frames=args.duplex_backlog, idle_timeout_s=args.duplex_idle_s),
+                          reference=ReferenceSettings(replay_seconds=args.replay_seconds))
+    serve.start(http_options={"host": args.host, "port": args.port})
+    log.info("serving %s on http://%s:%d through Ray Serve (%s)", ", ".join(names), args.host, args.port,
+             ", ".join(f"{s.name}: {s.options().get('num_replicas', 'autoscaling')} replicas" for s in specs))
+    serve.run(build(specs, front), name=front.app_name, route_prefix="/", blocking=True)
+    return 0

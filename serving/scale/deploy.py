@@ -1,0 +1,90 @@
+"""From what the operator asked (models, replica counts, autoscaling bounds, GPUs) to a Serve
+application: one ModelReplica deployment per model (named after the model) and the Ingress in
+front of them.
+
+Capacity is the model's session slots: ``max_ongoing_requests`` = ``max_sessions``, so Serve only
+routes a reply to a replica with a free slot; ``max_queued_requests`` is 1 so that, when every
+slot is taken, a caller is answered 503 at once (remote.py also refuses before calling when its
+own count says the running replicas are full). Autoscaling (``min_replicas`` < ``max_replicas``)
+follows the ongoing replies per replica, aiming at ``AUTOSCALE_TARGET`` of the slots.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ray import serve
+
+from .ingress import FrontSettings, Ingress
+from .replica import ModelReplica
+
+AUTOSCALE_TARGET = 0.7  # scale up when replicas run above 70% of their slots on average
+QUEUED_PER_CALLER = 1  # Serve needs a positive queue; 1 keeps "all busy" an immediate 503
+INGRESS_CPUS = 0.5
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """One model's deployment. ``model_args``: the zoo/cli.py model flags (model, tiny,
+    random_full, device, dtype, components) as a dict."""
+
+    model_args: dict[str, Any]
+    max_sessions: int = 16
+    seed: int = 0
+    replicas: int = 1
+    min_replicas: int | None = None  # with max_replicas: autoscaling between them
+    max_replicas: int | None = None
+    num_gpus: float = 0
+    num_cpus: float = 1
+
+    @property
+    def name(self) -> str:
+        return self.model_args["model"]
+
+    def options(self) -> dict[str, Any]:
+        scaling: dict[str, Any] = {"num_replicas": self.replicas}
+        if self.min_replicas is not None or self.max_replicas is not None:
+            low = self.min_replicas if self.min_replicas is not None else 1
+            high = self.max_replicas if self.max_replicas is not None else max(low, self.replicas)
+            if not 0 <= low <= high or high < 1:
+                raise ValueError(f"{self.name}: need 0 <= min_replicas <= max_replicas, max_replicas >= 1; got {low}, {high}")
+            scaling = {"autoscaling_config": {
+                "min_replicas": low, "max_replicas": high, "initial_replicas": min(max(self.replicas, low), high),
+                "target_ongoing_requests": max(1.0, AUTOSCALE_TARGET * self.max_sessions)}}
+        return {"name": self.name, "max_ongoing_requests": self.max_sessions, "max_queued_requests": QUEUED_PER_CALLER,
+                "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}, **scaling}
+
+
+def parse_replicas(text: str, names: list[str]) -> dict[str, int]:
+    """``"2"`` (every model) or ``"mini-omni=4,glm-4-voice=2"`` (models left out get 1)."""
+    if "=" not in text:
+        return dict.fromkeys(names, _count(text))
+    counts = dict.fromkeys(names, 1)
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in counts:
+            raise ValueError(f"--replicas names {name.strip()!r}, which is not among --model {','.join(names)}")
+        counts[name.strip()] = _count(value)
+    return counts
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"a replica count must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"a replica count must be at least 1, got {value}")
+    return value
+
+
+def build(specs: list[ModelSpec], front: FrontSettings, ingress_replicas: int = 1):
+    """The Serve application: run it with ``serve.run(app, name=front.app_name, route_prefix="/")``."""
+    if not specs:
+        raise ValueError("no model to serve")
+    models = {spec.name: serve.deployment(ModelReplica).options(**spec.options()).bind(dataclasses.asdict(spec))
+              for spec in specs}
+    ingress = serve.deployment(Ingress).options(
+        name="front", num_replicas=ingress_replicas, max_ongoing_requests=front.access.max_connections,
+        ray_actor_options={"num_cpus": INGRESS_CPUS})
+    return ingress.bind(models, front)

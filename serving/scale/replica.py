@@ -1,0 +1,73 @@
+"""``ModelReplica``: the Serve deployment class of one model. Each replica loads the model once on
+its own device and holds one Service (session slots, batched scheduler), exactly as the
+single-process server does; Serve routes at most ``max_sessions`` replies to it at once
+(``max_ongoing_requests``, set in deploy.py), so a replica with free slots gets new work.
+
+A reply leaves the replica as a stream of tagged items rather than exceptions, because an
+exception crossing Ray arrives wrapped (``RayTaskError``) and its fields (HTTP status, kind) are
+best carried as data: first ``("replica", tag)``, then ``("chunk", Chunk)``, ``("refused", status, kind, message, headers)`` (busy,
+bad audio: before any chunk) or ``("failed", message)`` (the model failed mid-reply; already
+logged and counted here with the replica's traceback). A replica process that dies mid-reply ends
+the stream with a Ray error at the caller instead, which remote.py turns into a visible failure.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any
+
+from ..errors import ApiError, GenerationFailed, request_id
+from ..service import Service
+
+log = logging.getLogger("omni-zoo.replica")
+
+
+def replica_tag() -> str:
+    from ray import serve
+
+    context = serve.get_replica_context()
+    return context.replica_id.unique_id if getattr(context, "replica_id", None) else context.replica_tag
+
+
+class ModelReplica:
+    """``spec``: ``model_args`` (the zoo/cli.py model flags as a dict: model, tiny, device, ...),
+    ``max_sessions``, ``seed`` (see deploy.py ``ModelSpec``)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from server import warm_up  # the single-process server's warm-up, so both start alike
+        from zoo.cli import load_model, noise_notice
+
+        args = argparse.Namespace(**spec["model_args"])
+        model = load_model(args, seed=spec.get("seed", 0))
+        if model.random_weights:
+            log.warning("%s", noise_notice(model))
+        warm_up(model)
+        self.service = Service(model, spec["max_sessions"])
+        self.tag = replica_tag()
+        log.info("replica of %s ready (%d session slots)", model.card.name, spec["max_sessions"])
+
+    def info(self) -> dict[str, Any]:
+        """What the front needs to validate options and describe the model without loading it."""
+        model = self.service.model
+        return {"card": model.card, "options_class": model.options_class, "random_weights": model.random_weights,
+                "default_max_new_tokens": model.default_max_new_tokens, "max_sessions": self.service.max_sessions}
+
+    def load(self) -> dict[str, int]:
+        return {"sessions": self.service.in_flight, "max_sessions": self.service.max_sessions}
+
+    async def stream(self, audio, sample_rate: int | None, options, history: list | None, rid: str = "-"):
+        """One reply (``Service.stream``), as tagged items. ``rid``: the front's request id, so the
+        replica's log lines about this reply carry it too."""
+        request_id.set(rid)  # each Serve request runs in its own task (context): no reset needed
+        yield ("replica", self.tag)  # the front counts replies per replica (zoo_replica_replies_total)
+        reply = self.service.stream(audio, sample_rate, options, received=time.perf_counter(), history=history)
+        try:
+            async for chunk in reply:
+                yield ("chunk", chunk)
+        except ApiError as err:  # refused (busy, bad audio): logged and counted by the service
+            yield ("refused", err.status, err.kind, err.message, err.headers)
+        except GenerationFailed as err:  # logged and counted by the service
+            yield ("failed", str(err))
+        finally:
+            await reply.aclose()  # a caller that went away (cancelled) frees the slot here
