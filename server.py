@@ -6,7 +6,7 @@ the app is serving/app.py, each wire protocol a module of serving/protocols/, en
     python server.py --model mini-omni --tiny          # random tiny weights (noise), for tests
 
 Routes
-  POST /chat          {"audio": base64 audio file, "stream_stride": 4, "max_tokens": 2048, ...}
+  POST /chat          {"audio": base64 audio file, "max_tokens": 100, ...the model's options}
                       -> chunked raw PCM s16le mono at the model's output rate (the Mini-Omni
                       reference clients' protocol); with "Accept: multipart/x-mixed-replace" or
                       "format": "multipart", Mini-Omni2-style parts alternating audio and text.
@@ -31,7 +31,8 @@ Security (serving/security.py): with --api-key (or OMNI_ZOO_API_KEY) every route
 adds one); at most --max-connections requests at once; /chat takes application/json only; slow
 or stalled clients are dropped after --read-timeout; SIGTERM closes sockets with a reason and cuts
 replies after 10 s. Every error is a JSON error (or an error event) with a request id that is
-also in the log and the X-Request-Id header, and is counted in zoo_errors_total{kind}.
+also in the log and the X-Request-Id header, and is counted in zoo_errors_total{kind}. The log has
+one line per request (serving/access_log.py). A port in use is one error line and exit status 2.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from serving.protocols.realtime import IDLE_TIMEOUT_S, MAX_WS_MESSAGE_BYTES
 from serving.scale import cli as scale
 from serving.security import MAX_CONNECTIONS, AccessSettings
 from serving.service import Service
-from serving.transport import serve
+from serving.transport import PortUnavailable, bind, serve
 from zoo.cli import add_model_flags, load_model, noise_notice
 from zoo.core.audio import read_audio
 
@@ -74,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-sessions", type=int, default=16)
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefill-batch", type=int, default=8,
+                        help="new replies that join (one batched prefill) between two decode steps")
     security = parser.add_argument_group("security and limits (see README: Security)")
     security.add_argument("--api-key", default=os.environ.get("OMNI_ZOO_API_KEY"),
                           help="require 'Authorization: Bearer KEY' on every route but /health "
@@ -111,6 +114,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        sock = bind(args.host, args.port)  # before minutes of loading: a busy port is said at once
+    except PortUnavailable as err:
+        log.error("%s", err)
+        return 2
+    try:
+        return run(args, sock)
+    except PortUnavailable as err:
+        log.error("%s", err)
+        return 2
+    finally:
+        sock.close()
+
+
+def run(args: argparse.Namespace, sock) -> int:
+    """Load the model, build the app and serve it on ``sock`` until stopped."""
+    try:
         model = load_model(args, seed=args.seed)
     except zoo.ZooError as err:
         log.error("%s", err)
@@ -127,7 +146,8 @@ def main(argv=None) -> int:
             return 2
     warm_up(model)
     try:
-        service = Service(model, args.max_sessions, duplex_sessions=args.duplex_sessions, duplex_prompt=prompt)
+        service = Service(model, args.max_sessions, duplex_sessions=args.duplex_sessions, duplex_prompt=prompt,
+                          prefill_batch=args.prefill_batch)
     except zoo.ZooError as err:  # e.g. a --duplex-prompt the model refuses
         log.error("%s", err)
         return 2
@@ -140,13 +160,21 @@ def main(argv=None) -> int:
     if access.api_key is None and not is_loopback(args.host):
         log.warning("--host %s is reachable from other machines and no --api-key is set: anyone who can "
                     "reach it can use the model", args.host)
-    log.info("serving %s on http://%s:%d (max %d sessions)", model.card.name, args.host, args.port, args.max_sessions)
     app = create_app(service, int(args.max_body_mb * 2**20), settings, access, read_timeout=args.read_timeout,
                      realtime_idle_s=args.realtime_idle_s,
                      reference_settings=ReferenceSettings(replay_seconds=args.replay_seconds))
-    serve(app, app.state.open_sockets, host=args.host, port=args.port, read_timeout=args.read_timeout,
-          ws_max_size=MAX_WS_MESSAGE_BYTES)
+
+    def started() -> None:
+        log.info("serving %s on http://%s:%d (max %d sessions)", model.card.name, url_host(args.host), args.port,
+                 args.max_sessions)
+
+    serve(app, app.state.open_sockets, sock=sock, read_timeout=args.read_timeout, ws_max_size=MAX_WS_MESSAGE_BYTES,
+          on_started=started)
     return 0
+
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def is_loopback(host: str) -> bool:

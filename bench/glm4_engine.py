@@ -71,16 +71,15 @@ def main(argv=None) -> int:
     llm_gib = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
     rows = []
     engine = SlotEngine(llm, slots=max(args.batches), max_len=args.context + args.steps + 8)
-    graphs_available = engine.graphs is not None
+    graphs_available = engine.graphs.enabled
     for batch in tqdm(args.batches, desc="batch sizes", unit="batch"):
         row = {"batch": batch}
         times, tokens = step_times(engine, batch, args.context, args.steps)
         row["step_ms"] = round(statistics.median(times), 2)
-        row["graphs"] = engine.graphs is not None and engine.graphs.enabled  # False after a failed capture
+        row["graphs"] = engine.graphs.enabled  # False after a failed capture
         if graphs_available and not args.no_eager:
-            saved, engine.graphs = engine.graphs, None
-            eager, eager_tokens = step_times(engine, batch, args.context, args.steps)
-            engine.graphs = saved
+            with engine.graphs.eager():
+                eager, eager_tokens = step_times(engine, batch, args.context, args.steps)
             row["eager_step_ms"] = round(statistics.median(eager), 2)
             row["graph_tokens_equal_eager"] = tokens == eager_tokens
         row["tokens_per_s_per_session"] = round(1000 / row["step_ms"], 1)

@@ -3,7 +3,7 @@
 # models with seeded random weights (the real compute cost). Each step has its own time limit and
 # a failed step does not stop the others. Results land in bench/results/ (and, when $OUT is set,
 # in $OUT/results.tar.gz with the log).
-#   bash bench/gpu.sh            # about 7-9 minutes on an H100/H200
+#   bash bench/gpu.sh            # about 6-9 minutes on an H100/H200
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -18,18 +18,31 @@ step() {  # step SECONDS command...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$LOG"
 
-# GLM-4-Voice: decode steps over 1..32 sessions (graphs vs eager), then the whole pipeline
-step 150 python bench/glm4_engine.py --device cuda --dtype bfloat16 --batches 1 4 8 16 32
-step 150 python bench/latency.py --model glm-4-voice --size full --device cuda --dtype bfloat16 --repeats 3 --reply-steps 60
-step 60 python bench/glm4_decoder.py --device cuda --dtype float32 --size full
-# GLM-4-Voice quantised: memory and decode speed
-step 120 python bench/glm4_engine.py --device cuda --dtype int4 --batches 1 4 --no-eager
-step 120 python bench/glm4_engine.py --device cuda --dtype int8 --batches 1 4 --no-eager
-# Hertz-dev: per-frame stages and concurrent duplex sessions
-step 120 python bench/latency.py --model hertz-dev --size full --device cuda --dtype bfloat16 --repeats 3
-step 90 python bench/hertz_duplex.py --device cuda --dtype bfloat16 --sessions 1 2 4 8
-# Mini-Omni (issue #2's GPU rows)
-step 90 python bench/latency.py --model mini-omni --size full --device cuda --dtype bfloat16 --repeats 5
+# Issue #14 first (newest questions), then the rows that track earlier issues; the limits add up
+# to about 9.5 minutes, the usual run is shorter.
+# Mini-Omni decode steps through zoo.core.graphs: CUDA graphs vs eager, identical tokens, host syncs
+step 75 python bench/decode_graphs.py --device cuda --size full --dtype float32 --batches 1 8 32
+# Side by side with the reference (one process, same weights). Needs a checkout of the reference
+# and its Python dependencies beside the repository, prepared on a machine with network access:
+#   mkdir -p .refs && cp -r /path/to/mini-omni .refs/mini-omni
+#   pip install --no-deps --target .refs/site lightning lightning-utilities torchmetrics openai-whisper
+# and carried to the GPU machine (run tool: carry [".refs"]). Without them the step says so and is skipped.
+if [ -f .refs/mini-omni/inference.py ]; then
+    step 120 env PYTHONPATH=".refs/site:${PYTHONPATH:-}" python bench/compare.py --model mini-omni \
+        --reference .refs/mini-omni --size full --device cuda --repeats 2 --steps 40 --sessions 1 8 32 64
+else
+    echo "=== skipped bench/compare.py: no .refs/mini-omni (see the comment above)" | tee -a "$LOG"
+fi
+# A burst: 32 and 64 clients at once against server.py (batched prefill of arrivals, graphs)
+step 120 python bench/load.py --spawn --full --dtype bfloat16 --clients 32 64 --requests-per-client 1 --max-tokens 100
+# Mini-Omni stages (prefill: one forward for both rows on a GPU) and Hertz-dev duplex (graphs)
+step 75 python bench/latency.py --model mini-omni --size full --device cuda --dtype bfloat16 --repeats 5
+step 90 python bench/hertz_duplex.py --device cuda --dtype bfloat16 --sessions 1 8 32
+# GLM-4-Voice: decode steps over 1..32 sessions (graphs vs eager, now padded to batch buckets)
+step 100 python bench/glm4_engine.py --device cuda --dtype bfloat16 --batches 1 5 32
+# Measured on 2026-12-04 and unchanged by #14 (run by hand when needed):
+#   bench/latency.py --model glm-4-voice ..., bench/glm4_decoder.py, bench/glm4_engine.py --dtype int4/int8,
+#   bench/latency.py --model hertz-dev ...
 
 if [ -n "${OUT:-}" ]; then
     git ls-files --others --exclude-standard bench/results | tar czf "$OUT/results.tar.gz" -T - 2>>"$LOG"

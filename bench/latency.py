@@ -6,7 +6,8 @@
 Stages (medians after warm-up): the four every model has (zoo.Stage: encode, prefill, one decode
 step, first audio) and any a model adds; then
 TTFA (audio in hand -> first audio chunk out), steady-state RTF (compute time / audio time after
-the first chunk) and peak memory. Writes bench/results/<date>_<model>_<size>_<device>_<dtype>.json
+the first chunk), peak memory, and TTFA part by part through the serving contract
+(``ttfa_breakdown_ms``: prepare, start, the decode steps to the first audio, poll, the rest). Writes bench/results/<date>_<model>_<size>_<device>_<dtype>.json
 and appends a row to bench/results/latency.md. Random weights: the audio is noise; the compute
 cost is the real one at size "full".
 """
@@ -83,6 +84,44 @@ def reply_timeline(model, audio, rate, options, device) -> list[tuple[float, int
     return events
 
 
+def ttfa_breakdown(model, audio, rate, options, device) -> dict:
+    """Where a reply's time to first audio goes, through the serving contract on a one-session
+    stepper: ``prepare`` (input decoding and encoding), ``start`` (prefill), the decode steps
+    until a chunk carries audio (the last of them decodes the first audio in the models that
+    decode inside ``step``) and the ``poll`` calls (the others decode there)."""
+    stepper = model.stepper(1)
+    parts = {"prepare": 0.0, "start": 0.0, "steps": 0.0, "last_step": 0.0, "poll": 0.0}
+    count = 0
+
+    def clock(name, fn, *args):
+        sync(device)
+        started = time.perf_counter()
+        out = fn(*args)
+        sync(device)
+        parts[name] += (time.perf_counter() - started) * 1000
+        return out
+
+    begun = time.perf_counter()
+    job = clock("prepare", stepper.prepare, audio, rate, options)
+    try:
+        clock("start", stepper.start, job)
+        while True:
+            chunk = clock("poll", job.poll)
+            if (chunk is not None and chunk.audio.size) or job.done:
+                break
+            parts["steps"] += parts["last_step"]
+            parts["last_step"] = 0.0
+            clock("last_step", stepper.step, [job])
+            count += 1
+    finally:
+        stepper.release(job)
+    total = (time.perf_counter() - begun) * 1000
+    out = {name: round(ms, 2) for name, ms in parts.items()}
+    out.update(steps_to_first_audio=count, total=round(total, 2),
+               unaccounted=round(total - sum(parts.values()), 2))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mini-omni", choices=zoo.names())
@@ -128,6 +167,9 @@ def main(argv=None) -> int:
             later_audio = sum(n for _, n in events[1:]) / model.card.output_sample_rate
             rtf.append((events[-1][0] - events[0][0]) / later_audio)
 
+    breakdowns = [ttfa_breakdown(model, audio, rate, options, device) for _ in range(args.repeats)]
+    breakdown = {k: round(statistics.median(b[k] for b in breakdowns), 2) for k in breakdowns[0]}
+
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
         peak_kind = "cuda max allocated"
@@ -142,6 +184,8 @@ def main(argv=None) -> int:
         "load_s": round(load_s, 2), "stages": stages,
         "ttfa_ms": {"median": round(statistics.median(ttfa), 1), "all": [round(t, 1) for t in ttfa]},
         "rtf_steady": round(statistics.median(rtf), 3) if rtf else None,
+        # medians of each part over the repeats: TTFA through the serving contract, part by part
+        "ttfa_breakdown_ms": breakdown,
         "peak_memory_gib": round(peak, 2), "peak_memory_kind": peak_kind,
         "weights": "seeded random (output is noise)",
     }

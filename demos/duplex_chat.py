@@ -4,15 +4,17 @@ each way per model step. Needs a sound card and PyAudio (`pip install pyaudio`);
 help (otherwise the model hears itself). Or stream a file and save the model's side:
 
     python server.py --model hertz-dev &
-    python demos/duplex_chat.py [--url ws://127.0.0.1:60808/v1/duplex]
+    python demos/duplex_chat.py [--server http://127.0.0.1:60808]
     python demos/duplex_chat.py --wav question.wav --out reply.wav   # no sound card needed
+
+The server's API key comes from OMNI_ZOO_API_KEY (or --api-key); the server must run a full-duplex
+model, and --model, if given, that one (zoo/client_cli.py: the flags both terminal demos share).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,24 +22,19 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 import websockets
 
+from zoo.client_cli import ClientError, add_client_flags, connect
 from zoo.core.audio import float_to_pcm16
-
-DEFAULT_URL = "ws://127.0.0.1:60808/v1/duplex"
-
-
-def auth_headers() -> dict:
-    """The server's API key (server.py --api-key), from the environment like the web UIs."""
-    key = os.environ.get("OMNI_ZOO_API_KEY")
-    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 async def duplex(url: str, microphone: Callable[[dict], AsyncIterator[bytes]], play: Callable[[bytes], None],
-                 show: Callable[[str], None], options: dict | None = None, window: int | None = None) -> dict:
+                 show: Callable[[str], None], options: dict | None = None, window: int | None = None,
+                 headers: dict | None = None) -> dict:
     """Connect, send ``options`` (if any), stream ``microphone(session)`` (PCM16 LE at the
     session's rate, any block size) and ``play`` every frame the model sends back until the
     microphone ends and every frame is answered. ``window``: at most this many frames sent and
-    not yet answered (a file streamed as fast as the model goes). Returns the session."""
-    async with websockets.connect(url, max_size=None, additional_headers=auth_headers()) as ws:
+    not yet answered (a file streamed as fast as the model goes); ``headers``: the API key's
+    (ServerInfo.headers()). Returns the session."""
+    async with websockets.connect(url, max_size=None, additional_headers=headers or {}) as ws:
         created = json.loads(await ws.recv())
         if created.get("type") == "error":
             raise RuntimeError(f"the server refused: {created['error']['message']}")
@@ -110,21 +107,31 @@ def file_microphone(path: str, real_time: bool):
     return microphone
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=DEFAULT_URL)
     parser.add_argument("--wav", help="stream this file instead of the microphone")
     parser.add_argument("--out", help="with --wav: write the model's audio here")
     parser.add_argument("--fast", action="store_true", help="with --wav: do not pace the file in real time")
     parser.add_argument("--temperature", type=float, help="token temperature (0: deterministic)")
-    args = parser.parse_args(argv)
+    add_client_flags(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     options = {"temperature": args.temperature} if args.temperature is not None else None
+    try:
+        server = connect(args, duplex=True)
+    except ClientError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    url, headers = server.ws_url("/v1/duplex"), server.headers()
     show = lambda text: print(text, end="", flush=True)  # noqa: E731
     if args.wav:
         received: list[bytes] = []
         try:
-            session = asyncio.run(duplex(args.url, file_microphone(args.wav, not args.fast), received.append, show,
-                                         options, window=2 if args.fast else None))
+            session = asyncio.run(duplex(url, file_microphone(args.wav, not args.fast), received.append, show,
+                                         options, window=2 if args.fast else None, headers=headers))
         except (OSError, RuntimeError, websockets.WebSocketException) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -159,7 +166,7 @@ def main(argv=None) -> int:
         streams["speaker"].write(pcm)  # blocks at most one frame: the speaker paces itself
 
     try:
-        asyncio.run(duplex(args.url, microphone, play, show, options))
+        asyncio.run(duplex(url, microphone, play, show, options, headers=headers))
     except KeyboardInterrupt:
         pass
     except (OSError, RuntimeError, websockets.WebSocketException) as err:

@@ -3,7 +3,10 @@ activity detection) -> speaker, with the transcript printed as it arrives. Speak
 to interrupt it. Needs a local sound card and PyAudio (`pip install pyaudio`).
 
     python server.py &                      # the model, on this or another machine
-    python demos/mic_chat.py [--url ws://127.0.0.1:60808/v1/realtime]
+    python demos/mic_chat.py [--server http://127.0.0.1:60808] [--model mini-omni]
+
+The server's API key comes from OMNI_ZOO_API_KEY (or --api-key); --model is checked against what
+the server runs (zoo/client_cli.py: the flags both terminal demos share).
 """
 from __future__ import annotations
 
@@ -11,29 +14,25 @@ import argparse
 import asyncio
 import base64
 import json
-import os
 import sys
 from collections.abc import AsyncIterator, Callable
 
 import websockets
 
+from zoo.client_cli import ClientError, add_client_flags, connect
+
 RATE = 24000  # the wire format: PCM16 mono at 24 kHz
 CHUNK = 2400  # 100 ms
 
 
-def auth_headers() -> dict:
-    """The server's API key (server.py --api-key), from the environment like the web UIs."""
-    key = os.environ.get("OMNI_ZOO_API_KEY")
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 async def converse(url: str, microphone: AsyncIterator[bytes], play: Callable[[bytes], None],
                    interrupt: Callable[[], None], show: Callable[[str], None], replies: int | None = None,
-                   max_output_tokens: int | None = None) -> int:
-    """Stream ``microphone`` PCM to the server and play and show what comes back. Returns the
-    number of finished replies; stops after ``replies`` of them when given (tests use that)."""
+                   max_output_tokens: int | None = None, headers: dict | None = None) -> int:
+    """Stream ``microphone`` PCM to the server and play and show what comes back (``headers``:
+    the API key's, from ServerInfo.headers()). Returns the number of finished replies; stops after
+    ``replies`` of them when given (tests use that)."""
     finished = 0
-    async with websockets.connect(url, max_size=None, additional_headers=auth_headers()) as ws:
+    async with websockets.connect(url, max_size=None, additional_headers=headers or {}) as ws:
         created = json.loads(await ws.recv())
         model = created.get("session", {}).get("model", "?")
         show(f"[connected to {model}; speak, and pause to let it answer]\n")
@@ -70,17 +69,27 @@ async def converse(url: str, microphone: AsyncIterator[bytes], play: Callable[[b
     return finished
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="ws://127.0.0.1:60808/v1/realtime")
     parser.add_argument("--max-output-tokens", type=int, help="cap each reply (decode steps)")
-    args = parser.parse_args(argv)
+    add_client_flags(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         import pyaudio  # only this demo needs a sound card
     except ImportError:
         print("error: this demo needs PyAudio: pip install pyaudio (and PortAudio, e.g. apt install portaudio19-dev)",
               file=sys.stderr)
         return 2
+    try:
+        server = connect(args)
+    except ClientError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    url = server.ws_url("/v1/realtime")
     audio = pyaudio.PyAudio()
     mic = audio.open(format=pyaudio.paInt16, channels=1, rate=RATE, input=True, frames_per_buffer=CHUNK)
     speaker = audio.open(format=pyaudio.paInt16, channels=1, rate=RATE, output=True)
@@ -102,8 +111,8 @@ def main(argv=None) -> int:
     async def run():
         player = asyncio.create_task(speak())
         try:
-            await converse(args.url, microphone(), pending.append, pending.clear, lambda s: print(s, end="", flush=True),
-                           max_output_tokens=args.max_output_tokens)
+            await converse(url, microphone(), pending.append, pending.clear, lambda s: print(s, end="", flush=True),
+                           max_output_tokens=args.max_output_tokens, headers=server.headers())
         finally:
             player.cancel()
 
@@ -111,9 +120,9 @@ def main(argv=None) -> int:
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
-    except OSError as err:
-        print(f"error: cannot reach {args.url}: {err}", file=sys.stderr)
-        return 2
+    except (OSError, websockets.WebSocketException) as err:
+        print(f"error: the live session at {url} failed: {err}", file=sys.stderr)
+        return 1
     finally:
         mic.close()
         speaker.close()

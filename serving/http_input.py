@@ -49,3 +49,26 @@ def decode_audio_field(data: dict) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "bad_base64", "field 'audio' is not valid base64") from None
+
+
+def decode_base64_image(value: object, where: str) -> bytes:
+    """The bytes of an image sent as base64, or as a ``data:image/...;base64,`` URL (the OpenAI
+    style); decoding and its limits are zoo.core.image's (in the model's prepare step)."""
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "bad_image", f"{where} must be a base64 image file (PNG or JPEG)")
+    if value.startswith("data:"):
+        header, _, value = value.partition(",")
+        if not header.endswith(";base64") or not header[5:].startswith("image/"):
+            raise ApiError(400, "bad_image", f"{where}: only data:image/...;base64 URLs are accepted")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "bad_base64", f"{where} is not valid base64") from None
+
+
+def decode_image_field(data: dict) -> bytes | None:
+    """The optional ``image`` of a /chat body (what the Mini-Omni2 reference clients send)."""
+    value = data.get("image")
+    if value is None or value == "":  # the reference server treats an empty image as none
+        return None
+    return decode_base64_image(value, "field 'image'")

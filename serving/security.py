@@ -14,6 +14,7 @@ an HTTP response (401 / 403 / 503) instead of an upgrade.
   with ``--allow-origin``; no Origin header means a non-browser client.
 - Connections: at most ``max_connections`` requests at once (every open WebSocket and every
   streaming reply; /health and /metrics are not counted so the server stays observable).
+- Access log: one line per request or WebSocket session, refusals included (serving/access_log.py).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import json
 import logging
 from urllib.parse import urlsplit
 
+from .access_log import AccessRecord
 from .errors import ReplyAborted, error_body, new_request_id, report_failure, request_id
 
 UNAUTHENTICATED_PATHS = {"/health"}
@@ -67,6 +69,9 @@ class Guard:
             await self.app(scope, receive, send)
             return
         token = request_id.set(new_request_id())
+        record = AccessRecord(scope, request_id.get())
+        send, receive = record.wrap_send(send), record.wrap_receive(receive)
+        failure: BaseException | None = None
         try:
             counted = scope["path"] not in UNCOUNTED_PATHS
             try:
@@ -86,7 +91,11 @@ class Guard:
                     await self.serve_websocket(scope, receive, send)
             finally:
                 self.open -= counted
+        except BaseException as err:  # a reply cut after its first bytes, or the client gone (logged by who raised it)
+            failure = err
+            raise
         finally:
+            record.log(failure)
             request_id.reset(token)
 
     # -- checks ---------------------------------------------------------------------------------

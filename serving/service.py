@@ -12,6 +12,7 @@ from typing import Any
 import zoo
 from zoo.core.errors import UnknownOption
 from zoo.core.scheduler import Busy, DuplexScheduler, Scheduler
+from zoo.core.types import prepare_job
 
 from .errors import ApiError, GenerationFailed, report_failure
 from .metrics import Metrics
@@ -20,13 +21,14 @@ from .metrics import Metrics
 class Service:
     """``duplex_sessions``: slots of the full-duplex scheduler (zoo.core.scheduler), built only when
     the model's card says duplex (default: ``max_sessions``); ``duplex_prompt``: (audio, rate)
-    that seeds every duplex session unless its client gives one."""
+    that seeds every duplex session unless its client gives one; ``prefill_batch``: how many new
+    replies join between two decode steps (zoo.core.scheduler.Scheduler)."""
 
     def __init__(self, model: zoo.VoiceModel, max_sessions: int, *, duplex_sessions: int | None = None,
-                 duplex_prompt=None) -> None:
+                 duplex_prompt=None, prefill_batch: int = 8) -> None:
         self.model, self.max_sessions = model, max_sessions
         self.stepper = model.stepper(max_sessions)
-        self.scheduler = Scheduler(self.stepper, max_sessions)
+        self.scheduler = Scheduler(self.stepper, max_sessions, prefill_batch=prefill_batch)
         # input decoding and audio encoding run here: off the event loop and off the decode thread
         self.prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zoo-prepare")
         self.in_flight = 0
@@ -71,16 +73,21 @@ class Service:
         self.metrics.sessions_active.dec()
 
     async def stream(self, audio: Any, sample_rate: int | None, options, received: float,
-                     history: list | None = None) -> AsyncIterator[zoo.Chunk]:
+                     history: list | None = None, image: Any = None) -> AsyncIterator[zoo.Chunk]:
         """One reply. ``received``: when the request was complete (perf_counter), for TTFA.
-        ``history``: earlier ``chunk.turn`` records (multi-turn models).
+        ``history``: earlier ``chunk.turn`` records (multi-turn models). ``image``: what the
+        question is about (cards with image_input; others answer 400 unsupported).
         Closing the iterator early stops the generation and frees the slot before the next step."""
         self._admit()
         try:
             loop = asyncio.get_running_loop()
             try:
-                job = await loop.run_in_executor(self.prepare_pool, self.stepper.prepare, audio, sample_rate, options,
-                                                 history)
+                job = await loop.run_in_executor(self.prepare_pool, prepare_job, self.stepper, self.model.card, audio,
+                                                 sample_rate, options, history, image)
+            except zoo.UnsupportedError as err:
+                raise self.refuse(400, "unsupported", str(err)) from None
+            except zoo.ImageInputError as err:
+                raise self.refuse(400, "bad_image", str(err)) from None
             except zoo.AudioTooLong as err:
                 raise self.refuse(413, "audio_too_long", str(err)) from None
             except zoo.AudioInputError as err:

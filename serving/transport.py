@@ -7,10 +7,17 @@
 - on SIGTERM / Ctrl-C, open WebSockets are closed first with the reason "server shutting down",
   then in-flight replies get ``shutdown_timeout`` seconds to finish before they are cut, so a slow
   client cannot hold the shutdown.
+
+The listening socket is bound by ``bind`` before anything slow happens (server.py binds before
+loading the model), so a busy port is one clear error at once; ``serve`` calls ``on_started``
+once uvicorn accepts connections on it, and only then does server.py say where it serves.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
+from collections.abc import Callable
 
 import h11
 import uvicorn
@@ -58,19 +65,62 @@ def bounded_headers_protocol(read_timeout: float) -> type[H11Protocol]:
     return BoundedHeadersProtocol
 
 
+class PortUnavailable(Exception):
+    """The address cannot be listened on; the message says why and what to do, in one line."""
+
+
+BIND_REASONS = {
+    errno.EADDRINUSE: "the port is in use (another server?); stop it or pick another --port",
+    errno.EADDRNOTAVAIL: "this machine has no such address; check --host",
+    errno.EACCES: "permission denied (ports below 1024 need privileges); pick another --port",
+}
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (not yet listening: connections are refused until
+    ``serve`` starts), or PortUnavailable."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as err:
+        raise PortUnavailable(f"cannot listen on {host}:{port}: unknown host ({err.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart may rebind at once
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        reason = BIND_REASONS.get(err.errno, err.strerror or str(err))
+        raise PortUnavailable(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
+
+
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, open_sockets: OpenSockets) -> None:
+    def __init__(self, config: uvicorn.Config, open_sockets: OpenSockets,
+                 on_started: Callable[[], None] | None = None) -> None:
         super().__init__(config)
-        self.open_sockets = open_sockets
+        self.open_sockets, self.on_started = open_sockets, on_started
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
 
     async def shutdown(self, sockets=None) -> None:
         await self.open_sockets.close_all(1001, "server shutting down")
         await super().shutdown(sockets)
 
 
-def serve(app, open_sockets: OpenSockets, *, host: str, port: int, read_timeout: float, ws_max_size: int,
-          shutdown_timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+def serve(app, open_sockets: OpenSockets, *, sock: socket.socket, read_timeout: float, ws_max_size: int,
+          shutdown_timeout: float = SHUTDOWN_TIMEOUT_S, on_started: Callable[[], None] | None = None) -> None:
+    """Serve ``app`` on ``sock`` (from ``bind``) until SIGTERM / Ctrl-C. PortUnavailable when it
+    cannot listen after all (another process took the port between ``bind`` and now)."""
+    host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", ws_max_size=ws_max_size,
                             http=bounded_headers_protocol(read_timeout), timeout_keep_alive=KEEP_ALIVE_S,
                             timeout_graceful_shutdown=shutdown_timeout)
-    GracefulServer(config, open_sockets).run()
+    try:
+        GracefulServer(config, open_sockets, on_started).run(sockets=[sock])
+    except OSError as err:
+        if err.errno not in BIND_REASONS:
+            raise
+        raise PortUnavailable(f"cannot listen on {host}:{port}: {BIND_REASONS[err.errno]}") from None

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import requests
@@ -28,8 +29,11 @@ class LoopbackProcess:
         # torch's spinning intra-op threads, starved by the other process, slow each step ~50x
         environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         environment = {k: v for k, v in environment.items() if v is not None}  # None removes a variable
+        # its output goes to a file, not a pipe: a pipe nobody reads fills up (the access log writes a
+        # line per request) and then blocks the program
+        self.log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         self.proc = subprocess.Popen([sys.executable, *(a.format(port=self.port) for a in argv)], cwd=REPO,
-                                     env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     env=environment, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         try:
             self._wait(self.url + health, timeout)
         except BaseException:
@@ -44,8 +48,14 @@ class LoopbackProcess:
                     return
             except requests.ConnectionError:
                 time.sleep(0.3)
-            assert self.proc.poll() is None, self.proc.stdout.read()
+            assert self.proc.poll() is None, self.output()
         raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+    def output(self) -> str:
+        """Everything the program printed so far (stdout and stderr)."""
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
 
     def stop(self) -> None:
         self.proc.terminate()

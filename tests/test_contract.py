@@ -135,6 +135,26 @@ def test_chunks_carry_mono_float32_audio_in_range_and_text(model):
             next(iter(model.respond_text("hello", SHORT)))
 
 
+def test_an_image_goes_only_to_a_model_whose_card_takes_one(model):
+    """respond(image=) and the serving path (prepare_job) read the card: a model without vision
+    refuses an image before any work; a model with vision answers about it and refuses a bad one."""
+    from zoo.core.types import prepare_job
+
+    image = np.zeros((24, 40, 3), np.uint8)
+    image[:, 20:] = (200, 30, 30)
+    if model.card.image_input:
+        chunks = list(model.respond(QUESTION, 16000, SHORT, image=image))
+        assert any(c.audio.size for c in chunks)
+        with pytest.raises(zoo.ImageInputError):
+            next(iter(model.respond(QUESTION, 16000, SHORT, image=b"not an image")))
+        assert prepare_job(model.stepper(1), model.card, QUESTION, 16000, SHORT, None, image) is not None
+    else:
+        with pytest.raises(zoo.UnsupportedError, match="image"):
+            next(iter(model.respond(QUESTION, 16000, SHORT, image=image)))
+        with pytest.raises(zoo.UnsupportedError, match="image"):
+            prepare_job(model.stepper(1), model.card, QUESTION, 16000, SHORT, None, image)
+
+
 @pytest.fixture(scope="module", params=zoo.names())
 def model64(request, _tiny_cache):
     return zoo.load(request.param, random_weights="tiny", device="cpu", dtype="float64")

@@ -409,7 +409,7 @@ def test_demo_client_streams_a_file(server, model, tmp_path):
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     out = tmp_path / "reply.wav"
-    assert demo.main(["--url", server.ws + "/v1/duplex", "--wav", str(PROMPT), "--out", str(out), "--fast",
+    assert demo.main(["--server", server.url, "--wav", str(PROMPT), "--out", str(out), "--fast",
                       "--temperature", "0"]) == 0
     reply, rate = sf.read(out, dtype="int16")
     speech, _ = sf.read(PROMPT, dtype="float32")

@@ -1,6 +1,7 @@
 """server.py against clients that misbehave (issue #11): no client can hurt another, no input can
 take the server down, nothing fails silently. A real server (tiny model) with an API key and
 small limits; the cases that provoke a failure inside the model are in test_hostile_inprocess.py."""
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -145,6 +146,7 @@ def test_web_ui_client_and_demo_send_the_key_from_the_environment(server, monkey
     from test_mic_chat import load_demo
 
     from webui.client import BackendError, ServerBackend
+    from zoo.client_cli import add_client_flags, connect
 
     backend = ServerBackend(server.url)
     with pytest.raises(BackendError, match="OMNI_ZOO_API_KEY"):
@@ -161,12 +163,14 @@ def test_web_ui_client_and_demo_send_the_key_from_the_environment(server, monkey
 
     shown = []
     demo = load_demo()
-    url = ws_url(server)
+    parser = argparse.ArgumentParser()
+    add_client_flags(parser)  # the demos' shared flags: the key defaults to the environment's
+    info = connect(parser.parse_args(["--server", server.url]))
 
     async def connect_and_leave():
         with contextlib.suppress(asyncio.TimeoutError):  # a quiet room: no reply comes; leave after 2 s
-            await asyncio.wait_for(demo.converse(url, quiet_microphone(), lambda pcm: None, lambda: None,
-                                                 shown.append), 2)
+            await asyncio.wait_for(demo.converse(info.ws_url("/v1/realtime"), quiet_microphone(), lambda pcm: None,
+                                                 lambda: None, shown.append, headers=info.headers()), 2)
     asyncio.run(connect_and_leave())
     assert "connected to mini-omni" in "".join(shown)
 
@@ -176,7 +180,7 @@ def test_web_page_with_its_live_widget_works_with_a_key(server, tmp_path, tmp_pa
     (the page's server calls) and the live widget (the browser's own WebSocket, key as subprotocol)."""
     from browser import browser_page, fake_mic_wav
     from procs import LoopbackProcess
-    from test_webui_gradio import check_turn, live_turn, open_page
+    from test_webui_gradio import live_turn, open_page, talk
 
     mic = fake_mic_wav(tmp_path_factory.mktemp("mic") / "question.wav")
     ui = LoopbackProcess(["webui/omni_gradio.py", "--port", "{port}"],
@@ -184,8 +188,8 @@ def test_web_page_with_its_live_widget_works_with_a_key(server, tmp_path, tmp_pa
     try:
         with browser_page(mic) as page:
             open_page(page, ui.url + "/")
-            check_turn(page, tmp_path, "gradio_with_key")
-            live_turn(page)
+            assert talk(page)["audio_s"] > 0
+            live_turn(page, "mini-omni")
     finally:
         ui.stop()
 

@@ -1,6 +1,7 @@
 """server.py as clients see it: a real server process on a free loopback port (tiny model)."""
 import base64
 import concurrent.futures
+import re
 import time
 
 import numpy as np
@@ -179,3 +180,37 @@ def test_memory_does_not_grow_over_200_sequential_requests(server):
         assert chat(server, max_tokens=10).status_code == 200
     growth_mib = (server.rss_kib() - before) / 1024
     assert growth_mib < 30, f"server RSS grew {growth_mib:.1f} MiB over 200 requests"
+
+
+def test_a_busy_port_is_one_clear_line_and_a_non_zero_exit_before_loading():
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "server.py", "--tiny", "--port", str(port)], cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and time.monotonic() - started < 60
+    output = result.stdout + result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in output
+    assert "Traceback" not in output and "serving" not in output
+    assert len([line for line in output.splitlines() if "ERROR" in line]) == 1
+
+
+def test_it_says_where_it_serves_once_bound_and_logs_every_request():
+    s = Server("--max-sessions", "2")
+    try:
+        reply = chat(s, max_tokens=30)
+        assert reply.status_code == 200 and len(reply.content) > 0
+    finally:
+        s.stop()
+    output = s.output()
+    assert f"serving mini-omni on http://127.0.0.1:{s.port}" in output
+    assert re.search(r"omni-zoo.access INFO POST /chat 200 \d+\.\d{3}s ttfa=\d+\.\d{3}s req_\w+", output), output
+    assert re.search(r"omni-zoo.access INFO GET /health 200 \d+\.\d{3}s req_\w+", output)

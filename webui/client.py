@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import requests
 
+from zoo.cli import noise_notice
 from zoo.core.audio import pcm16_to_float
 from zoo.core.types import Chunk
 
@@ -40,6 +41,21 @@ class BackendInfo:
     duplex: bool = False  # the card says full duplex: the pages offer the duplex widget
     input_sample_rate: int = 16000
     frame_samples: int = 0
+    text_output: bool = True  # the card: False means replies are audio only (no text stream)
+    notice: str | None = None  # what to tell people about random weights (noise, reply cap)
+    default_max_new_tokens: int | None = None  # the reply cap a request gets unless it sets one
+
+    def facts(self) -> str:
+        """The card's facts people care about, one line."""
+        replies = "speech and text" if self.text_output else "speech only (no text stream)"
+        mode = "full duplex" if self.duplex else "turn by turn"
+        return (f"{self.model} · {self.where} · replies: {replies} · {self.input_sample_rate / 1000:g} kHz in, "
+                f"{self.output_sample_rate / 1000:g} kHz out · {mode}")
+
+
+class ReplyBrokeOff(BackendError):
+    """The reply started but did not finish (the server aborted it or the connection broke):
+    what arrived is not the whole reply."""
 
 
 class ServerBackend:
@@ -47,24 +63,39 @@ class ServerBackend:
         self.api_url, self.timeout = api_url.rstrip("/"), timeout
 
     def info(self) -> BackendInfo:
+        """The server's first (default) model."""
+        return self.models()[0]
+
+    def models(self) -> list[BackendInfo]:
+        """Every model the server offers (GET /v1/models), default first."""
         try:
             response = requests.get(self.api_url + "/v1/models", headers=auth_headers(), timeout=5)
             if response.status_code == 401:
                 raise BackendError(f"the voice server at {self.api_url} needs an API key: set {API_KEY_ENV}")
             response.raise_for_status()
-            model = response.json()["data"][0]
-        except (requests.RequestException, KeyError, IndexError, ValueError) as err:
+            models = [self._entry(model) for model in response.json()["data"]]
+            if not models:
+                raise ValueError("no models")
+        except (requests.RequestException, KeyError, IndexError, ValueError, TypeError) as err:
             raise BackendError(f"cannot reach the voice server at {self.api_url} ({type(err).__name__}). "
                                f"Start it with `python server.py`, or set API_URL.") from None
+        return models
+
+    def _entry(self, model: dict) -> BackendInfo:
         card = model["card"]
         return BackendInfo(model["id"], card["output_sample_rate"], bool(model.get("random_weights")),
                            f"server {self.api_url}", duplex=bool(card.get("duplex")),
                            input_sample_rate=card.get("input_sample_rate") or 16000,
-                           frame_samples=card.get("frame_samples") or 0)
+                           frame_samples=card.get("frame_samples") or 0,
+                           text_output=bool(card.get("text_output", True)), notice=model.get("notice"),
+                           default_max_new_tokens=model.get("default_max_new_tokens"))
 
-    def stream(self, wav: bytes, options: dict | None = None) -> Iterator[Chunk]:
-        """POST /chat in multipart mode: audio and text deltas as they are generated."""
+    def stream(self, wav: bytes, options: dict | None = None, model: str | None = None) -> Iterator[Chunk]:
+        """POST /chat in multipart mode: audio and text deltas as they are generated. ``model``:
+        one of ``models()`` (None: the server's default). A reply cut short raises ReplyBrokeOff."""
         body = {"audio": base64.b64encode(wav).decode(), "format": "multipart", **(options or {})}
+        if model:
+            body["model"] = model
         try:
             response = requests.post(self.api_url + "/chat", json=body, headers=auth_headers(), stream=True,
                                      timeout=self.timeout)
@@ -76,7 +107,11 @@ class ServerBackend:
             except (ValueError, KeyError, TypeError):
                 message = response.text[:200]
             raise BackendError(f"the server refused the request (HTTP {response.status_code}): {message}")
-        yield from parse_multipart(response.iter_content(chunk_size=4096))
+        try:
+            yield from parse_multipart(response.iter_content(chunk_size=4096))
+        except requests.RequestException as err:  # no final chunk: the server cut the reply
+            raise ReplyBrokeOff(f"the reply from {self.api_url} broke off before it finished "
+                                f"({type(err).__name__})") from None
 
 
 def parse_multipart(pieces: Iterator[bytes]) -> Iterator[Chunk]:
@@ -90,22 +125,33 @@ def parse_multipart(pieces: Iterator[bytes]) -> Iterator[Chunk]:
         if b"audio/" in head:
             audio = pcm16_to_float(payload)
             return None
+        if audio is None and payload.startswith(b"[error:"):  # the server's last part before it cuts the reply
+            reason = payload.decode("utf-8", "replace").removeprefix("[error:").removesuffix("]").strip()
+            raise ReplyBrokeOff(f"the reply broke off: {reason}")
         chunk = Chunk(audio=audio if audio is not None else np.zeros(0, np.float32), text=payload.decode("utf-8", "replace"))
         audio = None
         return chunk
 
-    for piece in pieces:
-        buffer += piece
-        # a part is complete once the next boundary has arrived
-        while True:
-            start = buffer.find(BOUNDARY)
-            end = buffer.find(BOUNDARY, start + len(BOUNDARY)) if start >= 0 else -1
-            if end < 0:
-                break
-            chunk = part(buffer[start + len(BOUNDARY) : end])
-            buffer = buffer[end:]
-            if chunk is not None:
-                yield chunk
+    try:
+        for piece in pieces:
+            buffer += piece
+            # a part is complete once the next boundary has arrived
+            while True:
+                start = buffer.find(BOUNDARY)
+                end = buffer.find(BOUNDARY, start + len(BOUNDARY)) if start >= 0 else -1
+                if end < 0:
+                    break
+                chunk = part(buffer[start + len(BOUNDARY) : end])
+                buffer = buffer[end:]
+                if chunk is not None:
+                    yield chunk
+    except ReplyBrokeOff:
+        raise
+    except Exception:
+        # the stream broke: the last part that arrived may be the server's reason (then that is raised)
+        if buffer.startswith(BOUNDARY):
+            part(buffer[len(BOUNDARY):])
+        raise
     if buffer.startswith(BOUNDARY):
         chunk = part(buffer[len(BOUNDARY):])
         if chunk is not None:
@@ -122,9 +168,16 @@ class LocalBackend:
         card = self.model.card
         return BackendInfo(card.name, card.output_sample_rate, self.model.random_weights is not None, "in-process",
                            duplex=card.duplex, input_sample_rate=card.input_sample_rate,
-                           frame_samples=card.frame_samples or 0)
+                           frame_samples=card.frame_samples or 0, text_output=card.text_output,
+                           notice=noise_notice(self.model), default_max_new_tokens=self.model.default_max_new_tokens)
 
-    def stream(self, wav: bytes, options: dict | None = None) -> Iterator[Chunk]:
+    def models(self) -> list[BackendInfo]:
+        """The one model loaded here."""
+        return [self.info()]
+
+    def stream(self, wav: bytes, options: dict | None = None, model: str | None = None) -> Iterator[Chunk]:
+        if model and model != self.model.card.name:  # as the server answers (404 model_not_found)
+            raise BackendError(f"this page runs {self.model.card.name!r}, not {model!r}")
         try:
             yield from self.model.respond(wav, options=options)
         except Exception as err:  # zoo errors carry clear messages; show them, do not crash the page

@@ -8,8 +8,9 @@ import html
 from pathlib import Path
 
 STATIC = Path(__file__).resolve().parent / "static"
-LIVE_JS = (STATIC / "live.js").read_text()
-DUPLEX_JS = (STATIC / "duplex.js").read_text()
+PCM_JS = (STATIC / "pcm.js").read_text()  # PCM16 -> Web Audio, shared by every widget
+LIVE_JS = PCM_JS + (STATIC / "live.js").read_text()
+DUPLEX_JS = PCM_JS + (STATIC / "duplex.js").read_text()
 
 
 def _ws_base(api_url: str) -> str:
@@ -32,11 +33,20 @@ def _key_attribute(api_key: str | None) -> str:
     return f' data-key="{html.escape(api_key)}"' if api_key else ""
 
 
+TRANSCRIPT_HEIGHT_PX = 220  # the live transcript scrolls inside this height: a long talk must not grow the page
+
+
 def widget_html(ws_url: str, api_key: str | None = None) -> str:
-    """The live chat widget's markup; an empty ``ws_url`` means the page's own origin."""
+    """The live chat widget's markup; an empty ``ws_url`` means the page's own origin. Its
+    transcript is a labelled conversation (who said what, turn by turn) in a fixed-height panel."""
     return (f'<div data-omni-live data-ws="{ws_url}"{_key_attribute(api_key)} style="font-family: sans-serif">'
             f'<button data-state="off">Start live chat</button> <span class="omni-live-status">not started</span>'
-            f'<div class="omni-live-transcript"></div></div>')
+            f'<div class="omni-live-label" style="font-weight: 600; margin: 8px 0 4px">Live conversation</div>'
+            f'<div class="omni-live-transcript" role="log" aria-label="Live conversation" '
+            f'style="max-height: {TRANSCRIPT_HEIGHT_PX}px; overflow-y: auto; border: 1px solid #d1d5db; '
+            f'border-radius: 6px; padding: 6px 8px; line-height: 1.4">'
+            f'<div class="omni-live-empty" style="color: #6b7280">Start live chat and talk; '
+            f'each turn appears here.</div></div></div>')
 
 
 def duplex_widget_html(ws_url: str, sample_rate: int, frame_samples: int, api_key: str | None = None) -> str:

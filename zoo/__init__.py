@@ -13,6 +13,7 @@ from .core import (  # noqa: F401  (re-exported: the public interface)
     AudioInputError,
     AudioTooLong,
     Chunk,
+    ImageInputError,
     ModelCard,
     Options,
     OptionsError,
@@ -29,6 +30,8 @@ _REGISTRY = {
     "mini-omni": "zoo.mini_omni.model:MiniOmni",
     "hertz-dev": "zoo.hertz_dev.model:HertzDev",
     "glm-4-voice": "zoo.glm4_voice.model:GlmVoice",
+    "moshi": "zoo.moshi.model:Moshi",
+    "mini-omni2": "zoo.mini_omni2.model:MiniOmni2",
 }
 
 

@@ -2,9 +2,12 @@
 the OpenAI Realtime (GA) event protocol, so the official ``openai`` SDK realtime client (and tools
 built on it) can hold a conversation.
 
-Client -> server: session.update, input_audio_buffer.append | commit | clear, response.create,
+Client -> server: session.update, input_audio_buffer.append | commit | clear,
+conversation.item.create (an image: a user message with one ``input_image`` part, for cards with
+image_input; the latest image goes with every later turn of the session), response.create,
 response.cancel. Server -> client: session.created | updated, input_audio_buffer.speech_started |
-speech_stopped | committed | cleared, response.created, response.output_audio.delta,
+speech_stopped | committed | cleared, conversation.item.added | done, response.created,
+response.output_audio.delta,
 response.output_audio_transcript.delta, response.output_audio.done,
 response.output_audio_transcript.done, response.done, error.
 
@@ -39,8 +42,11 @@ import soxr
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from zoo.core.audio import float_to_pcm16, pcm16_to_float, resample
+from zoo.core.errors import ImageInputError
+from zoo.core.image import load_image
 
 from ..errors import ApiError, GenerationFailed, report_failure
+from ..http_input import decode_base64_image
 from ..parsing import json_object
 from ..service import Service
 from ..vad import VAD_RATE, SpeechDetector
@@ -72,6 +78,7 @@ class RealtimeSession:
         self.buffer: list[np.ndarray] = []  # input audio at 24 kHz since the last commit
         self.turn: np.ndarray | None = None  # the last committed turn
         self.history: list = []  # the finished exchanges of this session (chunk.turn records)
+        self.image: bytes | None = None  # the latest input_image (cards with image_input)
         self.detector: SpeechDetector | None = None
         self.to_vad = soxr.ResampleStream(WIRE_RATE, VAD_RATE, 1, dtype="float32")
         self.response: asyncio.Task | None = None
@@ -250,6 +257,25 @@ class RealtimeSession:
             self.detector.reset()
         await self.send({"type": "input_audio_buffer.cleared"})
 
+    # -- conversation items: images ------------------------------------------------------------
+    async def on_item_create(self, event: dict) -> None:
+        url = schema.input_image(event.get("item"))
+        if not self.card.image_input:
+            raise ProtocolError("image_not_supported", f"{self.card.name} does not take images")
+        try:
+            data = decode_base64_image(url, "input_image.image_url")
+            await asyncio.to_thread(load_image, data)  # refused now (bounded decode), not at the next turn
+        except ApiError as err:
+            raise ProtocolError("invalid_image", err.message) from None
+        except ImageInputError as err:
+            raise ProtocolError("invalid_image", str(err)) from None
+        self.image = data
+        item_id = event["item"].get("id") if isinstance(event["item"].get("id"), str) else _id("item")
+        item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+                "content": [{"type": "input_image"}]}  # the image itself is not echoed back
+        for kind in ("conversation.item.added", "conversation.item.done"):
+            await self.send({"type": kind, "previous_item_id": None, "item": item})
+
     # -- responses ----------------------------------------------------------------------------
     async def on_response_create(self, event: dict) -> None:
         await self.start_response(schema.expect_object(event.get("response"), "response.create's 'response'",
@@ -286,7 +312,7 @@ class RealtimeSession:
         await self.send({"type": "response.created", "response": {**base, "status": "in_progress", "output": []}})
         transcript, status, reason = [], "completed", None
         reply = self.service.stream(turn, WIRE_RATE, options, received=time.perf_counter(),
-                                    history=list(self.history) if self.card.multi_turn else None)
+                                    history=list(self.history) if self.card.multi_turn else None, image=self.image)
         exchange = None
         try:
             async for chunk in reply:
@@ -334,6 +360,7 @@ class RealtimeSession:
         "input_audio_buffer.append": on_append,
         "input_audio_buffer.commit": on_commit,
         "input_audio_buffer.clear": on_clear,
+        "conversation.item.create": on_item_create,
         "response.create": on_response_create,
         "response.cancel": on_response_cancel,
     }

@@ -83,6 +83,29 @@ def max_output_tokens(value: Any) -> int | str:
     raise ProtocolError("invalid_value", f"max_output_tokens must be a positive integer or \"inf\", got {value!r}")
 
 
+def input_image(value: Any) -> str:
+    """The image of a ``conversation.item.create`` item: a user message whose content is one
+    ``{"type": "input_image", "image_url": "data:image/...;base64,..."}`` part."""
+    item = expect_object(value, "conversation.item.create's 'item'")
+    if item.get("type", "message") != "message" or item.get("role") != "user":
+        raise ProtocolError("unsupported_item", "only user messages (type 'message', role 'user') can be created")
+    content = item.get("content")
+    if not isinstance(content, list) or not content:
+        raise ProtocolError("invalid_value", "item.content must be a non-empty list of content parts")
+    images = []
+    for part in content:
+        part = expect_object(part, "item.content[]")
+        if part.get("type") != "input_image":
+            raise ProtocolError("unsupported_content", f"only input_image content parts are supported "
+                                                       f"(send speech as input audio), got {part.get('type')!r}")
+        if not isinstance(part.get("image_url"), str):
+            raise ProtocolError("invalid_value", "input_image.image_url must be a data:image/...;base64 URL string")
+        images.append(part["image_url"])
+    if len(images) != 1:
+        raise ProtocolError("invalid_value", f"send one input_image per item, got {len(images)}")
+    return images[0]
+
+
 def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

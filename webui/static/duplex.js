@@ -30,10 +30,7 @@
          (stats.framesDropped ? " · " + stats.framesDropped + " dropped" : ""));
   }
   function play(arrayBuffer) {
-    const pcm = new Int16Array(arrayBuffer);
-    const buffer = ctx.createBuffer(1, pcm.length, RATE);
-    const data = buffer.getChannelData(0);
-    for (let i = 0; i < pcm.length; i++) data[i] = pcm[i] / 32768;
+    const buffer = OmniPcm.toAudioBuffer(ctx, new Int16Array(arrayBuffer), RATE);  // pcm.js
     const node = ctx.createBufferSource();
     node.buffer = buffer;
     node.connect(ctx.destination);

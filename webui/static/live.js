@@ -1,5 +1,6 @@
 // Low-latency live voice chat in the browser: microphone -> server.py /v1/realtime (OpenAI
-// Realtime events, PCM16 at 24 kHz, server-side VAD) -> WebAudio playback scheduled chunk by chunk.
+// Realtime events, PCM16 at 24 kHz, server-side VAD) -> WebAudio playback scheduled chunk by chunk
+// (pcm.js, loaded before this script).
 // Used by both web UIs. `element` is the widget's root; its [data-ws] attribute may name the
 // server's WebSocket URL, else the page's own origin is used.
 (function (element) {
@@ -8,8 +9,8 @@
   const status = root.querySelector(".omni-live-status");
   const transcript = root.querySelector(".omni-live-transcript");
   const RATE = 24000;
-  let ws = null, ctx = null, stream = null, processor = null, sources = [], playHead = 0;
-  let speechEnd = null, firstAudio = false, reply = null;
+  let ws = null, ctx = null, stream = null, processor = null, player = null;
+  let speechEnd = null, firstAudio = false, reply = null, speaker = "model";
   window.omniLiveStats = window.omniLiveStats || {turns: []};
 
   function wsUrl() {
@@ -18,31 +19,25 @@
     return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/v1/realtime";
   }
   function show(text) { status.textContent = text; }
-  function toBase64(int16) {
-    let s = "";
-    const bytes = new Uint8Array(int16.buffer);
-    for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
-    return btoa(s);
+  // one labelled line of the live conversation ("You", the model's name); the panel has a fixed
+  // height and scrolls, kept at its newest line
+  function addLine(cls, who, text) {
+    const empty = transcript.querySelector(".omni-live-empty");
+    if (empty) empty.remove();
+    const line = document.createElement("div");
+    line.className = cls;
+    const label = document.createElement("b");
+    label.textContent = who + ": ";
+    const body = document.createElement("span");
+    body.textContent = text;
+    line.append(label, body);
+    transcript.appendChild(line);
+    transcript.scrollTop = transcript.scrollHeight;
+    return body;
   }
-  function stopPlayback() {
-    sources.forEach((s) => { try { s.stop(); } catch (e) {} });
-    sources = [];
-    playHead = 0;
-  }
+  function stopPlayback() { if (player) player.stop(); }
   function play(b64) {
-    const raw = atob(b64);
-    const pcm = new Int16Array(raw.length / 2);
-    for (let i = 0; i < pcm.length; i++) pcm[i] = raw.charCodeAt(2 * i) | (raw.charCodeAt(2 * i + 1) << 8);
-    const buffer = ctx.createBuffer(1, pcm.length, RATE);
-    const data = buffer.getChannelData(0);
-    for (let i = 0; i < pcm.length; i++) data[i] = pcm[i] / 32768;
-    const source = ctx.createBufferSource();
-    source.buffer = buffer;
-    source.connect(ctx.destination);
-    const start = Math.max(playHead, ctx.currentTime + 0.02);
-    source.start(start);
-    playHead = start + buffer.duration;
-    sources.push(source);
+    const start = player.play(OmniPcm.fromBase64(b64));
     if (!firstAudio) {
       firstAudio = true;
       const wait = (start - ctx.currentTime) * 1000;
@@ -54,33 +49,44 @@
   function onEvent(event) {
     if (event.type === "session.created") {
       const s = event.session || {};
+      speaker = s.model || "model";
       show("listening (" + s.model + (s.zoo && s.zoo.random_weights ? ", random weights: replies are noise" : "") + ")");
     } else if (event.type === "input_audio_buffer.speech_started") {
       stopPlayback();  // barge-in: the user talks over the reply
       show("hearing you…");
     } else if (event.type === "input_audio_buffer.speech_stopped") {
       speechEnd = performance.now();
+      addLine("omni-live-you", "You", "(spoken)");
       show("thinking…");
     } else if (event.type === "response.created") {
       firstAudio = false;
-      reply = {firstAudioMs: null, text: ""};
+      reply = {firstAudioMs: null, text: "", line: null};
       window.omniLiveStats.current = reply;
-      const line = document.createElement("div");
-      line.className = "omni-live-reply";
-      transcript.appendChild(line);
+      reply.line = addLine("omni-live-reply", speaker, "…");
     } else if (event.type === "response.output_audio.delta") {
       play(event.delta);
     } else if (event.type === "response.output_audio_transcript.delta") {
       reply.text += event.delta;
-      transcript.lastChild.textContent = reply.text;
+      reply.line.textContent = reply.text;
+      transcript.scrollTop = transcript.scrollHeight;
     } else if (event.type === "response.done") {
-      if (reply) { reply.status = event.response.status; window.omniLiveStats.turns.push(reply); }
+      if (reply) {
+        // a reply without a transcript was spoken only; one that did not complete says so
+        if (!reply.text) reply.line.textContent = "(audio only)";
+        if (event.response.status !== "completed") {
+          const details = event.response.status_details || {};
+          reply.line.textContent += " [" + event.response.status + (details.reason ? ": " + details.reason : "") + "]";
+        }
+        reply.status = event.response.status;
+        window.omniLiveStats.turns.push({firstAudioMs: reply.firstAudioMs, text: reply.text, status: reply.status});
+      }
     } else if (event.type === "error") {
       show("server: " + event.error.message);
     }
   }
   async function start() {
     ctx = new AudioContext({sampleRate: RATE});
+    player = new OmniPcm.Player(ctx, RATE);
     try {
       stream = await navigator.mediaDevices.getUserMedia({audio: {channelCount: 1, echoCancellation: true, noiseSuppression: true}});
     } catch (e) {
@@ -102,7 +108,7 @@
         const f = e.inputBuffer.getChannelData(0);
         const pcm = new Int16Array(f.length);
         for (let i = 0; i < f.length; i++) pcm[i] = Math.max(-32767, Math.min(32767, f[i] * 32767));
-        ws.send(JSON.stringify({type: "input_audio_buffer.append", audio: toBase64(pcm)}));
+        ws.send(JSON.stringify({type: "input_audio_buffer.append", audio: OmniPcm.toBase64(pcm)}));
       };
       source.connect(processor);
       processor.connect(ctx.destination);  // Chrome only runs processors connected to an output

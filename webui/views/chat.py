@@ -1,129 +1,94 @@
-"""The voice chat page (served at /chat by webui/omni_streamlit.py): record a question in the
-browser, send it to server.py, play the spoken reply and show its text and time to first audio.
+"""The voice chat page (served at /chat by webui/omni_streamlit.py): pick one of the models the
+server offers (sidebar), record a question in the browser, and hear the reply as it streams
+(webui/reply_player.py); each turn keeps its text, time to first audio, length and waveform.
 
-Environment: ``API_URL`` (the server, default http://127.0.0.1:60808); ``OMNI_MAX_TOKENS``
-(optional cap on reply tokens sent as ``max_tokens``; unset: the server's default)."""
+Environment: ``API_URL`` (the server, default http://127.0.0.1:60808); ``BROWSER_API_URL`` (the
+same server as the browser reaches it, when that differs, e.g. docker/compose.yaml: the reply
+player and the live widgets connect from the browser); ``OMNI_ZOO_API_KEY`` (the
+server's key, if it has one); ``OMNI_MAX_TOKENS`` (the reply cap the page starts with; unset: the
+server's default for the model, which caps random-weight replies to a few seconds)."""
 from __future__ import annotations
 
-import hashlib
 import os
-import time
+import uuid
 
-import numpy as np
-import requests
 import streamlit as st
-import streamlit.components.v1 as components
 
-from webui.client import DEFAULT_API_URL, BackendError, ServerBackend, api_key
-from webui.live import DUPLEX_JS, LIVE_JS, duplex_url, duplex_widget_html, realtime_url, widget_html
+from webui.catalog import ModelEntry, list_models
+from webui.client import DEFAULT_API_URL, BackendError, api_key
+from webui.conversation import new_turn, render_turn
+from webui.reply_player import question_pcm
+from webui.widgets import live_widgets
+from zoo.core.errors import AudioInputError
 
 api_url = os.environ.get("API_URL", DEFAULT_API_URL)
-backend = ServerBackend(api_url)
-max_tokens = int(os.environ.get("OMNI_MAX_TOKENS") or 0)
+browser_api_url = os.environ.get("BROWSER_API_URL") or api_url
 
 st.title("Voice chat")
 
+problem = None
 try:
-    info = backend.info()
+    models = st.session_state["models"] = list_models(api_url)
 except BackendError as err:
-    st.error(str(err))
+    problem, models = str(err), st.session_state.get("models")
+# Always one element here, filled or not: elements above a reply's player keep their places, so
+# Streamlit keeps the player (and its sound) when the server's state changes.
+server_problem = st.empty()
+if problem and models:  # the server went away mid-conversation: keep the conversation, say what happened
+    server_problem.warning(f"{problem} (the page goes on with the models it listed before)", icon=":material/cloud_off:")
+elif problem:
+    st.error(problem)
     st.info("Hint: start the server in another terminal, e.g. `python server.py` (or `python server.py --tiny` "
             "to try it without weights), then reload this page. The UI uses `API_URL` "
             f"(now `{api_url}`).")
     st.stop()
 
-st.markdown(f"Model: **{info.model}** &nbsp;·&nbsp; {info.where}")
-if info.random_weights:
-    st.warning("random weights: replies are noise (the server runs a model with random weights, "
-               "e.g. `server.py --tiny`)", icon=":material/warning:")
+
+def reply_cap(entry: ModelEntry) -> int | None:
+    """The cap a model's turns start with: OMNI_MAX_TOKENS, else the server's own default (None:
+    the model's)."""
+    return int(os.environ.get("OMNI_MAX_TOKENS") or 0) or entry.default_max_new_tokens
+
+
+with st.sidebar:
+    by_id = {entry.id: entry for entry in models}
+    entry = by_id[st.selectbox("Model", list(by_id), key="model",
+                               help="The models this server offers (GET /v1/models)")]
+    # keyed by model: switching models starts from that model's own default cap
+    max_tokens = st.number_input("Reply cap (max tokens)", min_value=1, value=reply_cap(entry), step=1,
+                                 key=f"cap-{entry.id}", placeholder="the model's default",
+                                 help="Sent with each question as the reply's token limit; empty: the model's own.")
+    st.caption(" · ".join(entry.facts()))
+
+title = entry.card.get("title") or entry.id
+st.markdown(f"Model: **{entry.id}** ({title}) &nbsp;·&nbsp; server {api_url}")
+notice = st.empty()  # one element whatever the model, as server_problem above
+if entry.notice or entry.random_weights:
+    notice.warning(entry.notice or "random weights: replies are noise", icon=":material/warning:")
+
+live_widgets(browser_api_url, entry)
 
 turns: list[dict] = st.session_state.setdefault("turns", [])
-
-def live_widget(ws_url: str) -> None:
-    """The low-latency live chat (the same widget as the Gradio page), in a component iframe
-    (Streamlit allows it the microphone)."""
-    script = f"<script>const element = document.body;</script><script>{LIVE_JS}</script>"
-    components.html(widget_html(ws_url, api_key()) + script, height=160, scrolling=True)
-
-
-def duplex_widget(ws_url: str) -> None:
-    """Full duplex (models whose card says so): the same widget as the Gradio page's."""
-    html = duplex_widget_html(ws_url, info.input_sample_rate, info.frame_samples, api_key())
-    script = f"<script>const element = document.body;</script><script>{DUPLEX_JS}</script>"
-    components.html(html + script, height=80, scrolling=False)
-
-
-if info.duplex:
-    with st.expander("Full duplex (live): talk whenever you like; the model listens and speaks at the same time "
-                     "(headphones help)", expanded=True):
-        duplex_widget(duplex_url(api_url))
-else:
-    with st.expander("Live chat (low latency): talk, pause, and the reply plays as it is generated", expanded=True):
-        live_widget(realtime_url(api_url))
-
-
-def render(turn: dict, autoplay: bool = False) -> None:
-    with st.chat_message("user"):
-        st.markdown("(spoken question)")
-        st.audio(turn["question"], format="audio/wav")
-    with st.chat_message("assistant"):
-        show_reply(turn, autoplay)
-
-
-def show_reply(turn: dict, autoplay: bool) -> None:
-    if turn.get("error"):
-        st.error(turn["error"])
-        return
-    if turn["audio"].size:
-        st.audio(turn["audio"], sample_rate=turn["rate"], autoplay=autoplay)
-    else:
-        st.warning("the reply had no audio")
-    st.markdown(turn["text"] or "_(no text)_")
-    ttfa = f"{turn['ttfa_ms']:.0f} ms" if turn["ttfa_ms"] is not None else "n/a"
-    st.caption(f"TTFA {ttfa} · {turn['audio'].size / turn['rate']:.1f} s of audio")
-
-
-def ask(wav: bytes) -> dict:
-    """One turn against the server; errors become a message, never an exception."""
-    turn = {"question": wav, "audio": np.zeros(0, np.float32), "rate": info.output_sample_rate,
-            "text": "", "ttfa_ms": None, "error": None}
-    pieces, text = [], []
-    started = time.monotonic()
-    try:
-        for chunk in backend.stream(wav, {"max_tokens": max_tokens} if max_tokens else None):
-            if chunk.audio.size:
-                if turn["ttfa_ms"] is None:
-                    turn["ttfa_ms"] = (time.monotonic() - started) * 1000
-                pieces.append(np.asarray(chunk.audio, np.float32))
-            text.append(chunk.text)
-    except BackendError as err:
-        turn["error"] = str(err)
-    except requests.RequestException as err:  # the connection broke mid-reply
-        turn["error"] = f"the reply from {api_url} broke off ({type(err).__name__})"
-    except Exception as err:  # noqa: BLE001 - show it, do not print a traceback on the page
-        turn["error"] = f"unexpected error: {type(err).__name__}: {err}"
-    if pieces:
-        turn["audio"] = np.concatenate(pieces)
-    turn["text"] = "".join(text).strip()
-    return turn
-
-
 history = st.container()
 recording = st.audio_input("Speak your question", key="mic")
 
+if recording is not None:
+    wav = recording.getvalue()
+    # each recording is a new upload with its own id; the same words asked twice (same bytes) are
+    # still two questions
+    if recording.file_id != st.session_state.get("last_recording"):
+        st.session_state["last_recording"] = recording.file_id
+        if turns and turns[-1]["status"] == "streaming":  # its player goes away with this rerun
+            turns[-1].update(status="failed", error="interrupted by the next question before the reply finished")
+        turn = new_turn(uuid.uuid4().hex[:12], wav, entry, int(max_tokens) if max_tokens else None)
+        try:
+            turn["question_pcm"] = question_pcm(wav, entry.card.get("max_input_seconds"))
+        except AudioInputError as err:
+            turn.update(status="failed", error=f"the recording could not be sent: {err}")
+        for old in turns:  # only the latest turn's player needs its question
+            old["question_pcm"] = None
+        turns.append(turn)
+
 with history:
-    for old in turns:
-        render(old)
-    if recording is not None:
-        wav = recording.getvalue()
-        digest = hashlib.sha256(wav).hexdigest()
-        if digest != st.session_state.get("last_recording"):
-            st.session_state["last_recording"] = digest
-            with st.chat_message("user"):
-                st.markdown("(spoken question)")
-                st.audio(wav, format="audio/wav")
-            with st.chat_message("assistant"):
-                with st.spinner("The model is answering…"):
-                    turn = ask(wav)
-                show_reply(turn, autoplay=True)
-            turns.append(turn)
+    for index, turn in enumerate(turns):
+        render_turn(turn, browser_api_url, api_key(), latest=index == len(turns) - 1)

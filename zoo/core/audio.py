@@ -17,6 +17,16 @@ UNKNOWN_LENGTH = 2**63 - 1  # libsndfile's frame count for a stream whose header
 AudioSource = str | os.PathLike | bytes | bytearray | BinaryIO | np.ndarray
 
 
+def _check_file(path: str | os.PathLike) -> None:
+    """A path that is no readable file is named with the reason (libsndfile says only "System error")."""
+    if not os.path.exists(path):
+        raise AudioInputError(f"audio file not found: {path}")
+    if os.path.isdir(path):
+        raise AudioInputError(f"{path} is a folder, not an audio file")
+    if not os.access(path, os.R_OK):
+        raise AudioInputError(f"cannot read the audio file {path}: permission denied")
+
+
 def read_audio(source: AudioSource, sample_rate: int | None = None, *,
                max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Decode ``source`` to float32 of shape (samples,) or (samples, channels) and its rate.
@@ -32,6 +42,8 @@ def read_audio(source: AudioSource, sample_rate: int | None = None, *,
         return _as_float(source), int(sample_rate)
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(bytes(source))
+    elif isinstance(source, (str, os.PathLike)):
+        _check_file(source)
     try:
         with sf.SoundFile(source) as audio_file:
             rate = int(audio_file.samplerate)
@@ -43,8 +55,8 @@ def read_audio(source: AudioSource, sample_rate: int | None = None, *,
                               f"(send a WAV, FLAC, OGG or MP3 file)") from None
     except (RuntimeError, TypeError) as err:
         raise AudioInputError(f"could not decode the audio: {err}") from None
-    except FileNotFoundError:
-        raise AudioInputError(f"audio file not found: {source}") from None
+    except OSError as err:  # e.g. the file went away or became unreadable after the check
+        raise AudioInputError(f"cannot read the audio file {source}: {err.strerror or err}") from None
     if max_seconds is not None and data.shape[0] > max_seconds * rate:  # the header said less, or nothing
         raise AudioTooLong(f"the audio is longer than {max_seconds:g} s, the most this model accepts")
     return data, rate

@@ -77,7 +77,16 @@ def _download(repo_id: str, files: Sequence[str], optional: Sequence[str], compo
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A flat state dict of tensors, loaded with ``weights_only=True`` (memory-mapped where the
-    file allows it); anything else is a CheckpointMismatch naming the file."""
+    file allows it), or from a ``.safetensors`` file; anything else is a CheckpointMismatch naming
+    the file."""
+    if path.suffix in (".safetensors", ".sft"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointMismatch(f"{path}: not a readable safetensors file ({err})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # not a zip-format file: mmap is not possible

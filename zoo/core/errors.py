@@ -32,3 +32,7 @@ class UnknownOption(OptionsError):
 
 class UnsupportedError(ZooError):
     """The model does not offer this mode (e.g. duplex on a half-duplex model)."""
+
+
+class ImageInputError(ZooError, ValueError):
+    """The image given to a model cannot be used (not an image, corrupt, too large, ...)."""

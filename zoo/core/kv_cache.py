@@ -7,13 +7,12 @@ Hertz-dev's resynthesizer channels) and give them back; each row's length is kno
 A forward over some rows is described by ``Rows``, built on the host from host-known starts: the row
 index and the positions as device tensors, the attention width, and the attention mask. Nothing in
 ``attend`` reads a tensor back to the host, so a decode step can be captured in a CUDA graph
-(``DecodeGraphs``). ``attend`` is the one attention-over-cache function: it writes the new keys and
+(``zoo.core.graphs.DecodeGraphs``). ``attend`` is the one attention-over-cache function: it writes the new keys and
 values at their positions and runs SDPA (with GQA when there are fewer KV heads) over the cache.
 """
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +24,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _to_device(values, device) -> torch.Tensor:
-    """Host ints to a device tensor without waiting for the device (pinned, asynchronous copy)."""
-    host = torch.tensor(values, dtype=torch.long)
-    if torch.device(device).type != "cuda":
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device (pinned, asynchronous copy): a
+    plain copy from pageable memory would stall the host until the queued kernels have run."""
+    if torch.device(device).type != "cuda" or host.device.type != "cpu":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def _to_device(values, device) -> torch.Tensor:
+    """Host ints to a device tensor (see ``to_device``)."""
+    return to_device(torch.tensor(values, dtype=torch.long), device)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,12 @@ class Rows:
     rows: tuple[int, ...] | None = None
     starts: tuple[int, ...] | None = None
     fresh: bool = False
+    absolute: torch.Tensor | None = None  # a ring's absolute positions (``positions`` are its slots)
+
+    @property
+    def absolute_positions(self) -> torch.Tensor:
+        """(B, T) absolute position of every new token (what RoPE rotates by)."""
+        return self.positions if self.absolute is None else self.absolute
 
     @classmethod
     def make(cls, rows: Sequence[int], starts: Sequence[int], new: int, device, width: int | None = None,
@@ -71,6 +81,28 @@ class Rows:
         exact = not masked and new == 1 and all(s + 1 == width for s in starts)
         mask = None if fresh or exact else _visible(positions, width)
         return cls(index, positions, width, view, mask, rows, starts, fresh)
+
+    @classmethod
+    def ring(cls, rows: Sequence[int], starts: Sequence[int], new: int, capacity: int, context: int,
+             device) -> Rows:
+        """Rows over a ring of ``capacity`` slots per row (absolute position p lives in slot
+        p % capacity; the oldest positions are overwritten), for models that attend to a sliding
+        window and run indefinitely (Moshi's RingKVCache). Token at position q sees the held
+        positions p with q - context < p <= q. ``starts`` are absolute positions."""
+        rows, starts = tuple(int(r) for r in rows), tuple(int(s) for s in starts)
+        width = min(capacity, max(starts) + new)
+        index = _to_device(rows, device)
+        absolute = _to_device([[s + t for t in range(new)] for s in starts], device)
+        last = absolute[:, -1:]  # (B, 1): the newest position once these are written
+        slots = torch.arange(width, device=device)[None]
+        delta = slots - last % capacity
+        held = torch.where(delta <= 0, last + delta, last + delta - capacity)  # (B, width)
+        behind = absolute[:, :, None] - held[:, None, :]  # (B, T, width)
+        mask = (held[:, None, :] >= 0) & (behind >= 0) & (behind < context)
+        contiguous = rows == tuple(range(rows[0], rows[0] + len(rows)))
+        view = slice(rows[0], rows[0] + len(rows)) if contiguous else index
+        # starts stay None: the new keys are scattered to their slots (a write may wrap the ring)
+        return cls(index, absolute % capacity, width, view, mask[:, None], rows, None, absolute=absolute)
 
     @classmethod
     def placeholder(cls, batch: int, width: int, row: int, device) -> Rows:
@@ -183,50 +215,3 @@ def bucket_width(needed: int, max_len: int, minimum: int = 256) -> int:
     """``needed`` rounded up to a power of two (at least ``minimum``, at most ``max_len``), so that few
     attention widths occur: each is one CUDA graph."""
     return min(max_len, max(minimum, 1 << (needed - 1).bit_length()))
-
-
-class DecodeGraphs:
-    """Replays ``decode(inputs, rows)`` (tensor operations only) as CUDA graphs, one per (batch, width):
-    at decode batch sizes a large model's ~2000 kernel launches per token cost more host time than the
-    GPU's weight reads. Warm-up and capture write only the cache's scratch row. A capture that fails
-    (e.g. a quantised layer that syncs with the host) warns once and decoding goes on eagerly."""
-
-    def __init__(self, cache: KVCache, decode: Callable[[torch.Tensor, Rows], torch.Tensor]) -> None:
-        if cache.scratch is None:
-            raise ValueError("graph captures need a cache with a scratch row")
-        self.cache, self.decode = cache, decode
-        self.graphs: dict[tuple[int, int], tuple] = {}
-        self.enabled = True
-
-    def __call__(self, inputs: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """``rows`` must carry a mask (``Rows.make(..., masked=True)``): the replay copies it in."""
-        if not self.enabled:
-            return self.decode(inputs, rows)
-        key = (rows.index.numel(), rows.width)
-        if key not in self.graphs:
-            try:
-                self.graphs[key] = self._capture(inputs, *key)
-            except RuntimeError as err:
-                warnings.warn(f"CUDA graph capture failed ({err}); decoding without graphs", stacklevel=2)
-                self.enabled = False
-                return self.decode(inputs, rows)
-        graph, static_inputs, static_rows, output = self.graphs[key]
-        static_inputs.copy_(inputs)
-        for static, live in ((static_rows.index, rows.index), (static_rows.positions, rows.positions),
-                             (static_rows.mask, rows.mask)):
-            static.copy_(live)
-        graph.replay()
-        return output.clone()  # the next replay overwrites the static output
-
-    def _capture(self, inputs: torch.Tensor, batch: int, width: int) -> tuple:
-        static_inputs = torch.zeros_like(inputs)
-        static_rows = Rows.placeholder(batch, width, self.cache.scratch, inputs.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # allocations and lazy initialisations happen outside the graph
-            self.decode(static_inputs, static_rows)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = self.decode(static_inputs, static_rows)
-        return graph, static_inputs, static_rows, output

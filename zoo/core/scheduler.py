@@ -8,6 +8,7 @@ A model takes part in replies by returning a ``Stepper`` from ``model.stepper(ma
 
     job = stepper.prepare(audio, sample_rate, options, history)  # validate + encode input (any thread)
     stepper.start(job)        # prefill: the job joins the batch (scheduler thread)
+    stepper.start_many(jobs)  # optional (BatchStarter): several arrivals' prefills in one forward
     stepper.step(jobs)        # one batched decode step for all active jobs (scheduler thread)
     job.poll() -> Chunk|None  # output produced since the last poll; job.done when finished
     stepper.release(job)      # free its slot (KV-cache rows)
@@ -42,7 +43,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .types import Chunk, DuplexStepper, Job, Stepper
+from .types import BatchStarter, Chunk, DuplexStepper, Job, Stepper
 
 log = logging.getLogger("zoo.sessions")
 
@@ -105,9 +106,16 @@ class WorkerThread:
 
 
 class Scheduler(WorkerThread):
-    def __init__(self, stepper: Stepper, max_sessions: int) -> None:
+    """Between two decode steps at most ``prefill_batch`` waiting jobs join (in arrival order),
+    in one ``start_many`` when the stepper is a ``BatchStarter``: a burst of arrivals is
+    prefilled in batches interleaved with the running sessions' steps, so it neither stalls the
+    sessions already speaking for all its prefills nor waits in line one prefill each."""
+
+    def __init__(self, stepper: Stepper, max_sessions: int, prefill_batch: int = 8) -> None:
         super().__init__("zoo-scheduler")
-        self.stepper, self.max_sessions = stepper, max_sessions
+        if prefill_batch < 1:
+            raise ValueError(f"prefill_batch must be >= 1, got {prefill_batch}")
+        self.stepper, self.max_sessions, self.prefill_batch = stepper, max_sessions, prefill_batch
         self._pending: deque[Ticket] = deque()
         self._active: list[Ticket] = []
         self._ids = itertools.count(1)
@@ -144,18 +152,8 @@ class Scheduler(WorkerThread):
                     self._cv.wait()
                 if self._stopping:
                     return
-                joining = list(self._pending)
-                self._pending.clear()
-            for ticket in joining:  # prefill between steps, in arrival order
-                if ticket.cancelled:
-                    continue
-                try:
-                    self.stepper.start(ticket.job)
-                except Exception as err:  # noqa: BLE001 - reported to that session only
-                    self._finish(ticket, err)
-                    continue
-                self._active.append(ticket)
-                self._deliver(ticket)
+                joining = [self._pending.popleft() for _ in range(min(self.prefill_batch, len(self._pending)))]
+            self._join([t for t in joining if not t.cancelled])
             self._active = [t for t in self._active if not self._drop_if_over(t)]
             running = [t for t in self._active if not t.job.done]
             if running:
@@ -171,6 +169,30 @@ class Scheduler(WorkerThread):
                 for ticket in running:
                     self._deliver(ticket)
             self._active = [t for t in self._active if not self._drop_if_over(t)]
+
+    def _join(self, tickets: list[Ticket]) -> None:
+        """Prefill the joining jobs: together when the stepper can, else one by one."""
+        if len(tickets) > 1 and isinstance(self.stepper, BatchStarter):
+            try:
+                self.stepper.start_many([t.job for t in tickets])
+            except Exception as err:  # noqa: BLE001 - a failed batched prefill fails its sessions
+                log.exception("a batched prefill failed for %d session(s)", len(tickets))
+                for ticket in tickets:
+                    self._finish(ticket, err)
+                return
+            started = tickets  # a job that could not start carries its error: dropped after delivery
+        else:
+            started = []
+            for ticket in tickets:
+                try:
+                    self.stepper.start(ticket.job)
+                except Exception as err:  # noqa: BLE001 - reported to that session only
+                    self._finish(ticket, err)
+                    continue
+                started.append(ticket)
+        for ticket in started:
+            self._active.append(ticket)
+            self._deliver(ticket)
 
     def _deliver(self, ticket: Ticket) -> None:
         """Its output so far (even from a job that just failed), then its error comes with

@@ -65,3 +65,30 @@ def one_row_only(rows: torch.Tensor | None, module: str) -> None:
     batched state would otherwise stream into the wrong session)."""
     if rows is not None:
         raise TypeError(f"{module} streams one sequence per state; it takes no rows")
+
+
+class BufferState(StreamingState):
+    """A streaming state made of named per-row buffers (the past input a causal convolution needs,
+    the overlap a transposed convolution still owes, a flag per row): row i of every buffer belongs
+    to session row i. ``take(rows)`` copies those rows out for one call, ``put(rows, part)`` writes
+    them back, ``reset(rows)`` returns them to their initial values (``fill`` per buffer, 0 unless
+    given)."""
+
+    def __init__(self, buffers: dict[str, torch.Tensor], fill: dict[str, float | bool] | None = None) -> None:
+        self.buffers = buffers
+        self.fill = dict(fill or {})
+
+    def take(self, rows: torch.Tensor) -> BufferState:
+        return BufferState({k: v[rows] for k, v in self.buffers.items()}, self.fill)
+
+    def put(self, rows: torch.Tensor, part: BufferState) -> None:
+        for k, v in part.buffers.items():
+            self.buffers[k][rows] = v
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        rows = slice(None) if rows is None else rows
+        for k, v in self.buffers.items():
+            v[rows] = self.fill.get(k, 0)
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.buffers.values())

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -36,6 +37,10 @@ class ModelCard:
     multi_turn: bool = False  # whether respond() uses ``history``
     text_input: bool = False  # whether respond_text() answers typed questions
     text_output: bool = True  # whether replies carry text (False: audio only, chunk.text is "")
+    image_input: bool = False  # whether respond() (and Stepper.prepare) take an ``image`` with the question
+    # what the published files of every component take on disk, in words ("≈" where computed from
+    # parameter counts rather than read from the published repo); README's model table shows it
+    download_size: str = ""
     # the wire protocols of the model's own reference clients that a server should speak for it
     # (serving/protocols/ names them), each with the model option that each of the protocol's
     # parameters sets, e.g. {"data-url-live": {"token_temp": "temperature"}}
@@ -162,10 +167,39 @@ class Job(Protocol):
 class Stepper(Protocol):
     """Half-duplex replies of many sessions in one batched step (``VoiceModel.stepper``)."""
 
-    def prepare(self, audio: Any, sample_rate: int | None, options: Any, history: Any = None) -> Job: ...
+    # ``image``: only for cards with image_input; callers go through ``prepare_job``
+    def prepare(self, audio: Any, sample_rate: int | None, options: Any, history: Any = None,
+                image: Any = None) -> Job: ...
     def start(self, job: Job) -> None: ...
     def step(self, jobs: list[Job]) -> None: ...
     def release(self, job: Job) -> None: ...
+
+
+@runtime_checkable
+class BatchStarter(Protocol):
+    """A ``Stepper`` that can also prefill several new jobs in one forward (the scheduler then
+    admits a burst of arrivals in batches instead of one prefill each). A job that cannot start
+    (its prompt does not fit, ...) gets its own ``error`` and ``done`` and the others start; an
+    exception out of ``start_many`` (the batched forward itself failed) fails every job in it.
+    The jobs' outputs are those ``start`` one at a time gives (identical tokens, float32)."""
+
+    def start_many(self, jobs: list[Job]) -> None: ...
+
+
+def check_image(card: ModelCard, image: Any) -> None:
+    """The one place a model without vision refuses an image (UnsupportedError)."""
+    if image is not None and not card.image_input:
+        raise UnsupportedError(f"{card.name} does not take images (its card says image_input=False)")
+
+
+def prepare_job(stepper: Stepper, card: ModelCard, audio: Any, sample_rate: int | None, options: Any,
+                history: Any = None, image: Any = None) -> Job:
+    """``stepper.prepare`` for any model: an image goes only to a model whose card takes one (the
+    steppers of models without vision have no ``image`` parameter at all)."""
+    check_image(card, image)
+    if image is None:
+        return stepper.prepare(audio, sample_rate, options, history)
+    return stepper.prepare(audio, sample_rate, options, history, image=image)
 
 
 class DuplexStepper(Protocol):
@@ -201,6 +235,25 @@ class VoiceModel(ABC):
     # whose replies rarely stop by themselves); None: the options class's own default
     default_max_new_tokens: int | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every model's ``respond`` takes ``image=``: a model without vision (its card says
+        image_input=False) refuses a non-None image here, once, and its own ``respond`` never
+        sees the parameter; a model with vision gets it passed on."""
+        super().__init_subclass__(**kwargs)
+        respond = cls.__dict__.get("respond")
+        if respond is None or getattr(respond, "_checks_image", False):
+            return
+
+        @functools.wraps(respond)
+        def checked(self, audio, sample_rate=None, options=None, history=None, image=None):
+            check_image(self.card, image)
+            if image is None:
+                return respond(self, audio, sample_rate, options, history)
+            return respond(self, audio, sample_rate, options, history, image=image)
+
+        checked._checks_image = True
+        cls.respond = checked
+
     def options(self, values: Mapping[str, Any] | Options | None = None) -> Options:
         """Any options -> a validated instance of this model's own options class (a new object:
         validation may lower ``max_new_tokens``). A base ``zoo.Options`` (or another model's) gives
@@ -221,8 +274,11 @@ class VoiceModel(ABC):
         sample_rate: int | None = None,
         options: Options | Mapping[str, Any] | None = None,
         history: Sequence[Any] | None = None,
+        image: Any = None,
     ) -> Iterator[Chunk]:
-        """Stream the reply to ``audio`` (an array at ``sample_rate``, or a file path or bytes)."""
+        """Stream the reply to ``audio`` (an array at ``sample_rate``, or a file path or bytes).
+        ``image`` (cards with image_input): an HxWx3 uint8 array, a path, PNG/JPEG bytes or a PIL
+        image that the question is about; other models raise UnsupportedError for one."""
 
     def respond_text(
         self, text: str, options: Options | Mapping[str, Any] | None = None

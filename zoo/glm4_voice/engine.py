@@ -12,24 +12,28 @@ import torch
 from torch import nn
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
-from ..core.kv_cache import DecodeGraphs, KVCache, Rows, attend, bucket_width
+from ..core.graphs import DecodeGraphs
+from ..core.kv_cache import KVCache, Rows, attend, to_device
 
 
 class SlotEngine:
     """Session slots are rows of one zoo.core.kv_cache.KVCache; ``prefill`` appends to a slot's
     context (multi-turn), ``step`` decodes one token for many slots at once."""
 
-    def __init__(self, model: nn.Module, slots: int, max_len: int | None = None) -> None:
+    def __init__(self, model: nn.Module, slots: int, max_len: int | None = None, *,
+                 graphs: bool | None = None, buckets: bool | None = None) -> None:
         config = model.config
         self.model, self.config = model, config
         self.max_len = max_len or config.max_position_embeddings
         weight = model.model.embed_tokens.weight
-        graphs = weight.device.type == "cuda"
+        cuda = weight.device.type == "cuda"
+        padded = cuda if graphs is None and buckets is None else bool(graphs or buckets)
         self.cache = KVCache(config.num_hidden_layers, slots, config.num_key_value_heads, self.max_len,
-                             config.head_dim, weight.dtype, weight.device, scratch=graphs)
-        # decode steps replay CUDA graphs on a GPU (one per batch size and width): a 9B model's
-        # ~1800 kernel launches per token cost more host time than the GPU's weight reads
-        self.graphs = DecodeGraphs(self.cache, self.decode) if graphs else None
+                             config.head_dim, weight.dtype, weight.device, scratch=padded)
+        # decode steps replay CUDA graphs on a GPU (zoo.core.graphs: one per batch bucket and width):
+        # a 9B model's ~1800 kernel launches per token cost more host time than the GPU's weight reads
+        self.graphs = DecodeGraphs(self.decode, pad_row=self.cache.scratch, max_len=self.max_len,
+                                   device=weight.device, capture=graphs, buckets=buckets)
 
     @property
     def device(self) -> torch.device:
@@ -65,12 +69,8 @@ class SlotEngine:
         for slot in slots:
             if self.room(slot) < 1:
                 raise ValueError(f"slot {slot} is at the model's context limit ({self.max_len})")
-        tokens = ids.view(-1, 1).to(self.device)
-        if self.graphs is None:
-            logits = self.decode(tokens, self.cache.rows_for(slots, 1))
-        else:  # few widths (one graph each); the replay copies the mask in
-            width = bucket_width(max(self.cache.lengths[s] for s in slots) + 1, self.max_len)
-            logits = self.graphs(tokens, self.cache.rows_for(slots, 1, width=width, masked=True))
+        tokens = to_device(ids.view(-1, 1), self.device)  # no stall behind the queued kernels
+        logits = self.graphs(tokens, slots, [self.cache.lengths[s] for s in slots])
         self.cache.advance(slots, 1)
         return logits
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.graphs import DecodeGraphs
 from ..core.sampling import is_zero_temperature, sample
 from ..core.scheduler import isolate
 from ..core.types import Options
@@ -83,6 +84,8 @@ class Engine:
         out_channels: tuple[int, ...] = (0,),
         keep: float = 0.75,
         record_tokens: int = 0,
+        graphs: bool | None = None,
+        buckets: bool | None = None,
     ) -> None:
         if main.config.split != resynth.config.split:
             raise ValueError("main model and resynthesizer must both be mono or both split")
@@ -100,8 +103,15 @@ class Engine:
         self.main_context, self.resynth_context = main_context, resynth_context
         self.keep_main = max(1, int(main_context * keep))
         self.keep_resynth = max(1, int(resynth_context * keep))
-        self.main_cache = main.new_cache(max_slots, main_context)
-        self.resynth_caches = resynth.new_caches(max_slots, resynth_context, len(self.out_channels))
+        # one-token steps of both transformers go through zoo.core.graphs (CUDA graphs per batch
+        # bucket on a GPU); the scratch rows take the padding
+        padded = self.device.type == "cuda" if graphs is None and buckets is None else bool(graphs or buckets)
+        self.main_cache = main.new_cache(max_slots, main_context, scratch=padded)
+        self.resynth_caches = resynth.new_caches(max_slots, resynth_context, len(self.out_channels), scratch=padded)
+        common = dict(pad_row=self.main_cache.scratch, device=self.device, capture=graphs, buckets=buckets,
+                      min_width=64)
+        self.main_graphs = DecodeGraphs(self._main_decode, max_len=main_context, **common)
+        self.resynth_graphs = DecodeGraphs(self._resynth_decode, max_len=resynth_context, **common)
         self.main_rope = rope_tables(main.config.head_dim, main_context, self.device)
         self.resynth_rope = rope_tables(resynth.config.head_dim, resynth_context, self.device)
         self.capacity = max(main_context, resynth_context)
@@ -168,11 +178,10 @@ class Engine:
         steps, prefills = self._plan(slots, T, lambda s: s.main_len, self.main_context, self.keep_main)
         logits: list[torch.Tensor | None] = [None] * B
         if steps:
-            rows = Rows.make([slots[i].row for i in steps], [slots[i].main_len for i in steps], 1, self.device)
             x = latents if len(steps) == B else latents[steps]
-            out = self.main(x, self.main_cache, rows, self.main_rope, self.out_channels)
+            out = self.main_graphs(x, [slots[i].row for i in steps], [slots[i].main_len for i in steps])
             for k, i in enumerate(steps):
-                logits[i] = torch.stack([o[k] for o in out])
+                logits[i] = out[k]
                 slots[i].main_len += 1
         for i, n in prefills:
             x = latents[i : i + 1] if n == T and T > 1 else slots[i].last(n)[None]
@@ -189,12 +198,11 @@ class Engine:
         steps, prefills = self._plan(slots, T, lambda s: s.resynth_len, self.resynth_context, self.keep_resynth)
         mixtures: list[tuple | None] = [None] * B
         if steps:
-            rows = Rows.make([slots[i].row for i in steps], [slots[i].resynth_len for i in steps], 1, self.device)
             x, t = (latents, tokens) if len(steps) == B else (latents[steps], tokens[steps])
-            locs, scales, weights = self.resynth(x, t, self.quantizer, self.resynth_caches, rows, self.resynth_rope,
-                                                 self.out_channels)
+            locs, scales, weights = self.resynth_graphs((x, t), [slots[i].row for i in steps],
+                                                        [slots[i].resynth_len for i in steps])
             for k, i in enumerate(steps):
-                mixtures[i] = (locs[:, k], scales[:, k], weights[:, k])
+                mixtures[i] = (locs[k], scales[k], weights[k])
                 slots[i].resynth_len += 1
         for i, n in prefills:
             x = latents[i : i + 1] if n == T and T > 1 else slots[i].last(n)[None]
@@ -205,6 +213,17 @@ class Engine:
             slots[i].resynth_len = x.size(1)
         return torch.stack([self._isolated(slot, torch.zeros_like(m[0][:, 0]), self._latents, slot, *m)
                             for slot, m in zip(slots, mixtures)])
+
+    def _main_decode(self, latents: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """One latent per row -> logits (B, out channels, vocab): tensor operations only."""
+        return torch.stack(self.main(latents, self.main_cache, rows, self.main_rope, self.out_channels), dim=1)
+
+    def _resynth_decode(self, inputs: tuple[torch.Tensor, torch.Tensor], rows: Rows) -> tuple[torch.Tensor, ...]:
+        """(latents, next tokens) per row -> the mixture (locs, scales, weights), batch first."""
+        latents, tokens = inputs
+        out = self.resynth(latents, tokens, self.quantizer, self.resynth_caches, rows, self.resynth_rope,
+                           self.out_channels)
+        return tuple(o.transpose(0, 1) for o in out)
 
     @staticmethod
     def _isolated(slot: Slot, placeholder: torch.Tensor, draw, *args) -> torch.Tensor:

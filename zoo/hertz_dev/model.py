@@ -82,6 +82,8 @@ CARD = ModelCard(
     parameters="6.6B main transformer + 1.6B resynthesizer per set (mono / two-speaker) + 94M codec + 50M quantizer",
     hardware="a CUDA GPU with 20 GB+ for one network set in bfloat16 (RTX 4090 in the reference); CPU only for tiny",
     components={"checkpoint": "si-pbc/hertz-dev"},
+    download_size="≈ 33 GB, computed: two network sets of ≈ 16.4 GB each (6.6B + 1.6B in bf16; the mono set "
+                  "answers respond(), the two-speaker set duplex()) + codec and quantizer ≈ 0.6 GB (fp32)",
     max_input_seconds=240.0,
     reply_tokens_per_second=SAMPLE_RATE / FRAME,  # one 125 ms frame per step
     duplex=True,

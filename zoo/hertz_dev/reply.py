@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from ..core.audio import AudioSource
+from ..core.kv_cache import to_device
 from ..core.types import Chunk
 from .codec import StreamState, sample_posterior
 from .engine import Engine, Slot
@@ -93,7 +94,7 @@ class ReplyStepper:
 
     def _emit(self, variant: str, jobs: list[Reply], nxt: torch.Tensor) -> None:
         engine, decoder = self._engine(variant)
-        rows = torch.tensor([j.slot.row for j in jobs], device=engine.device)
+        rows = to_device(torch.tensor([j.slot.row for j in jobs]), engine.device)
         audio = self.decoding.step(decoder, nxt, rows=rows)[:, 0]
         out = audio.float().clamp(-1, 1).cpu().numpy()
         for job, z, a in zip(jobs, nxt[:, 0], out):

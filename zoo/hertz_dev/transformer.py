@@ -154,11 +154,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def per_channel(rows: Rows, n: int) -> Rows:
-    """The resynthesizer's upper-layer rows: row r's k-th output channel is r * n + k."""
+    """The resynthesizer's upper-layer rows: row r's k-th output channel is r * n + k. From the
+    host copies when there are some; inside a CUDA-graph capture (none) from the device tensors,
+    so that each replay derives them from the rows it is given."""
     if n == 1:
         return rows
+    if rows.rows is None:
+        index = (rows.index[:, None] * n + torch.arange(n, device=rows.index.device)).flatten()
+        mask = None if rows.mask is None else rows.mask.repeat_interleave(n, dim=0)
+        return Rows(index, rows.positions.repeat_interleave(n, dim=0), rows.width, index, mask, fresh=rows.fresh)
     return Rows.make([r * n + k for r in rows.rows for k in range(n)], [p for p in rows.starts for _ in range(n)],
-                     rows.positions.size(1), rows.index.device)
+                     rows.positions.size(1), rows.index.device, width=rows.width, masked=rows.mask is not None)
 
 
 class Attention(nn.Module):
@@ -256,10 +262,10 @@ class HertzLM(nn.Module):
         self.output = GPTOutput(c.dim, c.vocab)
         self.output2 = GPTOutput(c.dim, c.vocab) if c.split else None
 
-    def new_cache(self, rows: int, length: int, dtype=None, device=None) -> KVCache:
+    def new_cache(self, rows: int, length: int, dtype=None, device=None, scratch: bool = False) -> KVCache:
         w = self.input.weight
         return KVCache(self.config.layers, rows, self.config.n_head, length, self.config.head_dim,
-                       dtype or w.dtype, device or w.device)
+                       dtype or w.dtype, device or w.device, scratch=scratch)
 
     def embed(self, latents: torch.Tensor) -> torch.Tensor:
         if self.config.split:
@@ -354,12 +360,16 @@ class Resynthesizer(nn.Module):
         else:
             self.io2 = self.plex_projection2 = None
 
-    def new_caches(self, rows: int, length: int, out_channels: int, dtype=None, device=None) -> tuple[KVCache, KVCache]:
-        """(lower cache: one row per slot, upper cache: ``out_channels`` rows per slot)."""
+    def new_caches(self, rows: int, length: int, out_channels: int, dtype=None, device=None,
+                   scratch: bool = False) -> tuple[KVCache, KVCache]:
+        """(lower cache: one row per slot, upper cache: ``out_channels`` rows per slot). With
+        ``scratch`` the lower cache has a scratch row (row ``rows``) and the upper cache the
+        ``out_channels`` rows that scratch slot's channels map to (``per_channel``)."""
         c, w = self.config, self.plex_projection.weight
         dtype, device = dtype or w.dtype, device or w.device
-        lower = KVCache(c.plex_layer, rows, c.n_head, length, c.head_dim, dtype, device)
-        upper = KVCache(c.layers - c.plex_layer, rows * out_channels, c.n_head, length, c.head_dim, dtype, device)
+        lower = KVCache(c.plex_layer, rows, c.n_head, length, c.head_dim, dtype, device, scratch=scratch)
+        upper = KVCache(c.layers - c.plex_layer, (rows + int(scratch)) * out_channels, c.n_head, length, c.head_dim,
+                        dtype, device)
         return lower, upper
 
     def forward(self, latents, next_tokens, quantizer: LatentQuantizer, caches, rows: Rows, rope,

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.graphs import DecodeGraphs
+from ..core.kv_cache import Rows, to_device
 from ..core.sampling import is_zero_temperature, sample
 from ..core.scheduler import isolate
 from ..core.types import Options
@@ -32,9 +34,11 @@ class Session:
     text_ended: bool = False
     rows: list[int] | None = None  # its KV-cache rows
     position: int = 0
-    next_input: torch.Tensor | None = None  # (rows, 8)
+    next_input: torch.Tensor | None = None  # (rows, 8), on the host
     generator: torch.Generator | None = None
     error: Exception | None = None  # its own sampling or bookkeeping failed (then done)
+    audio_start: int = 1  # the prompt position of the first audio feature
+    image_features: torch.Tensor | None = None  # (1, n, vision_dim): models with vision (gpt.embed)
 
     @property
     def prompt_length(self) -> int:
@@ -46,11 +50,20 @@ def _is_greedy(options: Options) -> bool:
 
 
 class Engine:
-    def __init__(self, gpt: GPT, max_rows: int) -> None:
+    """``graphs`` / ``buckets``: how decode steps run (zoo.core.graphs.DecodeGraphs; by default
+    captured CUDA graphs on a GPU, exact eager steps on CPU). ``share_prefix``: see ``_prefill``."""
+
+    def __init__(self, gpt: GPT, max_rows: int, *, graphs: bool | None = None, buckets: bool | None = None,
+                 share_prefix: bool | None = None) -> None:
         self.gpt = gpt
         weight = gpt.transformer.wte.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.cache = KVCache(gpt.config, max_rows, gpt.config.block_size, self.dtype, self.device)
+        self.share_prefix = self.device.type != "cuda" if share_prefix is None else share_prefix
+        padded = self.device.type == "cuda" if graphs is None and buckets is None else bool(graphs or buckets)
+        block = gpt.config.block_size
+        self.cache = KVCache(gpt.config, max_rows, block, self.dtype, self.device, scratch=padded)
+        self.graphs = DecodeGraphs(self._decode, pad_row=self.cache.scratch, max_len=block, device=self.device,
+                                   capture=graphs, buckets=buckets)
 
     @property
     def free_rows(self) -> list[int]:
@@ -58,46 +71,108 @@ class Engine:
 
     # -- joining and leaving ------------------------------------------------------------------
     def start(self, session: Session) -> None:
-        """Allocate rows, run the prefill and record output position 0."""
+        """Allocate rows, run the prefill and record output position 0; raises if the session
+        cannot start (its prompt does not fit, no free rows)."""
+        self._admit(session)
+        self._prefill_and_record([session])
+
+    def start_many(self, sessions: list[Session]) -> None:
+        """``start`` for several sessions with their prompts in one forward (padded to the
+        longest): a burst of arrivals costs about one prefill, not one each. A session that cannot
+        start gets its own ``error`` (then done); the others start."""
+        admitted = []
+        for session in sessions:
+            with isolate(session):
+                self._admit(session)
+                admitted.append(session)
+        if admitted:
+            self._prefill_and_record(admitted)
+
+    def _admit(self, session: Session) -> None:
         T = session.prompt_length
         if T >= self.gpt.config.block_size:
             raise ValueError(f"prompt of {T} tokens does not fit the {self.gpt.config.block_size}-token context")
         session.rows = self.cache.allocate(session.task.rows)
         session.generator = torch.Generator().manual_seed(int(session.options.seed))
-        with torch.inference_mode():
-            hidden = self._prefill(session)
-            (pick,) = self._sample([session], hidden)
-        if pick is not None:
-            session.position = T
-            with isolate(session):
-                self._record(session, *pick, first=True)
-        if session.done:
-            self.release(session)
 
-    def _prefill(self, session: Session) -> torch.Tensor:
-        """Run the prompt through the model; returns the last position's hidden state per row.
-        Rows whose prompts differ only in the last token (the batch trick's two rows) share the
-        prefix: it is computed once and copied into the other rows' cache, then each other row
-        runs its last token as a single step. Causal attention makes this the same computation."""
-        tokens = session.prompt.to(self.device)
-        rows, T = session.rows, session.prompt_length
-        features = None
-        if session.features is not None:
-            features = session.features.to(self.device, self.dtype)
-        shared = T > 1 and all(torch.equal(tokens[0, :, :-1], t[:, :-1]) for t in tokens[1:])
-        first = 1 if shared else tokens.size(0)
-        x = self.gpt.embed(tokens[:first], None if features is None else features.expand(first, -1, -1))
-        hidden = self.gpt(x, self.cache, self.cache.rows_for(rows[:first], T))[:, -1]
-        self.cache.advance(rows[:first], T)
-        if first == tokens.size(0):
-            return hidden
-        others = rows[first:]
-        self.cache.copy_prefix(rows[0], others, T - 1)
-        # the last position is never one of the whisper feature positions (1..T-3)
-        last = self.gpt.embed(tokens[first:, :, -1:])
-        step = self.gpt(last, self.cache, self.cache.rows_for(others, 1))[:, 0]
-        self.cache.advance(others, 1)
-        return torch.cat([hidden, step])
+    def _prefill_and_record(self, sessions: list[Session]) -> None:
+        with torch.inference_mode():
+            picks = self._sample(sessions, self._prefill(sessions))
+        for session, pick in zip(sessions, picks):
+            if pick is not None:
+                session.position = session.prompt_length
+                with isolate(session):
+                    self._record(session, *pick, first=True)
+            if session.done:
+                self.release(session)
+
+    def _prefill(self, sessions: list[Session]) -> torch.Tensor:
+        """Run the prompts through the model; returns the last position's hidden state of every
+        session's rows, in order (sum of rows, C). All the prompts go through one forward, right-
+        padded to the longest: a row's padding lands in its cache beyond its length, where later
+        steps overwrite it before any mask lets them read it.
+
+        With ``share_prefix`` (the default on CPU, where compute is the cost), rows whose prompts
+        differ only in the last token (the batch trick's two rows) share the prefix: it is computed
+        once and copied into the other rows' cache, then each other row runs its last token as a
+        single step (causal attention makes this the same computation). On a GPU the host's
+        launches are the cost and every row runs in the one forward."""
+        firsts, others = [], []  # (session, its rows in the prefill) / (session, its rows stepped after)
+        for s in sessions:
+            tokens = s.prompt
+            shared = self.share_prefix and s.prompt_length > 1 and all(
+                torch.equal(tokens[0, :, :-1], t[:, :-1]) for t in tokens[1:])
+            first = 1 if shared else tokens.size(0)
+            firsts.append(first)
+            if first < tokens.size(0):
+                others.append(s)
+        longest = max(s.prompt_length for s in sessions)
+        x = torch.cat([self._embed(s, first, longest) for s, first in zip(sessions, firsts)])
+        prefill_rows = [row for s, first in zip(sessions, firsts) for row in s.rows[:first]]
+        hidden = self.gpt(x, self.cache, self.cache.rows_for(prefill_rows, longest))
+        ends = torch.tensor([s.prompt_length - 1 for s, first in zip(sessions, firsts) for _ in range(first)])
+        last = hidden[torch.arange(len(prefill_rows), device=self.device), to_device(ends, self.device)]
+        for s, first in zip(sessions, firsts):
+            self.cache.advance(s.rows[:first], s.prompt_length)
+        if not others:
+            return last
+        stepped = self._last_token_step(others)
+        out, done, taken = [], 0, 0
+        for s, first in zip(sessions, firsts):
+            out.append(last[done : done + first])
+            done += first
+            if first < s.task.rows:
+                rest = s.task.rows - first
+                out.append(stepped[taken : taken + rest])
+                taken += rest
+        return torch.cat(out)
+
+    def _embed(self, session: Session, first: int, length: int) -> torch.Tensor:
+        """The first ``first`` rows of a session's prompt embedded, right-padded to ``length``."""
+        tokens = to_device(session.prompt[:first], self.device)
+        features = session.features
+        if features is not None:
+            features = features.to(self.device, self.dtype).expand(first, -1, -1)
+        extra = {}
+        if session.image_features is not None:  # a model with vision: its gpt.embed takes them
+            extra["image_features"] = session.image_features.to(self.device, self.dtype).expand(first, -1, -1)
+        x = self.gpt.embed(tokens, features, session.audio_start, **extra)
+        pad = length - x.size(1)
+        return x if pad == 0 else torch.nn.functional.pad(x, (0, 0, 0, pad))
+
+    def _last_token_step(self, sessions: list[Session]) -> torch.Tensor:
+        """The shared-prefix sessions' other rows: the prefix copied from the first row, then
+        the last token of every such row in one batched step."""
+        rows, x = [], []
+        for s in sessions:
+            others = s.rows[1:]
+            self.cache.copy_prefix(s.rows[0], others, s.prompt_length - 1)
+            rows += others
+            # the last position is never a feature position (whisper or image features end by T-3)
+            x.append(self.gpt.embed(to_device(s.prompt[1:, :, -1:], self.device)))
+        hidden = self.gpt(torch.cat(x), self.cache, self.cache.rows_for(rows, 1))[:, 0]
+        self.cache.advance(rows, 1)
+        return hidden
 
     def release(self, session: Session) -> None:
         if session.rows is not None:
@@ -112,8 +187,9 @@ class Engine:
         if not active:
             return
         rows = [row for s in active for row in s.rows]
-        tokens = torch.cat([s.next_input for s in active]).unsqueeze(-1)  # (B, 8, 1)
-        hidden = self.gpt(self.gpt.embed(tokens), self.cache, self.cache.rows_for(rows, 1))[:, 0]
+        # built on the host, one asynchronous copy per step (not one blocking copy per session)
+        tokens = to_device(torch.cat([s.next_input for s in active]).unsqueeze(-1), self.device)  # (B, 8, 1)
+        hidden = self.graphs(tokens, rows, [self.cache.lengths[r] for r in rows])
         self.cache.advance(rows, 1)
         for s, pick in zip(active, self._sample(active, hidden)):
             if pick is not None:
@@ -122,6 +198,10 @@ class Engine:
                     self._record(s, *pick, first=False)
             if s.done:
                 self.release(s)
+
+    def _decode(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """(B, 8, 1) ids at ``rows`` -> the hidden state of each (B, C): tensor operations only."""
+        return self.gpt(self.gpt.embed(tokens), self.cache, rows)[:, 0]
 
     # -- per-task sampling and bookkeeping ----------------------------------------------------
     def _sample(self, sessions: list[Session], hidden: torch.Tensor) -> list[tuple[list[int] | None, int] | None]:
@@ -138,8 +218,12 @@ class Engine:
         text_logits = self.gpt.text_logits(hidden[lasts])  # (S, 152000)
         audio_logits = self.gpt.audio_logits(hidden[[firsts[i] for i in speaking]]) if speaking else None
         greedy = [_is_greedy(s.options) for s in sessions]
-        text_ids = text_logits.argmax(-1).tolist() if any(greedy) else None
-        audio_ids = audio_logits.argmax(-1).tolist() if speaking and any(greedy) else None
+        text_ids = audio_ids = None
+        if any(greedy):  # one read back to the host for the whole batch, not one per head
+            picks = [text_logits.argmax(-1)] + ([audio_logits.argmax(-1).flatten()] if speaking else [])
+            ids = torch.cat(picks).tolist()
+            text_ids, flat = ids[: len(sessions)], ids[len(sessions):]
+            audio_ids = [flat[i : i + AUDIO_LAYERS] for i in range(0, len(flat), AUDIO_LAYERS)] if speaking else None
         out = []
         for i, s in enumerate(sessions):
             o = s.options
@@ -183,4 +267,4 @@ class Engine:
         rows = [spoken + [text]]
         if s.task.rows == 2:  # the text row listens to padding, not to its own speech
             rows.append(_PAD_AUDIO_INPUT + [text])
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return torch.tensor(rows, dtype=torch.long)  # on the host: ``step`` moves the whole batch at once

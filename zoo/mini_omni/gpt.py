@@ -21,9 +21,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # litgpt normalises in float32 for low-precision inputs; float64 stays float64.
         compute = torch.promote_types(x.dtype, torch.float32)
-        y = x.to(compute)
+        y = x if x.dtype == compute else x.to(compute)  # no cast (a dispatch each) when none is needed
         y = y * torch.rsqrt(torch.mean(y * y, dim=-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight
+        return (y if y.dtype == x.dtype else y.to(x.dtype)) * self.weight
 
 
 class GatedMLP(nn.Module):
@@ -59,8 +59,9 @@ class KVCache(kv_cache.KVCache):
     """The zoo's cache (zoo.core.kv_cache) shaped for a GPTConfig: one row per sequence, stored per
     KV group (not expanded to every query head as litgpt does)."""
 
-    def __init__(self, config: GPTConfig, rows: int, max_len: int, dtype, device) -> None:
-        super().__init__(config.n_layer, rows, config.n_query_groups, max_len, config.head_size, dtype, device)
+    def __init__(self, config: GPTConfig, rows: int, max_len: int, dtype, device, scratch: bool = False) -> None:
+        super().__init__(config.n_layer, rows, config.n_query_groups, max_len, config.head_size, dtype, device,
+                         scratch=scratch)
 
 
 def as_rows(rows: Rows | torch.Tensor, positions: torch.Tensor | None) -> Rows:
@@ -108,8 +109,11 @@ class CausalSelfAttention(nn.Module):
         v = qkv[:, :, :, q_per_kv + 1].transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         n = c.rope_n_elem
-        q = torch.cat((apply_rope(q[..., :n], cos, sin), q[..., n:]), dim=-1)
-        k = torch.cat((apply_rope(k[..., :n], cos, sin), k[..., n:]), dim=-1)
+        if n == c.head_size:  # Qwen2 rotates every dimension: no slices and concatenation (launches)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:
+            q = torch.cat((apply_rope(q[..., :n], cos, sin), q[..., n:]), dim=-1)
+            k = torch.cat((apply_rope(k[..., :n], cos, sin), k[..., n:]), dim=-1)
         y = attend(q, k, v, cache_k, cache_v, as_rows(rows, positions))
         return self.proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size))
 
@@ -161,14 +165,28 @@ class GPT(nn.Module):
             self._rope = rope_tables(self.config, weight.dtype, weight.device)
         return self._rope
 
-    def embed(self, tokens: torch.Tensor, audio_features: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, audio_features: torch.Tensor | None = None, audio_start: int = 1) -> torch.Tensor:
         """tokens (B, 8, T) absolute ids -> (B, T, C): the mean of the 8 stream embeddings.
-        ``audio_features`` (B, T_a, whisper_dim) replace the audio streams at positions 1..T_a
-        (the text stream keeps its embedding there), as the reference's concat_whisper_feat."""
-        emb = self.transformer.wte(tokens)  # (B, 8, T, C)
+        ``audio_features`` (B, T_a, whisper_dim) replace the audio streams at positions
+        ``audio_start``.. (the text stream keeps its embedding there), as the reference's
+        concat_whisper_feat (position 1: right after ``_input_a``)."""
+        return self.mean_of_streams(self.stream_embeddings(tokens, audio_features, audio_start))
+
+    def stream_embeddings(self, tokens: torch.Tensor, audio_features: torch.Tensor | None = None,
+                          audio_start: int = 1) -> torch.Tensor:
+        """(B, 8, T, C): each stream's embeddings, the adapted audio features in place."""
+        emb = self.transformer.wte(tokens)
         if audio_features is not None:
-            adapted = self.whisper_adapter(audio_features.to(emb.dtype))
-            emb[:, :AUDIO_LAYERS, 1 : 1 + adapted.size(1)] = adapted.unsqueeze(1)
+            self.place(emb, self.whisper_adapter(audio_features.to(emb.dtype)), audio_start)
+        return emb
+
+    @staticmethod
+    def place(emb: torch.Tensor, adapted: torch.Tensor, start: int) -> None:
+        """Adapter outputs (B, n, C) replace the 7 audio streams' embeddings at start..start+n-1."""
+        emb[:, :AUDIO_LAYERS, start : start + adapted.size(1)] = adapted.unsqueeze(1)
+
+    @staticmethod
+    def mean_of_streams(emb: torch.Tensor) -> torch.Tensor:
         x = emb[:, 0]
         for stream in range(1, emb.size(1)):  # summed in the reference's order
             x = x + emb[:, stream]

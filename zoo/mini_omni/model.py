@@ -40,6 +40,7 @@ CARD = ModelCard(
     languages=("en",),
     parameters="0.5B LLM (532M unique params, 2.8 GB fp32 file) + Whisper-small encoder (88M) + SNAC (20M)",
     hardware="CPU works (slow); any CUDA GPU with 4 GB+ for real time",
+    download_size="≈ 3.4 GB: lit_model.pth 2.8 GB (fp32) + Whisper small.pt 0.46 GB (fp16) + SNAC ≈ 0.08 GB",
     components={"checkpoint": "gpt-omni/mini-omni", "codec": "hubertsiuzdak/snac_24khz"},
     max_input_seconds=30.0,
     reply_tokens_per_second=24000 / 2048,  # one SNAC frame (7 codes, 2048 samples) per step
@@ -185,6 +186,10 @@ class ReplyStepper:
     def start(self, job: Reply) -> None:
         self.engine.start(job.session)
 
+    def start_many(self, jobs: list[Reply]) -> None:
+        """zoo.core.types.BatchStarter: new arrivals' prompts in one forward."""
+        self.engine.start_many([job.session for job in jobs])
+
     def step(self, jobs: list[Reply]) -> None:
         """One decode step for every session, then every due audio window in one codec batch.
         If that batch fails, each session's windows are decoded on their own (isolated), so only
@@ -218,7 +223,7 @@ class MiniOmni(VoiceModel):
         self.gpt, self.encoder, self.codec, self.tokenizer = gpt.pack(), encoder, codec, tokenizer
         # respond() and generate() run on one-slot steppers (two KV-cache rows: the batch trick's),
         # so replies that run at once in one process never share cache rows
-        self._steppers = OneSlotSteppers(lambda: ReplyStepper(self, max_sessions=1))
+        self._steppers = OneSlotSteppers(lambda: self.stepper(1))
         whisper.mel_filters(encoder.dims.n_mels)  # build once now, not inside the first reply
 
     # -- loading ----------------------------------------------------------------------------
@@ -268,9 +273,11 @@ class MiniOmni(VoiceModel):
         sample_rate: int | None = None,
         text: str | None = None,
         options: MiniOmniOptions | Mapping[str, Any] | None = None,
+        **inputs: Any,
     ) -> Iterator[Chunk]:
-        """Stream any reference task: A1A2, A1T2, ASR, T1A2, T1T2 or A1A2+A1T2."""
-        _, reply = self.start_session(task, audio=audio, sample_rate=sample_rate, text=text, options=options)
+        """Stream any reference task: A1A2, A1T2, ASR, T1A2, T1T2 or A1A2+A1T2 (``inputs``: what
+        a subclass's own tasks take, e.g. an image)."""
+        _, reply = self.start_session(task, audio=audio, sample_rate=sample_rate, text=text, options=options, **inputs)
         return self._stream(reply)
 
     def start_session(self, task: str, *, audio=None, sample_rate=None, text=None, options=None) -> tuple[Session, Reply]:
@@ -344,10 +351,10 @@ class MiniOmni(VoiceModel):
         return self._steppers.stream(reply)
 
 
-def load_gpt(folder: Path) -> GPT:
-    config = GPTConfig.from_yaml(folder / "model_config.yaml")
+def load_gpt(folder: Path, config_class: type[GPTConfig] = GPTConfig, gpt_class: type[GPT] = GPT) -> GPT:
+    config = config_class.from_yaml(folder / "model_config.yaml")
     with torch.device("meta"):
-        gpt = GPT(config)
+        gpt = gpt_class(config)
     load_strict(gpt, folder / "lit_model.pth", f"the litgpt layout of {folder / 'model_config.yaml'}")
     if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: re-tie to wte
         gpt.lm_head.weight = gpt.transformer.wte.weight

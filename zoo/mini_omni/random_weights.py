@@ -82,10 +82,10 @@ def write_tiny_checkpoint(checkpoint: Path, codec: Path, *, seed: int = 0, confi
     _write_snac(codec, seed)
 
 
-def random_gpt_state(config: GPTConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def random_gpt_state(config: GPTConfig, generator: torch.Generator, gpt_class: type[GPT] = GPT) -> dict[str, torch.Tensor]:
     """Seeded random weights with the published names (litgpt's init: normal(0, 0.02))."""
     with torch.device("meta"):
-        names = GPT(config).state_dict()
+        names = gpt_class(config).state_dict()
     state = {}
     for name, tensor in names.items():
         if name.endswith(("norm_1.weight", "norm_2.weight", "ln_f.weight")):
@@ -103,9 +103,14 @@ def random_gpt_state(config: GPTConfig, generator: torch.Generator) -> dict[str,
     return state
 
 
+def litgpt_yaml(config: GPTConfig) -> dict:
+    """``config`` as the published model_config.yaml spells it (what litgpt's Config takes)."""
+    return {**_EXTRA_YAML, **config.to_yaml_dict()}
+
+
 def _write_gpt(folder: Path, config: GPTConfig, generator: torch.Generator) -> None:
     torch.save(random_gpt_state(config, generator), folder / "lit_model.pth")
-    (folder / "model_config.yaml").write_text(yaml.safe_dump({**_EXTRA_YAML, **config.to_yaml_dict()}))
+    (folder / "model_config.yaml").write_text(yaml.safe_dump(litgpt_yaml(config)))
 
 
 def _sinusoids(length: int, channels: int) -> torch.Tensor:

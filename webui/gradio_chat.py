@@ -1,0 +1,203 @@
+"""The Gradio voice-chat page itself (``build``): the model picker with the card's facts, the
+random-weight notice, the conversation (turn-by-turn replies with their numbers and waveform, and
+the live widget's transcript), the microphone and the reply player. webui/omni_gradio.py serves it.
+
+Every reply ends in the conversation: finished (text or "(audio only)", time to first audio,
+seconds of audio, waveform) or failed (the one-line reason); the status always returns to ready."""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from webui.client import BackendError, BackendInfo, api_key
+from webui.live import DUPLEX_JS, LIVE_JS, duplex_url, duplex_widget_html, realtime_url, widget_html
+from webui.turns import error_text, reply_text, turn_stats, waveform_png
+from zoo.core.audio import float_to_pcm16
+
+TITLE = "omni-zoo voice chat"
+READY, THINKING, SPEAKING = "ready", "thinking…", "speaking…"
+QUESTION = "(spoken question)"
+CONVERSATION_HEIGHT_PX = 420  # the conversation scrolls inside this height; the page does not grow
+# waveform pictures live here until Gradio copies them into its own cache for the browser
+WAVEFORMS = Path(tempfile.mkdtemp(prefix="omni-zoo-waveforms-"))
+
+
+@dataclass
+class Catalog:
+    """The models the backend offers, by id (default first), or why it could not say."""
+    models: dict[str, BackendInfo] = field(default_factory=dict)
+    error: str | None = None
+
+    @classmethod
+    def read(cls, backend) -> Catalog:
+        try:
+            return cls({info.model: info for info in backend.models()})
+        except BackendError as err:
+            return cls(error=str(err))
+
+    @property
+    def default(self) -> BackendInfo | None:
+        return next(iter(self.models.values()), None)
+
+
+def facts_markdown(catalog: Catalog, model: str | None) -> str:
+    info = catalog.models.get(model) if model else None
+    if info is None:
+        return f"**Error:** {catalog.error}" if catalog.error else "**Error:** no model chosen"
+    return info.facts()
+
+
+def notice_markdown(catalog: Catalog, model: str | None) -> str:
+    info = catalog.models.get(model) if model else None
+    return f"⚠ **{info.notice}**" if info is not None and info.notice else ""
+
+
+def model_controls(catalog: Catalog, model: str | None):
+    """What follows the chosen model: its facts, its notice and its reply cap (the field shows
+    the cap requests get by default; empty: the model's own default, no cap)."""
+    info = catalog.models.get(model) if model else None
+    notice = notice_markdown(catalog, model)
+    return (facts_markdown(catalog, model), gr.update(value=notice, visible=bool(notice)),
+            gr.update(value=info.default_max_new_tokens if info is not None else None))
+
+
+def status_markdown(state: str) -> str:
+    return f"Status: **{state}**"
+
+
+def _reply_options(max_tokens) -> dict | None:
+    """The user's reply cap, if they set one (an empty field arrives as 0 or None)."""
+    return {"max_new_tokens": int(max_tokens)} if max_tokens and max_tokens > 0 else None
+
+
+def _finished_reply(info: BackendInfo, text: str, audio: list[np.ndarray], ttfa_ms: float | None) -> list:
+    """The assistant's message once a reply finished: text, its numbers, its waveform."""
+    samples = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+    content = [f"{reply_text(text, info.text_output, finished=True)}\n\n"
+               f"*{turn_stats(ttfa_ms, samples.size, info.output_sample_rate)}*"]
+    if samples.size:
+        # the name says what it is: Gradio 6 drops alt_text from the <img> it renders
+        png = tempfile.NamedTemporaryFile(dir=WAVEFORMS, prefix="waveform-", suffix=".png", delete=False)
+        with png:
+            png.write(waveform_png(samples))
+        content.append({"path": png.name, "alt_text": "waveform of the reply"})
+    return content
+
+
+def live_widget(ws_url: str) -> gr.HTML:
+    """Talk continuously: browser mic -> server.py's /v1/realtime -> WebAudio, no file round trip
+    and no HLS buffering. An empty ``ws_url`` means this page's own origin."""
+    return gr.HTML(value=widget_html(ws_url, api_key()), js_on_load=LIVE_JS, label="Live (low latency)")
+
+
+def duplex_widget(ws_url: str, info: BackendInfo) -> gr.HTML:
+    """Full duplex: browser mic -> server.py's /v1/duplex -> the model's frames -> WebAudio, both
+    ways at once. An empty ``ws_url`` means this page's own origin."""
+    html = duplex_widget_html(ws_url, info.input_sample_rate, info.frame_samples, api_key())
+    return gr.HTML(value=html, js_on_load=DUPLEX_JS, label="Full duplex (live)")
+
+
+def live_section(live_api: str | None, info: BackendInfo | None) -> None:
+    """The live widget the default model's card allows, if the page has a live endpoint."""
+    if live_api is None or info is None:
+        return
+    if info.duplex:
+        frame_ms = 1000 * info.frame_samples / info.input_sample_rate
+        gr.Markdown(f"**Full duplex**: press start and talk whenever you like; {info.model} listens and speaks "
+                    f"at the same time, one {frame_ms:.0f} ms frame each way per step, and decides by itself "
+                    f"when to speak. Headphones help: otherwise it hears itself through your microphone.")
+        duplex_widget(duplex_url(live_api) if live_api else "", info)
+    else:
+        gr.Markdown("**Live chat**: talk, pause, and the reply plays as it is generated; talk over it to interrupt.")
+        live_widget(realtime_url(live_api) if live_api else "")
+
+
+def build(backend, live_api: str | None = None) -> gr.Blocks:
+    """``live_api``: where the live widget connects: server.py's http(s) URL, "" for this page's
+    own origin (in-process), None for no live widget. The models are read again on every page
+    load, so a server started after the page is found by reloading it."""
+    first = Catalog.read(backend)
+
+    def respond(recording: str | None, history: list, model: str | None, max_tokens, catalog: Catalog):
+        if not recording:
+            raise gr.Error("Record or upload a question first.")
+        history = history + [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "…"}]
+        yield gr.skip(), history, status_markdown(THINKING)
+        if model not in catalog.models:  # the server was down when the page loaded: ask again
+            catalog = Catalog.read(backend)
+            model = model if model in catalog.models else getattr(catalog.default, "model", None)
+        info = catalog.models.get(model)
+        if info is None:
+            history[-1] = {"role": "assistant", "content": error_text(catalog.error or "no model to ask")}
+            yield gr.skip(), history, status_markdown(READY)
+            return
+        started, ttfa_ms, text, audio = time.perf_counter(), None, "", []
+        try:
+            for chunk in backend.stream(Path(recording).read_bytes(), _reply_options(max_tokens), model=model):
+                played = gr.skip()
+                if chunk.audio.size:
+                    if ttfa_ms is None:
+                        ttfa_ms = (time.perf_counter() - started) * 1000
+                    audio.append(np.asarray(chunk.audio, np.float32))
+                    played = (info.output_sample_rate, float_to_pcm16(chunk.audio, rounding="truncate"))
+                text += chunk.text
+                history[-1] = {"role": "assistant", "content": reply_text(text, info.text_output)}
+                yield played, history, status_markdown(SPEAKING if ttfa_ms is not None else THINKING)
+        except Exception as err:  # noqa: BLE001 - every failure ends in the conversation, not in a stuck page
+            if not isinstance(err, BackendError):  # unexpected: the log gets the traceback, people one line
+                traceback.print_exc(file=sys.stderr)
+                err = f"unexpected error: {type(err).__name__}: {err}"
+            partial = f"{text.strip()}\n\n" if text.strip() else ""
+            history[-1] = {"role": "assistant", "content": partial + error_text(err)}
+            yield gr.skip(), history, status_markdown(READY)
+            return
+        history[-1] = {"role": "assistant", "content": _finished_reply(info, text, audio, ttfa_ms)}
+        yield gr.skip(), history, status_markdown(READY)
+
+    with gr.Blocks(title=TITLE) as demo:
+        catalog = gr.State(first)
+        with gr.Row(equal_height=True):
+            with gr.Column(scale=3):
+                gr.Markdown(f"# {TITLE}")
+                facts = gr.Markdown(facts_markdown(first, getattr(first.default, "model", None)), elem_id="facts")
+            choice = gr.Dropdown(list(first.models), value=getattr(first.default, "model", None), label="Model",
+                                 interactive=True, scale=1, elem_id="model")
+        first_notice = notice_markdown(first, getattr(first.default, "model", None))
+        notice = gr.Markdown(first_notice, visible=bool(first_notice), elem_id="notice")
+        with gr.Row():
+            with gr.Column(scale=3):  # the conversation: turn by turn above, live below
+                chatbot = gr.Chatbot(label="Conversation", height=CONVERSATION_HEIGHT_PX, elem_id="conversation",
+                                     feedback_options=None)
+                live_section(live_api, first.default)
+            with gr.Column(scale=2):
+                gr.Markdown("**Turn by turn**: record (or upload) a question; it is sent when you stop.")
+                mic = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Your question")
+                reply = gr.Audio(label="Reply", streaming=True, autoplay=True, interactive=False)
+                max_tokens = gr.Number(first.default.default_max_new_tokens if first.default else None,
+                                       label="Max reply tokens", precision=0, minimum=0, elem_id="max-tokens",
+                                       info="0 or empty: the model's own default")
+                with gr.Row():
+                    status = gr.Markdown(status_markdown(READY), elem_id="status")
+                    send = gr.Button("Send again", variant="secondary")
+        inputs, outputs = [mic, chatbot, choice, max_tokens, catalog], [reply, chatbot, status]
+        mic.stop_recording(respond, inputs, outputs)
+        mic.upload(respond, inputs, outputs)
+        send.click(respond, inputs, outputs)
+        choice.change(lambda c, m: model_controls(c, m), [catalog, choice], [facts, notice, max_tokens])
+
+        def reload(known: Catalog):
+            fresh = Catalog.read(backend)
+            if fresh == known:  # nothing changed: leave the fields alone (the user may be typing in them)
+                return fresh, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            model = getattr(fresh.default, "model", None)
+            return (fresh, gr.update(choices=list(fresh.models), value=model), *model_controls(fresh, model))
+
+        demo.load(reload, [catalog], [catalog, choice, facts, notice, max_tokens])
+    return demo

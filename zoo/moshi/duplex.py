@@ -1,0 +1,185 @@
+"""Moshi's full duplex: sessions stepping 80 ms frames (1920 samples at 24 kHz) over one set of
+caches, the way the reference server (moshi/moshi/server.py) streams a connection.
+
+    stepper = model.duplex_stepper(max_sessions=8)
+    a = stepper.open(options)                       # a DuplexHandle (a session row)
+    outs = stepper.step([a, b], [frame_a, frame_b]) # one batched step: per handle (1920,) float32
+                                                    #   or the Exception that ended that session
+    a.text                                          # the text piece of a's last step ("" if none)
+    stepper.close(a)
+
+Per step and session, as the reference: ``mimi.encode`` of the user's frame, ``LMGen.step``,
+``mimi.decode`` of Moshi's codebooks; the text token becomes a piece (SentencePiece's piece, "▁"
+as a space; the pad and end-of-padding ids give ""). The server resets Mimi's streaming state
+after encoding a connection's first frame (that frame is in the model's past: the first step's
+inputs are all initial tokens), so the encoder of a session restarts after its first frame here
+too. The reference sends nothing at the first step (the acoustic delay); the zoo's duplex
+contract answers every frame, so the first answer is 1920 zeros (80 ms of silence, the same
+timing on the wire). Audio leaves clamped to [-1, 1] (the PCM range; the reference's Opus
+writer takes floats). Sessions run without a time limit: the temporal transformer's cache is a
+ring of 3000 steps (240 s) as the reference's.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.errors import AudioInputError
+from ..core.scheduler import isolate
+from ..core.types import Chunk
+from .generate import Draw, LMState
+from .mimi import FRAME_SAMPLES, SAMPLE_RATE
+from .options import MoshiOptions
+
+
+@dataclass
+class DuplexHandle:
+    """One duplex session's row in a DuplexStepper."""
+
+    row: int
+    draw: Draw
+    owner: int = 0  # id() of the stepper that opened it
+    steps: int = 0
+    text: str = ""  # the text piece of the last step
+    tokens: torch.Tensor | None = None  # the last step's output: text token, Moshi's codebooks (None at first)
+    closed: bool = False
+    error: Exception | None = None
+    done: bool = False  # set with ``error`` by zoo.core.scheduler.isolate
+
+    @property
+    def options(self) -> MoshiOptions:
+        return self.draw.options
+
+
+class DuplexStepper:
+    """Duplex sessions over one set of caches: ``open`` / ``step(handles, frames)`` / ``close``.
+    ``model``: the Moshi whose networks it runs. Not thread-safe: one worker thread calls it."""
+
+    def __init__(self, model, max_sessions: int) -> None:
+        self.model, self.max_sessions = model, max_sessions
+        self.mimi, self.lm, self.generator = model.mimi, model.lm, model.generator
+        self.device, self.dtype = model.device, model.dtype
+        self.encoders = self.mimi.encoder_stream(max_sessions)
+        self.decoders = self.mimi.decoder_stream(max_sessions)
+        self.state = LMState(self.lm, max_sessions, self.dtype, self.device)
+        self.free = list(range(max_sessions))
+
+    def nbytes(self) -> int:
+        return self.state.nbytes() + self.encoders.nbytes() + self.decoders.nbytes()
+
+    def open(self, options: MoshiOptions | Mapping[str, Any] | None = None, prompt: Any = None,
+             sample_rate: int | None = None) -> DuplexHandle:
+        """A new session. Moshi's reference server takes no prompt: ``prompt`` must be None."""
+        if prompt is not None:
+            raise AudioInputError("Moshi sessions take no prompt (the reference server has none)")
+        opts = self.model.options(options)
+        if not self.free:
+            raise RuntimeError("no free duplex session rows: too many sessions at once")
+        row = self.free.pop(0)
+        rows = torch.tensor([row])
+        self.encoders.reset(rows)
+        self.decoders.reset(rows)
+        self.state.reset([row])
+        generator = torch.Generator(device="cpu").manual_seed(opts.seed)
+        return DuplexHandle(row, Draw(opts, generator), owner=id(self))
+
+    @torch.inference_mode()
+    def step(self, handles: Sequence[DuplexHandle], frames: Sequence[Any]) -> list[np.ndarray | Exception]:
+        """One 80 ms step for every handle: its user frame in, Moshi's frame out (its text piece on
+        ``handle.text``), or the Exception that ended that session alone (a bad frame, its own
+        sampling failed: its handle is closed). Wrong calls (closed or foreign handles) raise."""
+        if len(handles) != len(frames):
+            raise ValueError(f"{len(handles)} sessions but {len(frames)} frames")
+        if any(h.closed for h in handles):
+            raise RuntimeError("a closed duplex session cannot step")
+        if any(h.owner != id(self) for h in handles) or len({h.row for h in handles}) != len(handles):
+            raise ValueError("every handle must be a distinct session opened by this stepper")
+        if not handles:
+            return []
+        user = []
+        for h, f in zip(handles, frames):
+            frame = np.zeros(FRAME_SAMPLES, np.float32)  # the placeholder of a refused frame
+            with isolate(h):
+                frame = user_frame(f)
+            user.append(frame)
+        rows = [h.row for h in handles]
+        ids = torch.tensor(rows)
+        x = torch.from_numpy(np.stack(user)).to(self.device, self.dtype)[:, None]
+        codes = self.mimi.encode_step(self.encoders, x, rows=ids)  # (B, K, 1)
+        first = [h.row for h in handles if h.steps == 0]
+        if first:  # the reference server's reset after a connection's first frame
+            self.encoders.reset(torch.tensor(first))
+        outs = self.generator.step(self.state, rows, codes[:, :, 0], [h.draw for h in handles])
+        audio = np.zeros((len(handles), FRAME_SAMPLES), np.float32)
+        ready = [i for i, out in enumerate(outs) if out is not None]
+        if ready:
+            tokens = torch.stack([outs[i] for i in ready])  # (R, 1 + dep_q)
+            pcm = self.mimi.decode_step(self.decoders, tokens[:, 1:, None], rows=ids[ready])
+            audio[ready] = pcm[:, 0].float().clamp(-1, 1).cpu().numpy()
+        answers: list[np.ndarray | Exception] = []
+        for i, h in enumerate(handles):
+            h.error = h.error or h.draw.error
+            if h.error is not None:
+                self.close(h)
+                answers.append(h.error)
+                continue
+            h.steps += 1
+            h.tokens = outs[i]
+            h.text = self.model.piece(int(outs[i][0])) if outs[i] is not None else ""
+            answers.append(audio[i])
+        return answers
+
+    def close(self, handle: DuplexHandle) -> None:
+        if not handle.closed:
+            handle.closed = True
+            self.free.append(handle.row)
+            self.free.sort()
+
+
+class DuplexSession:
+    """``model.duplex()``: one session on a one-row DuplexStepper of its own."""
+
+    def __init__(self, stepper: DuplexStepper, handle: DuplexHandle) -> None:
+        self.stepper, self.handle = stepper, handle
+
+    @property
+    def steps(self) -> int:
+        return self.handle.steps
+
+    def step(self, frame: np.ndarray) -> Chunk:
+        """1920 samples of the user's audio at 24 kHz -> Moshi's next 1920 samples and its text
+        piece. A refused frame raises and the session goes on; any other failure ends it."""
+        (out,) = self.stepper.step([self.handle], [user_frame(frame)])
+        if isinstance(out, Exception):
+            raise out
+        return Chunk(audio=out, text=self.handle.text)
+
+    def close(self) -> None:
+        self.stepper.close(self.handle)
+
+    def __enter__(self) -> DuplexSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def user_frame(frame: Any) -> np.ndarray:
+    """One duplex input frame -> (1920,) float32 (float64 kept as given: a float64 model then
+    sees the exact samples, as in parity checks); int PCM is scaled, anything else is refused."""
+    array = np.asarray(frame)
+    if array.dtype.kind == "i":
+        array = array.astype(np.float32) / float(np.iinfo(array.dtype).max + 1)
+    elif array.dtype.kind != "f":
+        raise AudioInputError(f"a duplex frame must hold numbers, got dtype {array.dtype}")
+    kind = np.float64 if array.dtype == np.float64 else np.float32
+    array = array.astype(kind, copy=False).reshape(-1)
+    if array.size != FRAME_SAMPLES:
+        raise AudioInputError(f"a duplex frame is {FRAME_SAMPLES} samples at {SAMPLE_RATE} Hz, got {array.size}")
+    if not np.all(np.isfinite(array)):
+        raise AudioInputError("the frame contains NaN or infinite samples")
+    return array

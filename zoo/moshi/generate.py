@@ -1,0 +1,121 @@
+"""Moshi's streaming generation over session rows: the reference's ``LMGen.step`` (moshi/models/
+lm.py) for a batch of sessions, each at its own step.
+
+Per session a small ring of tokens (17 streams x (max delay + 2) steps) realises the acoustic
+delays: the user's codes are written where the delayed streams will read them, each step's input
+is read at the session's offset (the initial tokens while ``offset <= delay``), and the step's
+text and Moshi tokens are written one step ahead. The output of step t (from t = max delay on)
+aligns each stream by its delay: text and semantic tokens of step t - 1 with acoustic tokens of
+step t. Before that a step outputs nothing (the first 80 ms: the acoustic delay).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..core.kv_cache import KVCache
+from ..core.sampling import is_zero_temperature, sample
+from .lm import MoshiLM
+from .options import MoshiOptions
+
+UNGENERATED = -2
+
+
+@dataclass
+class Draw:
+    """How one session samples: its options and its own generator (never the global RNG)."""
+
+    options: MoshiOptions
+    generator: torch.Generator | None
+    error: Exception | None = None  # this session's own draw failed: it ends, the others go on
+
+    def pick(self, logits: torch.Tensor, text: bool) -> torch.Tensor:
+        """logits (1, vocab) -> (1,). As the reference, logits are float32 before the choice."""
+        o = self.options
+        temperature = o.text_temperature if text else o.temperature
+        logits = logits.float()
+        if self.error is None and not (is_zero_temperature(o.temperature) or is_zero_temperature(temperature)):
+            try:
+                return sample(logits, temperature, o.text_top_k if text else o.top_k, o.top_p, self.generator)
+            except Exception as err:  # noqa: BLE001 - recorded; the batch goes on with a placeholder
+                self.error = err
+        return logits.argmax(dim=-1)
+
+
+class LMState:
+    """Token rings, host-known offsets and the temporal KV cache for ``rows`` session rows."""
+
+    def __init__(self, lm: MoshiLM, rows: int, dtype, device) -> None:
+        c = lm.config
+        self.depth = max(c.delays) + 2
+        self.tokens = torch.full((rows, c.n_q + 1, self.depth), UNGENERATED, dtype=torch.long, device=device)
+        self.offsets = [0] * rows
+        self.cache: KVCache = lm.new_cache(rows, dtype, device)
+
+    def reset(self, rows: Sequence[int]) -> None:
+        for r in rows:
+            self.offsets[r] = 0
+            self.cache.lengths[r] = 0
+            self.tokens[r] = UNGENERATED
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes() + self.tokens.numel() * self.tokens.element_size()
+
+
+class Generator:
+    def __init__(self, lm: MoshiLM) -> None:
+        self.lm = lm
+        c = lm.config
+        self.delays = list(c.delays)
+        self.max_delay = max(c.delays)
+        initial = [c.text_card] + [c.card] * c.n_q
+        self.initial = torch.tensor(initial, dtype=torch.long)
+
+    @torch.no_grad()
+    def step(self, state: LMState, rows: Sequence[int], user_codes: torch.Tensor,
+             draws: Sequence[Draw]) -> list[torch.Tensor | None]:
+        """user_codes (B, n_q - dep_q) for session rows ``rows`` -> per row None (the first
+        ``max_delay`` steps) or the step's output (1 + dep_q,): text token, Moshi's codebooks."""
+        lm, c, ring = self.lm, self.lm.config, state.depth
+        device = state.tokens.device
+        offsets = [state.offsets[r] for r in rows]
+        user = user_codes[:, : c.n_q - c.dep_q].to(device)
+        # the user's codes go where their delayed streams will read them
+        for i, (r, t) in enumerate(zip(rows, offsets)):
+            for k in range(c.n_q - c.dep_q):
+                stream = c.dep_q + 1 + k
+                state.tokens[r, stream, (t + self.delays[stream]) % ring] = user[i, k]
+        inputs = torch.stack([state.tokens[r, :, t % ring] for r, t in zip(rows, offsets)])  # (B, 1 + n_q)
+        initial = self.initial.to(device)
+        is_init = torch.tensor([[t <= d for d in self.delays] for t in offsets], device=device)
+        inputs = torch.where(is_init, initial, inputs)
+        ring_rows = lm.transformer.rows(state.cache, list(rows), 1)
+        temporal, text_logits = lm.forward_text(inputs[:, :, None], state.cache, ring_rows)
+        state.cache.advance(rows, 1)
+        text = torch.cat([draw.pick(text_logits[i, 0][None], text=True) for i, draw in enumerate(draws)])
+        audio = self._depformer(text, temporal, draws)
+        outs: list[torch.Tensor | None] = []
+        for i, (r, t) in enumerate(zip(rows, offsets)):
+            t += 1
+            state.offsets[r] = t
+            state.tokens[r, 0, t % ring] = text[i]
+            state.tokens[r, 1: c.dep_q + 1, t % ring] = audio[i]
+            if t <= self.max_delay:
+                outs.append(None)
+                continue
+            slots = [(t - self.max_delay + d) % ring for d in self.delays[: c.dep_q + 1]]
+            outs.append(state.tokens[r, torch.arange(c.dep_q + 1, device=device), torch.tensor(slots, device=device)])
+        return outs
+
+    def _depformer(self, text: torch.Tensor, temporal: torch.Tensor, draws: Sequence[Draw]) -> torch.Tensor:
+        """Moshi's codebooks of this step, one after the other (B, dep_q)."""
+        lm = self.lm
+        past = [[] for _ in lm.depformer.layers]
+        previous, tokens = text, []
+        for step in range(lm.config.dep_q):
+            logits = lm.depformer_logits(step, previous, temporal, past)
+            previous = torch.cat([draw.pick(logits[i][None], text=False) for i, draw in enumerate(draws)])
+            tokens.append(previous)
+        return torch.stack(tokens, dim=1)

@@ -1,0 +1,216 @@
+"""Mimi, Kyutai's streaming speech codec: 24 kHz audio <-> 12.5 Hz frames of codes (one semantic
+and acoustic codebooks; Moshi uses 8), 1920 samples per frame.
+
+    audio --SEANet encoder--> 25 Hz latents --encoder transformer--> --downsample conv (x2)-->
+    12.5 Hz --split RVQ--> codes --decode--> --upsample convtr--> --decoder transformer-->
+    --SEANet decoder--> audio
+
+Everything is causal and streams frame by frame: ``MimiStream`` holds per session row the
+convolution buffers and the two transformers' ring KV caches (context 250 latents = 10 s). The
+encoder and decoder halves are separate streaming modules (zoo.core.streaming), as the reference
+server resets the encoder's state alone after the first frame:
+
+    enc = mimi.encoder_stream(rows=8)         # MimiEncoderState for 8 session rows
+    codes = mimi.encode_step(enc, frame, rows=ids)     # (B, 1, 1920 k) -> (B, n_q, k)
+    dec = mimi.decoder_stream(rows=8)
+    audio = mimi.decode_step(dec, codes, rows=ids)     # (B, K, k) -> (B, 1, 1920 k)
+
+Module names are the published tensor names (``encoder.model.N``, ``encoder_transformer.
+transformer.layers.N``, ``downsample.conv``, ``upsample.convtr``, ``quantizer.rvq_first`` ...).
+transformers' MimiModel is not used: its decode keeps no transposed-convolution state, so frame by
+frame decoding would not be the reference's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..core.kv_cache import KVCache
+from ..core.streaming import BufferState, StreamingState
+from .quantizer import SplitResidualVQ
+from .seanet import (
+    SEANetConfig,
+    SEANetDecoder,
+    SEANetEncoder,
+    StreamingConv1d,
+    StreamingConvTranspose1d,
+    stream_buffers,
+)
+from .transformer import StreamingTransformer, TransformerConfig
+
+SAMPLE_RATE = 24000
+FRAME_RATE = 12.5
+FRAME_SAMPLES = 1920
+
+
+@dataclass(frozen=True)
+class MimiConfig:
+    """The reference's ``_mimi_config`` (loaders.py) with its three parts; ``from_dict`` reads the
+    same dict (a ``mimi_config.json`` named by a checkpoint's config.json)."""
+
+    seanet: SEANetConfig = field(default_factory=SEANetConfig)
+    transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(
+        d_model=512, num_heads=8, num_layers=8, dim_feedforward=2048, context=250, layer_scale=0.01))
+    quantizer_dimension: int = 256
+    n_q: int = 32
+    bins: int = 2048
+    sample_rate: int = SAMPLE_RATE
+    frame_rate: float = FRAME_RATE
+
+    @property
+    def frame_samples(self) -> int:
+        return int(self.sample_rate / self.frame_rate)
+
+    @property
+    def downsample_stride(self) -> int:
+        stride = (self.sample_rate / self.seanet.hop_length) / self.frame_rate
+        if stride != int(stride):
+            raise ValueError(f"Mimi needs an integer encoder/frame rate ratio, got {stride}")
+        return int(stride)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> MimiConfig:
+        s, t, q = raw["seanet"], raw["transformer"], raw["quantizer"]
+        fixed = {"causal": True, "activation": "ELU", "norm": "none", "pad_mode": "constant", "true_skip": True,
+                 "disable_norm_outer_blocks": 0}
+        for key, value in fixed.items():
+            if key in s and s[key] != value:
+                raise ValueError(f"Mimi config: seanet {key}={s[key]!r} is not supported (only {value!r})")
+        seanet = SEANetConfig(
+            channels=s.get("channels", 1), dimension=s["dimension"], n_filters=s["n_filters"],
+            n_residual_layers=s["n_residual_layers"], ratios=tuple(s["ratios"]), kernel_size=s["kernel_size"],
+            residual_kernel_size=s["residual_kernel_size"], last_kernel_size=s["last_kernel_size"],
+            dilation_base=s["dilation_base"], compress=s["compress"])
+        if t.get("d_model") != seanet.dimension or t.get("input_dimension", seanet.dimension) != seanet.dimension:
+            raise ValueError("Mimi config: the transformers must work at the SEANet dimension (no projections)")
+        transformer = TransformerConfig(
+            d_model=t["d_model"], num_heads=t["num_heads"], num_layers=t["num_layers"],
+            dim_feedforward=t["dim_feedforward"], context=t["context"], max_period=t.get("max_period", 10000),
+            norm=t.get("norm", "layer_norm"), gating=t.get("gating", "none"), layer_scale=t.get("layer_scale"))
+        return cls(seanet, transformer, q["dimension"], q["n_q"], q["bins"], raw.get("sample_rate", SAMPLE_RATE),
+                   raw.get("frame_rate", FRAME_RATE))
+
+
+class ProjectedTransformer(nn.Module):
+    """``transformer.layers.N`` on (B, C, T) latents (the reference's conv layout; Mimi has no
+    input or output projections: d_model is the SEANet dimension)."""
+
+    def __init__(self, c: TransformerConfig) -> None:
+        super().__init__()
+        self.transformer = StreamingTransformer(c)
+
+    def forward(self, x: torch.Tensor, cache: KVCache, rows: list[int]) -> torch.Tensor:
+        net = self.transformer
+        ring = net.rows(cache, rows, x.size(-1))
+        y = net(x.transpose(1, 2), cache, ring)
+        cache.advance(rows, x.size(-1))
+        return y.transpose(1, 2)
+
+
+class MimiStream(StreamingState):
+    """One half's streaming state for ``rows`` session rows: convolution buffers and the
+    transformer's ring KV cache (rows of which are never released: a row is a session slot)."""
+
+    def __init__(self, buffers: BufferState, cache: KVCache) -> None:
+        self.buffers, self.cache = buffers, cache
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        self.buffers.reset(rows)
+        ids = range(len(self.cache.lengths)) if rows is None else rows.tolist()
+        for r in ids:  # stale keys are masked by position; only the lengths restart
+            self.cache.lengths[r] = 0
+
+    def nbytes(self) -> int:
+        return self.buffers.nbytes() + self.cache.nbytes()
+
+
+class Mimi(nn.Module):
+    def __init__(self, c: MimiConfig = MimiConfig(), num_codebooks: int = 8) -> None:
+        super().__init__()
+        self.config, self.num_codebooks = c, num_codebooks
+        d, stride = c.seanet.dimension, c.downsample_stride
+        self.encoder = SEANetEncoder(c.seanet)
+        self.decoder = SEANetDecoder(c.seanet)
+        self.encoder_transformer = ProjectedTransformer(c.transformer)
+        self.decoder_transformer = ProjectedTransformer(c.transformer)
+        self.quantizer = SplitResidualVQ(c.quantizer_dimension, d, c.bins, c.n_q)
+        # the reference's learnt resampling: a full conv down (replicate padding at the start), a
+        # channel-wise transposed conv up (its upsample_channel_wise_bug=True), neither with a bias
+        self.downsample = _ConvHolder(StreamingConv1d(d, d, 2 * stride, stride, bias=False, replicate=True))
+        self.upsample = _ConvTrHolder(StreamingConvTranspose1d(d, d, 2 * stride, stride, groups=d, bias=False))
+        self._names = False
+
+    @property
+    def frame_samples(self) -> int:
+        return self.config.frame_samples
+
+    def _stream(self, parts: list[nn.Module], rows: int) -> MimiStream:
+        param = next(self.parameters())
+        if not self._names:
+            stream_buffers(self, 1, param.dtype, param.device)  # names every conv's state key once
+            self._names = True
+        buffers: dict[str, torch.Tensor] = {}
+        fill: dict[str, bool] = {}
+        for part in parts:
+            for sub in part.modules():
+                if isinstance(sub, (StreamingConv1d, StreamingConvTranspose1d)):
+                    made = sub.buffers_for(rows, param.dtype, param.device)
+                    buffers.update(made)
+                    fill.update({k: True for k in made if k.endswith(".first")})
+        t = self.config.transformer
+        cache = KVCache(t.num_layers, rows, t.num_heads, t.context, t.head_dim, param.dtype, param.device)
+        return MimiStream(BufferState(buffers, fill), cache)
+
+    def encoder_stream(self, rows: int = 1) -> MimiStream:
+        return self._stream([self.encoder, self.downsample], rows)
+
+    def decoder_stream(self, rows: int = 1) -> MimiStream:
+        return self._stream([self.decoder, self.upsample], rows)
+
+    def encode_step(self, state: MimiStream, audio: torch.Tensor, *, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """audio (B, 1, 1920 k) -> codes (B, num_codebooks, k)."""
+        if audio.size(-1) == 0 or audio.size(-1) % self.frame_samples:
+            raise ValueError(f"Mimi streams whole frames of {self.frame_samples} samples, got {audio.size(-1)}")
+        ids = _ids(rows, audio.size(0))
+        part = state.buffers.take(ids)
+        latent = self.encoder(audio, part)
+        latent = self.encoder_transformer(latent, state.cache, ids.tolist())
+        latent = self.downsample.conv(latent, part)
+        state.buffers.put(ids, part)
+        return self.quantizer.encode(latent, self.num_codebooks)
+
+    def decode_step(self, state: MimiStream, codes: torch.Tensor, *, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """codes (B, K, k) -> audio (B, 1, 1920 k)."""
+        ids = _ids(rows, codes.size(0))
+        part = state.buffers.take(ids)
+        latent = self.upsample.convtr(self.quantizer.decode(codes), part)
+        latent = self.decoder_transformer(latent, state.cache, ids.tolist())
+        audio = self.decoder(latent, part)
+        state.buffers.put(ids, part)
+        return audio
+
+
+class _ConvHolder(nn.Module):
+    """``downsample.conv.conv.conv.weight``: the reference's ConvDownsample1d level of naming."""
+
+    def __init__(self, conv: StreamingConv1d) -> None:
+        super().__init__()
+        self.conv = conv
+
+
+class _ConvTrHolder(nn.Module):
+    """``upsample.convtr.convtr.convtr.weight`` (ConvTrUpsample1d)."""
+
+    def __init__(self, convtr: StreamingConvTranspose1d) -> None:
+        super().__init__()
+        self.convtr = convtr
+
+
+def _ids(rows: torch.Tensor | None, batch: int) -> torch.Tensor:
+    if rows is None:
+        return torch.arange(batch)
+    if rows.numel() != batch:
+        raise ValueError(f"{rows.numel()} rows for a batch of {batch}")
+    return rows.cpu()
