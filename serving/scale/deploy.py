@@ -3,9 +3,12 @@ application: one ModelReplica deployment per model (named after the model) and t
 front of them.
 
 Capacity is the model's session slots: ``max_ongoing_requests`` = ``max_sessions``, so Serve only
-routes a reply to a replica with a free slot; ``max_queued_requests`` is 1 so that, when every
-slot is taken, a caller is answered 503 at once (remote.py also refuses before calling when its
-own count says the running replicas are full). Autoscaling (``min_replicas`` < ``max_replicas``)
+routes a reply to a replica with a free slot. "All full" is answered 503 busy at once by the front
+(remote.py: its replies in flight against running replicas x slots), as in the single-process
+server. Serve's own caller queue (``max_queued_requests`` = ``max_sessions``) only absorbs a burst
+while the router learns the replicas' loads (its view lags by a probe), and with several front
+replicas (whose counts are each their own) it bounds the wait before Serve answers busy itself;
+a smaller queue refuses bursts that would have fit. Autoscaling (``min_replicas`` < ``max_replicas``)
 follows the ongoing replies per replica, aiming at ``AUTOSCALE_TARGET`` of the slots.
 """
 from __future__ import annotations
@@ -19,7 +22,6 @@ from .ingress import FrontSettings, Ingress
 from .replica import ModelReplica
 
 AUTOSCALE_TARGET = 0.7  # scale up when replicas run above 70% of their slots on average
-QUEUED_PER_CALLER = 1  # Serve needs a positive queue; 1 keeps "all busy" an immediate 503
 INGRESS_CPUS = 0.5
 
 
@@ -51,7 +53,7 @@ class ModelSpec:
             scaling = {"autoscaling_config": {
                 "min_replicas": low, "max_replicas": high, "initial_replicas": min(max(self.replicas, low), high),
                 "target_ongoing_requests": max(1.0, AUTOSCALE_TARGET * self.max_sessions)}}
-        return {"name": self.name, "max_ongoing_requests": self.max_sessions, "max_queued_requests": QUEUED_PER_CALLER,
+        return {"name": self.name, "max_ongoing_requests": self.max_sessions, "max_queued_requests": self.max_sessions,
                 "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}, **scaling}
 
 
