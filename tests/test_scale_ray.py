@@ -9,15 +9,12 @@ import re
 import time
 
 import pytest
-import ray
 import requests
 from conftest import REPO, SAMPLES
 from procs import free_port
-from ray import serve
 from test_realtime import next_of, pcm_chunks, speech_24k
 
-from serving.scale.deploy import ModelSpec, build
-from serving.scale.ingress import FrontSettings
+from serving.scale.cli import LOOPBACK_ENV, start_local_ray
 
 TOKENS = 40  # a tiny mini-omni reply of this many steps has (TOKENS - 7) * 2048 samples at 24 kHz
 REPLY_BYTES = (TOKENS - 7) * 2048 * 2
@@ -32,8 +29,14 @@ def tiny(name: str) -> dict:
 @pytest.fixture(scope="module")
 def url(_tiny_cache):
     env = {"PYTHONPATH": str(REPO), "ZOO_TINY_DIR": os.environ["ZOO_TINY_DIR"], "OMP_NUM_THREADS": "1"}
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=8,
-             runtime_env={"env_vars": env}, log_to_driver=False)
+    start_local_ray(8, runtime_env={"env_vars": env}, log_to_driver=False)  # every Ray process on 127.0.0.1
+    import ray
+    from ray import serve
+
+    from serving.scale.deploy import ModelSpec, build
+    from serving.scale.ingress import FrontSettings
+
+    assert os.environ[LOOPBACK_ENV] == "0" and ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -133,6 +136,8 @@ def test_a_killed_replica_fails_its_replies_visibly_and_comes_back(url):
             return r.status_code, len(body)
         except requests.RequestException as err:  # a cut stream: the visible failure
             return "cut", type(err).__name__
+
+    import ray
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         running = [pool.submit(long_chat, i) for i in range(8)]

@@ -1,6 +1,6 @@
 """``python server.py --replicas N [--ray-address ADDR] [--model a,b,...]``: the same server on
-Ray Serve. Without ``--ray-address`` a local Ray instance is started (bound to 127.0.0.1 when
-``--host`` is loopback, dashboard off); with it, the deployment joins that cluster. The other
+Ray Serve. Without ``--ray-address`` a local Ray instance is started (``start_local_ray``: every
+Ray process on 127.0.0.1 when ``--host`` is loopback, dashboard off); with it, the deployment joins that cluster. The other
 server.py flags keep their meaning (security, limits, model flags; the component flags apply to
 the first model). Serve's HTTP proxy listens on ``--host``/``--port`` of every node it runs on.
 """
@@ -17,6 +17,23 @@ from ..security import AccessSettings
 
 log = logging.getLogger("omni-zoo.scale")
 SCALE_FLAGS = ("--replicas", "--ray-address", "--min-replicas", "--max-replicas")
+# Ray swaps a node address of 127.0.0.1 for the machine's own (so that other nodes could reach it)
+# unless this is off; off, every Ray process (GCS, raylet, workers, agents) binds and talks on loopback.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def start_local_ray(num_cpus: int, *, loopback: bool = True, **kwargs):
+    """A single-node Ray instance for this process (dashboard off). ``loopback``: every Ray
+    process listens and connects on 127.0.0.1 only (nothing on the machine's own addresses)."""
+    if loopback:
+        os.environ[LOOPBACK_ENV] = "0"  # read by Ray at import, and inherited by every process it starts
+        import ray._private.ray_constants as constants  # noqa: PLC0415 - after the variable is set
+
+        constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before the variable was set
+        kwargs["_node_ip_address"] = "127.0.0.1"
+    import ray
+
+    return ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **kwargs)
 
 
 def requested(argv: list[str]) -> bool:
@@ -76,6 +93,7 @@ def specs_from(args: argparse.Namespace, names: list[str], num_gpus: float):
         model_args = {"model": name, "tiny": args.tiny, "random_full": args.random_full, "device": args.device,
                       "dtype": args.dtype, **(component_values(args, card(name)) if i == 0 else {})}
         specs.append(ModelSpec(model_args=model_args, max_sessions=args.max_sessions, seed=args.seed,
+                               prefill_batch=args.prefill_batch,
                                replicas=counts[name], min_replicas=low.get(name), max_replicas=high.get(name),
                                num_gpus=num_gpus, num_cpus=args.cpus_per_replica))
     return specs
@@ -105,9 +123,8 @@ def main(argv: list[str], parse_args) -> int:
     if args.ray_address:
         ray.init(address=args.ray_address)
     else:  # a local instance: Ray's CPU count is for scheduling, so room for every replica asked for
-        local = {"_node_ip_address": "127.0.0.1"} if is_loopback(args.host) else {}
         wanted = sum(s.num_cpus * max(s.replicas, s.max_replicas or 0) for s in specs) + INGRESS_CPUS
-        ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)), **local)
+        start_local_ray(max(os.cpu_count() or 1, math.ceil(wanted)), loopback=is_loopback(args.host))
     if ray.cluster_resources().get("GPU") and args.gpus_per_replica is None or args.gpus_per_replica:
         for spec in specs:
             spec.num_gpus = args.gpus_per_replica if args.gpus_per_replica is not None else 1

@@ -5,10 +5,12 @@ front of them.
 Capacity is the model's session slots: ``max_ongoing_requests`` = ``max_sessions``, so Serve only
 routes a reply to a replica with a free slot. "All full" is answered 503 busy at once by the front
 (remote.py: its replies in flight against running replicas x slots), as in the single-process
-server. Serve's own caller queue (``max_queued_requests`` = ``max_sessions``) only absorbs a burst
-while the router learns the replicas' loads (its view lags by a probe), and with several front
-replicas (whose counts are each their own) it bounds the wait before Serve answers busy itself;
-a smaller queue refuses bursts that would have fit. Autoscaling (``min_replicas`` < ``max_replicas``)
+server. Serve's own caller queue (``max_queued_requests``) holds the replies that wait for the
+router to pick a replica: a burst waits there while the router learns the replicas' loads (its view
+lags by a probe), so it is as large as the deployment's slots (max_sessions x the most replicas) and
+never refuses what the front admitted (a queue of max_sessions refused 8 of a burst of 16 on
+2 x 8 slots); with several front replicas (whose counts are each their own) it bounds the wait
+before Serve answers busy itself. Autoscaling (``min_replicas`` < ``max_replicas``)
 follows the ongoing replies per replica, aiming at ``AUTOSCALE_TARGET`` of the slots.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ class ModelSpec:
     model_args: dict[str, Any]
     max_sessions: int = 16
     seed: int = 0
+    prefill_batch: int = 8
     replicas: int = 1
     min_replicas: int | None = None  # with max_replicas: autoscaling between them
     max_replicas: int | None = None
@@ -53,7 +56,8 @@ class ModelSpec:
             scaling = {"autoscaling_config": {
                 "min_replicas": low, "max_replicas": high, "initial_replicas": min(max(self.replicas, low), high),
                 "target_ongoing_requests": max(1.0, AUTOSCALE_TARGET * self.max_sessions)}}
-        return {"name": self.name, "max_ongoing_requests": self.max_sessions, "max_queued_requests": self.max_sessions,
+        most = max(self.replicas, self.max_replicas or 0)
+        return {"name": self.name, "max_ongoing_requests": self.max_sessions, "max_queued_requests": self.max_sessions * most,
                 "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}, **scaling}
 
 

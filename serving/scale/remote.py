@@ -62,8 +62,8 @@ class RemoteService:
         pass  # the replicas belong to Serve
 
     async def stream(self, audio: Any, sample_rate: int | None, options, received: float,
-                     history: list | None = None) -> AsyncIterator[zoo.Chunk]:
-        """One reply, as Service.stream. Closing the iterator early cancels the call, and the
+                     history: list | None = None, image: Any = None) -> AsyncIterator[zoo.Chunk]:
+        """One reply, as Service.stream (``image``: bytes of an image file, cards with image_input). Closing the iterator early cancels the call, and the
         replica frees the slot."""
         if self.in_flight >= self.max_sessions:  # every running replica's slots are taken: refused at once
             raise self.refuse(503, "busy", f"all {self.max_sessions} {self.model.card.name} session slots are busy; "
@@ -71,7 +71,7 @@ class RemoteService:
         self.in_flight += 1
         self.metrics.sessions_total.inc()
         self.metrics.sessions_active.inc()
-        items = self.handle.options(stream=True).stream.remote(audio, sample_rate, options, history, request_id.get())
+        items = self.handle.options(stream=True).stream.remote(audio, sample_rate, options, history, request_id.get(), image)
         first_audio, finished = None, False
         try:
             try:

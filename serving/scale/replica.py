@@ -32,7 +32,7 @@ def replica_tag() -> str:
 
 class ModelReplica:
     """``spec``: ``model_args`` (the zoo/cli.py model flags as a dict: model, tiny, device, ...),
-    ``max_sessions``, ``seed`` (see deploy.py ``ModelSpec``)."""
+    ``max_sessions``, ``seed``, ``prefill_batch`` (see deploy.py ``ModelSpec``)."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         from server import warm_up  # the single-process server's warm-up, so both start alike
@@ -43,7 +43,7 @@ class ModelReplica:
         if model.random_weights:
             log.warning("%s", noise_notice(model))
         warm_up(model)
-        self.service = Service(model, spec["max_sessions"])
+        self.service = Service(model, spec["max_sessions"], prefill_batch=spec.get("prefill_batch", 8))
         self.tag = replica_tag()
         log.info("replica of %s ready (%d session slots)", model.card.name, spec["max_sessions"])
 
@@ -56,12 +56,14 @@ class ModelReplica:
     def load(self) -> dict[str, int]:
         return {"sessions": self.service.in_flight, "max_sessions": self.service.max_sessions}
 
-    async def stream(self, audio, sample_rate: int | None, options, history: list | None, rid: str = "-"):
+    async def stream(self, audio, sample_rate: int | None, options, history: list | None, rid: str = "-",
+                     image=None):
         """One reply (``Service.stream``), as tagged items. ``rid``: the front's request id, so the
         replica's log lines about this reply carry it too."""
         request_id.set(rid)  # each Serve request runs in its own task (context): no reset needed
         yield ("replica", self.tag)  # the front counts replies per replica (zoo_replica_replies_total)
-        reply = self.service.stream(audio, sample_rate, options, received=time.perf_counter(), history=history)
+        reply = self.service.stream(audio, sample_rate, options, received=time.perf_counter(), history=history,
+                                     image=image)
         try:
             async for chunk in reply:
                 yield ("chunk", chunk)
