@@ -14,7 +14,7 @@ from conftest import REPO, SAMPLES
 from procs import free_port
 from test_realtime import next_of, pcm_chunks, speech_24k
 
-from serving.scale.cli import LOOPBACK_ENV, start_local_ray
+from serving.scale.local import LOOPBACK_ENV, start_local_ray
 
 TOKENS = 40  # a tiny mini-omni reply of this many steps has (TOKENS - 7) * 2048 samples at 24 kHz
 REPLY_BYTES = (TOKENS - 7) * 2048 * 2

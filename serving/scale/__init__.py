@@ -10,6 +10,7 @@ single-process server, in front of replicas of each model on many GPUs and machi
                   /metrics over every model.
 - ``ingress.py``  Ingress: the Serve ingress deployment that builds the front from the handles.
 - ``deploy.py``   replica counts, autoscaling and resources from the command line -> a Serve app.
+- ``local.py``    a single-machine Ray on loopback only (server.py without --ray-address, tests).
 - ``cli.py``      ``server.py --replicas ... [--ray-address ...]``: starts or joins Ray and runs it.
 
 docs/SCALING.md has the how-to, the capacity model and the measured overhead.

@@ -1,7 +1,7 @@
 """``python server.py --replicas N [--ray-address ADDR] [--model a,b,...]``: the same server on
-Ray Serve. Without ``--ray-address`` a local Ray instance is started (``start_local_ray``: every
-Ray process on 127.0.0.1 when ``--host`` is loopback, dashboard off); with it, the deployment joins that cluster. The other
-server.py flags keep their meaning (security, limits, model flags; the component flags apply to
+Ray Serve. Without ``--ray-address`` a local Ray instance is started (local.py: every Ray process
+on 127.0.0.1 when ``--host`` is loopback, dashboard off); with it, the deployment joins that
+cluster. The other server.py flags keep their meaning (security, limits, model flags; the component flags apply to
 the first model). Serve's HTTP proxy listens on ``--host``/``--port`` of every node it runs on.
 """
 from __future__ import annotations
@@ -14,26 +14,10 @@ import os
 from ..protocols.duplex import DuplexSettings
 from ..protocols.hertz_reference import ReferenceSettings
 from ..security import AccessSettings
+from .local import start_local_ray
 
 log = logging.getLogger("omni-zoo.scale")
 SCALE_FLAGS = ("--replicas", "--ray-address", "--min-replicas", "--max-replicas")
-# Ray swaps a node address of 127.0.0.1 for the machine's own (so that other nodes could reach it)
-# unless this is off; off, every Ray process (GCS, raylet, workers, agents) binds and talks on loopback.
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def start_local_ray(num_cpus: int, *, loopback: bool = True, **kwargs):
-    """A single-node Ray instance for this process (dashboard off). ``loopback``: every Ray
-    process listens and connects on 127.0.0.1 only (nothing on the machine's own addresses)."""
-    if loopback:
-        os.environ[LOOPBACK_ENV] = "0"  # read by Ray at import, and inherited by every process it starts
-        import ray._private.ray_constants as constants  # noqa: PLC0415 - after the variable is set
-
-        constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before the variable was set
-        kwargs["_node_ip_address"] = "127.0.0.1"
-    import ray
-
-    return ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **kwargs)
 
 
 def requested(argv: list[str]) -> bool:

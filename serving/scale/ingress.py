@@ -27,6 +27,7 @@ from ..protocols.hertz_reference import ReferenceSettings
 from ..protocols.realtime import IDLE_TIMEOUT_S
 from ..security import AccessSettings
 from .front import ModelRouter, guarded, shared_app
+from .local import keep_on_loopback
 from .remote import RemoteService
 
 log = logging.getLogger("omni-zoo.ingress")
@@ -52,6 +53,7 @@ class Ingress:
     """``models``: model name -> its deployment (a handle once Serve runs it), in command-line order."""
 
     def __init__(self, models: dict, settings: FrontSettings) -> None:
+        keep_on_loopback()
         self.handles, self.settings = models, settings
         self.states: dict[str, dict[str, int]] = {}
         self.states_at = -float("inf")

@@ -38,6 +38,9 @@ class ModelReplica:
         from server import warm_up  # the single-process server's warm-up, so both start alike
         from zoo.cli import load_model, noise_notice
 
+        from .local import keep_on_loopback
+
+        keep_on_loopback()
         args = argparse.Namespace(**spec["model_args"])
         model = load_model(args, seed=spec.get("seed", 0))
         if model.random_weights:
