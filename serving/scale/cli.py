@@ -69,8 +69,8 @@ def specs_from(args: argparse.Namespace, names: list[str], num_gpus: float):
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {known()}")
     counts = parse_replicas(args.replicas or "1", names)
-    low = parse_replicas(args.min_replicas, names) if args.min_replicas else {}
-    high = parse_replicas(args.max_replicas, names) if args.max_replicas else {}
+    low = parse_replicas(args.min_replicas, names, None) if args.min_replicas else {}  # left out: no bound
+    high = parse_replicas(args.max_replicas, names, None) if args.max_replicas else {}
     specs = []
     for i, name in enumerate(names):
         # the model flags only (never the API key); the component flags were parsed for the first model

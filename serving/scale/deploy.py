@@ -61,17 +61,18 @@ class ModelSpec:
                 "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}, **scaling}
 
 
-def parse_replicas(text: str, names: list[str]) -> dict[str, int]:
-    """``"2"`` (every model) or ``"mini-omni=4,glm-4-voice=2"`` (models left out get 1)."""
+def parse_replicas(text: str, names: list[str], default: int | None = 1) -> dict[str, int]:
+    """``"2"`` (every model) or ``"mini-omni=4,glm-4-voice=2"`` (models left out get ``default``;
+    None: they are left out of the answer too)."""
     if "=" not in text:
         return dict.fromkeys(names, _count(text))
-    counts = dict.fromkeys(names, 1)
+    counts = dict.fromkeys(names, default)
     for part in text.split(","):
         name, _, value = part.partition("=")
         if name.strip() not in counts:
             raise ValueError(f"--replicas names {name.strip()!r}, which is not among --model {','.join(names)}")
         counts[name.strip()] = _count(value)
-    return counts
+    return {name: n for name, n in counts.items() if n is not None}
 
 
 def _count(text: str) -> int:

@@ -11,7 +11,9 @@ Choosing a model, first match wins:
 An unknown name is a 404 ``model_not_found`` that lists the names.
 
 ``/health``, ``/v1/models`` and ``/metrics`` answer for every model: the models' entries of
-``/v1/models`` (each with its card), each model's replicas by state in ``/health``, and one
+``/v1/models`` (each with its card), each model's replicas by Serve state and its own state
+(``ok``, ``degraded``, ``unavailable``: model_state) in ``/health``, whose status is ``ok`` while
+every model has a running replica, and one
 Prometheus registry shared by the front's models (``zoo_*``, counted at the front).
 """
 from __future__ import annotations
@@ -113,9 +115,10 @@ def shared_app(services: dict, metrics: Metrics, replica_states: Callable[[], Aw
     @app.get("/health")
     async def health() -> dict:
         states = await replica_states()
-        models = {name: {"replicas": states.get(name, {}), "sessions": s.in_flight, "max_sessions": s.max_sessions,
+        models = {name: {"state": model_state(states.get(name, {})), "replicas": states.get(name, {}),
+                         "sessions": s.in_flight, "max_sessions": s.max_sessions,
                          "random_weights": s.model.random_weights is not None} for name, s in services.items()}
-        ready = all(m["replicas"].get("RUNNING", 0) for m in models.values())
+        ready = all(m["state"] != "unavailable" for m in models.values())
         return {"status": "ok" if ready else "degraded", "models": models}
 
     @app.get("/v1/models")
@@ -129,6 +132,17 @@ def shared_app(services: dict, metrics: Metrics, replica_states: Callable[[], Aw
     return app
 
 
+def model_state(replicas: dict[str, int]) -> str:
+    """``ok``: every replica running; ``degraded``: some are starting, restarting or stopping,
+    but at least one serves; ``unavailable``: none runs (its requests get 503)."""
+    running = replicas.get("RUNNING", 0)
+    if not running:
+        return "unavailable"
+    return "ok" if running == sum(replicas.values()) else "degraded"
+
+
 def guarded(router: ModelRouter, access: AccessSettings | None, metrics: Metrics) -> tuple[Guard, OpenSockets]:
     sockets = OpenSockets()
-    return Guard(router, settings=access or AccessSettings(), metrics=metrics, sockets=sockets), sockets
+    # Serve's proxy names every request (x-request-id, echoed in the response): that is its id here too
+    return Guard(router, settings=access or AccessSettings(), metrics=metrics, sockets=sockets,
+                 upstream_id_header="x-request-id"), sockets
