@@ -47,7 +47,7 @@ def start_server(flags: list[str], env: dict | None = None, timeout: float = 300
             # 401 without a key is up too; a Ray Serve proxy answers 404 until the app is deployed
             if requests.get(url + "/health", timeout=1).status_code in (200, 401):
                 return proc, url
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or too busy starting
             time.sleep(0.5)
         if proc.poll() is not None:
             raise SystemExit("server.py exited during start-up")

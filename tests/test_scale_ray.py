@@ -304,6 +304,15 @@ def test_server_command_line_for_many_models():
         ("mini-omni", 4, 1, 8), ("glm-4-voice", 2, 1, None)]
     assert specs[1].options()["autoscaling_config"]["max_replicas"] == 2  # no bound given: its replica count
     assert server.main(["--model", "mini-omni,no-such-model", "--replicas", "2"]) == 2
+    # the builder KubeRay's RayService (and `serve run`) imports: the same flags, as one string
+    from ray.serve import Application
+
+    flags = "--model mini-omni,hertz-dev --tiny --replicas hertz-dev=3 --api-key k --max-sessions 4"
+    assert isinstance(cli.application({"argv": flags}), Application)
+    specs, front = cli.plan(flags.split() + ["--gpus-per-replica", "0.5"], cluster_gpus=0)
+    assert [(s.name, s.replicas, s.num_gpus, s.max_sessions) for s in specs] == [("mini-omni", 1, 0.5, 4), ("hertz-dev", 3, 0.5, 4)]
+    assert front.access.api_key == "k" and front.app_name == "omni-zoo"
+    assert [s.num_gpus for s in cli.plan(flags.split(), cluster_gpus=8)[0]] == [1, 1]  # a GPU each where there are GPUs
 
 
 def test_the_single_process_server_needs_no_ray():

@@ -95,7 +95,6 @@ def main(argv: list[str], parse_args) -> int:
     from server import is_loopback
 
     from .deploy import INGRESS_CPUS, build
-    from .ingress import FrontSettings
 
     names, one_model_argv = split_models(argv)
     args = parse_args(one_model_argv)
@@ -109,17 +108,57 @@ def main(argv: list[str], parse_args) -> int:
     else:  # a local instance: Ray's CPU count is for scheduling, so room for every replica asked for
         wanted = sum(s.num_cpus * max(s.replicas, s.max_replicas or 0) for s in specs) + INGRESS_CPUS
         start_local_ray(max(os.cpu_count() or 1, math.ceil(wanted)), loopback=is_loopback(args.host))
-    if ray.cluster_resources().get("GPU") and args.gpus_per_replica is None or args.gpus_per_replica:
-        for spec in specs:
-            spec.num_gpus = args.gpus_per_replica if args.gpus_per_replica is not None else 1
-    front = FrontSettings(access=AccessSettings(api_key=args.api_key or None, allowed_origins=tuple(args.allow_origin),
-                                                max_connections=args.max_connections),
-                          max_body_bytes=int(args.max_body_mb * 2**20), read_timeout=args.read_timeout,
-                          realtime_idle_s=args.realtime_idle_s,
-                          duplex=DuplexSettings(max_backlog_frames=args.duplex_backlog, idle_timeout_s=args.duplex_idle_s),
-                          reference=ReferenceSettings(replay_seconds=args.replay_seconds))
+    set_gpus(specs, args.gpus_per_replica, ray.cluster_resources().get("GPU", 0))
+    front = front_settings(args)
     serve.start(http_options={"host": args.host, "port": args.port})
     log.info("serving %s on http://%s:%d through Ray Serve (%s)", ", ".join(names), args.host, args.port,
              ", ".join(f"{s.name}: {s.options().get('num_replicas', 'autoscaling')} replicas" for s in specs))
     serve.run(build(specs, front), name=front.app_name, route_prefix="/", blocking=True)
     return 0
+
+
+def set_gpus(specs, per_replica: float | None, cluster_gpus: float) -> None:
+    """``--gpus-per-replica``, else one GPU per replica when the cluster has GPUs, else none."""
+    for spec in specs:
+        spec.num_gpus = per_replica if per_replica is not None else (1 if cluster_gpus else 0)
+
+
+def front_settings(args: argparse.Namespace):
+    from .ingress import FrontSettings
+
+    return FrontSettings(access=AccessSettings(api_key=args.api_key or None, allowed_origins=tuple(args.allow_origin),
+                                               max_connections=args.max_connections),
+                         max_body_bytes=int(args.max_body_mb * 2**20), read_timeout=args.read_timeout,
+                         realtime_idle_s=args.realtime_idle_s,
+                         duplex=DuplexSettings(max_backlog_frames=args.duplex_backlog, idle_timeout_s=args.duplex_idle_s),
+                         reference=ReferenceSettings(replay_seconds=args.replay_seconds))
+
+
+def application(config: dict):
+    """The Serve application builder for ``serve run`` / ``serve deploy`` and KubeRay's RayService
+    (docs/SCALING.md): ``import_path: serving.scale.cli:application``, ``args: {argv: "<server.py
+    flags>"}`` (the model, replica, limit and security flags; host and port are Serve's own
+    settings there). Deploy it under the name ``omni-zoo`` (FrontSettings.app_name), which
+    /health reads the replica states of."""
+    import shlex
+
+    import ray
+
+    from .deploy import build
+
+    argv = config.get("argv", "")
+    argv = shlex.split(argv) if isinstance(argv, str) else [str(a) for a in argv]
+    specs, front = plan(argv, ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0)
+    return build(specs, front)
+
+
+def plan(argv: list[str], cluster_gpus: float):
+    """(the models' ModelSpecs, the FrontSettings) of server.py flags; ValueError for a bad model
+    or replica count."""
+    import server
+
+    names, one_model_argv = split_models(argv)
+    args = server.parse_args(one_model_argv)
+    specs = specs_from(args, names, 0)
+    set_gpus(specs, args.gpus_per_replica, cluster_gpus)
+    return specs, front_settings(args)
