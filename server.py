@@ -69,6 +69,10 @@ def warm_up(model: zoo.VoiceModel) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """server.py's flags. ``--model a,b,...`` (several models, the Ray deployment only): ``models``
+    lists them, ``model`` is the first (whose component flags the parser takes)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    models, argv_one_model = scale.split_models(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
     parser.add_argument("--port", type=int, default=60808)
@@ -102,9 +106,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="close a duplex session after this long without a message")
     duplex.add_argument("--replay-seconds", type=float, default=ReferenceSettings.replay_seconds,
                         help="/audio with a prompt: answer the first seconds with the prompt's end, as the reference")
-    add_model_flags(parser, argv)
+    add_model_flags(parser, argv_one_model)
     scale.add_flags(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv_one_model)
+    args.models = models
+    if len(models) > 1 and not scale.requested(argv):
+        parser.error("several models in one address (--model a,b) run on Ray Serve: add --replicas (docs/SCALING.md)")
+    return args
 
 
 def main(argv=None) -> int:

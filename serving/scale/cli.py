@@ -43,6 +43,8 @@ def split_models(argv: list[str]) -> tuple[list[str], list[str]]:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default="mini-omni")
     names = [n.strip() for n in pre.parse_known_args(argv)[0].model.split(",") if n.strip()]
+    if len(names) < 2 and "," not in " ".join(argv):
+        return names or ["mini-omni"], list(argv)  # one model: the parser reads (and checks) it as given
     out, skip = [], False
     for a in argv:
         if skip:

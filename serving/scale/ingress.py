@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from ray import serve
 
 from ..app import create_app
@@ -33,6 +33,7 @@ from .remote import RemoteService
 log = logging.getLogger("omni-zoo.ingress")
 STATUS_TTL_S = 1.0  # /health and the capacity check read the controller at most this often
 STATUS_TIMEOUT_S = 5.0
+DISPATCH_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 @dataclasses.dataclass
@@ -63,11 +64,14 @@ class Ingress:
         s, metrics = self.settings, Metrics()
         per_replica = Counter("zoo_replica_replies_total", "replies started, by model and replica",
                               ["model", "replica"], registry=metrics.registry)
+        dispatch = Histogram("zoo_replica_dispatch_seconds", "a reply's call to a model replica: sent -> the "
+                             "replica's first item (routing, Ray's call, the replica's event loop), by model",
+                             ["model"], buckets=DISPATCH_BUCKETS, registry=metrics.registry)
         services = {}
         for name, handle in self.handles.items():
             info = await handle.info.remote()
             services[name] = RemoteService(handle, info, metrics, replicas=lambda n=name: self.running(n),
-                                           per_replica=per_replica)
+                                           per_replica=per_replica, dispatch=dispatch.labels(name))
         apps = {name: create_app(service, s.max_body_bytes, s.duplex, read_timeout=s.read_timeout,
                                  realtime_idle_s=s.realtime_idle_s, reference_settings=s.reference, guarded=False)
                 for name, service in services.items()}

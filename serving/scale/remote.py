@@ -42,17 +42,20 @@ class ModelView:
 class RemoteService:
     """``handle``: the model's DeploymentHandle; ``info``: ModelReplica.info(); ``replicas``: a
     callable giving the number of running replicas (the capacity); ``per_replica``: a Counter
-    labelled (model, replica) of the replies each replica took."""
+    labelled (model, replica) of the replies each replica took; ``dispatch``: a Histogram of the
+    time from the call to the replica's first item."""
 
     options = Service.options
     refuse = Service.refuse
 
-    def __init__(self, handle, info: dict[str, Any], metrics: Metrics, replicas=lambda: 1, per_replica=None) -> None:
+    def __init__(self, handle, info: dict[str, Any], metrics: Metrics, replicas=lambda: 1, per_replica=None,
+                 dispatch=None) -> None:
         self.handle, self.model, self.metrics = handle, ModelView(**info), metrics
         self.slots_per_replica, self.replicas = info["max_sessions"], replicas
         self.in_flight = 0
         self.duplex = None
         self.per_replica = per_replica  # Counter(model, replica): is the load spread?
+        self.dispatch = dispatch  # Histogram: call sent -> the replica's first item (what Ray adds per reply)
 
     @property
     def max_sessions(self) -> int:
@@ -71,12 +74,15 @@ class RemoteService:
         self.in_flight += 1
         self.metrics.sessions_total.inc()
         self.metrics.sessions_active.inc()
+        sent = time.perf_counter()
         items = self.handle.options(stream=True).stream.remote(audio, sample_rate, options, history, request_id.get(), image)
         first_audio, finished = None, False
         try:
             try:
                 async for item in items:
                     if item[0] == "replica":
+                        if self.dispatch is not None:
+                            self.dispatch.observe(time.perf_counter() - sent)
                         if self.per_replica is not None:
                             self.per_replica.labels(self.model.card.name, item[1]).inc()
                         continue
