@@ -59,7 +59,7 @@ class RemoteService:
 
     @property
     def max_sessions(self) -> int:
-        return self.slots_per_replica * max(1, self.replicas())
+        return self.slots_per_replica * self.replicas()
 
     def close(self) -> None:
         pass  # the replicas belong to Serve
@@ -68,6 +68,9 @@ class RemoteService:
                      history: list | None = None, image: Any = None) -> AsyncIterator[zoo.Chunk]:
         """One reply, as Service.stream (``image``: bytes of an image file, cards with image_input). Closing the iterator early cancels the call, and the
         replica frees the slot."""
+        if not self.replicas():  # none running (starting, restarting): refused at once, not queued
+            raise self.refuse(503, "unavailable", f"no {self.model.card.name} replica is running yet; retry shortly "
+                                                  "(GET /health says the replicas' states)", **{"Retry-After": "5"})
         if self.in_flight >= self.max_sessions:  # every running replica's slots are taken: refused at once
             raise self.refuse(503, "busy", f"all {self.max_sessions} {self.model.card.name} session slots are busy; "
                                            "retry shortly", **{"Retry-After": "1"})
