@@ -1,16 +1,17 @@
 """What the Ray Serve deployment adds per request, against the single-process server, on the
-same model and machine: server.py is started once per mode, one after the other, each on its
-own free loopback port, and asked the same things one at a time (no concurrency, so the figure
-is the path's own cost, not queueing).
+same model and machine. Both servers run at once (server.py, and server.py --replicas 1, each on
+its own free loopback port) and are asked the same things alternately, one request at a time:
+no concurrency, so the figure is the path's own cost, not queueing, and whatever else the
+machine does at the time weighs on both alike.
 
-    python bench/ray_overhead.py --tiny                    # single process, then --replicas 1
+    python bench/ray_overhead.py --tiny
     python bench/ray_overhead.py --tiny --requests 60 --env RAY_SERVE_USE_GRPC_BY_DEFAULT=1
 
-Per mode: ``GET /v1/models`` latency (the HTTP path without a model call: proxy and front in Ray)
-and /chat TTFA (request sent -> first audio byte: adds the model replica call and the first
-streamed item); in Ray mode also the front's zoo_replica_dispatch_seconds (call -> the model
-replica's first item, before any model work), so the rest of the TTFA difference is the model
-running slower beside Ray's own processes (on a small CPU machine). Prints JSON, and the differences (Ray minus single process) at p50 and p95.
+Per server: ``GET /v1/models`` latency (the HTTP path without a model call: proxy and front in
+Ray) and /chat TTFA (request sent -> first audio byte: adds the model replica call and the first
+streamed items); for Ray also the front's zoo_replica_dispatch_seconds (call -> the model
+replica's first item, before any model work). Prints JSON with the differences (Ray minus single
+process) at p50 and p95.
 """
 from __future__ import annotations
 
@@ -33,35 +34,39 @@ def pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 1)
 
 
-def measure(flags: list[str], env: dict, requests_n: int, max_tokens: int) -> dict:
-    proc, url = start_server(flags, env=env)
-    try:
-        card = requests.get(url + "/v1/models", timeout=30).json()["data"][0]
-        rate = card["card"]["output_sample_rate"]
-        body = {"audio": base64.b64encode(QUESTION.read_bytes()).decode(), "max_tokens": max_tokens}
-        for _ in range(3):  # warm-up: first calls build routers, caches, connections
-            post_chat(url, body, rate, 120)
+def measure(servers: dict[str, str], requests_n: int, max_tokens: int) -> dict[str, dict]:
+    """``servers``: name -> URL, asked alternately."""
+    body = {"audio": base64.b64encode(QUESTION.read_bytes()).decode(), "max_tokens": max_tokens}
+    rates = {name: requests.get(url + "/v1/models", timeout=30).json()["data"][0]["card"]["output_sample_rate"]
+             for name, url in servers.items()}
+    for _ in range(3):  # warm-up: first calls build routers, caches, connections
+        for name, url in servers.items():
+            post_chat(url, body, rates[name], 120)
             requests.get(url + "/v1/models", timeout=30)
-        models_ms = []
-        for _ in range(requests_n * 2):
+    models_ms = {name: [] for name in servers}
+    ttfa_ms = {name: [] for name in servers}
+    errors = dict.fromkeys(servers, 0)
+    for _ in range(requests_n * 2):
+        for name, url in servers.items():
             started = time.perf_counter()
             requests.get(url + "/v1/models", timeout=30).raise_for_status()
-            models_ms.append((time.perf_counter() - started) * 1000)
-        ttfa_ms, errors = [], 0
-        for _ in range(requests_n):
-            r = post_chat(url, body, rate, 120)
+            models_ms[name].append((time.perf_counter() - started) * 1000)
+    for _ in range(requests_n):
+        for name, url in servers.items():
+            r = post_chat(url, body, rates[name], 120)
             if "error" in r:
-                errors += 1
+                errors[name] += 1
             else:
-                ttfa_ms.append(r["ttfa_s"] * 1000)
+                ttfa_ms[name].append(r["ttfa_s"] * 1000)
+    results = {}
+    for name, url in servers.items():
+        results[name] = {"v1_models_ms_p50": pct(models_ms[name], 50), "v1_models_ms_p95": pct(models_ms[name], 95),
+                         "ttfa_ms_p50": pct(ttfa_ms[name], 50), "ttfa_ms_p95": pct(ttfa_ms[name], 95),
+                         "chats": len(ttfa_ms[name]), "errors": errors[name]}
         dispatch = dispatch_mean_ms(requests.get(url + "/metrics", timeout=30).text)
-    finally:
-        stop_server(proc)
-    result = {"v1_models_ms_p50": pct(models_ms, 50), "v1_models_ms_p95": pct(models_ms, 95),
-              "ttfa_ms_p50": pct(ttfa_ms, 50), "ttfa_ms_p95": pct(ttfa_ms, 95), "chats": len(ttfa_ms), "errors": errors}
-    if dispatch is not None:
-        result["replica_dispatch_ms_mean"] = dispatch
-    return result
+        if dispatch is not None:
+            results[name]["replica_dispatch_ms_mean"] = dispatch
+    return results
 
 
 def dispatch_mean_ms(text: str) -> float | None:
@@ -89,12 +94,21 @@ def main(argv=None) -> int:
     flags = ["--model", args.model, "--max-sessions", "4"] + (["--tiny"] if args.tiny else [])
     flags += ["--device", args.device] if args.device else []
     ray_env = dict(e.split("=", 1) for e in args.env)
-    single = measure(flags, {}, args.requests, args.max_tokens)
-    ray = measure(flags + ["--replicas", "1"], ray_env, args.requests, args.max_tokens)
+    started = []
+    try:
+        started.append(start_server(flags))
+        started.append(start_server(flags + ["--replicas", "1"], env=ray_env))
+        results = measure({"single_process": started[0][1], "ray_replicas_1": started[1][1]}, args.requests,
+                          args.max_tokens)
+    finally:
+        for proc, _ in started:
+            stop_server(proc)
+    single, ray = results["single_process"], results["ray_replicas_1"]
     added = {k.replace("_ms", "_ms_added"): round(ray[k] - single[k], 1) for k in single if k.endswith(("p50", "p95"))}
     print(json.dumps({"date": date.today().isoformat(), "model": args.model, "tiny": args.tiny,
                       "machine": f"{os.cpu_count()} cores", "device": args.device or "auto", "ray_env": ray_env,
-                      "single_process": single, "ray_replicas_1": ray, "ray_minus_single": added}, indent=2))
+                      "requests": args.requests, "max_tokens": args.max_tokens, **results, "ray_minus_single": added},
+                     indent=2))
     return 1 if single["errors"] or ray["errors"] else 0
 
 
