@@ -325,3 +325,14 @@ def test_the_single_process_server_needs_no_ray():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "pip install '.[ray]'" in done.stderr
+
+
+def test_text_only_chunks_travel_with_the_next_one():
+    import numpy as np
+
+    from serving.scale.replica import merged
+    from zoo.core.types import Chunk
+
+    text = Chunk(text=" hello")
+    both = merged(merged(text, Chunk(text=" there")), Chunk(audio=np.ones(4, np.float32), text="!", turn={"t": 1}))
+    assert both.text == " hello there!" and both.audio.tolist() == [1.0] * 4 and both.turn == {"t": 1}

@@ -36,6 +36,7 @@ class ModelSpec:
     max_sessions: int = 16
     seed: int = 0
     prefill_batch: int = 8
+    duplex_sessions: int = 0  # duplex slots per replica (duplex models; each session holds one call)
     replicas: int = 1
     min_replicas: int | None = None  # with max_replicas: autoscaling between them
     max_replicas: int | None = None
@@ -57,7 +58,8 @@ class ModelSpec:
                 "min_replicas": low, "max_replicas": high, "initial_replicas": min(max(self.replicas, low), high),
                 "target_ongoing_requests": max(1.0, AUTOSCALE_TARGET * self.max_sessions)}}
         most = max(self.replicas, self.max_replicas or 0)
-        return {"name": self.name, "max_ongoing_requests": self.max_sessions, "max_queued_requests": self.max_sessions * most,
+        calls = self.max_sessions + self.duplex_sessions  # a reply or a duplex session: one call each
+        return {"name": self.name, "max_ongoing_requests": calls, "max_queued_requests": calls * most,
                 "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}, **scaling}
 
 

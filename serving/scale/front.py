@@ -117,7 +117,9 @@ def shared_app(services: dict, metrics: Metrics, replica_states: Callable[[], Aw
         states = await replica_states()
         models = {name: {"state": model_state(states.get(name, {})), "replicas": states.get(name, {}),
                          "sessions": s.in_flight, "max_sessions": s.max_sessions,
-                         "random_weights": s.model.random_weights is not None} for name, s in services.items()}
+                         "random_weights": s.model.random_weights is not None,
+                         **({"duplex_sessions": s.duplex.reserved, "max_duplex_sessions": s.duplex.max_sessions}
+                            if s.duplex is not None else {})} for name, s in services.items()}
         ready = all(m["state"] != "unavailable" for m in models.values())
         return {"status": "ok" if ready else "degraded", "models": models}
 

@@ -26,6 +26,7 @@ from ..protocols.duplex import DuplexSettings
 from ..protocols.hertz_reference import ReferenceSettings
 from ..protocols.realtime import IDLE_TIMEOUT_S
 from ..security import AccessSettings
+from .duplex import FrameBox, RemoteDuplexHub
 from .front import ModelRouter, guarded, shared_app
 from .local import keep_on_loopback
 from .remote import RemoteService
@@ -59,6 +60,7 @@ class Ingress:
         self.states: dict[str, dict[str, int]] = {}
         self.states_at = -float("inf")
         self.states_lock = asyncio.Lock()
+        self.box = None  # this front's FrameBox, made when a model is duplex
 
     async def __serve_build_asgi_app__(self):
         s, metrics = self.settings, Metrics()
@@ -72,6 +74,11 @@ class Ingress:
             info = await handle.info.remote()
             services[name] = RemoteService(handle, info, metrics, replicas=lambda n=name: self.running(n),
                                            per_replica=per_replica, dispatch=dispatch.labels(name))
+            if info.get("duplex_sessions"):  # duplex sessions, each held on one replica (duplex.py)
+                if self.box is None:
+                    self.box = FrameBox.remote()
+                services[name].duplex = RemoteDuplexHub(handle, name, info["duplex_sessions"],
+                                                        lambda n=name: self.running(n), self.box, metrics)
         apps = {name: create_app(service, s.max_body_bytes, s.duplex, read_timeout=s.read_timeout,
                                  realtime_idle_s=s.realtime_idle_s, reference_settings=s.reference, guarded=False)
                 for name, service in services.items()}

@@ -2,7 +2,8 @@
 (serving/protocols) and create_app run unchanged in the Ray front: ``model`` (a ``ModelView``:
 the card and the option rules, nothing loaded), ``options`` and ``refuse`` (Service's own code),
 ``stream`` (one reply from whichever replica Serve picks, streamed as it is made), ``metrics``,
-``in_flight``, ``max_sessions``, ``duplex`` (None: duplex sessions need slots of their own).
+``in_flight``, ``max_sessions``, ``duplex`` (a duplex.py RemoteDuplexHub for duplex models, set by
+the Ingress; None otherwise).
 
 Failures stay visible: a replica's refusal becomes the same ApiError (503 busy, 413, 400) as in
 the single-process server; a reply whose replica fails or dies mid-way raises GenerationFailed

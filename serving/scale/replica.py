@@ -61,7 +61,8 @@ class ModelReplica:
         if model.random_weights:
             log.warning("%s", noise_notice(model))
         warm_up(model)
-        self.service = Service(model, spec["max_sessions"], prefill_batch=spec.get("prefill_batch", 8))
+        self.service = Service(model, spec["max_sessions"], prefill_batch=spec.get("prefill_batch", 8),
+                               duplex_sessions=spec.get("duplex_sessions") or None)
         self.tag = replica_tag()
         log.info("replica of %s ready (%d session slots)", model.card.name, spec["max_sessions"])
 
@@ -69,7 +70,8 @@ class ModelReplica:
         """What the front needs to validate options and describe the model without loading it."""
         model = self.service.model
         return {"card": model.card, "options_class": model.options_class, "random_weights": model.random_weights,
-                "default_max_new_tokens": model.default_max_new_tokens, "max_sessions": self.service.max_sessions}
+                "default_max_new_tokens": model.default_max_new_tokens, "max_sessions": self.service.max_sessions,
+                "duplex_sessions": self.service.duplex.max_sessions if self.service.duplex is not None else 0}
 
     def load(self) -> dict[str, int]:
         return {"sessions": self.service.in_flight, "max_sessions": self.service.max_sessions}
@@ -99,3 +101,59 @@ class ModelReplica:
             yield ("failed", str(err))
         finally:
             await reply.aclose()  # a caller that went away (cancelled) frees the slot here
+
+    async def duplex(self, options, prompt, box, sid: str, rid: str = "-"):
+        """One full-duplex session (serving/scale/duplex.py), for as long as the caller keeps the
+        call: input frames pulled from ``box`` (a FrameBox) under ``sid``, answers yielded as
+        ``("frame", ndarray)``; first ``("replica", tag)``; ``("refused", ...)`` when the slots are
+        taken; ``("failed", message, is_input_error)`` when the session fails."""
+        import asyncio
+
+        import zoo
+        from zoo.core.scheduler import Busy
+
+        request_id.set(rid)
+        hub = self.service.duplex
+        if hub is None:
+            yield ("refused", 400, "not_duplex", f"{self.service.model.card.name} is not a duplex model", {})
+            return
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue = asyncio.Queue()
+
+        def deliver(item) -> None:  # the duplex worker thread
+            loop.call_soon_threadsafe(answers.put_nowait, item)
+
+        try:
+            ticket = hub.reserve(options, deliver)
+        except Busy as err:
+            yield ("refused", 503, "busy", str(err), {"Retry-After": "1"})
+            return
+        if prompt is not None:
+            ticket.prompt = prompt
+
+        async def pull() -> None:
+            while (frames := await box.pull.remote(sid)) is not None:
+                for frame in frames:
+                    hub.push(ticket, frame)
+
+        puller = asyncio.ensure_future(pull())
+        try:
+            yield ("replica", self.tag)
+            while True:
+                answer = asyncio.ensure_future(answers.get())
+                await asyncio.wait({answer, puller}, return_when=asyncio.FIRST_COMPLETED)
+                if not answer.done():  # the input ended: the session closed, or the front's box is gone
+                    answer.cancel()
+                    if not puller.cancelled() and puller.exception() is not None:
+                        error = puller.exception()
+                        log.error("duplex session %s: its input failed: %r", sid, error)
+                        yield ("failed", f"the session's input was lost: {type(error).__name__}: {error}", False)
+                    return
+                item = answer.result()
+                if isinstance(item, Exception):
+                    yield ("failed", f"{type(item).__name__}: {item}", isinstance(item, zoo.ZooError))
+                    return
+                yield ("frame", item)
+        finally:
+            puller.cancel()
+            hub.close(ticket)
