@@ -5,6 +5,7 @@ The pure parts (replica counts, autoscaling options, the command line) are check
 import asyncio
 import base64
 import concurrent.futures
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import websockets
@@ -226,6 +228,36 @@ def test_openai_sdk_realtime_conversation_through_ray(url):
     assert dones == [("completed", (30 - 7) * 2048 * 2)] * 2
 
 
+def test_full_duplex_sessions_through_ray(url):
+    """/v1/duplex for hertz-dev through the front: each session is held on one replica, frames
+    answered in order; /health counts the sessions while they are open."""
+    frame = 2000
+
+    async def session(seed: int, frames: int = 12) -> list[int]:
+        async with websockets.connect(url.replace("http", "ws") + "/hertz-dev/v1/duplex", additional_headers=AUTH) as ws:
+            created = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            assert created["type"] == "session.created" and created["session"]["frame_samples"] == frame
+            rng = np.random.default_rng(seed)
+            sizes = []
+            for i in range(frames):
+                await ws.send((rng.standard_normal(frame) * 3000).astype("<i2").tobytes())
+                sizes.append(len(await asyncio.wait_for(ws.recv(), 60)))
+                if i == frames // 2:
+                    health = await asyncio.to_thread(lambda: requests.get(url + "/health", timeout=10).json())
+                    sizes.append(health["models"]["hertz-dev"]["duplex_sessions"])
+            return sizes
+
+    async def both():
+        return await asyncio.gather(session(1), session(2))
+    answers = asyncio.run(asyncio.wait_for(both(), DEADLINE_S))
+    assert [a[:7] + a[8:] for a in answers] == [[2 * frame] * 12] * 2  # one answer per frame, in step
+    assert [a[7] for a in answers] == [2, 2]  # both sessions open at the front's count
+    deadline = time.monotonic() + 30  # a closed session frees its slot
+    while requests.get(url + "/health", timeout=10).json()["models"]["hertz-dev"]["duplex_sessions"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
 def test_a_killed_replica_fails_its_replies_visibly_and_comes_back(server, url):
     def long_chat(_):
         try:
@@ -328,8 +360,6 @@ def test_the_single_process_server_needs_no_ray():
 
 
 def test_text_only_chunks_travel_with_the_next_one():
-    import numpy as np
-
     from serving.scale.replica import merged
     from zoo.core.types import Chunk
 
