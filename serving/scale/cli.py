@@ -106,6 +106,9 @@ def main(argv: list[str], parse_args) -> int:
     except ValueError as err:
         log.error("%s", err)
         return 2
+    if args.duplex_prompt:
+        log.warning("--duplex-prompt is not passed to Ray replicas: duplex clients send their own prompt "
+                    "(session.update); ignoring it")
     if args.ray_address:
         ray.init(address=args.ray_address)
     else:  # a local instance: Ray's CPU count is for scheduling, so room for every replica asked for
