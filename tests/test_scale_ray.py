@@ -301,6 +301,55 @@ def test_a_killed_replica_fails_its_replies_visibly_and_comes_back(server, url):
     assert chat(url).status_code == 200
 
 
+def test_a_killed_duplex_replica_ends_its_session_visibly_and_comes_back(server, url):
+    frame, duplex_url = 2000, url.replace("http", "ws") + "/hertz-dev/v1/duplex"
+    victims = [pid for pid, title in processes()
+               if "ServeReplica:omni-zoo:hertz-dev" in title and server.proc.pid in ancestors(pid)]
+    assert len(victims) == 1, victims
+    lost_before = metric(url, "zoo_errors_total").get('{kind="replica_lost"}', 0)
+    pcm = (np.random.default_rng(5).standard_normal(frame) * 3000).astype("<i2").tobytes()
+
+    async def killed_mid_session():
+        events = []
+        async with websockets.connect(duplex_url, additional_headers=AUTH) as ws:
+            await asyncio.wait_for(ws.recv(), 60)  # session.created
+            for _ in range(3):
+                await ws.send(pcm)
+                assert len(await asyncio.wait_for(ws.recv(), 60)) == 2 * frame
+            os.kill(victims[0], signal.SIGKILL)
+            try:
+                for _ in range(400):  # the client keeps talking until the server ends the session
+                    await ws.send(pcm)
+                    message = await asyncio.wait_for(ws.recv(), 60)
+                    if isinstance(message, str):
+                        events.append(json.loads(message))
+                    await asyncio.sleep(0.05)
+            except websockets.ConnectionClosed as closed:
+                return closed.rcvd.code if closed.rcvd else None, events
+        return None, events
+
+    async def fresh_session():
+        async with websockets.connect(duplex_url, additional_headers=AUTH) as ws:
+            await asyncio.wait_for(ws.recv(), 60)
+            await ws.send(pcm)
+            return len(await asyncio.wait_for(ws.recv(), 60))
+
+    code, events = asyncio.run(asyncio.wait_for(killed_mid_session(), DEADLINE_S))
+    assert code == 1011 and [e["error"]["code"] for e in events if e["type"] == "error"] == ["generation"], (code, events)
+    assert "lost" in events[-1]["error"]["message"]
+    assert metric(url, "zoo_errors_total").get('{kind="replica_lost"}', 0) > lost_before
+    deadline = time.monotonic() + DEADLINE_S  # Serve starts a new replica; then sessions work again
+    answers = []
+    while time.monotonic() < deadline and not answers:
+        time.sleep(2)  # the front's view of the replicas (polled every second) may lag the restart
+        if replicas_running(url, "hertz-dev") == 1:
+            try:
+                answers.append(asyncio.run(asyncio.wait_for(fresh_session(), 120)))
+            except (websockets.ConnectionClosed, websockets.InvalidStatus):
+                pass  # refused while the replica was still starting: busy or unavailable, at once
+    assert answers == [2 * frame]
+
+
 # -- without a cluster ----------------------------------------------------------------------------
 def test_replica_counts_and_autoscaling_options():
     from serving.scale.deploy import ModelSpec, parse_replicas
