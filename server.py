@@ -46,6 +46,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import sys
 
 import numpy as np
 
@@ -56,6 +57,7 @@ from serving.protocols.chat import MAX_BODY_BYTES
 from serving.protocols.duplex import DuplexSettings
 from serving.protocols.hertz_reference import ReferenceSettings
 from serving.protocols.realtime import IDLE_TIMEOUT_S, MAX_WS_MESSAGE_BYTES
+from serving.scale import cli as scale
 from serving.security import MAX_CONNECTIONS, AccessSettings
 from serving.service import Service
 from serving.transport import PortUnavailable, bind, serve
@@ -73,6 +75,10 @@ def warm_up(model: zoo.VoiceModel) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """server.py's flags. ``--model a,b,...`` (several models, the Ray deployment only): ``models``
+    lists them, ``model`` is the first (whose component flags the parser takes)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    models, argv_one_model = scale.split_models(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
     parser.add_argument("--port", type=int, default=60808)
@@ -108,11 +114,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="close a duplex session after this long in all (0: no limit)")
     duplex.add_argument("--replay-seconds", type=float, default=ReferenceSettings.replay_seconds,
                         help="/audio with a prompt: answer the first seconds with the prompt's end, as the reference")
-    add_model_flags(parser, argv)
-    return parser.parse_args(argv)
+    add_model_flags(parser, argv_one_model)
+    scale.add_flags(parser)
+    args = parser.parse_args(argv_one_model)
+    args.models = models
+    if len(models) > 1 and not scale.requested(argv):
+        parser.error("several models in one address (--model a,b) run on Ray Serve: add --replicas (docs/SCALING.md)")
+    return args
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if scale.requested(argv):  # many replicas, many models: serving/scale on Ray Serve
+        return scale.main(argv, parse_args)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -8,6 +8,14 @@ Each client sends the demo question to POST /chat (the reference client protocol
 PCM stream. TTFA is measured at the client: request sent -> first audio byte. With --spawn the
 same model is also run in-process first, so the server's overhead on top of the model's own TTFA
 is reported. Results: bench/results/<date>_load_<model>_<device>.json and a row in load.md.
+
+Simulated users (``--users N --duration S``): each user talks (waits a turn's speaking time),
+sends the turn, listens to the whole reply (its audio duration in real time from the first audio
+byte), thinks, and talks again, until the time is up; users join spread over the first seconds.
+Reports completed turns, TTFA p50/p95/p99 and errors (``bench/results/<date>_users_...json``, a
+row in users.md). With ``--replicas`` (and --spawn) the server is the Ray Serve deployment:
+
+    python bench/load.py --spawn --tiny --replicas 2 --users 32 --duration 120
 """
 from __future__ import annotations
 
@@ -32,7 +40,8 @@ QUESTION = ROOT / "demos" / "samples" / "01.wav"
 
 
 def spawn(args) -> tuple[subprocess.Popen, str]:
-    flags = ["--max-sessions", str(max(args.clients))]
+    flags = ["--max-sessions", str(args.max_sessions or max(args.users or 0, *args.clients))]
+    flags += ["--replicas", args.replicas, "--cpus-per-replica", "0.5"] if args.replicas else []
     flags += ["--tiny"] if args.tiny else []
     flags += ["--random-full"] if args.full else []
     flags += ["--dtype", args.dtype] if args.dtype else []
@@ -74,6 +83,49 @@ def run_level(url: str, clients: int, per_client: int, body: dict, rate: int, ti
     }
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 1) if values else None
+
+
+def run_users(url: str, users: int, duration: float, body: dict, rate: int, timeout: float, talk_s: float,
+              think_s: float, seed: int = 0) -> dict:
+    """``users`` simulated talkers for ``duration`` seconds (a turn started before the end finishes)."""
+    results: list[dict] = []
+    lock = threading.Lock()
+    end = time.monotonic() + duration
+
+    def user(number: int) -> None:
+        rng = np.random.default_rng(seed + number)
+        time.sleep(rng.uniform(0, min(5.0, duration / 4)))  # users do not all start at once
+        while time.monotonic() < end:
+            time.sleep(talk_s * rng.uniform(0.5, 1.5))  # the user speaks the turn
+            sent = time.monotonic()
+            r = post_chat(url, body, rate, timeout)
+            with lock:
+                results.append(r)
+            if "error" in r:
+                time.sleep(1.0)  # a refused or failed turn: the user tries again shortly
+                continue
+            heard_until = sent + (r["ttfa_s"] or 0) + r["audio_s"]  # playback from the first audio byte
+            time.sleep(max(0.0, heard_until - time.monotonic()) + think_s * rng.uniform(0.5, 1.5))
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ok = [r for r in results if "error" not in r]
+    ttfa = [r["ttfa_s"] * 1000 for r in ok if r["ttfa_s"] is not None]
+    return {"users": users, "duration_s": duration, "wall_s": round(wall, 1), "talk_s": talk_s, "think_s": think_s,
+            "completed_turns": len(ok), "errors": len(results) - len(ok),
+            "error_samples": [r["error"] for r in results if "error" in r][:3],
+            "turns_per_user_per_min": round(len(ok) / users / (wall / 60), 2),
+            "ttfa_ms_p50": percentile(ttfa, 50), "ttfa_ms_p95": percentile(ttfa, 95), "ttfa_ms_p99": percentile(ttfa, 99),
+            "audio_s_total": round(sum(r["audio_s"] for r in ok), 1)}
+
+
 def in_process_ttfa(args, audio_bytes: bytes, repeats: int = 5) -> float:
     """The model's own TTFA on the same question (what the server adds comes on top)."""
     import zoo
@@ -106,6 +158,12 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-batch", type=int, help="with --spawn: server.py --prefill-batch (1: one prefill at a time)")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--users", type=int, help="simulated users (talk, listen, think) instead of --clients levels")
+    p.add_argument("--duration", type=float, default=60, help="--users: seconds of simulated conversation")
+    p.add_argument("--talk-s", type=float, default=3.0, help="--users: mean seconds a user speaks per turn")
+    p.add_argument("--think-s", type=float, default=1.5, help="--users: mean pause after a reply")
+    p.add_argument("--replicas", help="with --spawn: the Ray Serve deployment with these replicas (server.py --replicas)")
+    p.add_argument("--max-sessions", type=int, help="with --spawn: session slots (per replica)")
     args = p.parse_args(argv)
     if not (args.url or args.spawn):
         p.error("give --url or --spawn")
@@ -113,9 +171,13 @@ def main(argv=None) -> int:
         p.error("load tests target loopback addresses only")
     if max(args.clients) * args.requests_per_client > 2000:
         p.error("at most 2000 requests per level")
+    if args.users is not None and not (1 <= args.users <= 1000 and 0 < args.duration <= 3600):
+        p.error("--users 1..1000, --duration up to 3600 s")
 
     audio_bytes = QUESTION.read_bytes()
     body = {"audio": base64.b64encode(audio_bytes).decode(), "max_tokens": args.max_tokens}
+    if args.users:
+        return users_main(args, body)
     model_ttfa = in_process_ttfa(args, audio_bytes) if args.spawn else None
     proc, url = spawn(args) if args.spawn else (None, args.url)
     try:
@@ -154,6 +216,37 @@ def main(argv=None) -> int:
                     f"| {level['rtf_per_session_median']} | {level['throughput_audio_s_per_s']} | {ratio} |\n")
     print(json.dumps(result, indent=2))
     return 1 if any(level["errors"] for level in levels) else 0
+
+
+def users_main(args, body: dict) -> int:
+    proc, url = spawn(args) if args.spawn else (None, args.url)
+    try:
+        card = requests.get(url + "/v1/models", timeout=10).json()["data"][0]
+        rate = card["card"]["output_sample_rate"]
+        post_chat(url, body, rate, args.timeout)  # warm-up
+        run = run_users(url, args.users, args.duration, body, rate, args.timeout, args.talk_s, args.think_s)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    tag = "full-random" if args.full else ("tiny" if args.tiny else "published")
+    server = f"ray serve, replicas {args.replicas}" if args.replicas else "single process"
+    result = {"date": date.today().isoformat(), "model": card["id"], "random_weights": card.get("random_weights"),
+              "machine": f"{os.cpu_count()} cores", "device": args.device or "auto", "server": server,
+              "max_tokens": args.max_tokens, "question": QUESTION.name, **run}
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = f"_replicas{args.replicas}" if args.replicas else ""
+    (args.out / f"{result['date']}_users_{card['id']}_{tag}{suffix}.json").write_text(json.dumps(result, indent=2))
+    table = args.out / "users.md"
+    if not table.exists():
+        table.write_text("# Simulated users (bench/load.py --users)\n\n| date | model | machine | server | users | s "
+                         "| completed turns | errors | TTFA p50 / p95 / p99 ms | turns per user per min |\n"
+                         "|---|---|---|---|---|---|---|---|---|---|\n")
+    with table.open("a") as f:
+        f.write(f"| {result['date']} | {card['id']} ({tag}) | {result['machine']}, {result['device']} | {server} "
+                f"| {run['users']} | {run['duration_s']:g} | {run['completed_turns']} | {run['errors']} "
+                f"| {run['ttfa_ms_p50']} / {run['ttfa_ms_p95']} / {run['ttfa_ms_p99']} | {run['turns_per_user_per_min']} |\n")
+    print(json.dumps(result, indent=2))
+    return 1 if run["errors"] else 0
 
 
 if __name__ == "__main__":

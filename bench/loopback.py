@@ -42,16 +42,20 @@ def start_server(flags: list[str], env: dict | None = None, timeout: float = 300
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=1).status_code < 500:  # 401 without a key is up too
-                return proc, url
-        except requests.ConnectionError:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            raise SystemExit("server.py exited during start-up")
-    stop_server(proc)
-    raise SystemExit(f"server.py did not start in {timeout:.0f} s")
+    try:
+        while time.monotonic() < deadline:
+            try:
+                # 401 without a key is up too; a Ray Serve proxy answers 404 until the app is deployed
+                if requests.get(url + "/health", timeout=1).status_code in (200, 401):
+                    return proc, url
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or too busy starting
+                time.sleep(0.5)
+            if proc.poll() is not None:
+                raise SystemExit("server.py exited during start-up")
+        raise SystemExit(f"server.py did not start in {timeout:.0f} s")
+    except BaseException:  # whatever stops the wait (Ctrl-C too) stops the server: none is left behind
+        stop_server(proc)
+        raise
 
 
 def stop_server(proc: subprocess.Popen) -> None:

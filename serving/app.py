@@ -25,7 +25,11 @@ from .service import Service
 def create_app(service: Service, max_body_bytes: int = chat.MAX_BODY_BYTES,
                duplex_settings: DuplexSettings | None = None, access: AccessSettings | None = None, *,
                read_timeout: float = READ_TIMEOUT_S, realtime_idle_s: float = realtime.IDLE_TIMEOUT_S,
-               reference_settings: ReferenceSettings | None = None) -> FastAPI:
+               reference_settings: ReferenceSettings | None = None, guarded: bool = True) -> FastAPI:
+    """``service``: a Service, or anything with its port (``model``, ``metrics``, ``options``,
+    ``stream``, ``in_flight``, ``max_sessions``, ``duplex``, ``close``), e.g. serving/scale/remote.py's
+    RemoteService. ``guarded=False``: no gate of its own (a front that holds several of these apps
+    puts one gate before them all: serving/scale/front.py)."""
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -35,7 +39,8 @@ def create_app(service: Service, max_body_bytes: int = chat.MAX_BODY_BYTES,
     model, metrics = service.model, service.metrics
     duplex_settings = duplex_settings or DuplexSettings()
     app.state.open_sockets = OpenSockets()
-    app.add_middleware(Guard, settings=access or AccessSettings(), metrics=metrics, sockets=app.state.open_sockets)
+    if guarded:
+        app.add_middleware(Guard, settings=access or AccessSettings(), metrics=metrics, sockets=app.state.open_sockets)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -59,12 +64,7 @@ def create_app(service: Service, max_body_bytes: int = chat.MAX_BODY_BYTES,
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = model.card.to_dict()
-        return {"object": "list", "data": [{"id": card["name"], "object": "model", "owned_by": "omni-zoo",
-                                            "random_weights": model.random_weights is not None,
-                                            "notice": noise_notice(model),
-                                            "default_max_new_tokens": model.default_max_new_tokens,
-                                            "card": card}]}
+        return {"object": "list", "data": [model_entry(model)]}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -76,3 +76,10 @@ def create_app(service: Service, max_body_bytes: int = chat.MAX_BODY_BYTES,
     hertz_reference.install(app, service, duplex_settings, reference_settings or ReferenceSettings())
     kyutai_reference.install(app, service, duplex_settings)
     return app
+
+
+def model_entry(model) -> dict:
+    """A model's entry in ``GET /v1/models`` (OpenAI's shape, plus its card and random-weight notice)."""
+    card = model.card.to_dict()
+    return {"id": card["name"], "object": "model", "owned_by": "omni-zoo", "random_weights": model.random_weights is not None,
+            "notice": noise_notice(model), "default_max_new_tokens": model.default_max_new_tokens, "card": card}

@@ -22,6 +22,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
 from urllib.parse import urlsplit
 
 from .access_log import AccessRecord
@@ -55,11 +56,29 @@ def _subprotocols(headers: dict[str, str]) -> list[str]:
     return [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
 
 
+UPSTREAM_ID = re.compile(r"[\w.-]{1,64}")
+
+
+def _without_id_header(send):
+    """``send`` less this module's own x-request-id on HTTP responses (the proxy adds the same id)."""
+    async def sending(message) -> None:
+        if message["type"] in ("http.response.start", "websocket.http.response.start"):
+            message = {**message, "headers": [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]}
+        await send(message)
+
+    return sending
+
+
 class Guard:
     """The ASGI middleware; ``sockets`` collects the open WebSockets for the shutdown."""
 
-    def __init__(self, app, settings: AccessSettings, metrics, sockets: OpenSockets) -> None:
+    def __init__(self, app, settings: AccessSettings, metrics, sockets: OpenSockets, *,
+                 upstream_id_header: str | None = None) -> None:
+        """``upstream_id_header``: behind a proxy that gives every request an id in this request
+        header and echoes it in the response (Ray Serve's ``x-request-id``), that id is the
+        request's id here too (log, errors), and the response carries it once."""
         self.app, self.settings, self.metrics, self.sockets = app, settings, metrics, sockets
+        self.upstream_id_header = upstream_id_header.lower().encode("latin-1") if upstream_id_header else None
         self.key = settings.api_key.encode() if settings.api_key else None
         self.allowed_origins = {o.rstrip("/").lower() for o in settings.allowed_origins}
         self.open = 0
@@ -68,7 +87,10 @@ class Guard:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        token = request_id.set(new_request_id())
+        upstream = self.upstream_id(scope)
+        token = request_id.set(upstream or new_request_id())
+        if upstream:
+            send = _without_id_header(send)
         record = AccessRecord(scope, request_id.get())
         send, receive = record.wrap_send(send), record.wrap_receive(receive)
         failure: BaseException | None = None
@@ -97,6 +119,12 @@ class Guard:
         finally:
             record.log(failure)
             request_id.reset(token)
+
+    def upstream_id(self, scope) -> str | None:
+        if self.upstream_id_header is None:
+            return None
+        value = dict(scope.get("headers", [])).get(self.upstream_id_header, b"").decode("latin-1")
+        return value if UPSTREAM_ID.fullmatch(value) else None
 
     # -- checks ---------------------------------------------------------------------------------
     def check(self, scope) -> None:

@@ -46,7 +46,7 @@ class LoopbackProcess:
             try:
                 if requests.get(url, timeout=1).ok:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or too busy starting
                 time.sleep(0.3)
             assert self.proc.poll() is None, self.output()
         raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")

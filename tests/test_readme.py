@@ -95,6 +95,8 @@ RULES = [
     Rule(r"^(python webui/|streamlit run |API_URL=)", reason="the pages' own tests run them in a browser "
                                                              "(tests/test_webui_gradio.py, tests/test_webui_streamlit.py)"),
     Rule(r"^pip install -e \.\[quality\]$", reason="installs packages: requirements-dev.txt installs the same extra for CI"),
+    Rule(r"^pip install -r requirements-ray\.txt$", reason="installs packages: requirements-dev.txt installs the same "
+                                                           "[ray] extra for CI (tests/test_scale_ray.py)"),
     Rule(r"^python -m bench\.quality .*--tiny", reason="tests/test_quality.py runs the same pipeline end to end on tiny models"),
     Rule(r"^python -m bench\.quality .*(--checkpoint|--data) ", reason="needs the published weights or a local data set"),
     Rule(r"^python inference\.py --checkpoint weights/", expect=[ANSWERED]),

@@ -352,10 +352,13 @@ class DuplexSocket:
                 self.metrics.duplex_frame_latency.observe(time.perf_counter() - self.in_flight.popleft())
 
 
-def unavailable(card: zoo.ModelCard) -> tuple[str, str] | None:
+def unavailable(service) -> tuple[str, str] | None:
     """Why the duplex routes do not serve this model (error code, message), or None."""
+    card = service.model.card
     if not card.duplex:
         return "not_duplex", f"{card.name} is a half-duplex model: use /v1/realtime or /chat"
+    if service.duplex is None:  # a front without duplex slots of its own (serving/scale: Ray replicas)
+        return "not_served", f"full duplex with {card.name} is not served by this deployment: use the single-process server"
     return None
 
 
@@ -377,7 +380,7 @@ async def refuse_connection(ws: WebSocket, metrics: Metrics, wire: Wire, code: s
 
 def install(app: FastAPI, service, settings: DuplexSettings) -> None:
     """``/v1/duplex`` for a model whose card says duplex; otherwise the route refuses."""
-    refusal = unavailable(service.model.card)
+    refusal = unavailable(service)
 
     @app.websocket("/v1/duplex")
     async def duplex_binary(websocket: WebSocket):

@@ -110,7 +110,7 @@ def replay_chunks(prompt: tuple[np.ndarray, int], rate: int, frame: int, seconds
 
 def install(app: FastAPI, service: Service, duplex: DuplexSettings, settings: ReferenceSettings) -> None:
     card = service.model.card
-    refusal = unavailable(card) or (None if PROTOCOL in card.protocols else
+    refusal = unavailable(service) or (None if PROTOCOL in card.protocols else
                                     ("not_offered", f"{card.name} does not declare the {PROTOCOL} protocol"))
     knob = dict(card.protocols.get(PROTOCOL, {}))  # query parameter -> model option
     unknown = sorted(set(knob) - set(KNOB_PARAMS)) + sorted(set(knob.values()) - {f.name for f in dataclasses.fields(service.model.options_class)})

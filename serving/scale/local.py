@@ -1,0 +1,58 @@
+"""Ray on one machine, on loopback only: ``start_local_ray`` (server.py --replicas without
+--ray-address, the tests, bench/load.py) and ``keep_on_loopback`` (called in each Serve replica).
+
+Ray swaps a node address of 127.0.0.1 for the machine's own (so that other nodes could reach it)
+unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; with it, the GCS, raylet, workers and agents bind
+and talk on 127.0.0.1. Serve's replicas also open an inter-deployment gRPC server on ``[::]:0``
+whatever the node address; ``keep_on_loopback`` moves it to 127.0.0.1 in a loopback instance
+(callers reach it at the node address, 127.0.0.1, either way).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+log = logging.getLogger("omni-zoo.scale")
+
+
+def start_local_ray(num_cpus: int, *, loopback: bool = True, **kwargs):
+    """A single-node Ray instance for this process (dashboard off). ``loopback``: every Ray
+    process listens and connects on 127.0.0.1 only (nothing on the machine's own addresses)."""
+    if loopback:
+        os.environ[LOOPBACK_ENV] = "0"  # read by Ray at import, and inherited by every process it starts
+        import ray._private.ray_constants as constants
+
+        constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before the variable was set
+        kwargs["_node_ip_address"] = "127.0.0.1"
+    import ray
+
+    return ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **kwargs)
+
+
+def keep_on_loopback() -> None:
+    """In a Serve replica of a loopback instance: its inter-deployment gRPC server (opened after
+    the deployment's constructor) listens on 127.0.0.1 rather than every interface."""
+    if os.environ.get(LOOPBACK_ENV) != "0":
+        return
+    try:
+        from ray.serve._private import replica as internals
+
+        original = internals.add_port_to_grpc_server
+    except (ImportError, AttributeError):  # another Ray version: its own binding stays
+        log.warning("could not keep the Serve replica's gRPC server on loopback (Ray %s)", _ray_version())
+        return
+    if getattr(original, "on_loopback", False):
+        return
+
+    def on_loopback(server, address: str):
+        return original(server, address.replace("[::]:", "127.0.0.1:", 1))
+
+    on_loopback.on_loopback = True
+    internals.add_port_to_grpc_server = on_loopback
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__

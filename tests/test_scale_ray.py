@@ -1,0 +1,417 @@
+"""The Ray Serve deployment (serving/scale), run as README says: ``python server.py --model
+mini-omni,hertz-dev --tiny --replicas mini-omni=2`` with an API key, on a local Ray that lives
+on 127.0.0.1 only. One server for the whole module (Ray starts slowly); every wait is bounded.
+The pure parts (replica counts, autoscaling options, the command line) are checked without Ray."""
+import asyncio
+import base64
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import websockets
+from conftest import REPO, SAMPLES
+from procs import LoopbackProcess
+from test_realtime import next_of, pcm_chunks, speech_24k
+
+TOKENS = 40  # a tiny mini-omni reply of this many steps has (TOKENS - 7) * 2048 samples at 24 kHz
+REPLY_BYTES = (TOKENS - 7) * 2048 * 2
+QUESTION = base64.b64encode((SAMPLES / "01.wav").read_bytes()).decode()
+DEADLINE_S = 240
+KEY = "scale-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SERVER = ["server.py", "--model", "mini-omni,hertz-dev", "--tiny", "--replicas", "mini-omni=2", "--max-sessions", "8",
+          "--api-key", KEY, "--port", "{port}"]
+
+
+@pytest.fixture(scope="module")
+def server(_tiny_cache):
+    with LoopbackProcess(SERVER, health="/health", timeout=DEADLINE_S) as s:
+        deadline = time.monotonic() + DEADLINE_S  # /health answers once the front runs; replicas may still start
+        while replicas_running(s.url, "mini-omni") < 2 and time.monotonic() < deadline:
+            assert s.proc.poll() is None, s.output()[-3000:]
+            time.sleep(0.5)
+        yield s
+        ours = {(pid, title) for pid, title in processes() if s.proc.pid in ancestors(pid)}
+    deadline = time.monotonic() + 30  # SIGTERM to server.py takes its Ray instance down with it
+    while ours & set(processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ours & set(processes()), f"Ray processes outlived server.py: {ours & set(processes())}"
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server.url
+
+
+def chat(url: str, timeout: float = 120, **fields) -> requests.Response:
+    return requests.post(url + "/chat", json={"audio": QUESTION, "max_tokens": TOKENS, **fields}, headers=AUTH,
+                         timeout=timeout)
+
+
+def metric(url: str, name: str) -> dict[str, float]:
+    """{labels: value} of one metric at /metrics."""
+    text = requests.get(url + "/metrics", headers=AUTH, timeout=10).text
+    return {m.group(1) or "": float(m.group(2)) for m in re.finditer(rf"^{name}(\{{.*\}})? (\S+)$", text, re.M)}
+
+
+def replicas_running(url: str, model: str) -> int:
+    try:
+        health = requests.get(url + "/health", timeout=10).json()
+    except (requests.RequestException, ValueError):
+        return 0
+    return health.get("models", {}).get(model, {}).get("replicas", {}).get("RUNNING", 0)
+
+
+def processes() -> list[tuple[int, str]]:
+    """(pid, command line) of every process (Ray names its workers ``ray::<actor class>:...``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()))
+            except OSError:
+                pass
+    return found
+
+
+def ancestors(pid: int) -> set[int]:
+    seen = set()
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        seen.add(pid)
+    return seen
+
+
+def listening_addresses(pids: set[int]) -> set[str]:
+    """The local addresses that these processes listen on (TCP), from /proc/net/tcp{,6}."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            pass
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                address = fields[1].split(":")[0]
+                addresses.add(address)
+    return addresses
+
+
+# -- the server ----------------------------------------------------------------------------------
+def test_every_ray_process_listens_on_loopback_only(server):
+    ours = {pid for pid, _ in processes() if server.proc.pid in ancestors(pid)} | {server.proc.pid}
+    assert any("ServeReplica" in title for pid, title in processes() if pid in ours)
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+    assert listening_addresses(ours) <= loopback  # 127.0.0.1 / ::1 / ::ffff:127.0.0.1, never 0.0.0.0 or the LAN
+
+
+def test_two_models_behind_one_address_each_at_its_own_rate(url):
+    models = requests.get(url + "/v1/models", headers=AUTH, timeout=10).json()["data"]
+    assert [m["id"] for m in models] == ["mini-omni", "hertz-dev"]
+    assert {m["card"]["output_sample_rate"] for m in models} == {24000, 16000}
+    health = requests.get(url + "/health", timeout=10).json()  # no key needed, as the single-process server
+    assert health["status"] == "ok"
+    assert health["models"]["mini-omni"]["replicas"] == {"RUNNING": 2} and health["models"]["mini-omni"]["state"] == "ok"
+    assert health["models"]["hertz-dev"]["replicas"] == {"RUNNING": 1}
+    by_field = chat(url, model="hertz-dev", max_tokens=4)
+    by_prefix = requests.post(url + "/hertz-dev/chat", json={"audio": QUESTION, "max_tokens": 4}, headers=AUTH, timeout=120)
+    default = chat(url)
+    for r, rate in ((by_field, "16000"), (by_prefix, "16000"), (default, "24000")):
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Sample-Rate"] == rate and r.content
+    assert len(default.content) == REPLY_BYTES
+    unknown = chat(url, model="gpt-4o")
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "model_not_found"
+    # one request id, Serve's own (so its logs and ours agree), in the header and the error
+    assert unknown.json()["error"]["request_id"] == unknown.headers["x-request-id"] and "," not in unknown.headers["x-request-id"]
+    assert requests.get(url + "/hertz-dev/health", headers=AUTH, timeout=10).json()["model"] == "hertz-dev"  # its own app
+
+
+def test_the_single_process_servers_gate_stands_in_front(url):
+    assert requests.get(url + "/v1/models", timeout=10).status_code == 401
+    assert requests.post(url + "/chat", json={"audio": QUESTION}, timeout=10).status_code == 401
+    assert requests.post(url + "/chat", data="x", headers={**AUTH, "Content-Type": "text/plain"}, timeout=10).status_code == 415
+
+    async def foreign_origin():
+        ws = await websockets.connect(url.replace("http", "ws") + "/v1/realtime", additional_headers=AUTH,
+                                      origin="https://evil.example.net")
+        await ws.close()
+    with pytest.raises((websockets.InvalidStatus, websockets.ConnectionClosed)) as refused:
+        asyncio.run(foreign_origin())
+    if isinstance(refused.value, websockets.InvalidStatus):
+        assert refused.value.response.status_code == 403
+    else:
+        assert refused.value.rcvd.code == 1008 and refused.value.rcvd.reason == "forbidden_origin"
+    assert metric(url, "zoo_errors_total").get('{kind="forbidden_origin"}', 0) >= 1
+
+
+def test_sixteen_concurrent_chats_complete_on_both_replicas(url):
+    before = metric(url, "zoo_replica_replies_total")
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda _: chat(url), range(16)))
+    assert [r.status_code for r in replies] == [200] * 16, [r.text[:200] for r in replies if r.status_code != 200]
+    assert all(len(r.content) == REPLY_BYTES for r in replies)
+    after = metric(url, "zoo_replica_replies_total")
+    served = {k: v - before.get(k, 0) for k, v in after.items() if 'model="mini-omni"' in k}
+    assert sum(served.values()) == 16
+    assert len([n for n in served.values() if n > 0]) == 2, served  # both replicas took replies
+
+
+def test_all_slots_taken_is_503_busy_at_once(url):
+    """2 replicas x 8 slots: a 17th reply is refused at once, as the single-process server does."""
+    def long_chat(_):
+        r = requests.post(url + "/chat", json={"audio": QUESTION, "max_tokens": 300}, headers=AUTH, timeout=DEADLINE_S,
+                          stream=True)
+        return r.status_code, len(b"".join(r.iter_content(65536)))
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        running = [pool.submit(long_chat, i) for i in range(16)]
+        deadline = time.monotonic() + 60
+        while requests.get(url + "/health", timeout=10).json()["models"]["mini-omni"]["sessions"] < 16:
+            assert time.monotonic() < deadline and not any(f.done() for f in running)
+            time.sleep(0.1)
+        started = time.monotonic()
+        refused = chat(url)
+        waited = time.monotonic() - started
+        other_model = chat(url, model="hertz-dev", max_tokens=4)  # another model's slots are its own
+        results = [f.result(timeout=DEADLINE_S) for f in running]
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "busy", refused.text
+    assert refused.headers["Retry-After"] == "1" and waited < 2.0
+    assert other_model.status_code == 200 and other_model.content
+    assert results == [(200, (300 - 7) * 2048 * 2)] * 16
+
+
+def test_openai_sdk_realtime_conversation_through_ray(url):
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(api_key=KEY, base_url=url + "/v1", websocket_base_url=url.replace("http", "ws") + "/v1")
+
+    async def run():
+        async with client.realtime.connect(model="mini-omni") as conn:
+            created, _ = await next_of(conn, "session.created")
+            assert created.session.model == "mini-omni"
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 30})
+            await next_of(conn, "session.updated")
+            dones = []
+            for _ in range(2):  # two turns: the session (and its history) lives on through them
+                for chunk in pcm_chunks(speech_24k()):
+                    await conn.input_audio_buffer.append(audio=chunk)
+                audio = b""
+                async for event in conn:
+                    if event.type == "response.output_audio.delta":
+                        audio += base64.b64decode(event.delta)
+                    elif event.type == "error":
+                        raise AssertionError(event.error.message)
+                    elif event.type == "response.done":
+                        dones.append((event.response.status, len(audio)))
+                        break
+            return dones
+    dones = asyncio.run(asyncio.wait_for(run(), DEADLINE_S))
+    assert dones == [("completed", (30 - 7) * 2048 * 2)] * 2
+
+
+def test_full_duplex_sessions_through_ray(url):
+    """/v1/duplex for hertz-dev through the front: each session is held on one replica, frames
+    answered in order; /health counts the sessions while they are open."""
+    frame = 2000
+
+    async def session(seed: int, frames: int = 12) -> list[int]:
+        async with websockets.connect(url.replace("http", "ws") + "/hertz-dev/v1/duplex", additional_headers=AUTH) as ws:
+            created = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            assert created["type"] == "session.created" and created["session"]["frame_samples"] == frame
+            rng = np.random.default_rng(seed)
+            sizes = []
+            for i in range(frames):
+                await ws.send((rng.standard_normal(frame) * 3000).astype("<i2").tobytes())
+                sizes.append(len(await asyncio.wait_for(ws.recv(), 60)))
+                if i == frames // 2:
+                    health = await asyncio.to_thread(lambda: requests.get(url + "/health", timeout=10).json())
+                    sizes.append(health["models"]["hertz-dev"]["duplex_sessions"])
+            return sizes
+
+    async def both():
+        return await asyncio.gather(session(1), session(2))
+    answers = asyncio.run(asyncio.wait_for(both(), DEADLINE_S))
+    assert [a[:7] + a[8:] for a in answers] == [[2 * frame] * 12] * 2  # one answer per frame, in step
+    assert [a[7] for a in answers] == [2, 2]  # both sessions open at the front's count
+    deadline = time.monotonic() + 30  # a closed session frees its slot
+    while requests.get(url + "/health", timeout=10).json()["models"]["hertz-dev"]["duplex_sessions"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_a_killed_replica_fails_its_replies_visibly_and_comes_back(server, url):
+    def long_chat(_):
+        try:
+            r = requests.post(url + "/chat", json={"audio": QUESTION, "max_tokens": 400}, headers=AUTH,
+                              timeout=DEADLINE_S, stream=True)
+            body = b"".join(r.iter_content(65536))
+            return r.status_code, len(body)
+        except requests.RequestException as err:  # a cut stream: the visible failure
+            return "cut", type(err).__name__
+
+    replicas = [pid for pid, title in processes()
+                if "ServeReplica:omni-zoo:mini-omni" in title and server.proc.pid in ancestors(pid)]
+    assert len(replicas) == 2, replicas
+    before = metric(url, "zoo_replica_replies_total")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        running = [pool.submit(long_chat, i) for i in range(8)]
+        deadline = time.monotonic() + 60
+        while requests.get(url + "/health", timeout=10).json()["models"]["mini-omni"]["sessions"] < 8:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1.0)  # audio is flowing
+        started = {k for k, v in metric(url, "zoo_replica_replies_total").items()
+                   if 'model="mini-omni"' in k and v > before.get(k, 0)}
+        assert len(started) == 2, started  # both replicas hold replies: whichever dies has some in flight
+        os.kill(replicas[0], signal.SIGKILL)
+        results = [f.result(timeout=DEADLINE_S) for f in running]
+    full = (400 - 7) * 2048 * 2
+    cut = [r for r in results if r[0] == "cut"]
+    assert cut, results  # the killed replica had replies in flight: they failed, visibly
+    assert all(r == (200, full) for r in results if r[0] != "cut"), results  # never a short "complete" reply
+    assert metric(url, "zoo_errors_total").get('{kind="replica_lost"}', 0) >= len(cut)
+    later = [chat(url) for _ in range(4)]  # new work goes to the healthy replica
+    assert [(r.status_code, len(r.content)) for r in later] == [(200, REPLY_BYTES)] * 4
+    deadline = time.monotonic() + DEADLINE_S  # Serve starts a new one; /health says so meanwhile
+    states = set()
+    while replicas_running(url, "mini-omni") < 2 and time.monotonic() < deadline:
+        states.add(requests.get(url + "/health", timeout=10).json()["models"]["mini-omni"]["state"])
+        time.sleep(1)
+    assert replicas_running(url, "mini-omni") == 2
+    assert requests.get(url + "/health", timeout=10).json()["models"]["mini-omni"]["state"] == "ok"
+    assert chat(url).status_code == 200
+
+
+def test_a_killed_duplex_replica_ends_its_session_visibly_and_comes_back(server, url):
+    frame, duplex_url = 2000, url.replace("http", "ws") + "/hertz-dev/v1/duplex"
+    victims = [pid for pid, title in processes()
+               if "ServeReplica:omni-zoo:hertz-dev" in title and server.proc.pid in ancestors(pid)]
+    assert len(victims) == 1, victims
+    lost_before = metric(url, "zoo_errors_total").get('{kind="replica_lost"}', 0)
+    pcm = (np.random.default_rng(5).standard_normal(frame) * 3000).astype("<i2").tobytes()
+
+    async def killed_mid_session():
+        events = []
+        async with websockets.connect(duplex_url, additional_headers=AUTH) as ws:
+            await asyncio.wait_for(ws.recv(), 60)  # session.created
+            for _ in range(3):
+                await ws.send(pcm)
+                assert len(await asyncio.wait_for(ws.recv(), 60)) == 2 * frame
+            os.kill(victims[0], signal.SIGKILL)
+            try:
+                for _ in range(400):  # the client keeps talking until the server ends the session
+                    await ws.send(pcm)
+                    message = await asyncio.wait_for(ws.recv(), 60)
+                    if isinstance(message, str):
+                        events.append(json.loads(message))
+                    await asyncio.sleep(0.05)
+            except websockets.ConnectionClosed as closed:
+                return closed.rcvd.code if closed.rcvd else None, events
+        return None, events
+
+    async def fresh_session():
+        async with websockets.connect(duplex_url, additional_headers=AUTH) as ws:
+            await asyncio.wait_for(ws.recv(), 60)
+            await ws.send(pcm)
+            return len(await asyncio.wait_for(ws.recv(), 60))
+
+    code, events = asyncio.run(asyncio.wait_for(killed_mid_session(), DEADLINE_S))
+    assert code == 1011 and [e["error"]["code"] for e in events if e["type"] == "error"] == ["generation"], (code, events)
+    assert "lost" in events[-1]["error"]["message"]
+    assert metric(url, "zoo_errors_total").get('{kind="replica_lost"}', 0) > lost_before
+    deadline = time.monotonic() + DEADLINE_S  # Serve starts a new replica; then sessions work again
+    answers = []
+    while time.monotonic() < deadline and not answers:
+        time.sleep(2)  # the front's view of the replicas (polled every second) may lag the restart
+        if replicas_running(url, "hertz-dev") == 1:
+            try:
+                answers.append(asyncio.run(asyncio.wait_for(fresh_session(), 120)))
+            except (websockets.ConnectionClosed, websockets.InvalidStatus):
+                pass  # refused while the replica was still starting: busy or unavailable, at once
+    assert answers == [2 * frame]
+
+
+# -- without a cluster ----------------------------------------------------------------------------
+def test_replica_counts_and_autoscaling_options():
+    from serving.scale.deploy import ModelSpec, parse_replicas
+
+    assert parse_replicas("2", ["a", "b"]) == {"a": 2, "b": 2}
+    assert parse_replicas("a=4,b=2", ["a", "b", "c"]) == {"a": 4, "b": 2, "c": 1}
+    for bad in ("0", "x", "d=1"):
+        with pytest.raises(ValueError):
+            parse_replicas(bad, ["a", "b"])
+    fixed = ModelSpec({"model": "mini-omni"}, max_sessions=16, replicas=3, num_gpus=1).options()
+    assert fixed["num_replicas"] == 3 and fixed["max_ongoing_requests"] == 16 and fixed["max_queued_requests"] == 48
+    assert fixed["ray_actor_options"]["num_gpus"] == 1
+    scaled = ModelSpec({"model": "mini-omni"}, max_sessions=16, min_replicas=1, max_replicas=4).options()
+    assert "num_replicas" not in scaled and scaled["max_queued_requests"] == 64
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 1,
+                                           "target_ongoing_requests": pytest.approx(0.7 * 16)}
+    with pytest.raises(ValueError):
+        ModelSpec({"model": "mini-omni"}, min_replicas=3, max_replicas=2).options()
+
+
+def test_server_command_line_for_many_models():
+    from serving.scale import cli
+
+    assert cli.requested(["--replicas", "2"]) and cli.requested(["--ray-address=auto"]) and not cli.requested(["--tiny"])
+    names, argv = cli.split_models(["--model", "mini-omni,glm-4-voice", "--tiny"])
+    assert names == ["mini-omni", "glm-4-voice"] and argv == ["--model", "mini-omni", "--tiny"]
+    import server
+
+    args = server.parse_args(argv + ["--replicas", "mini-omni=4,glm-4-voice=2", "--min-replicas", "1",
+                                     "--max-replicas", "mini-omni=8"])
+    specs = cli.specs_from(args, names, 0)
+    assert [(s.name, s.replicas, s.min_replicas, s.max_replicas) for s in specs] == [
+        ("mini-omni", 4, 1, 8), ("glm-4-voice", 2, 1, None)]
+    assert specs[1].options()["autoscaling_config"]["max_replicas"] == 2  # no bound given: its replica count
+    assert server.main(["--model", "mini-omni,no-such-model", "--replicas", "2"]) == 2
+    # the builder KubeRay's RayService (and `serve run`) imports: the same flags, as one string
+    from ray.serve import Application
+
+    flags = "--model mini-omni,hertz-dev --tiny --replicas hertz-dev=3 --api-key k --max-sessions 4"
+    assert isinstance(cli.application({"argv": flags}), Application)
+    specs, front = cli.plan(flags.split() + ["--gpus-per-replica", "0.5"], cluster_gpus=0)
+    assert [(s.name, s.replicas, s.num_gpus, s.max_sessions) for s in specs] == [("mini-omni", 1, 0.5, 4), ("hertz-dev", 3, 0.5, 4)]
+    assert front.access.api_key == "k" and front.app_name == "omni-zoo"
+    assert [s.num_gpus for s in cli.plan(flags.split(), cluster_gpus=8)[0]] == [1, 1]  # a GPU each where there are GPUs
+
+
+def test_the_single_process_server_needs_no_ray():
+    """Ray is an optional extra: without it server.py serves as before, and --replicas says what to install."""
+    code = ("import sys; sys.modules['ray'] = None\n"  # `import ray` fails as if it were not installed
+            "import server, serving.app, serving.scale, serving.scale.cli\n"
+            "assert server.parse_args(['--tiny']).replicas is None\n"
+            "sys.exit(server.main(['--tiny', '--replicas', '2']))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "pip install '.[ray]'" in done.stderr
+
+
+def test_text_only_chunks_travel_with_the_next_one():
+    from serving.scale.replica import merged
+    from zoo.core.types import Chunk
+
+    text = Chunk(text=" hello")
+    both = merged(merged(text, Chunk(text=" there")), Chunk(audio=np.ones(4, np.float32), text="!", turn={"t": 1}))
+    assert both.text == " hello there!" and both.audio.tolist() == [1.0] * 4 and both.turn == {"t": 1}
