@@ -147,7 +147,7 @@ def query_options(service: Service, params: dict, query) -> dict:
 
 def install(app: FastAPI, service: Service, duplex: DuplexSettings) -> None:
     card = service.model.card
-    refusal = unavailable(card) or (None if PROTOCOL in card.protocols else
+    refusal = unavailable(service) or (None if PROTOCOL in card.protocols else
                                     ("not_offered", f"{card.name} does not declare the {PROTOCOL} protocol"))
     params = check_card(card, service.model.options_class)
 

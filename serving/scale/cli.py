@@ -11,6 +11,8 @@ import logging
 import math
 import os
 
+from zoo.cli import DEFAULT_MODEL
+
 from ..protocols.duplex import DuplexSettings
 from ..protocols.hertz_reference import ReferenceSettings
 from ..security import AccessSettings
@@ -41,10 +43,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def split_models(argv: list[str]) -> tuple[list[str], list[str]]:
     """(model names of ``--model a,b``, argv with only the first name, for the one-model parser)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", default="mini-omni")
+    pre.add_argument("--model", default=DEFAULT_MODEL)
     names = [n.strip() for n in pre.parse_known_args(argv)[0].model.split(",") if n.strip()]
     if len(names) < 2 and "," not in " ".join(argv):
-        return names or ["mini-omni"], list(argv)  # one model: the parser reads (and checks) it as given
+        return names or [DEFAULT_MODEL], list(argv)  # one model: the parser reads (and checks) it as given
     out, skip = [], False
     for a in argv:
         if skip:

@@ -64,7 +64,7 @@ class ModelSpec:
 
 
 def parse_replicas(text: str, names: list[str], default: int | None = 1) -> dict[str, int]:
-    """``"2"`` (every model) or ``"mini-omni=4,glm-4-voice=2"`` (models left out get ``default``;
+    """``"2"`` (every model) or ``"first=4,second=2"`` (models left out get ``default``;
     None: they are left out of the answer too)."""
     if "=" not in text:
         return dict.fromkeys(names, _count(text))
