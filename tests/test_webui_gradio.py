@@ -429,6 +429,9 @@ def test_mini_omni2_answers_a_spoken_question_about_an_image(tmp_path):
             page.wait_for_function("(img) => img.complete && img.naturalWidth > 100", arg=shown.element_handle(),
                                    timeout=30000)
             assert "(spoken question)" in page.locator("#conversation .user-row").first.inner_text()
+            # the conversation scrolls to the reply's end; the picture shows the question's image too
+            page.locator("#conversation .bubble-wrap").evaluate("panel => { panel.scrollTop = 0; }")
+            page.wait_for_timeout(300)
             screenshot(page, tmp_path, "gradio-image-turn")
         assert server.metric("zoo_sessions_total") >= 1
         print(json.dumps(result))
