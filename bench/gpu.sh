@@ -3,7 +3,7 @@
 # models with seeded random weights (the real compute cost). Each step has its own time limit and
 # a failed step does not stop the others. Results land in bench/results/ (and, when $OUT is set,
 # in $OUT/results.tar.gz with the log).
-#   bash bench/gpu.sh            # about 6-9 minutes on an H100/H200
+#   bash bench/gpu.sh            # about 7-10 minutes on an H100/H200
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -18,8 +18,13 @@ step() {  # step SECONDS command...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$LOG"
 
-# Issue #14 first (newest questions), then the rows that track earlier issues; the limits add up
-# to about 9.5 minutes, the usual run is shorter.
+# Issue #15 first (newest question), then #14, then the rows that track earlier issues; the limits
+# add up to about 11 minutes, the usual run is shorter (a session short of device time can run the
+# first step alone: it needs nothing but the repository).
+# Mini-Omni2 (vision): TTFA, steady RTF and the decode step with and without an image in one run
+# (the image's CLIP encoding and its longer prompt), stages including image_encode/image_prefill
+step 90 python bench/latency.py --model mini-omni2 --size full --device cuda --dtype bfloat16 --repeats 5 \
+    --image demos/images/red_circle.png
 # Mini-Omni decode steps through zoo.core.graphs: CUDA graphs vs eager, identical tokens, host syncs
 step 75 python bench/decode_graphs.py --device cuda --size full --dtype float32 --batches 1 8 32
 # Side by side with the reference (one process, same weights). Needs a checkout of the reference

@@ -4,9 +4,9 @@
     python bench/latency.py --size full --device cuda --dtype bfloat16
     python bench/latency.py --model mini-omni2 --size full --device cpu --image demos/images/red_circle.png
 
-``--image FILE`` (models whose card says image_input): every reply is measured twice in the same
-process, without and with the image (TTFA, steady RTF, TTFA part by part and the decode step
-through the serving contract), into ``with_image`` beside the plain numbers.
+``--image FILE`` (models whose card says image_input): the replies are measured without and with
+the image in the same process, alternating reply by reply (TTFA, steady RTF, TTFA part by part and
+the decode step through the serving contract), into ``with_image`` beside the plain numbers.
 
 Stages (medians after warm-up): the four every model has (zoo.Stage: encode, prefill, one decode
 step, first audio) and any a model adds; then
@@ -152,28 +152,32 @@ def reply_steps_ms(model, audio, rate, options, device, image=None) -> list[floa
     return times
 
 
-def replies(model, audio, rate, options, device, repeats: int, image=None) -> dict:
-    """TTFA, steady RTF, TTFA part by part and the decode step of ``repeats`` replies (after one
-    warm-up), with ``image`` if given."""
-    ttfa, rtf = [], []
-    reply_timeline(model, audio, rate, options, device, image)  # warm-up
-    for _ in tqdm(range(repeats), desc="replies" + (" (image)" if image is not None else ""), unit="reply"):
-        events = reply_timeline(model, audio, rate, options, device, image)
-        ttfa.append(events[0][0] * 1000)
-        if len(events) > 1:
-            later_audio = sum(n for _, n in events[1:]) / model.card.output_sample_rate
-            rtf.append((events[-1][0] - events[0][0]) / later_audio)
-    breakdowns = [ttfa_breakdown(model, audio, rate, options, device, image) for _ in range(repeats)]
-    steps = [t for _ in range(repeats) for t in reply_steps_ms(model, audio, rate, options, device, image)]
-    return {
-        "ttfa_ms": {"median": round(statistics.median(ttfa), 1), "all": [round(t, 1) for t in ttfa]},
-        "rtf_steady": round(statistics.median(rtf), 3) if rtf else None,
+def replies(model, audio, rate, options, device, repeats: int, images: list) -> list[dict]:
+    """Per case of ``images`` (None: no image): TTFA, steady RTF, TTFA part by part and the decode
+    step of ``repeats`` replies after one warm-up each. The cases alternate reply by reply, so a
+    machine whose load changes during the run weighs on every case alike."""
+    ttfa, rtf, breakdowns, steps = ([[] for _ in images] for _ in range(4))
+    for image in images:
+        reply_timeline(model, audio, rate, options, device, image)  # warm-up
+    for _ in tqdm(range(repeats), desc="replies", unit="round"):
+        for case, image in enumerate(images):
+            events = reply_timeline(model, audio, rate, options, device, image)
+            ttfa[case].append(events[0][0] * 1000)
+            if len(events) > 1:
+                later_audio = sum(n for _, n in events[1:]) / model.card.output_sample_rate
+                rtf[case].append((events[-1][0] - events[0][0]) / later_audio)
+            breakdowns[case].append(ttfa_breakdown(model, audio, rate, options, device, image))
+            steps[case] += reply_steps_ms(model, audio, rate, options, device, image)
+    return [{
+        "ttfa_ms": {"median": round(statistics.median(ttfa[case]), 1), "all": [round(t, 1) for t in ttfa[case]]},
+        "rtf_steady": round(statistics.median(rtf[case]), 3) if rtf[case] else None,
         # medians of each part over the repeats: TTFA through the serving contract, part by part
-        "ttfa_breakdown_ms": {k: round(statistics.median(b[k] for b in breakdowns), 2) for k in breakdowns[0]},
+        "ttfa_breakdown_ms": {k: round(statistics.median(b[k] for b in breakdowns[case]), 2)
+                              for k in breakdowns[case][0]},
         # every decode step of the replies through stepper.step (prompt included in the context)
-        "reply_step_ms": {"median": round(statistics.median(steps), 2),
-                          "p90": round(float(np.percentile(steps, 90)), 2), "n": len(steps)},
-    }
+        "reply_step_ms": {"median": round(statistics.median(steps[case]), 2),
+                          "p90": round(float(np.percentile(steps[case], 90)), 2), "n": len(steps[case])},
+    } for case in range(len(images))]
 
 
 def main(argv=None) -> int:
@@ -218,8 +222,9 @@ def main(argv=None) -> int:
                         "p90_ms": round(float(np.percentile(times, 90)), 2), "n": len(times)}
 
     options = model.options({"max_new_tokens": 1 + args.reply_steps})
-    plain = replies(model, audio, rate, options, device, args.repeats)
-    seen = replies(model, audio, rate, options, device, args.repeats, image) if image is not None else None
+    plain, *seen = replies(model, audio, rate, options, device, args.repeats,
+                           [None] if image is None else [None, image])
+    seen = seen[0] if seen else None
 
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
