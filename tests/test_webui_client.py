@@ -99,3 +99,20 @@ def test_waveform_png_draws_the_envelope():
     heights = drawn.sum(axis=0)
     assert heights[:90].mean() > 40 and heights[110:].mean() < 10  # tall while loud, flat while quiet
     assert waveform_png(np.zeros(0, np.float32))  # an empty reply still gives a picture
+
+
+def test_the_in_process_backend_asks_with_the_image_as_the_model_would_be_asked():
+    """The Gradio page in-process (LocalBackend): the image goes to the model's respond, the same
+    reply as respond(image=...) gives; the card is the page's (image_input)."""
+    import zoo
+    from webui.client import LocalBackend
+
+    model = zoo.load("mini-omni2", random_weights="tiny", device="cpu")
+    backend = LocalBackend(model)
+    assert backend.info().image_input and "takes an image" in backend.info().facts()
+    picture = (Path(__file__).resolve().parents[1] / "demos" / "images" / "red_circle.png").read_bytes()
+    question, options = silence_wav(0.5), {"max_new_tokens": 12}
+    with_image = "".join(c.text for c in backend.stream(question, options, image=picture))
+    assert with_image == "".join(c.text for c in model.respond(question, options=options, image=picture))
+    without = "".join(c.text for c in backend.stream(question, options))
+    assert without == "".join(c.text for c in model.respond(question, options=options))
