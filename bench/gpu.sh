@@ -3,7 +3,7 @@
 # models with seeded random weights (the real compute cost). Each step has its own time limit and
 # a failed step does not stop the others. Results land in bench/results/ (and, when $OUT is set,
 # in $OUT/results.tar.gz with the log).
-#   bash bench/gpu.sh            # about 6-9 minutes on an H100/H200
+#   bash bench/gpu.sh            # about 10 minutes on an H100/H200 (each step's limit below)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -18,12 +18,16 @@ step() {  # step SECONDS command...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$LOG"
 
-# Issue #16 first (newest question), then #14, then the rows that track earlier issues; the limits
-# add up to about 12.5 minutes (a 10-minute command then loses only the last rows), the usual run
-# is shorter.
+# Newest questions first: #16 (Moshi), #15 (Mini-Omni2), then #14, then the rows that track
+# earlier issues. The limits add up to about 14 minutes, more than one 10-minute device call: a
+# call that runs out loses only the last (oldest) rows; the usual run is shorter.
 # Moshi duplex steps (#16): ms per 80 ms step for 1, 8 and 32 sessions at full size (7.7B, bf16,
 # seeded random weights built on the host first: about a minute); 32 sessions' caches take ~50 GB
 step 180 python bench/duplex.py --model moshi --device cuda --dtype bfloat16 --sessions 1 8 32
+# Mini-Omni2 (vision, #15): TTFA, steady RTF and the decode step with and without an image in one
+# run (the image's CLIP encoding and its longer prompt), stages including image_encode/image_prefill
+step 90 python bench/latency.py --model mini-omni2 --size full --device cuda --dtype bfloat16 --repeats 5 \
+    --image demos/images/red_circle.png
 # Mini-Omni decode steps through zoo.core.graphs: CUDA graphs vs eager, identical tokens, host syncs
 step 75 python bench/decode_graphs.py --device cuda --size full --dtype float32 --batches 1 8 32
 # Side by side with the reference (one process, same weights). Needs a checkout of the reference

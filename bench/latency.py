@@ -2,6 +2,11 @@
 
     python bench/latency.py --model mini-omni --size full --device cpu
     python bench/latency.py --size full --device cuda --dtype bfloat16
+    python bench/latency.py --model mini-omni2 --size full --device cpu --image demos/images/red_circle.png
+
+``--image FILE`` (models whose card says image_input): the replies are measured without and with
+the image in the same process, alternating reply by reply (TTFA, steady RTF, TTFA part by part and
+the decode step through the serving contract), into ``with_image`` beside the plain numbers.
 
 Stages (medians after warm-up): the four every model has (zoo.Stage: encode, prefill, one decode
 step, first audio) and any a model adds; then
@@ -30,7 +35,8 @@ import torch
 from tqdm import tqdm
 
 import zoo
-from zoo.core.types import Stage
+from zoo.core.image import load_image
+from zoo.core.types import Stage, prepare_job
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION = Path(__file__).resolve().parents[1] / "demos" / "samples" / "01.wav"
@@ -73,18 +79,18 @@ def question(seconds: float) -> tuple[np.ndarray, int]:
     return np.pad(audio[:n], (0, max(0, n - audio.size))), rate
 
 
-def reply_timeline(model, audio, rate, options, device) -> list[tuple[float, int]]:
+def reply_timeline(model, audio, rate, options, device, image=None) -> list[tuple[float, int]]:
     sync(device)
     start = time.perf_counter()
     events = []
-    for chunk in model.respond(audio, rate, options):
+    for chunk in model.respond(audio, rate, options, image=image):
         if chunk.audio.size:
             sync(device)
             events.append((time.perf_counter() - start, chunk.audio.size))
     return events
 
 
-def ttfa_breakdown(model, audio, rate, options, device) -> dict:
+def ttfa_breakdown(model, audio, rate, options, device, image=None) -> dict:
     """Where a reply's time to first audio goes, through the serving contract on a one-session
     stepper: ``prepare`` (input decoding and encoding), ``start`` (prefill), the decode steps
     until a chunk carries audio (the last of them decodes the first audio in the models that
@@ -102,7 +108,7 @@ def ttfa_breakdown(model, audio, rate, options, device) -> dict:
         return out
 
     begun = time.perf_counter()
-    job = clock("prepare", stepper.prepare, audio, rate, options)
+    job = clock("prepare", prepare_job, stepper, model.card, audio, rate, options, None, image)
     try:
         clock("start", stepper.start, job)
         while True:
@@ -122,6 +128,58 @@ def ttfa_breakdown(model, audio, rate, options, device) -> dict:
     return out
 
 
+def reply_steps_ms(model, audio, rate, options, device, image=None) -> list[float]:
+    """Each decode step of one reply through the serving contract (``stepper.step`` on a
+    one-session stepper, its ``poll`` not included), until the reply ends: the per-step time of a
+    real question, with its own prompt (an image question's prompt is longer)."""
+    stepper = model.stepper(1)
+    job = prepare_job(stepper, model.card, audio, rate, options, None, image)
+    times = []
+    try:
+        stepper.start(job)
+        while not job.done:
+            while job.poll() is not None:
+                pass
+            if job.done:
+                break
+            sync(device)
+            started = time.perf_counter()
+            stepper.step([job])
+            sync(device)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        stepper.release(job)
+    return times
+
+
+def replies(model, audio, rate, options, device, repeats: int, images: list) -> list[dict]:
+    """Per case of ``images`` (None: no image): TTFA, steady RTF, TTFA part by part and the decode
+    step of ``repeats`` replies after one warm-up each. The cases alternate reply by reply, so a
+    machine whose load changes during the run weighs on every case alike."""
+    ttfa, rtf, breakdowns, steps = ([[] for _ in images] for _ in range(4))
+    for image in images:
+        reply_timeline(model, audio, rate, options, device, image)  # warm-up
+    for _ in tqdm(range(repeats), desc="replies", unit="round"):
+        for case, image in enumerate(images):
+            events = reply_timeline(model, audio, rate, options, device, image)
+            ttfa[case].append(events[0][0] * 1000)
+            if len(events) > 1:
+                later_audio = sum(n for _, n in events[1:]) / model.card.output_sample_rate
+                rtf[case].append((events[-1][0] - events[0][0]) / later_audio)
+            breakdowns[case].append(ttfa_breakdown(model, audio, rate, options, device, image))
+            steps[case] += reply_steps_ms(model, audio, rate, options, device, image)
+    return [{
+        "ttfa_ms": {"median": round(statistics.median(ttfa[case]), 1), "all": [round(t, 1) for t in ttfa[case]]},
+        "rtf_steady": round(statistics.median(rtf[case]), 3) if rtf[case] else None,
+        # medians of each part over the repeats: TTFA through the serving contract, part by part
+        "ttfa_breakdown_ms": {k: round(statistics.median(b[k] for b in breakdowns[case]), 2)
+                              for k in breakdowns[case][0]},
+        # every decode step of the replies through stepper.step (prompt included in the context)
+        "reply_step_ms": {"median": round(statistics.median(steps[case]), 2),
+                          "p90": round(float(np.percentile(steps[case], 90)), 2), "n": len(steps[case])},
+    } for case in range(len(images))]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mini-omni", choices=zoo.names())
@@ -132,6 +190,9 @@ def main(argv=None) -> int:
     p.add_argument("--question-seconds", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--reply-steps", type=int, default=47, help="decode steps in the RTF run")
+    p.add_argument("--image", type=Path,
+                   help="an image file (models whose card says image_input): replies are also measured "
+                        "with it, in the same run (results: 'with_image')")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--reference-json", type=Path,
                    help="the reference implementation's numbers, measured by a harness outside this "
@@ -140,6 +201,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.image is not None and not zoo.card(args.model).image_input:
+        p.error(f"--image: {args.model} does not take images (its card says image_input=False)")
+    image = load_image(args.image) if args.image is not None else None
 
     t0 = time.perf_counter()
     model = zoo.load(args.model, random_weights=args.size, device=device, dtype=args.dtype)
@@ -158,17 +222,9 @@ def main(argv=None) -> int:
                         "p90_ms": round(float(np.percentile(times, 90)), 2), "n": len(times)}
 
     options = model.options({"max_new_tokens": 1 + args.reply_steps})
-    ttfa, rtf = [], []
-    reply_timeline(model, audio, rate, options, device)  # warm-up
-    for _ in tqdm(range(args.repeats), desc="replies", unit="reply"):
-        events = reply_timeline(model, audio, rate, options, device)
-        ttfa.append(events[0][0] * 1000)
-        if len(events) > 1:
-            later_audio = sum(n for _, n in events[1:]) / model.card.output_sample_rate
-            rtf.append((events[-1][0] - events[0][0]) / later_audio)
-
-    breakdowns = [ttfa_breakdown(model, audio, rate, options, device) for _ in range(args.repeats)]
-    breakdown = {k: round(statistics.median(b[k] for b in breakdowns), 2) for k in breakdowns[0]}
+    plain, *seen = replies(model, audio, rate, options, device, args.repeats,
+                           [None] if image is None else [None, image])
+    seen = seen[0] if seen else None
 
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -182,19 +238,21 @@ def main(argv=None) -> int:
         "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "date": date.today().isoformat(), "question_s": args.question_seconds,
         "load_s": round(load_s, 2), "stages": stages,
-        "ttfa_ms": {"median": round(statistics.median(ttfa), 1), "all": [round(t, 1) for t in ttfa]},
-        "rtf_steady": round(statistics.median(rtf), 3) if rtf else None,
-        # medians of each part over the repeats: TTFA through the serving contract, part by part
-        "ttfa_breakdown_ms": breakdown,
+        "reply_steps": args.reply_steps,
+        **plain,
         "peak_memory_gib": round(peak, 2), "peak_memory_kind": peak_kind,
         "weights": "seeded random (output is noise)",
     }
+    if seen is not None:
+        result["with_image"] = {"image": str(args.image), "image_size": list(image.size), **seen}
     if args.reference_json:
         result["reference"] = json.loads(args.reference_json.read_text())
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{result['date']}_{args.model}_{args.size}_{device.type}_{args.dtype}"
+    stem = f"{result['date']}_{args.model}_{args.size}_{device.type}_{args.dtype}" + ("_image" if seen else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     append_row(args.out / "latency.md", result)
+    if seen is not None:
+        append_row(args.out / "latency.md", {**result, **seen, "model": f"{args.model} + image"})
     print(json.dumps(result, indent=2))
     return 0
 

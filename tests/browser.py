@@ -31,7 +31,7 @@ def browser_page(mic_wav: Path, viewport=(1280, 900)):
                   f"--use-file-for-fake-audio-capture={mic_wav}",
                   "--autoplay-policy=no-user-gesture-required"],
         )
-        context = browser.new_context(permissions=["microphone"], viewport={"width": viewport[0], "height": viewport[1]})
+        context = browser.new_context(permissions=["microphone", "camera"], viewport={"width": viewport[0], "height": viewport[1]})
         context.route("**/*", lambda route: route.continue_() if _loopback(route.request.url) else route.abort())
         page = context.new_page()
         try:

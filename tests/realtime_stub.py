@@ -1,7 +1,8 @@
 """A stand-in voice server for the web UI tests: several models in ``GET /v1/models`` (as a
 multi-model deployment lists them) and a ``/v1/realtime`` socket whose replies the test scripts
 turn by turn (``replies``: "ok" or "busy"), recording the model each session asked for, the API
-key it offered and the host it was addressed to. uvicorn on a free loopback port in a thread."""
+key it offered, the host it was addressed to and the images it sent (conversation.item.create's
+input_image URLs; a model is ``(name, text_output)`` or ``(name, text_output, image_input)``). uvicorn on a free loopback port in a thread."""
 from __future__ import annotations
 
 import asyncio
@@ -18,16 +19,17 @@ from procs import free_port
 KEY_PROTOCOL = "openai-insecure-api-key."
 
 
-def _model(model_id: str, text_output: bool) -> dict:
+def _model(model_id: str, text_output: bool, image_input: bool = False) -> dict:
     card = {"name": model_id, "title": model_id.title(), "input_sample_rate": 16000, "output_sample_rate": 24000,
-            "max_input_seconds": 30.0, "text_output": text_output, "duplex": False, "multi_turn": False}
+            "max_input_seconds": 30.0, "text_output": text_output, "duplex": False, "multi_turn": False,
+            "image_input": image_input}
     return {"id": model_id, "object": "model", "random_weights": False, "notice": None,
             "default_max_new_tokens": None, "card": card}
 
 
 class RealtimeStub:
-    def __init__(self, models: list[tuple[str, bool]], api_key: str) -> None:
-        self.models = [_model(name, text) for name, text in models]
+    def __init__(self, models: list[tuple], api_key: str) -> None:
+        self.models = [_model(*model) for model in models]
         self.api_key = api_key
         self.replies: list[str] = []  # what the next turns get, in order
         self.sessions: list[dict] = []  # per socket: the model asked for and the key offered
@@ -59,7 +61,8 @@ class RealtimeStub:
         async def realtime(ws: WebSocket):
             offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
             key = next((p[len(KEY_PROTOCOL):] for p in offered if p.startswith(KEY_PROTOCOL)), None)
-            self.sessions.append({"model": ws.query_params.get("model"), "key": key, "host": ws.headers.get("host")})
+            session = {"model": ws.query_params.get("model"), "key": key, "host": ws.headers.get("host"), "images": []}
+            self.sessions.append(session)
             if key != self.api_key:
                 await ws.close(code=1008)
                 return
@@ -69,6 +72,8 @@ class RealtimeStub:
             try:
                 while True:
                     event = await ws.receive_json()
+                    if event["type"] == "conversation.item.create":
+                        session["images"] += [part["image_url"] for part in event["item"]["content"]]
                     if event["type"] == "response.create":
                         await self._reply(ws, self.replies.pop(0) if self.replies else "ok")
             except WebSocketDisconnect:  # the page closes the socket once the reply has ended

@@ -72,6 +72,33 @@ def test_the_latency_bench_runs_for_every_model(model, tmp_path):
     assert model.card.name in (tmp_path / "latency.md").read_text()
 
 
+@pytest.mark.parametrize("name", zoo.names())
+def test_the_latency_bench_measures_an_image_question_for_cards_that_take_one(name, tmp_path):
+    """``bench/latency.py --image``: card-driven. A model whose card says image_input is measured
+    with and without the image in one run; any other model refuses the flag before loading."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "bench/latency.py", "--model", name, "--size", "tiny", "--device", "cpu",
+                           "--repeats", "1", "--reply-steps", "12", "--out", str(tmp_path),
+                           "--image", "demos/images/red_circle.png"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    if not zoo.card(name).image_input:
+        assert done.returncode == 2 and "does not take images" in done.stderr, done.stderr[-2000:]
+        return
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("*_image.json")).read_text())
+    for case in (result, result["with_image"]):
+        assert case["ttfa_ms"]["median"] > 0 and case["reply_step_ms"]["n"] > 0
+        assert case["ttfa_breakdown_ms"]["prepare"] > 0
+    assert result["with_image"]["image_size"] == [320, 240]
+    assert {"image_encode", "image_prefill"} <= set(result["stages"])
+    assert f"{name} + image" in (tmp_path / "latency.md").read_text()
+
+
 # -- the card ---------------------------------------------------------------------------------------
 def test_the_card_is_consistent_and_readable_without_loading(model):
     import dataclasses

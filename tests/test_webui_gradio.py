@@ -8,6 +8,8 @@ column, and scrolls in its panel however long the talk; the program prints its U
 shared model flags.
 
 ``WEBUI_SHOTS=docs/screenshots`` also writes the screenshots committed there."""
+import base64
+import io
 import json
 import os
 import re
@@ -15,19 +17,23 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import requests
 from browser import audio_playing, browser_page, fake_mic_wav
 from conftest import REPO
+from PIL import Image
 from procs import LoopbackProcess, free_port
 from test_server import Server
-from voice_stub import ABORT_REASON, ABORTED, BUSY, CUT, GONE, MODELS, VoiceStub
+from voice_stub import ABORT_REASON, ABORTED, BUSY, CUT, GONE, MODELS, SEEING, VoiceStub
 
 import zoo
 
 SHOTS = os.environ.get("WEBUI_SHOTS")  # also write screenshots there, for people to look at
 PAGE_HEIGHT_BOUND = 1400  # px at 1280x900: the page must not grow with the conversation
 STATS = re.compile(r"first audio after (\d+) ms · (\d+\.\d) s of audio")
+PICTURE = REPO / "demos" / "images" / "red_circle.png"
+PICTURE_QUESTION = REPO / "demos" / "images" / "red_circle_question.wav"
 
 
 class GradioPage(LoopbackProcess):
@@ -204,6 +210,7 @@ def test_page_through_server_answers_within_the_users_reply_cap(mic, tmp_path):
             open_page(page, ui.url)
             assert f"server {server.url}" in page.locator("#facts").inner_text()
             check_model_header(page, entry)
+            assert entry["card"]["image_input"] is False and not image_input(page).is_visible()
             cap = 20  # short, yet past the audio codebooks' start-up delay
             page.locator("#max-tokens input").fill(str(cap))
             page.locator("#max-tokens input").press("Tab")
@@ -323,3 +330,111 @@ def test_the_page_takes_the_shared_model_flags(tmp_path):
     components = [f"--{c.replace('_', '-')}" for c in zoo.card("hertz-dev").components]
     assert components and all(flag in helped.stdout for flag in components)  # the card's parts, not mini-omni's
     assert all(flag in helped.stdout for flag in ("--tiny", "--random-full", "--dtype", "--share", "--port"))
+
+
+def image_input(page):
+    return page.locator("#image")
+
+
+def attach_image(page, path=PICTURE):
+    """Upload an image into the page's image input (its file chooser)."""
+    image_input(page).locator("input[type=file]").set_input_files(str(path))
+    image_input(page).locator("img[src]").first.wait_for(timeout=30000)  # the preview
+
+
+def asked_images(page):
+    """The images shown in the user's turns of the conversation."""
+    return page.locator("#conversation .user-row img")
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def send_again(page) -> str:
+    count = page.locator(REPLIES).count()
+    page.get_by_role("button", name="Send again").click()
+    page.wait_for_function(f"() => document.querySelectorAll({REPLIES!r}).length > {count}")
+    return wait_ready(page, 60)
+
+
+def test_the_image_input_follows_the_chosen_models_card(mic, tmp_path):
+    """Shown only while the chosen model's card says image_input, with both sources (a file, the
+    webcam); the image goes with the question in /chat's image field and shows in the user's
+    turn; switching to a model without image input hides and empties it, and nothing is sent."""
+    with VoiceStub() as stub:
+        ui = GradioPage(api_url=stub.url)
+        try:
+            with browser_page(mic) as page:
+                open_page(page, ui.url)
+                assert not image_input(page).is_visible()  # the default model takes no image
+                record(page, 1.5)
+                wait_ready(page, 60)
+                assert "image" not in stub.requests[-1]
+                choose(page, SEEING)
+                image_input(page).wait_for(state="visible", timeout=10000)
+                assert "takes an image" in page.locator("#facts").inner_text()
+                for source in ("Upload file", "Capture from camera"):
+                    assert image_input(page).get_by_role("button", name=source).is_visible()
+                attach_image(page)
+                send_again(page)
+                body = stub.requests[-1]
+                assert body["model"] == SEEING
+                assert np.array_equal(pixels(base64.b64decode(body["image"])), pixels(PICTURE.read_bytes()))
+                assert asked_images(page).count() == 1
+
+                choose(page, CUT)  # no image input: hidden, emptied, nothing sent along
+                image_input(page).wait_for(state="hidden", timeout=10000)
+                send_again(page)
+                assert stub.requests[-1]["model"] == CUT and "image" not in stub.requests[-1]
+
+                choose(page, SEEING)  # back: the input is there again, empty; now the webcam (fake camera)
+                image_input(page).wait_for(state="visible", timeout=10000)
+                assert image_input(page).locator("img[src]").count() == 0
+                image_input(page).get_by_role("button", name="Capture from camera").click()
+                image_input(page).get_by_text("Click to Access Webcam").click()
+                page.wait_for_function("() => { const v = document.querySelector('#image video');"
+                                       " return v && v.readyState >= 2 && v.videoWidth > 0; }", timeout=30000)
+                image_input(page).get_by_role("button", name="capture photo").click()
+                image_input(page).locator("img[src]").first.wait_for(timeout=30000)
+                page.wait_for_timeout(500)  # the capture is uploaded
+                send_again(page)
+                body = stub.requests[-1]
+                assert body["model"] == SEEING and pixels(base64.b64decode(body["image"])).shape[0] > 100
+                assert asked_images(page).count() == 2
+                assert "Traceback" not in page.inner_text("body")
+        finally:
+            ui.stop()
+
+
+def test_mini_omni2_answers_a_spoken_question_about_an_image(tmp_path):
+    """server.py --model mini-omni2 --tiny behind the page: the image input is there (and not for
+    Mini-Omni, whose card takes no image: test_page_through_server_...), the exchange with an
+    image completes (reply played, numbers, waveform) and the image shows in the user's turn."""
+    mic = fake_mic_wav(tmp_path / "question.wav", "What color is the circle?")
+    server = Server("--model", "mini-omni2", "--max-sessions", "2")
+    ui = GradioPage(api_url=server.url)
+    try:
+        (entry,) = served_models(server.url)
+        assert entry["card"]["image_input"] is True
+        with browser_page(mic) as page:
+            open_page(page, ui.url)
+            check_model_header(page, entry)
+            image_input(page).wait_for(state="visible", timeout=10000)
+            attach_image(page)
+            result = talk(page)
+            assert result["text"] not in ("…", "(no text)")
+            shown = asked_images(page)
+            assert shown.count() == 1
+            page.wait_for_function("(img) => img.complete && img.naturalWidth > 100", arg=shown.element_handle(),
+                                   timeout=30000)
+            assert "(spoken question)" in page.locator("#conversation .user-row").first.inner_text()
+            # the conversation scrolls to the reply's end; the picture shows the question's image too
+            page.locator("#conversation .bubble-wrap").evaluate("panel => { panel.scrollTop = 0; }")
+            page.wait_for_timeout(300)
+            screenshot(page, tmp_path, "gradio-image-turn")
+        assert server.metric("zoo_sessions_total") >= 1
+        print(json.dumps(result))
+    finally:
+        ui.stop()
+        server.stop()

@@ -1,5 +1,6 @@
 """The Streamlit UI (webui/omni_streamlit.py) in a real browser: headless Chromium with a fake
 microphone, a real `streamlit run` process, and a real server.py (tiny models) or a stub."""
+import base64
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ SHOTS = REPO / "docs" / "screenshots"
 UPDATE_SHOTS = os.environ.get("UPDATE_SCREENSHOTS")  # set: the committed screenshots are replaced
 STREAMED_TOKENS = 150  # ~11 s of the tiny Mini-Omni's audio: long enough to hear it stream
 LONG_TOKENS = 2000  # a reply that is still running when the test kills the server
+PICTURE = REPO / "demos" / "images" / "red_circle.png"
 
 
 class StreamlitApp(LoopbackProcess):
@@ -127,6 +129,8 @@ def test_reply_plays_while_it_streams_and_a_broken_reply_says_so(tmp_path):
             # the picker offers the server's model; the server's notice is the page's warning
             sidebar = page.get_by_test_id("stSidebar")
             expect(picker(page)).to_have_value("mini-omni", timeout=30_000)
+            page.get_by_test_id("stAudioInput").wait_for(timeout=15_000)
+            assert offered["card"]["image_input"] is False and image_upload(page).count() == 0
             page.get_by_test_id("stAlertContentWarning").get_by_text(offered["notice"]).wait_for(timeout=5_000)
             cap = sidebar.get_by_label("Reply cap (max tokens)", exact=True)
             assert cap.input_value() == str(offered["default_max_new_tokens"])  # the server's cap, overridable
@@ -282,3 +286,98 @@ def test_usage_statistics_are_off_for_a_run_from_the_repository_root():
     probe = "from streamlit import config; print(config.get_option('browser.gatherUsageStats'))"
     here = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert here.stdout.strip() == "False"
+
+
+def image_upload(page):
+    return page.get_by_test_id("stFileUploader")
+
+
+def attach_image(page, path=PICTURE) -> None:
+    """Choose an image file in the page's image upload; returns once the page has it."""
+    image_upload(page).locator("input[type=file]").set_input_files(str(path))
+    image_upload(page).get_by_text(path.name).wait_for(timeout=15_000)
+    page.wait_for_timeout(1000)  # the rerun that takes the file
+
+
+def user_messages(page):
+    return page.get_by_test_id("stChatMessage").filter(has=page.get_by_test_id("stChatMessageAvatarUser"))
+
+
+def choose(page, model: str) -> None:
+    picker(page).click()
+    page.get_by_role("option", name=model).click()
+    page.get_by_text(f"Model: {model}").wait_for(timeout=15_000)
+
+
+def test_the_image_upload_follows_the_card_and_goes_with_the_question(tmp_path):
+    """Only a model whose card says image_input gets the upload; the image goes with the recorded
+    question (conversation.item.create with an input_image before the audio) and shows in the
+    turn; a model without image input has no upload and is sent none."""
+    wav = fake_mic_wav(tmp_path / "q.wav")
+    stub = RealtimeStub([("stub-talker", True), ("stub-seeing", True, True)], api_key="k3y")
+    try:
+        with StreamlitApp(stub.url, OMNI_ZOO_API_KEY="k3y") as app, browser_page(wav) as page:
+            page.goto(app.url + "/chat")
+            expect(picker(page)).to_have_value("stub-talker", timeout=30_000)
+            page.get_by_test_id("stAudioInput").wait_for(timeout=15_000)
+            assert image_upload(page).count() == 0
+            choose(page, "stub-seeing")
+            image_upload(page).wait_for(timeout=15_000)
+            assert "takes an image with the question" in page.get_by_test_id("stSidebar").inner_text()
+            attach_image(page)
+            record(page, seconds=1.0)
+            done = reply_stats(page, timeout=60)
+            assert done["status"] == "completed", done
+            assert stub.sessions[-1]["model"] == "stub-seeing"
+            assert stub.sessions[-1]["images"] == ["data:image/png;base64," + base64.b64encode(PICTURE.read_bytes()).decode()]
+            shown = user_messages(page).last.get_by_role("img")
+            shown.wait_for(timeout=15_000)
+            assert user_messages(page).last.get_by_text("the image the question is about").is_visible()
+
+            choose(page, "stub-talker")  # no image input: no upload, nothing sent
+            page.get_by_test_id("stAudioInput").wait_for(timeout=15_000)
+            assert image_upload(page).count() == 0
+            record(page, seconds=1.0)
+            again = reply_stats(page, timeout=60, turn=done["turn"])
+            assert again["status"] == "completed", again
+            assert stub.sessions[-1]["model"] == "stub-talker" and stub.sessions[-1]["images"] == []
+            assert user_messages(page).count() == 2 and user_messages(page).last.get_by_role("img").count() == 0
+            assert_no_traceback(page)
+    finally:
+        stub.stop()
+
+
+def test_mini_omni2_answers_a_spoken_question_about_an_image(tmp_path):
+    """server.py --model mini-omni2 --tiny: the upload is there, the exchange with an image
+    completes (played while it streamed, its record) and the image shows in the user's turn."""
+    wav = fake_mic_wav(tmp_path / "q.wav", "What color is the circle?")
+    server = Server("--model", "mini-omni2", "--max-sessions", "2")
+    try:
+        offered = requests.get(server.url + "/v1/models", timeout=5).json()["data"][0]
+        assert offered["card"]["image_input"] is True
+        with StreamlitApp(server.url) as app, browser_page(wav) as page:
+            page.goto(app.url + "/chat")
+            expect(picker(page)).to_have_value("mini-omni2", timeout=30_000)
+            image_upload(page).wait_for(timeout=15_000)
+            attach_image(page)
+            record(page)
+            stats = reply_stats(page)
+            assert stats["status"] == "completed" and stats["firstAudioMs"] is not None, stats
+            turn = assistant_messages(page).last
+            turn.get_by_text("time to first audio").wait_for(timeout=15_000)
+            turn.get_by_alt_text("waveform of the reply").wait_for(timeout=15_000)
+            text = turn.get_by_test_id("stMarkdownContainer").first.inner_text().strip()
+            assert text and text not in ("(no text)", "(audio only)")
+            shown = user_messages(page).last.get_by_role("img")
+            shown.wait_for(timeout=15_000)
+            page.wait_for_function("(img) => img.complete && img.naturalWidth > 100", arg=shown.element_handle(),
+                                   timeout=15_000)
+            assert server.metric("zoo_sessions_total") >= 1
+            assert_no_traceback(page)
+            page.set_viewport_size({"width": 1280, "height": 1500})
+            page.get_by_role("heading", name="Voice chat").scroll_into_view_if_needed()
+            page.wait_for_timeout(500)
+            screenshot(page, tmp_path, "streamlit-image-turn.png")
+            print(f"image turn: first audio {stats['firstAudioMs']} ms after the request, {stats['chunks']} chunks")
+    finally:
+        server.stop()

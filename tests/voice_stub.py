@@ -1,7 +1,8 @@
 """A stand-in for server.py on a loopback port, for the failures a real tiny model does not make
 on demand: it lists several models (GET /v1/models, as a multi-model server would) and answers
 POST /chat by the "model" field: refused busy (503), a model it does not run (404), a multipart
-reply the server aborts after its error part, or one cut without a reason."""
+reply the server aborts after its error part, or one cut without a reason. One model's card
+takes an image with the question (its replies are cut like CUT's; the test reads the body)."""
 from __future__ import annotations
 
 import json
@@ -10,19 +11,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
-BUSY, GONE, ABORTED, CUT = "stub-busy", "stub-gone", "stub-aborted", "stub-cut"
+BUSY, GONE, ABORTED, CUT, SEEING = "stub-busy", "stub-gone", "stub-aborted", "stub-cut", "stub-seeing"
 ABORT_REASON = "sampling failed on the stub's GPU"
 
 
-def _entry(name: str, output_rate: int, text_output: bool) -> dict:
+def _entry(name: str, output_rate: int, text_output: bool, image_input: bool = False) -> dict:
     card = {"name": name, "output_sample_rate": output_rate, "input_sample_rate": 16000,
-            "text_output": text_output, "duplex": False}
+            "text_output": text_output, "duplex": False, "image_input": image_input}
     return {"id": name, "object": "model", "random_weights": False, "notice": None,
             "default_max_new_tokens": None, "card": card}
 
 
 MODELS = [_entry(BUSY, 24000, True), _entry(ABORTED, 16000, False), _entry(CUT, 24000, True),
-          _entry(GONE, 24000, True)]
+          _entry(GONE, 24000, True), _entry(SEEING, 24000, True, image_input=True)]
 
 
 def _part(content_type: str, payload: bytes) -> bytes:

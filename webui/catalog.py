@@ -23,6 +23,11 @@ class ModelEntry:
         """The model streams text with its audio (cards without the field predate it: text)."""
         return bool(self.card.get("text_output", True))
 
+    @property
+    def image_input(self) -> bool:
+        """A question may come with an image (the card says image_input)."""
+        return bool(self.card.get("image_input"))
+
     def facts(self) -> list[str]:
         """Short card facts for people: rates, input limit, what it can do."""
         card = self.card
@@ -30,6 +35,7 @@ class ModelEntry:
                  f"{card['output_sample_rate'] / 1000:g} kHz out" if card.get("output_sample_rate") else None,
                  f"questions up to {card['max_input_seconds']:g} s" if card.get("max_input_seconds") else None,
                  "speech and text out" if self.text_output else "audio only (no text)",
+                 "takes an image with the question" if self.image_input else None,
                  "multi-turn" if card.get("multi_turn") else None,
                  "full duplex" if card.get("duplex") else None,
                  "languages: " + ", ".join(card["languages"]) if card.get("languages") else None]

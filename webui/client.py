@@ -1,5 +1,6 @@
 """What both web UIs talk to: server.py over HTTP (when API_URL is set) or a model loaded in this
-process. Either way: a card and ``stream(wav_bytes) -> Iterator[Chunk]``."""
+process. Either way: a card and ``stream(wav_bytes, image=...) -> Iterator[Chunk]`` (an image only
+for a model whose card says image_input)."""
 from __future__ import annotations
 
 import base64
@@ -44,13 +45,15 @@ class BackendInfo:
     text_output: bool = True  # the card: False means replies are audio only (no text stream)
     notice: str | None = None  # what to tell people about random weights (noise, reply cap)
     default_max_new_tokens: int | None = None  # the reply cap a request gets unless it sets one
+    image_input: bool = False  # the card: a question may come with an image (the pages offer one)
 
     def facts(self) -> str:
         """The card's facts people care about, one line."""
         replies = "speech and text" if self.text_output else "speech only (no text stream)"
         mode = "full duplex" if self.duplex else "turn by turn"
+        image = " · takes an image with the question" if self.image_input else ""
         return (f"{self.model} · {self.where} · replies: {replies} · {self.input_sample_rate / 1000:g} kHz in, "
-                f"{self.output_sample_rate / 1000:g} kHz out · {mode}")
+                f"{self.output_sample_rate / 1000:g} kHz out · {mode}{image}")
 
 
 class ReplyBrokeOff(BackendError):
@@ -88,14 +91,20 @@ class ServerBackend:
                            input_sample_rate=card.get("input_sample_rate") or 16000,
                            frame_samples=card.get("frame_samples") or 0,
                            text_output=bool(card.get("text_output", True)), notice=model.get("notice"),
-                           default_max_new_tokens=model.get("default_max_new_tokens"))
+                           default_max_new_tokens=model.get("default_max_new_tokens"),
+                           image_input=bool(card.get("image_input")))
 
-    def stream(self, wav: bytes, options: dict | None = None, model: str | None = None) -> Iterator[Chunk]:
+    def stream(self, wav: bytes, options: dict | None = None, model: str | None = None,
+               image: bytes | None = None) -> Iterator[Chunk]:
         """POST /chat in multipart mode: audio and text deltas as they are generated. ``model``:
-        one of ``models()`` (None: the server's default). A reply cut short raises ReplyBrokeOff."""
+        one of ``models()`` (None: the server's default). ``image``: the bytes of a PNG/JPEG file
+        the question is about (its ``image`` field, as the Mini-Omni2 clients send it; for models
+        whose card says image_input). A reply cut short raises ReplyBrokeOff."""
         body = {"audio": base64.b64encode(wav).decode(), "format": "multipart", **(options or {})}
         if model:
             body["model"] = model
+        if image:
+            body["image"] = base64.b64encode(image).decode()
         try:
             response = requests.post(self.api_url + "/chat", json=body, headers=auth_headers(), stream=True,
                                      timeout=self.timeout)
@@ -169,17 +178,19 @@ class LocalBackend:
         return BackendInfo(card.name, card.output_sample_rate, self.model.random_weights is not None, "in-process",
                            duplex=card.duplex, input_sample_rate=card.input_sample_rate,
                            frame_samples=card.frame_samples or 0, text_output=card.text_output,
-                           notice=noise_notice(self.model), default_max_new_tokens=self.model.default_max_new_tokens)
+                           notice=noise_notice(self.model), default_max_new_tokens=self.model.default_max_new_tokens,
+                           image_input=card.image_input)
 
     def models(self) -> list[BackendInfo]:
         """The one model loaded here."""
         return [self.info()]
 
-    def stream(self, wav: bytes, options: dict | None = None, model: str | None = None) -> Iterator[Chunk]:
+    def stream(self, wav: bytes, options: dict | None = None, model: str | None = None,
+               image: bytes | None = None) -> Iterator[Chunk]:
         if model and model != self.model.card.name:  # as the server answers (404 model_not_found)
             raise BackendError(f"this page runs {self.model.card.name!r}, not {model!r}")
         try:
-            yield from self.model.respond(wav, options=options)
+            yield from self.model.respond(wav, options=options, image=image or None)
         except Exception as err:  # zoo errors carry clear messages; show them, do not crash the page
             raise BackendError(str(err)) from None
 

@@ -1,6 +1,8 @@
 """The Gradio voice-chat page itself (``build``): the model picker with the card's facts, the
 random-weight notice, the conversation (turn-by-turn replies with their numbers and waveform, and
-the live widget's transcript), the microphone and the reply player. webui/omni_gradio.py serves it.
+the live widget's transcript), the microphone, the image input (upload or webcam; shown only while
+the chosen model's card says image_input: the image goes with the question and is shown in its
+turn) and the reply player. webui/omni_gradio.py serves it.
 
 Every reply ends in the conversation: finished (text or "(audio only)", time to first audio,
 seconds of audio, waveform) or failed (the one-line reason); the status always returns to ready."""
@@ -24,6 +26,7 @@ from zoo.core.audio import float_to_pcm16
 TITLE = "omni-zoo voice chat"
 READY, THINKING, SPEAKING = "ready", "thinking…", "speaking…"
 QUESTION = "(spoken question)"
+IMAGE_ALT = "the image the question is about"
 CONVERSATION_HEIGHT_PX = 420  # the conversation scrolls inside this height; the page does not grow
 # waveform pictures live here until Gradio copies them into its own cache for the browser
 WAVEFORMS = Path(tempfile.mkdtemp(prefix="omni-zoo-waveforms-"))
@@ -59,13 +62,34 @@ def notice_markdown(catalog: Catalog, model: str | None) -> str:
     return f"⚠ **{info.notice}**" if info is not None and info.notice else ""
 
 
+def takes_image(catalog: Catalog, model: str | None) -> bool:
+    """The chosen model's card says a question may come with an image."""
+    info = catalog.models.get(model) if model else None
+    return info is not None and info.image_input
+
+
+def image_control(catalog: Catalog, model: str | None):
+    """The image input follows the chosen model's card: shown for image_input, else hidden and
+    emptied (an image picked for another model is not sent along unseen)."""
+    if takes_image(catalog, model):
+        return gr.update(visible=True)
+    return gr.update(visible=False, value=None)
+
+
 def model_controls(catalog: Catalog, model: str | None):
-    """What follows the chosen model: its facts, its notice and its reply cap (the field shows
-    the cap requests get by default; empty: the model's own default, no cap)."""
+    """What follows the chosen model: its facts, its notice, its reply cap (the field shows
+    the cap requests get by default; empty: the model's own default, no cap) and the image input."""
     info = catalog.models.get(model) if model else None
     notice = notice_markdown(catalog, model)
     return (facts_markdown(catalog, model), gr.update(value=notice, visible=bool(notice)),
-            gr.update(value=info.default_max_new_tokens if info is not None else None))
+            gr.update(value=info.default_max_new_tokens if info is not None else None), image_control(catalog, model))
+
+
+def question_message(image: str | None) -> dict:
+    """The user's turn in the conversation: the spoken question, and the image it was asked with."""
+    if not image:
+        return {"role": "user", "content": QUESTION}
+    return {"role": "user", "content": [QUESTION, {"path": image, "alt_text": IMAGE_ALT}]}
 
 
 def status_markdown(state: str) -> str:
@@ -125,10 +149,12 @@ def build(backend, live_api: str | None = None) -> gr.Blocks:
     load, so a server started after the page is found by reloading it."""
     first = Catalog.read(backend)
 
-    def respond(recording: str | None, history: list, model: str | None, max_tokens, catalog: Catalog):
+    def respond(recording: str | None, image: str | None, history: list, model: str | None, max_tokens,
+                catalog: Catalog):
         if not recording:
             raise gr.Error("Record or upload a question first.")
-        history = history + [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "…"}]
+        image = image if image and takes_image(catalog, model) else None  # only for a card with image_input
+        history = history + [question_message(image), {"role": "assistant", "content": "…"}]
         yield gr.skip(), history, status_markdown(THINKING)
         if model not in catalog.models:  # the server was down when the page loaded: ask again
             catalog = Catalog.read(backend)
@@ -140,7 +166,9 @@ def build(backend, live_api: str | None = None) -> gr.Blocks:
             return
         started, ttfa_ms, text, audio = time.perf_counter(), None, "", []
         try:
-            for chunk in backend.stream(Path(recording).read_bytes(), _reply_options(max_tokens), model=model):
+            question = Path(recording).read_bytes()
+            picture = Path(image).read_bytes() if image else None
+            for chunk in backend.stream(question, _reply_options(max_tokens), model=model, image=picture):
                 played = gr.skip()
                 if chunk.audio.size:
                     if ttfa_ms is None:
@@ -179,6 +207,11 @@ def build(backend, live_api: str | None = None) -> gr.Blocks:
             with gr.Column(scale=2):
                 gr.Markdown("**Turn by turn**: record (or upload) a question; it is sent when you stop.")
                 mic = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Your question")
+                # the card decides: shown only for a model that takes an image with the question
+                # a PNG file whatever came in (Gradio's default is WebP): what the Mini-Omni2 clients send
+                image = gr.Image(sources=["upload", "webcam"], type="filepath", format="png", label="Image (optional)",
+                                 visible=takes_image(first, getattr(first.default, "model", None)), elem_id="image",
+                                 height=220)
                 reply = gr.Audio(label="Reply", streaming=True, autoplay=True, interactive=False)
                 max_tokens = gr.Number(first.default.default_max_new_tokens if first.default else None,
                                        label="Max reply tokens", precision=0, minimum=0, elem_id="max-tokens",
@@ -186,18 +219,19 @@ def build(backend, live_api: str | None = None) -> gr.Blocks:
                 with gr.Row():
                     status = gr.Markdown(status_markdown(READY), elem_id="status")
                     send = gr.Button("Send again", variant="secondary")
-        inputs, outputs = [mic, chatbot, choice, max_tokens, catalog], [reply, chatbot, status]
+        inputs, outputs = [mic, image, chatbot, choice, max_tokens, catalog], [reply, chatbot, status]
         mic.stop_recording(respond, inputs, outputs)
         mic.upload(respond, inputs, outputs)
         send.click(respond, inputs, outputs)
-        choice.change(lambda c, m: model_controls(c, m), [catalog, choice], [facts, notice, max_tokens])
+        controls = [facts, notice, max_tokens, image]
+        choice.change(lambda c, m: model_controls(c, m), [catalog, choice], controls)
 
         def reload(known: Catalog):
             fresh = Catalog.read(backend)
             if fresh == known:  # nothing changed: leave the fields alone (the user may be typing in them)
-                return fresh, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                return fresh, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             model = getattr(fresh.default, "model", None)
             return (fresh, gr.update(choices=list(fresh.models), value=model), *model_controls(fresh, model))
 
-        demo.load(reload, [catalog], [catalog, choice, facts, notice, max_tokens])
+        demo.load(reload, [catalog], [catalog, choice, *controls])
     return demo

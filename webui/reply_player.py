@@ -1,5 +1,6 @@
 """The Streamlit chat's streamed reply: a component (webui/static/index.html + reply.js) that
-sends the recorded question to the server's ``/v1/realtime`` as one manual turn, plays the reply
+sends the recorded question to the server's ``/v1/realtime`` as one manual turn (with its image,
+if any, as a ``conversation.item.create`` input_image before the audio), plays the reply
 through Web Audio as its chunks arrive and hands back the turn record when the reply ends.
 reply.js says why the browser holds the stream and why it is the realtime socket."""
 from __future__ import annotations
@@ -49,13 +50,14 @@ class Reply:
 
 
 def play_reply(turn_id: str, api_url: str, model: str, question: str, *, max_tokens: int | None,
-               api_key: str | None) -> Reply | None:
+               api_key: str | None, image: str | None = None) -> Reply | None:
     """Render the player for one turn: None while the reply streams, its Reply once it ended.
-    Rendered again with the same ``turn_id`` (every rerun), the same player goes on playing."""
+    Rendered again with the same ``turn_id`` (every rerun), the same player goes on playing.
+    ``image``: a ``data:image/...;base64,`` URL sent with the question (cards with image_input)."""
     url = f"{realtime_url(api_url)}?{urlencode({'model': model})}"
     # `key` is Streamlit's widget key (one player per turn); the server's API key is `api_key`
     value = _component(turn=turn_id, ws=url, api_key=api_key, model=model, audio=question, max_tokens=max_tokens,
-                       key=f"reply-{turn_id}", default=None)
+                       image=image, key=f"reply-{turn_id}", default=None)
     if not value or value.get("turn") != turn_id:
         return None
     return Reply.from_value(value)

@@ -1,5 +1,6 @@
 // The Streamlit chat's reply player: a Streamlit component (index.html in this folder) that sends
-// one recorded question to server.py's /v1/realtime as a manual turn and plays the reply's PCM16
+// one recorded question to server.py's /v1/realtime as a manual turn (its image, if the page sends
+// one, first: a conversation.item.create with an input_image part) and plays the reply's PCM16
 // chunks through Web Audio as they arrive (pcm.js), showing the text as it streams. When the
 // reply ends (or fails) it hands Python the turn record: text, audio, time to first audio, status.
 //
@@ -68,6 +69,10 @@
 
     ws.onopen = () => {
       ws.send(JSON.stringify({type: "session.update", session: {audio: {input: {turn_detection: null}}}}));
+      if (args.image) {  // the server keeps the session's latest image for the turns after it
+        ws.send(JSON.stringify({type: "conversation.item.create", item: {type: "message", role: "user",
+          content: [{type: "input_image", image_url: args.image}]}}));
+      }
       ws.send(JSON.stringify({type: "input_audio_buffer.append", audio: args.audio}));
       ws.send(JSON.stringify({type: "input_audio_buffer.commit"}));
       const response = args.max_tokens ? {max_output_tokens: args.max_tokens} : {};

@@ -1,6 +1,8 @@
 """The voice chat page (served at /chat by webui/omni_streamlit.py): pick one of the models the
 server offers (sidebar), record a question in the browser, and hear the reply as it streams
-(webui/reply_player.py); each turn keeps its text, time to first audio, length and waveform.
+(webui/reply_player.py); each turn keeps its text, time to first audio, length and waveform. For
+a model whose card says image_input, an image upload (PNG or JPEG) beside the microphone: the
+image goes with each question recorded while it is attached and shows in that turn.
 
 Environment: ``API_URL`` (the server, default http://127.0.0.1:60808); ``BROWSER_API_URL`` (the
 same server as the browser reaches it, when that differs, e.g. docker/compose.yaml: the reply
@@ -70,6 +72,14 @@ live_widgets(browser_api_url, entry)
 
 turns: list[dict] = st.session_state.setdefault("turns", [])
 history = st.container()
+# The image slot is one element whatever the model (empty for a model without image input), so
+# the microphone below keeps its place when the model changes (a moved audio_input loses its state)
+image_slot, picture = st.empty(), None
+if entry.image_input:  # the card decides; keyed by model, so another model starts without one
+    picture = image_slot.container().file_uploader(
+        "Image (optional)", type=["png", "jpg", "jpeg"], key=f"image-{entry.id}",
+        help=f"{entry.id} answers the question about this image; it goes with each question you record "
+             "while it is here.")
 recording = st.audio_input("Speak your question", key="mic")
 
 if recording is not None:
@@ -80,7 +90,9 @@ if recording is not None:
         st.session_state["last_recording"] = recording.file_id
         if turns and turns[-1]["status"] == "streaming":  # its player goes away with this rerun
             turns[-1].update(status="failed", error="interrupted by the next question before the reply finished")
-        turn = new_turn(uuid.uuid4().hex[:12], wav, entry, int(max_tokens) if max_tokens else None)
+        turn = new_turn(uuid.uuid4().hex[:12], wav, entry, int(max_tokens) if max_tokens else None,
+                        image=picture.getvalue() if picture is not None else None,
+                        image_type=picture.type if picture is not None else "image/png")
         try:
             turn["question_pcm"] = question_pcm(wav, entry.card.get("max_input_seconds"))
         except AudioInputError as err:
