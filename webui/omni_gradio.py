@@ -11,7 +11,7 @@ In-process it takes the model flags inference.py and server.py take (--model, on
 published part, --tiny, --random-full, --device, --dtype); with API_URL the server's models are
 listed in the page's model picker instead. For a full-duplex model (its card says duplex) the
 live widget is full duplex: the browser mic streams to /v1/duplex and the model's frames play as
-they come. For a model whose card says image_input (e.g. mini-omni2) the page also offers an
+they come. For a model whose card says image_input the page also offers an
 image input (upload or webcam) beside the microphone: the image goes with the question.
 """
 from __future__ import annotations
