@@ -56,6 +56,8 @@ CARD = ModelCard(
     text_output=True,
     multi_turn=False,
     text_input=False,
+    paper="https://arxiv.org/abs/2410.00037",
+    license="code MIT (Python) and Apache-2.0 (Rust) (github.com/kyutai-labs/moshi); weights CC-BY-4.0",
 )
 
 
