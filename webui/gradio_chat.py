@@ -22,14 +22,17 @@ from webui.turns import error_text, reply_text, turn_stats, waveform_png
 from zoo.core.audio import float_to_pcm16
 
 TITLE = "omni-zoo voice chat"
-READY, THINKING, SPEAKING = "ready", "thinking…", "speaking…"
+READY, QUEUED, THINKING, SPEAKING = "ready", "waiting for its turn…", "thinking…", "speaking…"
 QUESTION = "(spoken question)"
 CONVERSATION_HEIGHT_PX = 420  # the conversation scrolls inside this height; the page does not grow
 # the random-weight notice is a banner nobody can miss; the page's columns stack on a phone
 PAGE_CSS = """
 #notice { background: #fef3c7; border: 2px solid #d97706; border-radius: 8px; padding: 6px 12px; }
 #notice p { margin: 0; color: #78350f; }
-@media (max-width: 640px) { #conversation { height: 300px !important; } }
+@media (max-width: 640px) {
+  #conversation { height: 300px !important; }
+  #turn-controls { order: -1; }  /* on a phone the recorder comes first, the conversation below it */
+}
 """
 # waveform pictures live here until Gradio copies them into its own cache for the browser
 WAVEFORMS = Path(tempfile.mkdtemp(prefix="omni-zoo-waveforms-"))
@@ -223,12 +226,12 @@ def build(backend, live_api: str | None = None, policy: PublicPolicy | None = No
         if first_about is not None:
             with gr.Accordion("About this model", open=False, elem_id="about-panel"):
                 about = gr.Markdown(first_about, elem_id="about")
-        with gr.Row():
+        with gr.Row(elem_id="page-columns"):
             with gr.Column(scale=3):  # the conversation: turn by turn above, live below
                 chatbot = gr.Chatbot(label="Conversation", height=CONVERSATION_HEIGHT_PX, elem_id="conversation",
                                      feedback_options=None)
                 live_section(live_api, first.default)
-            with gr.Column(scale=2):
+            with gr.Column(scale=2, elem_id="turn-controls"):
                 gr.Markdown("**Turn by turn**: record (or upload) a question; it is sent when you stop.")
                 mic = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Your question",
                                elem_id="question")
@@ -242,10 +245,21 @@ def build(backend, live_api: str | None = None, policy: PublicPolicy | None = No
         inputs, outputs = [mic, chatbot, choice, max_tokens, catalog], [reply, chatbot, status]
         queueing = {"concurrency_limit": policy.concurrency_limit, "concurrency_id": policy.concurrency_id,
                     "api_visibility": policy.api_visibility}
+
+        def admit(recording: str | None, request: gr.Request):
+            policy.check(recording, request)  # gr.Error: refused, with the reason people see
+            return status_markdown(QUEUED) if recording else gr.skip()
+
         for trigger in (mic.stop_recording, mic.upload, send.click):
-            # the policy's check runs at once, outside the queue: a refused question never waits
-            trigger(policy.check, [mic], None, queue=False, show_progress="hidden",
-                    api_visibility=policy.api_visibility).success(respond, inputs, outputs, **queueing)
+            # the policy's check runs at once: a refused question never waits for a reply slot
+            # (queued, in its own group without a limit, so that a refusal's gr.Error shows as a
+            # toast, which an event outside the queue does not get)
+            answered = trigger(admit, [mic], [status], show_progress="hidden", concurrency_limit=None,
+                               concurrency_id="omni-zoo-admission", api_visibility=policy.api_visibility
+                               ).success(respond, inputs, outputs, **queueing)
+            if about is not None:  # the about panel's numbers include this reply
+                answered.then(policy.about, [choice], [about], queue=False, show_progress="hidden",
+                              api_visibility=policy.api_visibility)
         limit_s = getattr(policy, "max_recording_s", None)
         if limit_s:  # the browser stops a recording at the page's limit (the check refuses longer uploads)
             mic.start_recording(None, None, None, queue=False, js=RECORDING_LIMIT_JS % round(limit_s * 1000))

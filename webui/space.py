@@ -47,7 +47,7 @@ import soundfile as sf
 
 import zoo
 from webui.client import BackendError, BackendInfo
-from webui.gradio_chat import PAGE_CSS, PublicPolicy, build
+from webui.gradio_chat import PAGE_CSS, WAVEFORMS, PublicPolicy, build
 from zoo.cli import add_model_flags, component_values, noise_notice, noise_notice_for, random_weights
 from zoo.core.types import ModelCard, VoiceModel
 
@@ -358,6 +358,51 @@ class SpacePolicy(PublicPolicy):
                               self.backend.reply_cap(model), self.max_recording_s)
 
 
+class CacheSweeper(threading.Thread):
+    """Every ``every`` s, deletes the files under ``folders`` older than ``age`` s (and the folders
+    they leave empty). Gradio's ``delete_cache`` alone is not enough: it forgets the files it
+    writes for each chunk of a streamed reply, which would stay until the Space restarts."""
+
+    def __init__(self, folders: list[Path], age: float, every: float) -> None:
+        super().__init__(name="cache-sweeper", daemon=True)
+        self.folders, self.age, self.every = folders, age, every
+
+    def sweep(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        deleted = 0
+        for root in self.folders:
+            for folder, _dirs, files in os.walk(root, topdown=False):
+                for name in files:
+                    path = Path(folder, name)
+                    try:
+                        if now - max(path.lstat().st_mtime, path.lstat().st_ctime) > self.age:
+                            path.unlink()
+                            deleted += 1
+                    except OSError:
+                        continue
+                if Path(folder) != Path(root):
+                    try:
+                        Path(folder).rmdir()  # only if empty
+                    except OSError:
+                        pass
+        return deleted
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self.every)
+            try:
+                self.sweep()
+            except Exception as err:  # noqa: BLE001 - the next sweep tries again
+                print(f"cache sweep failed: {err}", file=sys.stderr, flush=True)
+
+
+def gradio_cache() -> Path:
+    """Where Gradio keeps uploads and the files it serves (``GRADIO_TEMP_DIR``)."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder())
+
+
 def forget(recording: str) -> None:
     """Delete an uploaded recording (and Gradio's folder for it, once empty)."""
     path = Path(recording)
@@ -392,7 +437,7 @@ def about_markdown(card: ModelCard, settings: Settings, ttfa: Collection, reply_
             else "no reply yet since it started")
     kept = ("the operator keeps every exchange (OMNI_ZOO_KEEP_DIR)" if settings.keep_dir is not None
             else "nothing you say is stored: each recording is deleted once answered, and the page's cached "
-                 f"replies within {settings.cache_s} s")
+                 f"copies of replies within {settings.cache_s} s")
     return "\n".join([
         f"**{card.title}**: {card.description}",
         "",
@@ -431,6 +476,8 @@ def create(settings: Settings, args: argparse.Namespace | None = None,
     policy = SpacePolicy(settings, backend)
     demo = build(backend, live_api=None, policy=policy)
     demo.queue(default_concurrency_limit=policy.concurrency_limit, max_size=settings.queue_size)
+    # Gradio's cached copies go whether or not the operator keeps exchanges (those go to keep_dir)
+    CacheSweeper([gradio_cache(), WAVEFORMS], age=settings.cache_s, every=policy.delete_cache[0]).start()
     return demo, backend
 
 
@@ -439,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(parser, argv, default=settings.models[0])
+    page = parser.add_argument_group("page")
+    page.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
+                      help="default GRADIO_SERVER_NAME, else 0.0.0.0 (what a Space expects)")
+    page.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                      help="default GRADIO_SERVER_PORT, else 7860")
     args = parser.parse_args(argv)
     if args.model != settings.models[0]:  # --model wins over the environment's first model
         settings.models = [args.model] + [m for m in settings.models if m != args.model]
@@ -450,7 +502,6 @@ def main(argv: list[str] | None = None) -> int:
     except zoo.ZooError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
-                server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), css=PAGE_CSS,
-                max_file_size="25mb", ssr_mode=False, footer_links=[])
+    demo.launch(server_name=args.host, server_port=args.port, css=PAGE_CSS, max_file_size="25mb", ssr_mode=False,
+                footer_links=[])
     return 0
