@@ -168,7 +168,10 @@ def upload(page, path: Path) -> None:
 
 def toast(page, words: str, timeout_ms: int = 30000) -> str:
     body = page.locator("[data-testid='toast-body']").filter(has_text=words).first
-    body.wait_for(timeout=timeout_ms)
+    try:
+        body.wait_for(timeout=timeout_ms)
+    except Exception:
+        raise AssertionError(f"no message with {words!r} on the page: {page.inner_text('body')[:3000]}") from None
     return body.inner_text()
 
 
@@ -258,7 +261,7 @@ def test_questions_over_the_length_or_rate_limit_are_refused_with_a_message(spac
         with browser_page(mic, viewport=PHONE) as page:
             open_page(page, app.url)
             upload(page, long_question)
-            message = toast(page, "Question too long")
+            message = toast(page, "this page takes questions up to")
             assert "8 s long" in message and "up to 4 s" in message
             page.wait_for_timeout(1000)
             assert page.locator(REPLIES).count() == 0  # never answered
@@ -282,7 +285,8 @@ def test_questions_over_the_length_or_rate_limit_are_refused_with_a_message(spac
             page.wait_for_timeout(1500)
             assert page.locator(REPLIES).count() == 2 and "ready" in page.locator("#status").inner_text()
             page.screenshot(path=str(tmp_path / "refused.png"), full_page=True)
-        assert "Traceback" not in app.output()
+        log = app.output()  # Gradio logs each refusal (a gr.Error) with its traceback; nothing else failed
+        assert log.count("Traceback") == log.count("gradio.exceptions.Error: "), log[-3000:]
     finally:
         app.stop()
 
@@ -322,11 +326,13 @@ def test_rate_limit_counts_each_visitor_over_a_sliding_minute():
 
     now = [0.0]
     limit = RateLimit(3, clock=lambda: now[0])
-    assert [limit.take("a") for _ in range(3)] == [None, None, None]
-    now[0] = 20.0
-    assert limit.take("a") == pytest.approx(40.0) and limit.take("b") is None  # others are not affected
-    now[0] = 60.5  # the first question left the window
-    assert limit.take("a") is None and limit.take("a") is not None
+    for second in (0.0, 10.0, 20.0):
+        now[0] = second
+        assert limit.take("a") is None
+    now[0] = 30.0
+    assert limit.take("a") == pytest.approx(30.0) and limit.take("b") is None  # others are not affected
+    now[0] = 60.5  # the first question left the window: one more, not two
+    assert limit.take("a") is None and limit.take("a") == pytest.approx(9.5)
     request = types.SimpleNamespace(headers={"x-forwarded-for": "203.0.113.9, 10.0.0.1"},
                                     client=types.SimpleNamespace(host="10.0.0.2"))
     assert visitor(request) == "203.0.113.9"

@@ -334,12 +334,14 @@ class SpacePolicy(PublicPolicy):
         if seconds is not None and seconds > self.max_recording_s + 0.5:
             forget(recording)
             raise gr.Error(f"Your question is {seconds:.0f} s long; this page takes questions up to "
-                           f"{self.max_recording_s:g} s. Please ask a shorter one.", title="Question too long")
+                           f"{self.max_recording_s:g} s. Please ask a shorter one.", title="Question too long",
+                           print_exception=False)
         wait = self.rate.take(visitor(request))
         if wait is not None:
             forget(recording)
             raise gr.Error(f"Too many questions: this page answers at most {self.rate.per_minute} questions a "
-                           f"minute per visitor. Please try again in {math.ceil(wait)} s.", title="Please wait")
+                           f"minute per visitor. Please try again in {math.ceil(wait)} s.", title="Please wait",
+                           print_exception=False)
 
     def turn_ended(self, recording, model, text, audio, sample_rate, ttfa_ms, error) -> None:
         if error is None and ttfa_ms is not None:
