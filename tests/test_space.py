@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
-from browser import browser_page, fake_mic_wav
+from browser import browser_page, browser_pages, fake_mic_wav
 from conftest import REPO
 from procs import LoopbackProcess
 from test_webui_gradio import REPLIES, open_page, record, talk, wait_ready
@@ -37,6 +37,7 @@ import zoo
 SHOTS = os.environ.get("WEBUI_SHOTS")
 PHONE = (390, 844)  # an iPhone 12-15's CSS viewport
 CACHE_S = 6
+MAX_REPLY_S = 90  # long enough a reply for a second visitor to queue behind it
 FAKE_SPACES = '''"""Stand-in for Hugging Face's `spaces` package: spaces.GPU records its duration and each call."""
 import functools
 import inspect
@@ -156,7 +157,7 @@ def mic(tmp_path_factory):
 @pytest.fixture(scope="module")
 def space(space_dir, tmp_path_factory):
     app = SpaceApp(space_dir, tmp_path_factory.mktemp("run"), OMNI_ZOO_CONCURRENCY="1",
-                   OMNI_ZOO_RATE_PER_MINUTE="10")
+                   OMNI_ZOO_RATE_PER_MINUTE="10", OMNI_ZOO_MAX_REPLY_S=str(MAX_REPLY_S))
     yield app
     app.stop()
 
@@ -178,9 +179,9 @@ def toast(page, words: str, timeout_ms: int = 30000) -> str:
 def test_a_visitor_on_a_phone_asks_and_is_answered_through_the_gpu_decorator(space, mic, tmp_path):
     from webui.space import Settings
 
-    duration = Settings().gpu_duration()
-    assert f"spaces.GPU(duration={duration})" in space.output()  # fitted to the default 30 s reply cap
-    assert duration == 45
+    duration = Settings(max_reply_s=MAX_REPLY_S).gpu_duration()
+    assert f"spaces.GPU(duration={duration})" in space.output()  # fitted to the page's reply cap
+    assert duration == 105
     with browser_page(mic, viewport=PHONE) as page:
         open_page(page, space.url)
         notice = page.locator("#notice")
@@ -226,28 +227,32 @@ def test_a_visitor_on_a_phone_asks_and_is_answered_through_the_gpu_decorator(spa
 def test_a_second_visitor_waits_in_the_queue_and_sees_their_place(space, mic):
     """One reply at a time (OMNI_ZOO_CONCURRENCY=1): visitor B's question, sent while A's long
     reply plays, waits with its place shown and is answered only after A's reply ended."""
-    with browser_page(mic) as a, browser_page(mic) as b:
+    with browser_pages(mic, 2) as (a, b):
         for page in (a, b):
             open_page(page, space.url)
-        a.locator("#max-tokens input").fill("300")  # about 26 s of audio: time enough to queue behind it
+        a.locator("#max-tokens input").fill("1000")  # about 85 s of audio: time enough to queue behind it
         a.locator("#max-tokens input").press("Tab")
         record(a, 2.0)
         a.locator("#status").get_by_text("speaking").wait_for(timeout=60000)
-        record(b, 2.0)
-        seen_place, b_started, a_done = None, None, None
-        deadline = time.monotonic() + 180
+        upload(b, REPO / "demos" / "samples" / "02.wav")
+        seen_place, b_started, a_done, seen = None, None, None, []
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline and b_started is None:
             a_status, b_status = a.locator("#status").inner_text(), b.locator("#status").inner_text()
+            now = time.monotonic()
+            if not seen or seen[-1][1:] != (a_status, re.sub(r"[\d.]+s", "", b_status)):
+                seen.append((round(now, 1), a_status, re.sub(r"[\d.]+s", "", b_status)))
             if a_done is None and a_status.strip().endswith("ready"):
-                a_done = time.monotonic()
+                a_done = now
             if re.search(r"thinking|speaking", b_status):
-                b_started = time.monotonic()
+                b_started = now
             elif seen_place is None:
                 shown = b.evaluate("() => document.body.innerText.match(/queue: (\\d+)\\/(\\d+)/)")
                 seen_place = shown and shown[0]
             time.sleep(0.1)
-        assert seen_place == "queue: 1/1", seen_place  # B saw their place while A was answered
-        assert b_started is not None and a_done is not None and b_started >= a_done - 0.3, (a_done, b_started)
+        seen = "\n".join(" | ".join(" ".join(str(x).split()) for x in row) for row in seen)
+        assert seen_place == "queue: 1/1", seen  # B saw their place while A spoke
+        assert b_started is not None and a_done is not None and b_started >= a_done - 0.3, seen
         wait_ready(b)
         assert "first audio after" in b.locator(REPLIES).last.inner_text()
 
@@ -394,8 +399,11 @@ def test_exchanges_are_kept_only_where_the_operator_says_and_caches_are_swept(tm
     sf.write(question, np.zeros(1600, np.float32), 16000)
     backend = SpaceBackend(Settings(), FakeModel)
     policy = SpacePolicy(Settings(), backend)
+    policy.check(str(question), None)  # admitted: the cache sweeper must leave it until it is answered
+    assert policy.in_use() == [str(question)]
     policy.turn_ended(str(question), "mini-omni", "hi", np.ones(2400, np.float32), 24000, 120.0, None)
     assert not question.exists() and not question.parent.exists()  # deleted, with Gradio's folder for it
+    assert policy.in_use() == []
     kept = tmp_path / "kept"
     policy = SpacePolicy(Settings(keep_dir=kept), backend)
     question.parent.mkdir()
@@ -409,9 +417,14 @@ def test_exchanges_are_kept_only_where_the_operator_says_and_caches_are_swept(tm
     for name in ("a/reply-chunk.wav", "b/waveform.png"):
         (tmp_path / "cache" / name).parent.mkdir(parents=True)
         (tmp_path / "cache" / name).write_bytes(b"x")
-    sweeper = CacheSweeper([tmp_path / "cache"], age=50, every=1)
+    waiting = [str(tmp_path / "cache" / "c" / "queued-question.wav")]  # admitted, not yet answered
+    Path(waiting[0]).parent.mkdir()
+    Path(waiting[0]).write_bytes(b"x")
+    sweeper = CacheSweeper([tmp_path / "cache"], age=50, every=1, in_use=lambda: waiting)
     assert sweeper.sweep(now=time.time() + 10) == 0  # younger than the age: kept
-    assert sweeper.sweep(now=time.time() + 60) == 2 and not list((tmp_path / "cache").iterdir())
+    assert sweeper.sweep(now=time.time() + 60) == 2 and Path(waiting[0]).is_file()  # the queued question stays
+    waiting.clear()
+    assert sweeper.sweep(now=time.time() + 60) == 1 and not list((tmp_path / "cache").iterdir())
 
 
 def test_the_hub_cache_goes_on_the_persistent_volume_when_there_is_one(tmp_path):

@@ -325,6 +325,8 @@ class SpacePolicy(PublicPolicy):
         self.max_recording_s = min([settings.max_recording_s] + [c.max_input_seconds for c in backend.cards.values()])
         self.delete_cache = (max(1, min(60, settings.cache_s // 2)), settings.cache_s)
         self.rate = RateLimit(settings.rate_per_minute)
+        self.waiting: dict[str, float] = {}  # questions admitted and not yet answered -> when
+        self.lock = threading.Lock()
         self.ttfa: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=200))
 
     def check(self, recording: str | None, request: gr.Request) -> None:
@@ -342,8 +344,20 @@ class SpacePolicy(PublicPolicy):
             raise gr.Error(f"Too many questions: this page answers at most {self.rate.per_minute} questions a "
                            f"minute per visitor. Please try again in {math.ceil(wait)} s.", title="Please wait",
                            print_exception=False)
+        with self.lock:
+            now = time.time()
+            for path in [p for p, since in self.waiting.items() if now - since > 3600]:  # given up on
+                del self.waiting[path]
+            self.waiting[str(Path(recording))] = now
+
+    def in_use(self) -> list[str]:
+        """The recordings waiting in the queue: the cache sweeper leaves them alone."""
+        with self.lock:
+            return list(self.waiting)
 
     def turn_ended(self, recording, model, text, audio, sample_rate, ttfa_ms, error) -> None:
+        with self.lock:
+            self.waiting.pop(str(Path(recording)), None)
         if error is None and ttfa_ms is not None:
             self.ttfa[model].append(ttfa_ms)
         if self.settings.keep_dir is not None:
@@ -365,17 +379,20 @@ class CacheSweeper(threading.Thread):
     they leave empty). Gradio's ``delete_cache`` alone is not enough: it forgets the files it
     writes for each chunk of a streamed reply, which would stay until the Space restarts."""
 
-    def __init__(self, folders: list[Path], age: float, every: float) -> None:
+    def __init__(self, folders: list[Path], age: float, every: float,
+                 in_use: Callable[[], Collection[str]] = tuple) -> None:
         super().__init__(name="cache-sweeper", daemon=True)
-        self.folders, self.age, self.every = folders, age, every
+        self.folders, self.age, self.every, self.in_use = folders, age, every, in_use
 
     def sweep(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
-        deleted = 0
+        deleted, in_use = 0, {str(Path(p)) for p in self.in_use()}
         for root in self.folders:
             for folder, _dirs, files in os.walk(root, topdown=False):
                 for name in files:
                     path = Path(folder, name)
+                    if str(path) in in_use:  # a question still waiting for its reply
+                        continue
                     try:
                         if now - max(path.lstat().st_mtime, path.lstat().st_ctime) > self.age:
                             path.unlink()
@@ -479,7 +496,8 @@ def create(settings: Settings, args: argparse.Namespace | None = None,
     demo = build(backend, live_api=None, policy=policy)
     demo.queue(default_concurrency_limit=policy.concurrency_limit, max_size=settings.queue_size)
     # Gradio's cached copies go whether or not the operator keeps exchanges (those go to keep_dir)
-    CacheSweeper([gradio_cache(), WAVEFORMS], age=settings.cache_s, every=policy.delete_cache[0]).start()
+    CacheSweeper([gradio_cache(), WAVEFORMS], age=settings.cache_s, every=policy.delete_cache[0],
+                 in_use=policy.in_use).start()
     return demo, backend
 
 
