@@ -1,7 +1,7 @@
 """The Gradio page as a public Hugging Face Space (space/app.py runs ``main``): the same page as
 webui/omni_gradio.py (``webui.gradio_chat.build``), with what a page open to everyone needs.
 
-- The model: ``OMNI_ZOO_MODEL`` (default mini-omni). A comma-separated list offers several in the
+- The model: ``OMNI_ZOO_MODEL`` (default: zoo.cli's default model). A comma-separated list offers several in the
   page's picker: the first loads at start, the others on first use (the status says so), and the
   least recently used idle model is unloaded when memory runs short or ``OMNI_ZOO_MAX_LOADED``
   models are held. ``OMNI_ZOO_RANDOM_WEIGHTS=tiny`` (or ``--tiny``) runs random weights, under a
@@ -48,7 +48,7 @@ import soundfile as sf
 import zoo
 from webui.client import BackendError, BackendInfo
 from webui.gradio_chat import PAGE_CSS, WAVEFORMS, PublicPolicy, build
-from zoo.cli import add_model_flags, component_values, noise_notice, noise_notice_for, random_weights
+from zoo.cli import DEFAULT_MODEL, add_model_flags, component_values, noise_notice, noise_notice_for, random_weights
 from zoo.core.types import ModelCard, VoiceModel
 
 # a reply's GPU time: what the page allows as audio, at worst real time (a streamed reply that
@@ -62,7 +62,7 @@ ZERO_GPU_MAX_S = 120  # ZeroGPU refuses longer requests for most accounts
 class Settings:
     """The page's knobs, from the environment (the Space's variables)."""
 
-    models: list[str] = field(default_factory=lambda: ["mini-omni"])
+    models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
     random_weights: str | None = None
     device: str | None = None
     dtype: str | None = None
@@ -91,7 +91,7 @@ class Settings:
                 raise SystemExit(f"error: {name} must be a positive number, got {raw!r}")
             return value
 
-        models = [m.strip() for m in env.get("OMNI_ZOO_MODEL", "").split(",") if m.strip()] or ["mini-omni"]
+        models = [m.strip() for m in env.get("OMNI_ZOO_MODEL", "").split(",") if m.strip()] or [DEFAULT_MODEL]
         unknown = [m for m in models if m not in zoo.names()]
         if unknown:
             raise SystemExit(f"error: OMNI_ZOO_MODEL names unknown model(s) {unknown}; available: {zoo.names()}")

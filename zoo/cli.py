@@ -8,8 +8,10 @@ import argparse
 from . import RANDOM_REPLY_SECONDS, card, load, names
 from .core.types import ModelCard, VoiceModel
 
+DEFAULT_MODEL = "mini-omni"  # what every program runs unless told otherwise
 
-def add_model_flags(parser: argparse.ArgumentParser, argv: list[str] | None, default: str = "mini-omni") -> None:
+
+def add_model_flags(parser: argparse.ArgumentParser, argv: list[str] | None, default: str = DEFAULT_MODEL) -> None:
     """Add ``--model``, the chosen model's component flags, ``--tiny``, ``--random-full``,
     ``--device`` and ``--dtype`` to ``parser``. ``argv`` is what the parser will parse: the
     component flags depend on the model named there."""
