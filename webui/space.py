@@ -323,7 +323,9 @@ class SpacePolicy(PublicPolicy):
         self.concurrency_limit = settings.concurrency * len(settings.models)
         self.concurrency_id = "omni-zoo-replies"
         self.max_recording_s = min([settings.max_recording_s] + [c.max_input_seconds for c in backend.cards.values()])
-        self.delete_cache = (max(1, min(60, settings.cache_s // 2)), settings.cache_s)
+        # Gradio's own delete_cache stays off: it would delete a question still waiting in the queue
+        # (and it misses the streamed chunks); the page's CacheSweeper does both right
+        self.sweep_every = max(1, min(60, settings.cache_s // 2))
         self.rate = RateLimit(settings.rate_per_minute)
         self.waiting: dict[str, float] = {}  # questions admitted and not yet answered -> when
         self.lock = threading.Lock()
@@ -377,7 +379,8 @@ class SpacePolicy(PublicPolicy):
 class CacheSweeper(threading.Thread):
     """Every ``every`` s, deletes the files under ``folders`` older than ``age`` s (and the folders
     they leave empty). Gradio's ``delete_cache`` alone is not enough: it forgets the files it
-    writes for each chunk of a streamed reply, which would stay until the Space restarts."""
+    writes for each chunk of a streamed reply, which would stay until the Space restarts, and it
+    deletes an upload still waiting in the queue; ``in_use`` names the files to leave alone."""
 
     def __init__(self, folders: list[Path], age: float, every: float,
                  in_use: Callable[[], Collection[str]] = tuple) -> None:
@@ -496,7 +499,7 @@ def create(settings: Settings, args: argparse.Namespace | None = None,
     demo = build(backend, live_api=None, policy=policy)
     demo.queue(default_concurrency_limit=policy.concurrency_limit, max_size=settings.queue_size)
     # Gradio's cached copies go whether or not the operator keeps exchanges (those go to keep_dir)
-    CacheSweeper([gradio_cache(), WAVEFORMS], age=settings.cache_s, every=policy.delete_cache[0],
+    CacheSweeper([gradio_cache(), WAVEFORMS], age=settings.cache_s, every=policy.sweep_every,
                  in_use=policy.in_use).start()
     return demo, backend
 
