@@ -256,7 +256,8 @@ class SpaceBackend:
         if name not in self.cards:
             raise BackendError(f"this page offers {', '.join(self.settings.models)}, not {name!r}")
         with self.slots[name]:
-            self.active[name] += 1
+            with self.lock:
+                self.active[name] += 1
             try:
                 try:
                     self.model(name)
@@ -267,13 +268,15 @@ class SpaceBackend:
                 except Exception as err:  # zoo errors carry clear messages: show them, the page goes on
                     raise BackendError(str(err)) from None
             finally:
-                self.active[name] -= 1
+                with self.lock:
+                    self.active[name] -= 1
 
 
 # -- the public page's rules ---------------------------------------------------------------------
 def visitor(request: gr.Request | None) -> str:
     """Who is asking: the address the Space's proxy saw (X-Forwarded-For's first entry), else the
-    connection's; the browser session when neither is known."""
+    connection's; the browser session when neither is known. A visitor who forges the header can
+    dodge the rate limit, not the queue: its concurrency and size bounds hold for everyone."""
     if request is None:
         return "anonymous"
     forwarded = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip()
