@@ -444,3 +444,30 @@ def test_the_hub_cache_goes_on_the_persistent_volume_when_there_is_one(tmp_path)
     assert use_persistent_hub_cache(tmp_path / "no-volume", env) is None and "HF_HOME" not in env
     assert use_persistent_hub_cache(tmp_path, env) == str(tmp_path / ".huggingface") == env["HF_HOME"]
     assert use_persistent_hub_cache(tmp_path / "other", {"HF_HOME": "/mine"}) == "/mine"  # the operator's wins
+
+
+def test_several_models_share_the_page_and_load_on_first_use(space_dir, mic, tmp_path):
+    """OMNI_ZOO_MODEL=a,b: the picker offers both, the first is loaded at start, the second when
+    first asked (the status says it is loading), and answers as its card says (audio only)."""
+    app = SpaceApp(space_dir, tmp_path, OMNI_ZOO_MODEL="mini-omni,hertz-dev")
+    try:
+        assert "loaded mini-omni" in app.output() and "loaded hertz-dev" not in app.output()
+        with browser_page(mic) as page:
+            open_page(page, app.url)
+            page.wait_for_timeout(1500)  # the page's load events settle (they refresh the picker)
+            page.locator("#model input").click()
+            options = page.locator("#model").get_by_role("option")
+            options.first.wait_for(timeout=10000)
+            assert [t.replace("✓", "").strip() for t in options.all_inner_texts()] == ["mini-omni", "hertz-dev"]
+            page.locator("#model").get_by_role("option", name="hertz-dev").click()
+            page.locator("#facts").get_by_text("hertz-dev").wait_for(timeout=30000)
+            page.locator("#about-panel").get_by_text("About this model").click()
+            page.locator("#about").get_by_text("Hertz-dev").first.wait_for(timeout=10000)  # follows the picker
+            upload(page, REPO / "demos" / "samples" / "02.wav")
+            page.locator("#status").get_by_text("loading hertz-dev").wait_for(timeout=60000)
+            page.wait_for_function(f"() => document.querySelectorAll({REPLIES!r}).length > 0", timeout=120000)
+            text = wait_ready(page)
+            assert "(audio only)" in text and "first audio after" in text, text
+        assert "loaded hertz-dev" in app.output()
+    finally:
+        app.stop()
