@@ -415,7 +415,9 @@ def test_exchanges_are_kept_only_where_the_operator_says_and_caches_are_swept(tm
     assert not question.exists() and not question.parent.exists()  # deleted, with Gradio's folder for it
     assert policy.in_use() == []
     kept = tmp_path / "kept"
+    assert backend.models()[0].notice is None  # published weights, nothing kept: no banner
     policy = SpacePolicy(Settings(keep_dir=kept), backend)
+    assert "KEEPS WHAT YOU SAY" in SpaceBackend(Settings(keep_dir=kept), FakeModel).models()[0].notice  # the banner
     question.parent.mkdir()
     sf.write(question, np.zeros(1600, np.float32), 16000)
     policy.turn_ended(str(question), "mini-omni", "hi", np.ones(2400, np.float32), 24000, 120.0, None)

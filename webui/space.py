@@ -181,7 +181,10 @@ class SpaceBackend:
     def info(self, name: str) -> BackendInfo:
         card = self.cards[name]
         random = self.settings.random_weights
-        notice = noise_notice_for(card, random, self.default_cap(name)) if random else None
+        notices = [noise_notice_for(card, random, self.default_cap(name)) if random else None,
+                   "THIS PAGE KEEPS WHAT YOU SAY: every question and reply is saved for its operator"
+                   if self.settings.keep_dir is not None else None]
+        notice = "; ".join(n for n in notices if n) or None
         return BackendInfo(name, card.output_sample_rate, random is not None, "this Space", duplex=card.duplex,
                            input_sample_rate=card.input_sample_rate, frame_samples=card.frame_samples or 0,
                            text_output=card.text_output, notice=notice, default_max_new_tokens=self.default_cap(name))
