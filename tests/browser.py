@@ -19,6 +19,13 @@ def fake_mic_wav(path: Path, text: str = "What is your name?") -> Path:
 
 @contextlib.contextmanager
 def browser_page(mic_wav: Path, viewport=(1280, 900)):
+    with browser_pages(mic_wav, 1, viewport) as (page,):
+        yield page
+
+
+@contextlib.contextmanager
+def browser_pages(mic_wav: Path, count: int, viewport=(1280, 900)):
+    """``count`` pages, each in its own browser context: separate visitors (cookies, sessions)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -31,13 +38,17 @@ def browser_page(mic_wav: Path, viewport=(1280, 900)):
                   f"--use-file-for-fake-audio-capture={mic_wav}",
                   "--autoplay-policy=no-user-gesture-required"],
         )
-        context = browser.new_context(permissions=["microphone", "camera"], viewport={"width": viewport[0], "height": viewport[1]})
-        context.route("**/*", lambda route: route.continue_() if _loopback(route.request.url) else route.abort())
-        page = context.new_page()
+        contexts = []
         try:
-            yield page
+            for _ in range(count):
+                context = browser.new_context(permissions=["microphone", "camera"],
+                                              viewport={"width": viewport[0], "height": viewport[1]})
+                context.route("**/*", lambda route: route.continue_() if _loopback(route.request.url) else route.abort())
+                contexts.append(context)
+            yield [context.new_page() for context in contexts]
         finally:
-            context.close()
+            for context in contexts:
+                context.close()
             browser.close()
 
 

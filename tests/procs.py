@@ -22,7 +22,8 @@ def free_port() -> int:
 class LoopbackProcess:
     """``argv`` is run with this Python (``{port}`` is filled in) from the repository root."""
 
-    def __init__(self, argv: list[str], *, health: str = "/", env: dict | None = None, timeout: float = 120) -> None:
+    def __init__(self, argv: list[str], *, health: str = "/", env: dict | None = None, timeout: float = 120,
+                 cwd=REPO) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # one torch thread per program: the test process and its servers share a small machine, and
@@ -32,7 +33,7 @@ class LoopbackProcess:
         # its output goes to a file, not a pipe: a pipe nobody reads fills up (the access log writes a
         # line per request) and then blocks the program
         self.log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
-        self.proc = subprocess.Popen([sys.executable, *(a.format(port=self.port) for a in argv)], cwd=REPO,
+        self.proc = subprocess.Popen([sys.executable, *(a.format(port=self.port) for a in argv)], cwd=cwd,
                                      env=environment, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         try:
             self._wait(self.url + health, timeout)

@@ -92,6 +92,11 @@ RULES = [
     Rule(r"^python demos/duplex_chat\.py$", reason="needs a microphone and a speaker (PyAudio)"),
     Rule(r"^docker ", reason="needs Docker, which the tests do not have; tests/test_container.py checks the "
                              "image's and the compose example's server.py flags"),
+    Rule(r"^hf (repos create|upload|spaces) ", reason="needs a Hugging Face account and the network; "
+                                                    "tests/test_space.py runs the built folder as the Space runs it"),
+    Rule(r"^python space/app\.py ", reason="a page runs until stopped: tests/test_space.py runs it in a browser"),
+    Rule(r"^python space/build\.py ", files={"dist/space/app.py": 0, "dist/space/README.md": 0},
+         expect=[("wrote the Space for mini-omni to dist/space", r"wrote the Space for mini-omni to dist/space")]),
     Rule(r"^(python webui/|streamlit run |API_URL=)", reason="the pages' own tests run them in a browser "
                                                              "(tests/test_webui_gradio.py, tests/test_webui_streamlit.py)"),
     Rule(r"^pip install -e \.\[quality\]$", reason="installs packages: requirements-dev.txt installs the same extra for CI"),
@@ -206,6 +211,20 @@ def test_hf_download_lines_fetch_every_published_part_and_the_cli_takes_them():
     assert used <= folders, f"commands name folders nothing downloads: {used - folders}"
     result = subprocess.run(["hf", "download", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--local-dir" in result.stdout
+
+
+def test_the_space_commands_take_their_flags():
+    """`hf` lines not run (no network) still name flags and a hardware flavor the installed `hf` has."""
+    lines = [shlex.split(c) for b in BASH for c in b.commands if re.match(r"hf (repos create|upload|spaces) ", c)]
+    assert len(lines) == 3
+    for argv in lines:
+        command = argv[:next(i for i, a in enumerate(argv) if "/" in a)]  # the words before the Space's id
+        helped = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
+        assert helped.returncode == 0, helped.stderr
+        for flag in [a.split("=")[0] for a in argv if a.startswith("--")]:
+            assert flag in helped.stdout, (command, flag)
+        if "--flavor" in argv:
+            assert argv[argv.index("--flavor") + 1] in helped.stdout
 
 
 def test_the_models_table_is_the_cards():

@@ -63,7 +63,11 @@ def noise_notice(model: VoiceModel) -> str | None:
     """What every front end shows about a random-weight model (None for published weights)."""
     if model.random_weights is None:
         return None
-    cap = model.default_max_new_tokens
-    seconds = cap / model.card.reply_tokens_per_second
-    return (f"RANDOM WEIGHTS ({model.random_weights}): every reply is noise, not speech; replies are capped "
+    return noise_notice_for(model.card, model.random_weights, model.default_max_new_tokens)
+
+
+def noise_notice_for(card: ModelCard, random: str, cap: int) -> str:
+    """The random-weight notice from the card, before (or without) loading the model."""
+    seconds = cap / card.reply_tokens_per_second
+    return (f"RANDOM WEIGHTS ({random}): every reply is noise, not speech; replies are capped "
             f"to about {seconds:.0f} s (max_new_tokens={cap}) unless you set max_new_tokens")

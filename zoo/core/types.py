@@ -45,6 +45,13 @@ class ModelCard:
     # (serving/protocols/ names them), each with the model option that each of the protocol's
     # parameters sets, e.g. {"data-url-live": {"token_temp": "temperature"}}
     protocols: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # where the model is described: its paper (or the authors' write-up when there is none)
+    paper: str = ""
+    # the licenses of the published code and weights, as their authors state them
+    license: str = ""
+    # time to first audio measured with this code (bench/results/), with the machine and the date;
+    # "" when not measured yet
+    measured_ttfa: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

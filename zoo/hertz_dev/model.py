@@ -96,6 +96,10 @@ CARD = ModelCard(
     # our options), so its inference_client.py works unchanged
     protocols={"data-url-live": {"token_temp": "temperature", "categorical_temp": "categorical_temp",
                                  "gaussian_temp": "gaussian_temp"}},
+    paper="https://si.inc/hertz-dev/ (the authors' write-up; no paper)",
+    license="Apache-2.0 (code: github.com/Standard-Intelligence/hertz-dev, and weights)",
+    measured_ttfa="42 ms for a 3 s prompt (respond()) on one H200 "
+                  "(bfloat16, random full-size weights, 2026-11-27: bench/results/2026-11-27_h200_gpu.md)",
 )
 
 Networks = tuple[HertzLM, Resynthesizer]

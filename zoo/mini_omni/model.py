@@ -46,6 +46,10 @@ CARD = ModelCard(
     reply_tokens_per_second=24000 / 2048,  # one SNAC frame (7 codes, 2048 samples) per step
     multi_turn=False,
     text_input=True,
+    paper="https://arxiv.org/abs/2408.16725",
+    license="MIT (code: github.com/gpt-omni/mini-omni; weights: the same license on the hub)",
+    measured_ttfa="247 ms on one H200 "
+                  "(bfloat16, random full-size weights, 2026-11-27: bench/results/2026-11-27_h200_gpu.md)",
 )
 
 

@@ -58,6 +58,8 @@ CARD = ModelCard(
     # the reference server answers /chat in multipart (audio and text parts), and its clients
     # parse that: serving/protocols/chat.py does so by default for this card
     protocols={"chat-multipart": {}},
+    paper="https://arxiv.org/abs/2410.11190",
+    license="MIT (code: github.com/gpt-omni/mini-omni2; weights: the same license on the hub)",
 )
 
 

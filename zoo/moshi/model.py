@@ -61,6 +61,8 @@ CARD = ModelCard(
     # client's URL parameters that set options
     protocols={"kyutai-opus": {"text_temperature": "text_temperature", "text_topk": "text_top_k",
                                "audio_temperature": "temperature", "audio_topk": "top_k"}},
+    paper="https://arxiv.org/abs/2410.00037",
+    license="code MIT (Python) and Apache-2.0 (Rust) (github.com/kyutai-labs/moshi); weights CC-BY-4.0",
 )
 
 
