@@ -357,10 +357,11 @@ def test_rate_limit_counts_each_visitor_over_a_sliding_minute():
 class FakeModel:
     def __init__(self, name):
         self.card, self.random_weights, self.default_max_new_tokens = zoo.card(name), None, None
-        self.asked = []
+        self.asked, self.images = [], []
 
-    def respond(self, wav, options=None):
+    def respond(self, wav, options=None, image=None):
         self.asked.append(options)
+        self.images.append(image)
         yield zoo.Chunk(np.zeros(10, np.float32), "hi")
 
 
@@ -368,11 +369,12 @@ def test_models_load_on_first_use_and_idle_ones_make_room_under_memory_pressure(
     from webui.space import Settings, SpaceBackend
 
     free = [100e9]
-    loads = []
+    loads, made = [], []
 
     def load(name):
         loads.append(name)
-        return FakeModel(name)
+        made.append(FakeModel(name))
+        return made[-1]
 
     backend = SpaceBackend(Settings(models=["mini-omni", "glm-4-voice", "hertz-dev"]), load, free=lambda: free[0])
     assert [i.model for i in backend.models()] == ["mini-omni", "glm-4-voice", "hertz-dev"]  # from the cards
@@ -399,6 +401,12 @@ def test_models_load_on_first_use_and_idle_ones_make_room_under_memory_pressure(
     list(limited.stream(b"wav", None, model="mini-omni"))
     list(limited.stream(b"wav", None, model="mini-omni2"))
     assert list(limited.loaded) == ["mini-omni2"] and limited.unloaded == ["mini-omni"]
+    # an image goes with the question where the card says image_input, and is dropped elsewhere
+    assert limited.info("mini-omni2").image_input and not limited.info("mini-omni").image_input
+    list(limited.stream(b"wav", None, model="mini-omni2", image=b"png"))
+    assert made[-1].card.name == "mini-omni2" and made[-1].images == [None, b"png"]
+    list(limited.stream(b"wav", None, model="mini-omni", image=b"png"))
+    assert made[-1].card.name == "mini-omni" and made[-1].images == [None]
 
 
 def test_exchanges_are_kept_only_where_the_operator_says_and_caches_are_swept(tmp_path):

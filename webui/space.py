@@ -187,7 +187,8 @@ class SpaceBackend:
         notice = "; ".join(n for n in notices if n) or None
         return BackendInfo(name, card.output_sample_rate, random is not None, "this Space", duplex=card.duplex,
                            input_sample_rate=card.input_sample_rate, frame_samples=card.frame_samples or 0,
-                           text_output=card.text_output, notice=notice, default_max_new_tokens=self.default_cap(name))
+                           text_output=card.text_output, notice=notice, default_max_new_tokens=self.default_cap(name),
+                           image_input=card.image_input)
 
     def models(self) -> list[BackendInfo]:
         return [self.info(name) for name in self.settings.models]
@@ -250,11 +251,14 @@ class SpaceBackend:
         options["max_new_tokens"] = min(asked, self.reply_cap(name)) if asked else self.default_cap(name)
         return options
 
-    def _generate_on_gpu(self, name: str, wav: bytes, options: dict) -> Iterator:
+    def _generate_on_gpu(self, name: str, wav: bytes, options: dict, image: bytes | None) -> Iterator:
         """The GPU work of one reply (ZeroGPU runs it inside ``spaces.GPU``)."""
-        yield from self.loaded[name].respond(wav, options=options)
+        yield from self.loaded[name].respond(wav, options=options, image=image)
 
-    def stream(self, wav: bytes, options: dict | None = None, model: str | None = None) -> Iterator:
+    def stream(self, wav: bytes, options: dict | None = None, model: str | None = None,
+               image: bytes | None = None) -> Iterator:
+        """As the other backends: ``image`` goes with the question only where the card says
+        image_input (the page hides its input otherwise, so a stray one is dropped, not refused)."""
         name = model or self.settings.models[0]
         if name not in self.cards:
             raise BackendError(f"this page offers {', '.join(self.settings.models)}, not {name!r}")
@@ -267,7 +271,8 @@ class SpaceBackend:
                 except zoo.ZooError as err:
                     raise BackendError(f"{name} could not be loaded: {err}") from None
                 try:
-                    yield from self._generate(name, wav, self.capped(name, options))
+                    picture = image if image and self.cards[name].image_input else None
+                    yield from self._generate(name, wav, self.capped(name, options), picture)
                 except Exception as err:  # zoo errors carry clear messages: show them, the page goes on
                     raise BackendError(str(err)) from None
             finally:
