@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         "server_rss_mib": {"before": memory_before, "after": memory_after},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "full-random" if args.full else ("tiny" if args.tiny else "published")
+    tag = weights_tag(args, card)
     (args.out / f"{result['date']}_load_{card['id']}_{tag}.json").write_text(json.dumps(result, indent=2))
     table = args.out / "load.md"
     if not table.exists():
@@ -218,6 +218,25 @@ def main(argv=None) -> int:
     return 1 if any(level["errors"] for level in levels) else 0
 
 
+def weights_tag(args, card: dict) -> str:
+    """What weights answered: the spawn flags, or for --url what the server's card says."""
+    if args.spawn:
+        return "full-random" if args.full else ("tiny" if args.tiny else "published")
+    return "random-weights" if card.get("random_weights") else "published"
+
+
+def server_kind(args, url: str) -> str:
+    """The spawn flags, or for --url what its /health says (a Ray deployment counts replicas)."""
+    if args.spawn:
+        return f"ray serve, replicas {args.replicas}" if args.replicas else "single process"
+    try:
+        models = requests.get(url + "/health", timeout=10).json().get("models", {})
+        replicas = {name: sum(m.get("replicas", {}).values()) for name, m in models.items() if "replicas" in m}
+    except (requests.RequestException, ValueError, AttributeError):
+        replicas = {}
+    return f"ray serve at {url}, replicas {replicas}" if replicas else f"server at {url}"
+
+
 def users_main(args, body: dict) -> int:
     proc, url = spawn(args) if args.spawn else (None, args.url)
     try:
@@ -228,8 +247,8 @@ def users_main(args, body: dict) -> int:
     finally:
         if proc is not None:
             stop_server(proc)
-    tag = "full-random" if args.full else ("tiny" if args.tiny else "published")
-    server = f"ray serve, replicas {args.replicas}" if args.replicas else "single process"
+    tag = weights_tag(args, card)
+    server = server_kind(args, url)
     result = {"date": date.today().isoformat(), "model": card["id"], "random_weights": card.get("random_weights"),
               "machine": f"{os.cpu_count()} cores", "device": args.device or "auto", "server": server,
               "max_tokens": args.max_tokens, "question": QUESTION.name, **run}

@@ -2,7 +2,10 @@
 same model and machine. Both servers run at once (server.py, and server.py --replicas 1, each on
 its own free loopback port) and are asked the same things alternately, one request at a time:
 no concurrency, so the figure is the path's own cost, not queueing, and whatever else the
-machine does at the time weighs on both alike.
+machine does at the time weighs on both alike. Both get the same torch thread count: Ray gives a
+1-CPU replica OMP_NUM_THREADS=1, so the single process gets it too (or whatever OMP_NUM_THREADS
+says); with torch's default (every core) next to Ray's processes, the single process was the
+slower one on 2 cores and the difference looked ~8 ms smaller than it is.
 
     python bench/ray_overhead.py --tiny
     python bench/ray_overhead.py --tiny --requests 60 --env RAY_SERVE_USE_GRPC_BY_DEFAULT=1
@@ -93,11 +96,12 @@ def main(argv=None) -> int:
         p.error("--requests 1..500")
     flags = ["--model", args.model, "--max-sessions", "4"] + (["--tiny"] if args.tiny else [])
     flags += ["--device", args.device] if args.device else []
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     ray_env = dict(e.split("=", 1) for e in args.env)
     started = []
     try:
-        started.append(start_server(flags))
-        started.append(start_server(flags + ["--replicas", "1"], env=ray_env))
+        started.append(start_server(flags, env=threads))
+        started.append(start_server(flags + ["--replicas", "1"], env={**threads, **ray_env}))
         results = measure({"single_process": started[0][1], "ray_replicas_1": started[1][1]}, args.requests,
                           args.max_tokens)
     finally:
@@ -106,7 +110,7 @@ def main(argv=None) -> int:
     single, ray = results["single_process"], results["ray_replicas_1"]
     added = {k.replace("_ms", "_ms_added"): round(ray[k] - single[k], 1) for k in single if k.endswith(("p50", "p95"))}
     print(json.dumps({"date": date.today().isoformat(), "model": args.model, "tiny": args.tiny,
-                      "machine": f"{os.cpu_count()} cores", "device": args.device or "auto", "ray_env": ray_env,
+                      "machine": f"{os.cpu_count()} cores", "device": args.device or "auto", **threads, "ray_env": ray_env,
                       "requests": args.requests, "max_tokens": args.max_tokens, **results, "ray_minus_single": added},
                      indent=2))
     return 1 if single["errors"] or ray["errors"] else 0
