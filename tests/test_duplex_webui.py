@@ -1,4 +1,4 @@
-"""The web UIs for a full-duplex model (hertz-dev, tiny). The Gradio page through server.py in
+"""The web UIs for the full-duplex models (hertz-dev and moshi, tiny). The Gradio page through server.py in
 headless Chromium with a fake microphone: it shows the full-duplex widget (the card says duplex)
 and the random-weights banner; the widget streams the mic to /v1/duplex and plays the model's
 frames through WebAudio while it keeps sending. The in-process Gradio page and the Streamlit
@@ -14,11 +14,15 @@ from conftest import REPO
 from procs import LoopbackProcess
 from test_duplex_server import HertzServer
 
+import zoo
+
 SHOTS = os.environ.get("WEBUI_SHOTS")  # also copy screenshots there, for people to look at
 THREADS = {"OMP_NUM_THREADS": "1"}  # see test_duplex_server
 
 
-class HertzPage(LoopbackProcess):
+class GradioPage(LoopbackProcess):
+    """The Gradio page through a server (API_URL)."""
+
     def __init__(self, *args, api_url=None):
         super().__init__(["webui/omni_gradio.py", "--port", "{port}", *args],
                          env={"GRADIO_ANALYTICS_ENABLED": "False", "API_URL": api_url, **THREADS}, timeout=180)
@@ -29,7 +33,9 @@ def stats(page) -> dict:
     return page.evaluate("() => window.omniDuplexStats ? JSON.parse(JSON.stringify(window.omniDuplexStats)) : null")
 
 
-def talk_full_duplex(page, tmp_path, name: str, frames: int = 24) -> dict:
+def talk_full_duplex(page, tmp_path, name: str, frames: int = 24, rate: int = 16000, frame: int = 2000) -> dict:
+    """Start the widget, wait for ``frames`` of the model's frames, stop; the session must be at
+    the card's ``rate`` and ``frame`` (samples)."""
     page.get_by_text("omni-zoo voice chat").first.wait_for(timeout=60000)
     body = page.inner_text("body")
     assert "random weights" in body.lower() and "full duplex" in body.lower()
@@ -50,8 +56,8 @@ def talk_full_duplex(page, tmp_path, name: str, frames: int = 24) -> dict:
         shutil.copy(shot, os.path.join(SHOTS, shot.name))
     page.get_by_role("button", name="Stop full duplex").click()
     assert "frames in" in status and "random weights" in status, status
-    assert current["session"]["frame_samples"] == 2000 and current["session"]["sample_rate"] == 16000
-    assert current["playedSeconds"] >= 0.125 * frames - 1e-6  # every frame was scheduled for playback
+    assert current["session"]["frame_samples"] == frame and current["session"]["sample_rate"] == rate
+    assert current["playedSeconds"] >= frame / rate * frames - 1e-6  # every frame was scheduled for playback
     assert current["framesSent"] >= current["framesReceived"]  # answers follow the mic, frame by frame
     assert not [e for e in current["errors"] if e["code"] != "backlog_full"], current["errors"]
     latency = sorted(current["latencyMs"])
@@ -68,7 +74,7 @@ def server():
 
 def test_gradio_page_through_server_talks_full_duplex(server, tmp_path):
     mic = fake_mic_wav(tmp_path / "mic.wav")
-    ui = HertzPage(api_url=server.url)
+    ui = GradioPage(api_url=server.url)
     try:
         with browser_page(mic) as page:
             page.goto(ui.url)
@@ -82,28 +88,47 @@ def test_gradio_page_through_server_talks_full_duplex(server, tmp_path):
         ui.stop()
 
 
-def test_in_process_gradio_page_offers_full_duplex_on_its_own_origin():
-    """Without a browser: the in-process page's widget connects to its own origin, whose app
-    (server.py's routes) serves /v1/duplex."""
+def test_gradio_page_talks_full_duplex_with_moshi_through_server(tmp_path):
+    """The same widget, nothing changed, with the second duplex model: Moshi's card (24 kHz,
+    1920-sample frames) is all the page reads."""
+    from test_moshi_protocol import FRAME, RATE, MoshiServer
+
+    server = MoshiServer("--max-sessions", "1")
+    ui = GradioPage(api_url=server.url)
+    try:
+        with browser_page(fake_mic_wav(tmp_path / "mic.wav")) as page:
+            page.goto(ui.url)
+            result = talk_full_duplex(page, tmp_path, "duplex_moshi", frames=12, rate=RATE, frame=FRAME)
+        assert server.metric("zoo_duplex_sessions_total") == 1
+        assert server.metric("zoo_duplex_frames_total") >= result["frames_received"]
+    finally:
+        ui.stop()
+        server.stop()
+
+
+@pytest.mark.parametrize("name", [n for n in zoo.names() if zoo.card(n).duplex])
+def test_in_process_gradio_page_offers_full_duplex_on_its_own_origin(name):
+    """Without a browser, for every duplex model: the in-process page's widget connects to its own
+    origin, whose app (server.py's routes) serves /v1/duplex, at the card's rate and frame."""
     from fastapi.testclient import TestClient
 
-    import zoo
     from serving.app import create_app
     from serving.service import Service
     from webui.client import LocalBackend
     from webui.omni_gradio import build
 
-    model = zoo.load("hertz-dev", random_weights="tiny", device="cpu")
+    model = zoo.load(name, random_weights="tiny", device="cpu")
+    rate, frame = model.card.input_sample_rate, model.card.frame_samples
     demo = build(LocalBackend(model), live_api="")
     html = [b.value for b in demo.blocks.values() if isinstance(getattr(b, "value", None), str)]
-    assert any('data-omni-duplex data-ws="" data-rate="16000" data-frame="2000"' in h for h in html)
+    assert any(f'data-omni-duplex data-ws="" data-rate="{rate}" data-frame="{frame}"' in h for h in html)
     assert not any("data-omni-live" in h for h in html)
     service = Service(model, max_sessions=2, duplex_sessions=1)
     try:
         with TestClient(create_app(service)) as client, client.websocket_connect("/v1/duplex") as ws:
             assert ws.receive_json()["session"]["random_weights"] is True
-            ws.send_bytes(bytes(4000))
-            assert len(ws.receive_bytes()) == 4000
+            ws.send_bytes(bytes(2 * frame))  # one PCM16 frame in, the model's frame out
+            assert len(ws.receive_bytes()) == 2 * frame * model.card.output_sample_rate // rate
     finally:
         service.close()
 

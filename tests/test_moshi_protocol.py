@@ -292,3 +292,29 @@ def test_api_chat_needs_the_key_and_a_trusted_origin():
                 assert ws.receive_bytes() == b"\x00"
     finally:
         service.close()
+
+
+def test_the_pcm_duplex_socket_and_the_terminal_demo_serve_moshi_as_hertz_dev(server, model, tmp_path):
+    """The zoo's own duplex path is card-driven too: demos/duplex_chat.py --wav streams a 24 kHz
+    file over /v1/duplex in Moshi's 1920-sample frames and writes what the model said, which is
+    what the model stepped here says on the same PCM16 input (greedy)."""
+    import importlib.util
+
+    import soundfile as sf
+    from conftest import REPO
+
+    n = 12
+    question = tmp_path / "question.wav"
+    sf.write(question, speech(n, seed=3), RATE, subtype="PCM_16")
+    spec = importlib.util.spec_from_file_location("duplex_chat", REPO / "demos" / "duplex_chat.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = tmp_path / "reply.wav"
+    assert demo.main(["--server", server.url, "--wav", str(question), "--out", str(out), "--fast",
+                      "--temperature", "0"]) == 0
+    reply, rate = sf.read(out, dtype="float32")
+    sent, _ = sf.read(question, dtype="float32")  # the PCM16 samples the socket carried
+    want, _ = reference(model, sent)
+    assert rate == RATE and reply.size == want.size == n * FRAME
+    assert np.abs(want).max() > 1e-2  # not a silent comparison
+    assert np.abs(reply - np.clip(want, -1, 1)).max() <= 2 / 32768  # PCM16 rounding on the way out
