@@ -1,7 +1,8 @@
 """Full-duplex talk with server.py (a model whose card says duplex, e.g. hertz-dev) from a
 terminal: microphone -> /v1/duplex -> speaker, both at once, one frame (125 ms for Hertz-dev)
 each way per model step. Needs a sound card and PyAudio (`pip install pyaudio`); headphones
-help (otherwise the model hears itself). Or stream a file and save the model's side:
+help (otherwise the model hears itself). A model with a text stream (Moshi) has its text printed
+as it comes. Or stream a file and save the model's side:
 
     python server.py --model hertz-dev &
     python demos/duplex_chat.py [--server http://127.0.0.1:60808]
@@ -75,7 +76,9 @@ async def duplex(url: str, microphone: Callable[[dict], AsyncIterator[bytes]], p
                     play(message)
                     continue
                 event = json.loads(message)
-                if event.get("type") == "error":
+                if event.get("type") == "text.delta":  # the model's text, as it streams (text_output cards)
+                    show(event["delta"])
+                elif event.get("type") == "error":
                     answered += event["error"].get("frames_dropped", 0)
                     progress.set()
                     show(f"[server: {event['error']['message']}]\n")

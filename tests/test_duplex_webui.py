@@ -61,8 +61,9 @@ def talk_full_duplex(page, tmp_path, name: str, frames: int = 24, rate: int = 16
     assert current["framesSent"] >= current["framesReceived"]  # answers follow the mic, frame by frame
     assert not [e for e in current["errors"] if e["code"] != "backlog_full"], current["errors"]
     latency = sorted(current["latencyMs"])
+    panel = page.locator(".omni-duplex-text")
     return {"frames_received": current["framesReceived"], "median_frame_round_trip_ms": round(latency[len(latency) // 2]),
-            "status": status}
+            "status": status, "text": current["text"], "text_panel": panel.inner_text() if panel.is_visible() else None}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,7 @@ def test_gradio_page_through_server_talks_full_duplex(server, tmp_path):
             page.get_by_text("omni-zoo voice chat").first.wait_for(timeout=60000)
             assert f"server {server.url}" in page.inner_text("body")
             result = talk_full_duplex(page, tmp_path, "duplex_server")
+        assert result["text"] == "" and result["text_panel"] is None  # hertz-dev has no text stream
         assert server.metric("zoo_duplex_sessions_total") == 1
         assert server.metric("zoo_duplex_frames_total") >= result["frames_received"]
         print(json.dumps(result))
@@ -99,6 +101,9 @@ def test_gradio_page_talks_full_duplex_with_moshi_through_server(tmp_path):
         with browser_page(fake_mic_wav(tmp_path / "mic.wav")) as page:
             page.goto(ui.url)
             result = talk_full_duplex(page, tmp_path, "duplex_moshi", frames=12, rate=RATE, frame=FRAME)
+        # Moshi's text streams beside its audio, labelled, in the widget's panel
+        assert result["text"] and result["text_panel"].startswith("moshi (text): ")
+        assert result["text"][-20:] in result["text_panel"]
         assert server.metric("zoo_duplex_sessions_total") == 1
         assert server.metric("zoo_duplex_frames_total") >= result["frames_received"]
     finally:

@@ -136,7 +136,7 @@ def test_a_session_answers_opus_audio_and_text_as_the_model_does(server, model):
         session = await Session.open(server.ws + GREEDY)
         async with session.ws:
             await session.talk(pages)
-            await asyncio.sleep(0.3)  # a step's text piece follows its audio
+            await asyncio.sleep(0.3)  # then read whatever is still on its way
             while True:
                 try:
                     await asyncio.wait_for(session.read(), 0.5)
@@ -294,10 +294,11 @@ def test_api_chat_needs_the_key_and_a_trusted_origin():
         service.close()
 
 
-def test_the_pcm_duplex_socket_and_the_terminal_demo_serve_moshi_as_hertz_dev(server, model, tmp_path):
+def test_the_pcm_duplex_socket_and_the_terminal_demo_serve_moshi_as_hertz_dev(server, model, tmp_path, capsys):
     """The zoo's own duplex path is card-driven too: demos/duplex_chat.py --wav streams a 24 kHz
     file over /v1/duplex in Moshi's 1920-sample frames and writes what the model said, which is
-    what the model stepped here says on the same PCM16 input (greedy)."""
+    what the model stepped here says on the same PCM16 input (greedy); its text pieces come as
+    ``text.delta`` events (the card says text_output) and the demo prints them as they come."""
     import importlib.util
 
     import soundfile as sf
@@ -312,9 +313,11 @@ def test_the_pcm_duplex_socket_and_the_terminal_demo_serve_moshi_as_hertz_dev(se
     out = tmp_path / "reply.wav"
     assert demo.main(["--server", server.url, "--wav", str(question), "--out", str(out), "--fast",
                       "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
     reply, rate = sf.read(out, dtype="float32")
     sent, _ = sf.read(question, dtype="float32")  # the PCM16 samples the socket carried
-    want, _ = reference(model, sent)
+    want, texts = reference(model, sent)
+    assert any(texts) and "".join(texts) in printed, (texts, printed)
     assert rate == RATE and reply.size == want.size == n * FRAME
     assert np.abs(want).max() > 1e-2  # not a silent comparison
     assert np.abs(reply - np.clip(want, -1, 1)).max() <= 2 / 32768  # PCM16 rounding on the way out

@@ -28,7 +28,7 @@ QUESTION = base64.b64encode((SAMPLES / "01.wav").read_bytes()).decode()
 DEADLINE_S = 240
 KEY = "scale-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-SERVER = ["server.py", "--model", "mini-omni,hertz-dev", "--tiny", "--replicas", "mini-omni=2", "--max-sessions", "8",
+SERVER = ["server.py", "--model", "mini-omni,hertz-dev,moshi", "--tiny", "--replicas", "mini-omni=2", "--max-sessions", "8",
           "--api-key", KEY, "--port", "{port}"]
 
 
@@ -125,7 +125,7 @@ def test_every_ray_process_listens_on_loopback_only(server):
 
 def test_two_models_behind_one_address_each_at_its_own_rate(url):
     models = requests.get(url + "/v1/models", headers=AUTH, timeout=10).json()["data"]
-    assert [m["id"] for m in models] == ["mini-omni", "hertz-dev"]
+    assert [m["id"] for m in models] == ["mini-omni", "hertz-dev", "moshi"]
     assert {m["card"]["output_sample_rate"] for m in models} == {24000, 16000}
     health = requests.get(url + "/health", timeout=10).json()  # no key needed, as the single-process server
     assert health["status"] == "ok"
@@ -256,6 +256,49 @@ def test_full_duplex_sessions_through_ray(url):
     while requests.get(url + "/health", timeout=10).json()["models"]["hertz-dev"]["duplex_sessions"]:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def test_moshi_text_streams_beside_its_audio_through_ray(url):
+    """A model with a text stream keeps it through the front: /v1/duplex sends ``text.delta``
+    events before the step's frame, Moshi's own /api/chat its 0x02 text messages."""
+    import sphn
+
+    frame = 1920
+
+    async def pcm_session() -> tuple[int, str]:
+        async with websockets.connect(url.replace("http", "ws") + "/moshi/v1/duplex", additional_headers=AUTH) as ws:
+            created = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            assert created["session"]["text_output"] is True and created["session"]["frame_samples"] == frame
+            frames, text = 0, ""
+            for i in range(12):
+                await ws.send((np.sin(np.arange(frame) * 0.05 * (i + 1)) * 8000).astype("<i2").tobytes())
+                while True:
+                    message = await asyncio.wait_for(ws.recv(), 60)
+                    if isinstance(message, bytes):
+                        assert len(message) == 2 * frame
+                        frames += 1
+                        break
+                    event = json.loads(message)
+                    assert event["type"] == "text.delta", event
+                    text += event["delta"]
+            return frames, text
+
+    async def kyutai_session() -> tuple[int, str]:
+        async with websockets.connect(url.replace("http", "ws") + "/moshi/api/chat", additional_headers=AUTH) as ws:
+            assert await asyncio.wait_for(ws.recv(), 60) == b"\x00"
+            writer, kinds, text = sphn.OpusStreamWriter(24000), [], ""
+            for i in range(12):
+                await ws.send(b"\x01" + writer.append_pcm(np.sin(np.arange(frame) * 0.05 * (i + 1)).astype(np.float32)))
+            while kinds.count(1) < 8:  # Opus pages come as the encoder fills them
+                message = await asyncio.wait_for(ws.recv(), 60)
+                kinds.append(message[0])
+                text += message[1:].decode() if message[0] == 2 else ""
+            return kinds.count(1), text
+
+    frames, text = asyncio.run(asyncio.wait_for(pcm_session(), DEADLINE_S))
+    assert frames == 12 and text  # the tiny model's gibberish, but text
+    pages, spoken = asyncio.run(asyncio.wait_for(kyutai_session(), DEADLINE_S))
+    assert pages >= 8 and spoken
 
 
 def test_a_killed_replica_fails_its_replies_visibly_and_comes_back(server, url):

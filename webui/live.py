@@ -51,8 +51,13 @@ def widget_html(ws_url: str, api_key: str | None = None) -> str:
 
 def duplex_widget_html(ws_url: str, sample_rate: int, frame_samples: int, api_key: str | None = None) -> str:
     """The full-duplex widget's markup (the card's input rate and frame size); an empty
-    ``ws_url`` means the page's own origin."""
+    ``ws_url`` means the page's own origin. Below the button, the model's text as it streams,
+    labelled and scrolling inside a fixed height (shown once the model sends text)."""
     return (f'<div data-omni-duplex data-ws="{ws_url}"{_key_attribute(api_key)} data-rate="{int(sample_rate)}" '
             f'data-frame="{int(frame_samples)}" style="font-family: sans-serif">'
             f'<button data-state="off">Start full duplex</button> '
-            f'<span class="omni-duplex-status">not started</span></div>')
+            f'<span class="omni-duplex-status">not started</span>'
+            # the model's text as it streams (cards with text_output); hidden until a piece arrives
+            f'<div class="omni-duplex-text" role="log" aria-label="The model\'s text" hidden '
+            f'style="max-height: {TRANSCRIPT_HEIGHT_PX}px; overflow-y: auto; margin-top: 8px; border: 1px solid #d1d5db; '
+            f'border-radius: 6px; padding: 6px 8px; line-height: 1.4; white-space: pre-wrap"></div></div>')

@@ -12,12 +12,15 @@ once.
   ``model``, ``sample_rate`` (input), ``output_sample_rate``, ``frame_samples``, ``format``
   ("pcm_s16le"), ``channels`` (1), ``max_backlog_frames``, ``max_message_bytes``,
   ``idle_timeout_s``, ``options`` (the session's model options), ``prompt`` (bool),
-  ``random_weights``.
+  ``random_weights``, ``text_output`` (bool: whether ``text.delta`` events come).
   client -> server, binary: PCM16 little-endian mono at ``sample_rate``; any size (one frame per
   message is the natural choice; messages are re-framed, a partial frame waits for the rest).
   server -> client, binary: for each complete input frame, in order, the model's next frame
   (``frame_samples * output_sample_rate / sample_rate`` samples, PCM16 LE), sent as soon as its
   step is done.
+  server -> client, text, for models whose card says ``text_output`` (e.g. Moshi's inner
+  monologue): ``{"type": "text.delta", "delta": "..."}`` right before the audio frame of the step
+  that produced the piece (steps without text send none).
   client -> server, text (optional, only before the first audio byte):
   ``{"type": "session.update", "options": {...model options...}, "prompt": "<base64 audio file>"}``
   -> ``{"type": "session.updated", "session": {...}}``. ``prompt`` seeds the session (as the model's
@@ -77,7 +80,8 @@ class Wire:
     name = "binary"
     in_scale = 32768.0  # int16 -> float
     json_events = True  # session.created on connect, text messages are session.update events
-    sends_text = False  # whether the model's text pieces go out too (send_text)
+    # whether the model's text pieces go out too (send_text); None: when the card says text_output
+    sends_text: bool | None = None
 
     def __init__(self) -> None:
         self._odd = b""  # a sample's first byte whose second byte comes in the next message
@@ -117,8 +121,12 @@ class Wire:
     async def send_audio(self, ws: WebSocket, audio: np.ndarray) -> None:
         await ws.send_bytes(float_to_pcm16(audio).tobytes())
 
+    def carries_text(self, card: zoo.ModelCard) -> bool:
+        return card.text_output if self.sends_text is None else self.sends_text
+
     async def send_text(self, ws: WebSocket, text: str) -> None:
-        """A non-empty text piece of the model's (wires with ``sends_text``)."""
+        """A non-empty text piece of the model's (when ``carries_text``): a ``text.delta`` event."""
+        await ws.send_text(json.dumps({"type": "text.delta", "delta": text}))
 
 
 class ProtocolError(Exception):
@@ -187,6 +195,7 @@ class DuplexSocket:
             "options": dataclasses.asdict(options) if options is not None else {},
             "prompt": self.conn is not None and self.conn.prompt is not None,
             "random_weights": self.service.model.random_weights is not None,
+            "text_output": self.wire.carries_text(self.card),
         }
 
     # -- the session --------------------------------------------------------------------------------
@@ -206,7 +215,7 @@ class DuplexSocket:
         except Busy as err:
             await self.refuse("busy", str(err), 1013)
             return
-        self.conn.chunks = self.wire.sends_text  # before its first frame: the worker reads it after a push
+        self.conn.chunks = self.wire.carries_text(self.card)  # before its first frame: the worker reads it after a push
         self.metrics.duplex_sessions_active.inc()
         self.metrics.duplex_sessions_total.inc()
         self.replay = self.wire.opening_frames(self.hub.prompt, self.card)
@@ -344,10 +353,10 @@ class DuplexSocket:
                     await self.refuse("generation", f"the model failed: {type(item).__name__}: {item}", 1011, exc=item)
                 return
             audio, text = (item.audio, item.text) if isinstance(item, zoo.Chunk) else (item, "")
-            async with self.send_lock:
-                await self.wire.send_audio(self.ws, audio)
+            async with self.send_lock:  # a step's text first: a client that stops at its last frame has it all
                 if text:
                     await self.wire.send_text(self.ws, text)
+                await self.wire.send_audio(self.ws, audio)
             if self.in_flight:
                 self.metrics.duplex_frame_latency.observe(time.perf_counter() - self.in_flight.popleft())
 

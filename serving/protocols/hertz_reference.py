@@ -64,6 +64,7 @@ class DataUrlWire(Wire):
     name = "data-url"
     in_scale = 32767.0  # the reference divides by 32767
     json_events = False  # the reference client expects audio only; its text messages are audio
+    sends_text = False
 
     def __init__(self, settings: ReferenceSettings) -> None:
         super().__init__()

@@ -61,6 +61,7 @@ class RemoteTicket:
 
     def __init__(self, number: int, options: Any, deliver: Callable[[Any], None]) -> None:
         self.number, self.options, self.prompt, self.deliver = number, options, None, deliver
+        self.chunks = False  # set by the socket: frames come as Chunks with the step's text piece
         self.sid = f"duplex-{uuid.uuid4().hex}"
         self.task: asyncio.Task | None = None
         self.closed = False
@@ -108,7 +109,8 @@ class RemoteDuplexHub:
             ticket.task.cancel()  # cancels the call: the replica closes the session and frees the slot
 
     async def _run(self, ticket: RemoteTicket, rid: str) -> None:
-        items = self.handle.options(stream=True).duplex.remote(ticket.options, ticket.prompt, self.box, ticket.sid, rid)
+        items = self.handle.options(stream=True).duplex.remote(ticket.options, ticket.prompt, self.box, ticket.sid, rid,
+                                                                 ticket.chunks)
         try:
             async for item in items:
                 if item[0] == "frame":

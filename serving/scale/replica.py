@@ -102,10 +102,11 @@ class ModelReplica:
         finally:
             await reply.aclose()  # a caller that went away (cancelled) frees the slot here
 
-    async def duplex(self, options, prompt, box, sid: str, rid: str = "-"):
+    async def duplex(self, options, prompt, box, sid: str, rid: str = "-", chunks: bool = False):
         """One full-duplex session (serving/scale/duplex.py), for as long as the caller keeps the
         call: input frames pulled from ``box`` (a FrameBox) under ``sid``, answers yielded as
-        ``("frame", ndarray)``; first ``("replica", tag)``; ``("refused", ...)`` when the slots are
+        ``("frame", ndarray)`` (``chunks``: ``("frame", Chunk)`` with the step's text piece);
+        first ``("replica", tag)``; ``("refused", ...)`` when the slots are
         taken; ``("failed", message, is_input_error)`` when the session fails."""
         import asyncio
 
@@ -130,6 +131,7 @@ class ModelReplica:
             return
         if prompt is not None:
             ticket.prompt = prompt
+        ticket.chunks = chunks
 
         async def pull() -> None:
             while (frames := await box.pull.remote(sid)) is not None:

@@ -8,13 +8,15 @@
   const root = element.querySelector("[data-omni-duplex]") || element;
   const button = root.querySelector("button");
   const status = root.querySelector(".omni-duplex-status");
+  const textPanel = root.querySelector(".omni-duplex-text");  // the model's text (cards with text_output)
+  const TEXT_KEEP = 4000;  // characters shown: a long session's text scrolls, the page does not grow
   const RATE = parseInt(root.dataset.rate || "16000", 10);
   const FRAME = parseInt(root.dataset.frame || "2000", 10);
   const LEAD = 0.1;  // seconds of jitter buffer before the first frame plays
   let ws = null, ctx = null, stream = null, source = null, processor = null;
   let playHead = 0, samplesSent = 0, sentTimes = [], sessionNote = "";
   const stats = window.omniDuplexStats = {framesSent: 0, framesReceived: 0, framesDropped: 0, underruns: 0,
-                                          latencyMs: [], errors: [], session: null, playedSeconds: 0};
+                                          latencyMs: [], errors: [], session: null, playedSeconds: 0, text: ""};
 
   function wsUrl() {
     const given = root.dataset.ws;
@@ -54,6 +56,14 @@
       stats.session = event.session;
       sessionNote = " (" + event.session.model + (event.session.random_weights ? ", random weights: its audio is noise" : "") + ")";
       show("live" + sessionNote + ": talk whenever you like");
+    } else if (event.type === "text.delta") {
+      stats.text += event.delta;
+      if (textPanel) {
+        textPanel.hidden = false;
+        const label = (stats.session ? stats.session.model : "model") + " (text): ";
+        textPanel.textContent = label + stats.text.slice(-TEXT_KEEP);
+        textPanel.scrollTop = textPanel.scrollHeight;
+      }
     } else if (event.type === "error") {
       stats.errors.push(event.error);
       if (event.error.code === "backlog_full") {
@@ -66,7 +76,8 @@
   }
   async function start() {
     Object.assign(stats, {framesSent: 0, framesReceived: 0, framesDropped: 0, underruns: 0, latencyMs: [],
-                          errors: [], session: null, playedSeconds: 0});
+                          errors: [], session: null, playedSeconds: 0, text: ""});
+    if (textPanel) { textPanel.textContent = ""; textPanel.hidden = true; }
     playHead = 0; samplesSent = 0; sentTimes = []; sessionNote = "";
     ctx = new AudioContext({sampleRate: RATE});
     try {
