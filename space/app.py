@@ -1,6 +1,6 @@
 """omni-zoo's voice chat page as a Hugging Face Space (space/README.md says how to deploy it).
-The page is webui/gradio_chat.py's, with the public page's rules of webui/space.py; the Space's
-variables (OMNI_ZOO_MODEL, ...) are listed there. Locally: ``python space/app.py --tiny``."""
+The page is webui/gradio_chat.py's with a public page's rules, built by webui/space.py, whose
+docstring lists the Space's variables (OMNI_ZOO_MODEL, ...). Locally: ``python space/app.py --tiny``."""
 import os
 import sys
 from pathlib import Path

@@ -180,7 +180,7 @@ def toast(page, words: str, timeout_ms: int = 30000) -> str:
 
 
 def test_a_visitor_on_a_phone_asks_and_is_answered_through_the_gpu_decorator(space, mic, tmp_path):
-    from webui.space import Settings
+    from webui.space_backend import Settings
 
     duration = Settings(max_reply_s=MAX_REPLY_S).gpu_duration()
     assert f"spaces.GPU(duration={duration})" in space.output()  # fitted to the page's reply cap
@@ -308,7 +308,7 @@ def test_questions_over_the_length_or_rate_limit_are_refused_with_a_message(spac
 
 # -- the rules, without a browser ---------------------------------------------------------------------
 def test_the_gpu_decorator_is_spaces_on_zerogpu_and_a_stand_in_elsewhere(monkeypatch):
-    from webui.space import Settings, gpu
+    from webui.space_backend import Settings, gpu
 
     def reply():
         yield 1
@@ -324,7 +324,7 @@ def test_the_gpu_decorator_is_spaces_on_zerogpu_and_a_stand_in_elsewhere(monkeyp
 
 
 def test_settings_come_from_the_environment_and_bad_ones_stop_the_space():
-    from webui.space import Settings
+    from webui.space_backend import Settings
 
     settings = Settings.from_env({"OMNI_ZOO_MODEL": "mini-omni, hertz-dev", "OMNI_ZOO_RATE_PER_MINUTE": "3",
                                   "OMNI_ZOO_KEEP_DIR": "/data/x", "OMNI_ZOO_MAX_REPLY_S": "12.5"})
@@ -337,7 +337,7 @@ def test_settings_come_from_the_environment_and_bad_ones_stop_the_space():
 
 
 def test_rate_limit_counts_each_visitor_over_a_sliding_minute():
-    from webui.space import RateLimit, visitor
+    from webui.space_policy import RateLimit, visitor
 
     now = [0.0]
     limit = RateLimit(3, clock=lambda: now[0])
@@ -366,7 +366,7 @@ class FakeModel:
 
 
 def test_models_load_on_first_use_and_idle_ones_make_room_under_memory_pressure():
-    from webui.space import Settings, SpaceBackend
+    from webui.space_backend import Settings, SpaceBackend
 
     free = [100e9]
     loads, made = [], []
@@ -410,7 +410,8 @@ def test_models_load_on_first_use_and_idle_ones_make_room_under_memory_pressure(
 
 
 def test_exchanges_are_kept_only_where_the_operator_says_and_caches_are_swept(tmp_path):
-    from webui.space import CacheSweeper, Settings, SpaceBackend, SpacePolicy
+    from webui.space_backend import Settings, SpaceBackend
+    from webui.space_policy import CacheSweeper, SpacePolicy
 
     question = tmp_path / "upload" / "q.wav"
     question.parent.mkdir()
