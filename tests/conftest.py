@@ -9,6 +9,17 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "demos" / "samples"
 
 
+def load_script(path: str):
+    """A script of the repository (e.g. ``demos/mic_chat.py``) as a module, to call its main()
+    or parser in the test's process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _tiny_cache(tmp_path_factory):
     """Tiny checkpoints are written once per test session into a private folder."""

@@ -1,12 +1,11 @@
 """zoo/client_cli.py, the flags both terminal demos share (server URL, API key from
 OMNI_ZOO_API_KEY, --model checked against the server's /v1/models), as the demos' users meet them."""
 import argparse
-import importlib.util
 import sys
 import types
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_script
 from procs import free_port
 from test_server import Server
 
@@ -26,13 +25,6 @@ def flags(*argv):
     parser = argparse.ArgumentParser()
     add_client_flags(parser)
     return parser.parse_args(list(argv))
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "demos" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_key_comes_from_the_environment_and_the_model_is_read_from_the_server(server, monkeypatch):
@@ -70,7 +62,7 @@ def test_an_unreachable_server_or_a_bad_url_says_what_to_do():
 
 def test_the_duplex_demo_refuses_a_half_duplex_server_in_one_line(server, monkeypatch, capsys):
     monkeypatch.setenv("OMNI_ZOO_API_KEY", KEY)
-    demo = load("duplex_chat")
+    demo = load_script("demos/duplex_chat.py")
     assert demo.main(["--server", server.url, "--wav", str(REPO / "demos" / "samples" / "01.wav")]) == 2
     err = capsys.readouterr().err
     assert err.strip() == (f"error: the server at {server.url} runs 'mini-omni', which is not full duplex: start it "
@@ -80,7 +72,7 @@ def test_the_duplex_demo_refuses_a_half_duplex_server_in_one_line(server, monkey
 def test_the_mic_demo_checks_the_server_before_opening_the_sound_card(server, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pyaudio", types.ModuleType("pyaudio"))  # using it would raise AttributeError
     monkeypatch.setenv("OMNI_ZOO_API_KEY", KEY)
-    demo = load("mic_chat")
+    demo = load_script("demos/mic_chat.py")
     unreachable = f"http://127.0.0.1:{free_port()}"
     assert demo.main(["--server", unreachable]) == 2
     assert capsys.readouterr().err.startswith(f"error: cannot reach the server at {unreachable}")
@@ -91,5 +83,5 @@ def test_the_mic_demo_checks_the_server_before_opening_the_sound_card(server, mo
 
 def test_both_demos_take_the_same_client_flags():
     for name in ("mic_chat", "duplex_chat"):
-        actions = {a.dest for a in load(name).build_parser()._actions}
+        actions = {a.dest for a in load_script(f"demos/{name}.py").build_parser()._actions}
         assert {"server", "api_key", "model"} <= actions

@@ -400,14 +400,10 @@ def test_half_duplex_model_refuses_the_duplex_routes():
 
 def test_demo_client_streams_a_file(server, model, tmp_path):
     """demos/duplex_chat.py --wav: the file goes in frame by frame, the model's side comes out."""
-    import importlib.util
-
     import soundfile as sf
-    from conftest import REPO
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("duplex_chat", REPO / "demos" / "duplex_chat.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("demos/duplex_chat.py")
     out = tmp_path / "reply.wav"
     assert demo.main(["--server", server.url, "--wav", str(PROMPT), "--out", str(out), "--fast",
                       "--temperature", "0"]) == 0

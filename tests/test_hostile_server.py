@@ -143,7 +143,7 @@ def test_chat_takes_json_only(server, content_type):
 
 
 def test_web_ui_client_and_demo_send_the_key_from_the_environment(server, monkeypatch):
-    from test_mic_chat import load_demo
+    from conftest import load_script
 
     from webui.client import BackendError, ServerBackend
     from zoo.client_cli import add_client_flags, connect
@@ -162,7 +162,7 @@ def test_web_ui_client_and_demo_send_the_key_from_the_environment(server, monkey
             await asyncio.sleep(0.05)
 
     shown = []
-    demo = load_demo()
+    demo = load_script("demos/mic_chat.py")
     parser = argparse.ArgumentParser()
     add_client_flags(parser)  # the demos' shared flags: the key defaults to the environment's
     info = connect(parser.parse_args(["--server", server.url]))

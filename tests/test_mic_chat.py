@@ -1,24 +1,16 @@
 """demos/mic_chat.py's conversation loop against a real server, with a file as the microphone."""
 import asyncio
-import importlib.util
 import subprocess
 import sys
 
 import numpy as np
-from conftest import REPO
+from conftest import REPO, load_script
 from test_realtime import speech_24k
 from test_server import Server
 
 
-def load_demo():
-    spec = importlib.util.spec_from_file_location("mic_chat", REPO / "demos" / "mic_chat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_spoken_turn_is_played_and_printed():
-    demo = load_demo()
+    demo = load_script("demos/mic_chat.py")
     server = Server("--max-sessions", "2")
     try:
         pcm = (np.clip(speech_24k(pad_after=1.5), -1, 1) * 32767).astype("<i2").tobytes()

@@ -299,17 +299,13 @@ def test_the_pcm_duplex_socket_and_the_terminal_demo_serve_moshi_as_hertz_dev(se
     file over /v1/duplex in Moshi's 1920-sample frames and writes what the model said, which is
     what the model stepped here says on the same PCM16 input (greedy); its text pieces come as
     ``text.delta`` events (the card says text_output) and the demo prints them as they come."""
-    import importlib.util
-
     import soundfile as sf
-    from conftest import REPO
+    from conftest import load_script
 
     n = 12
     question = tmp_path / "question.wav"
     sf.write(question, speech(n, seed=3), RATE, subtype="PCM_16")
-    spec = importlib.util.spec_from_file_location("duplex_chat", REPO / "demos" / "duplex_chat.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("demos/duplex_chat.py")
     out = tmp_path / "reply.wav"
     assert demo.main(["--server", server.url, "--wav", str(question), "--out", str(out), "--fast",
                       "--temperature", "0"]) == 0

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import REPO
+from conftest import REPO, load_script
 from procs import LoopbackProcess
 
 import zoo
@@ -173,18 +173,11 @@ def parse_flags(command: str) -> None:
 
         inference.parse_args(flags)
     elif program.startswith("demos/"):
-        load_demo(program).build_parser().parse_args(flags)
+        load_script(program).build_parser().parse_args(flags)
     else:
         raise AssertionError(f"no parser known for {program}")
 
 
-def load_demo(path: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_commands_not_run_have_flags_their_programs_accept(monkeypatch):
