@@ -122,6 +122,7 @@ class Wire:
         await ws.send_bytes(float_to_pcm16(audio).tobytes())
 
     def carries_text(self, card: zoo.ModelCard) -> bool:
+        """Whether this connection sends the model's text pieces (``sends_text``, else the card)."""
         return card.text_output if self.sends_text is None else self.sends_text
 
     async def send_text(self, ws: WebSocket, text: str) -> None:
