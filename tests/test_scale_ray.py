@@ -259,17 +259,18 @@ def test_full_duplex_sessions_through_ray(url):
 def test_moshi_text_streams_beside_its_audio_through_ray(url):
     """A model with a text stream keeps it through the front: /v1/duplex sends ``text.delta``
     events before the step's frame, Moshi's own /api/chat its 0x02 text messages."""
-    import sphn
+    from test_moshi_protocol import FRAME, RATE, opus_pages, speech
 
-    frame = 1920
+    frame, question = FRAME, speech(12, seed=5)  # a tone with noise, 12 frames at 24 kHz
 
     async def pcm_session() -> tuple[int, str]:
         async with websockets.connect(url.replace("http", "ws") + "/moshi/v1/duplex", additional_headers=AUTH) as ws:
             created = json.loads(await asyncio.wait_for(ws.recv(), 60))
             assert created["session"]["text_output"] is True and created["session"]["frame_samples"] == frame
+            assert created["session"]["sample_rate"] == RATE
             frames, text = 0, ""
-            for i in range(12):
-                await ws.send((np.sin(np.arange(frame) * 0.05 * (i + 1)) * 8000).astype("<i2").tobytes())
+            for block in question.reshape(-1, frame):
+                await ws.send((block * 32767).astype("<i2").tobytes())
                 while True:
                     message = await asyncio.wait_for(ws.recv(), 60)
                     if isinstance(message, bytes):
@@ -284,9 +285,9 @@ def test_moshi_text_streams_beside_its_audio_through_ray(url):
     async def kyutai_session() -> tuple[int, str]:
         async with websockets.connect(url.replace("http", "ws") + "/moshi/api/chat", additional_headers=AUTH) as ws:
             assert await asyncio.wait_for(ws.recv(), 60) == b"\x00"
-            writer, kinds, text = sphn.OpusStreamWriter(24000), [], ""
-            for i in range(12):
-                await ws.send(b"\x01" + writer.append_pcm(np.sin(np.arange(frame) * 0.05 * (i + 1)).astype(np.float32)))
+            kinds, text = [], ""
+            for page in opus_pages(question):
+                await ws.send(b"\x01" + page)
             while kinds.count(1) < 8:  # Opus pages come as the encoder fills them
                 message = await asyncio.wait_for(ws.recv(), 60)
                 kinds.append(message[0])

@@ -34,6 +34,9 @@ def _key_attribute(api_key: str | None) -> str:
 
 
 TRANSCRIPT_HEIGHT_PX = 220  # the live transcript scrolls inside this height: a long talk must not grow the page
+# a text panel of either widget: it scrolls inside TRANSCRIPT_HEIGHT_PX rather than growing the page
+PANEL_STYLE = (f"max-height: {TRANSCRIPT_HEIGHT_PX}px; overflow-y: auto; border: 1px solid #d1d5db; "
+               "border-radius: 6px; padding: 6px 8px; line-height: 1.4")
 
 
 def widget_html(ws_url: str, api_key: str | None = None) -> str:
@@ -43,8 +46,7 @@ def widget_html(ws_url: str, api_key: str | None = None) -> str:
             f'<button data-state="off">Start live chat</button> <span class="omni-live-status">not started</span>'
             f'<div class="omni-live-label" style="font-weight: 600; margin: 8px 0 4px">Live conversation</div>'
             f'<div class="omni-live-transcript" role="log" aria-label="Live conversation" '
-            f'style="max-height: {TRANSCRIPT_HEIGHT_PX}px; overflow-y: auto; border: 1px solid #d1d5db; '
-            f'border-radius: 6px; padding: 6px 8px; line-height: 1.4">'
+            f'style="{PANEL_STYLE}">'
             f'<div class="omni-live-empty" style="color: #6b7280">Start live chat and talk; '
             f'each turn appears here.</div></div></div>')
 
@@ -59,5 +61,4 @@ def duplex_widget_html(ws_url: str, sample_rate: int, frame_samples: int, api_ke
             f'<span class="omni-duplex-status">not started</span>'
             # the model's text as it streams (cards with text_output); hidden until a piece arrives
             f'<div class="omni-duplex-text" role="log" aria-label="The model\'s text" hidden '
-            f'style="max-height: {TRANSCRIPT_HEIGHT_PX}px; overflow-y: auto; margin-top: 8px; border: 1px solid #d1d5db; '
-            f'border-radius: 6px; padding: 6px 8px; line-height: 1.4; white-space: pre-wrap"></div></div>')
+            f'style="{PANEL_STYLE}; margin-top: 8px; white-space: pre-wrap"></div></div>')
