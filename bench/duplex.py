@@ -23,12 +23,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from latency import machine, sync  # bench/ is the script's own folder: python bench/duplex.py
 from tqdm import tqdm
 
 import zoo
-from bench.latency import machine, sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def step_times(stepper, count: int, steps: int, device: torch.device, out_samples: int) -> tuple[float, float]:
+    """Median and p90 ms of ``steps`` batched steps of ``count`` sessions (3 warm-up steps first:
+    captures, allocations), each step a fresh frame of noise per session."""
+    frame_samples = stepper.frame_samples
+    rng = np.random.default_rng(0)
+    handles = [stepper.open({"seed": i}) for i in range(count)]
+    times = []
+    for step in range(steps + 3):
+        frames = [(0.1 * rng.standard_normal(frame_samples)).astype(np.float32) for _ in handles]
+        sync(device)
+        start = time.perf_counter()
+        outputs = stepper.step(handles, frames)
+        sync(device)
+        if step >= 3:
+            times.append((time.perf_counter() - start) * 1000)
+    assert all(isinstance(o, np.ndarray) and o.shape == (out_samples,) for o in outputs), outputs
+    for handle in handles:
+        stepper.close(handle)
+    return statistics.median(times), float(np.percentile(times, 90))
 
 
 def main(argv=None) -> int:
@@ -40,35 +61,27 @@ def main(argv=None) -> int:
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--eager-too", action="store_true",
+                   help="also time exact eager steps (graphs=False) at each count: eager_step_ms beside step_ms")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = zoo.load(args.model, random_weights=args.size, device=device, dtype=args.dtype)
-    stepper = model.duplex_stepper(max(args.sessions))
     frame_samples = model.card.frame_samples
     frame_ms = 1000 * frame_samples / model.card.input_sample_rate
-    rng = np.random.default_rng(0)
+    out_samples = frame_samples * model.card.output_sample_rate // model.card.input_sample_rate
     rows = []
     for count in tqdm(args.sessions, desc="sessions", unit="batch"):
-        handles = [stepper.open({"seed": i}) for i in range(count)]
-        times = []
-        for step in range(args.steps + 3):
-            frames = [(0.1 * rng.standard_normal(frame_samples)).astype(np.float32) for _ in handles]
-            sync(device)
-            start = time.perf_counter()
-            outputs = stepper.step(handles, frames)
-            sync(device)
-            if step >= 3:  # warm-up steps excluded
-                times.append((time.perf_counter() - start) * 1000)
-        out_samples = frame_samples * model.card.output_sample_rate // model.card.input_sample_rate
-        assert all(isinstance(o, np.ndarray) and o.shape == (out_samples,) for o in outputs), outputs
-        for handle in handles:
-            stepper.close(handle)
-        median = statistics.median(times)
-        rows.append({"sessions": count, "step_ms": round(median, 2),
-                     "p90_ms": round(float(np.percentile(times, 90)), 2), "real_time": median < frame_ms})
+        # the same frames for both runs (seeded); each stepper holds only this count's caches (32 sessions of
+        # Moshi at full size take ~50 GB: two steppers of the largest count would not fit)
+        median, p90 = step_times(model.duplex_stepper(count), count, args.steps, device, out_samples)
+        row = {"sessions": count, "step_ms": round(median, 2), "p90_ms": round(p90, 2), "real_time": median < frame_ms}
+        if args.eager_too:
+            eager = model.duplex_stepper(count, graphs=False)
+            row["eager_step_ms"] = round(step_times(eager, count, args.steps, device, out_samples)[0], 2)
+        rows.append(row)
     result = {
         "model": args.model, "size": args.size, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine(),

@@ -227,3 +227,23 @@ def test_duplex_when_the_card_says_so(model):
         outputs = [session.step(frame) for _ in range(3)]
     for out in outputs:
         assert out.audio.dtype == np.float32 and out.audio.shape == (answer,)
+
+
+@pytest.mark.parametrize("name", [n for n in zoo.names() if zoo.card(n).duplex])
+def test_the_duplex_bench_times_graph_and_eager_steps_for_every_duplex_model(name, tmp_path):
+    """``python bench/duplex.py`` as bench/gpu.sh runs it (as a script, from the repository root):
+    card-driven, the default steps (CUDA graphs on a GPU) beside exact eager ones (--eager-too)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "bench/duplex.py", "--model", name, "--size", "tiny", "--device", "cpu",
+                           "--dtype", "float32", "--sessions", "1", "2", "--steps", "2", "--eager-too",
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob(f"*_{name}_duplex_tiny_cpu_float32.json")).read_text())
+    assert [r["sessions"] for r in result["rows"]] == [1, 2]
+    assert all(r["step_ms"] > 0 and r["eager_step_ms"] > 0 for r in result["rows"])
+    assert result["frame_ms"] == 1000 * zoo.card(name).frame_samples / zoo.card(name).input_sample_rate

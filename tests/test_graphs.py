@@ -1,13 +1,15 @@
 """zoo.core.graphs: the decode step every LLM shares. On CPU the graph path runs eagerly (batch
 padded up to its bucket with a scratch row, attention width rounded up), so its bookkeeping is
 tested here: in float32, a bucketed (padded) batch gives the tokens an exact batch gives, and a
-batch of N the tokens each session gets alone, for Mini-Omni, GLM-4-Voice and Hertz-dev."""
+batch of N the tokens each session gets alone, for Mini-Omni, GLM-4-Voice, Hertz-dev and Moshi
+(whose cache is a ring: the bucketed width reads slots no row has written yet, masked)."""
+import numpy as np
 import pytest
 import torch
 
 import zoo
 from zoo.core.graphs import DecodeGraphs, batch_bucket
-from zoo.core.kv_cache import KVCache
+from zoo.core.kv_cache import KVCache, Rows
 from zoo.glm4_voice.engine import SlotEngine
 from zoo.glm4_voice.llm import load_llm
 from zoo.glm4_voice.random_weights import write_tiny_llm
@@ -152,3 +154,45 @@ def test_hertz_bucketed_equals_exact_and_batch_n_equals_batch_1(tiny_hertz32):
         tokens, alone = hertz_run(tiny_hertz32, [p], buckets=True)
         assert tokens[0] == exact_tokens[i]
         torch.testing.assert_close(alone[0, :6], exact[i, :6], rtol=0, atol=1e-4)
+
+
+# -- Moshi (the temporal transformer over a ring cache; sessions at their own steps) --------------
+@pytest.fixture(scope="module")
+def tiny_moshi32(one_thread):
+    return zoo.load("moshi", random_weights="tiny", device="cpu", dtype="float32")
+
+
+def moshi_run(model, starts, steps, **kw):
+    """Greedy sessions joining at the steps ``starts``: each one's (text, codes) per step."""
+    from zoo.moshi.duplex import DuplexStepper
+
+    stepper = DuplexStepper(model, len(starts), **kw)
+    rng = np.random.default_rng(3)
+    frames = (0.2 * rng.standard_normal((steps, model.card.frame_samples))).astype(np.float32)
+    handles, tokens = {}, {i: [] for i in range(len(starts))}
+    for t in range(steps):
+        for i, start in enumerate(starts):
+            if start == t:
+                handles[i] = stepper.open({"temperature": 0})
+        live = sorted(handles)
+        stepper.step([handles[i] for i in live], [frames[t - starts[i]] for i in live])
+        for i in live:
+            out = handles[i].tokens
+            tokens[i].append(None if out is None else out.tolist())
+    return [tokens[i] for i in range(len(starts))], stepper
+
+
+def test_moshi_bucketed_equals_exact_and_batch_n_equals_batch_1(tiny_moshi32):
+    starts, steps = (0, 3, 7), 2 * STEPS + 10  # past the tiny ring (12 positions) twice
+    assert tiny_moshi32.lm.config.context < steps - max(starts)
+    exact, _ = moshi_run(tiny_moshi32, starts, steps)
+    bucketed, stepper = moshi_run(tiny_moshi32, starts, steps, buckets=True)
+    graphs = stepper.state.graphs
+    assert graphs.shape(3, [40, 5, 9]) == (4, 12)  # 3 sessions padded to 4, the whole ring read
+    with pytest.raises(ValueError, match="ring width"):  # narrower than the slots written so far
+        Rows.ring([0], [5], 1, 12, 12, "cpu", width=4)
+    assert stepper.state.cache.k[:, stepper.state.cache.scratch].abs().sum() > 0  # the padding did run
+    alone = [moshi_run(tiny_moshi32, (0,), steps - s, buckets=True)[0][0] for s in starts]
+    assert all(sum(t is not None for t in run) > 20 for run in exact)
+    assert bucketed == exact
+    assert alone == exact

@@ -13,6 +13,11 @@ for one new token per cache row. It has three modes:
   graph and replayed: at decode batch sizes a large model's thousands of kernel launches per
   token cost more host time than the GPU's weight reads.
 
+A ring cache (``ring_context``: Moshi's temporal transformer, ``Rows.ring``) has ``max_len`` slots
+per row that positions wrap around, a token seeing the last ``ring_context`` positions: its rows
+run for ever (``starts`` are absolute positions, with no context limit), and the width read is
+the slots written so far, bucketed the same way, at most ``max_len``.
+
 Padding rows write to ``pad_row`` (a cache row no session owns, e.g. ``KVCache(scratch=True)``'s),
 at position 0, and their outputs are dropped; every real row reads only its own cache row, so its
 result does not depend on the padding (up to the floating-point effect of a different batch size
@@ -65,13 +70,14 @@ class DecodeGraphs:
     batch first; ``outputs`` likewise (batch first). ``pad_row``: the cache row that padding and
     captures write (None: no padding, no capture). ``capture`` / ``buckets`` default to the device
     being CUDA. A capture that fails (e.g. a quantised layer that syncs with the host) warns once
-    and the steps go on eagerly and exact."""
+    and the steps go on eagerly and exact. ``ring_context``: the cache is a ring (see above)."""
 
     def __init__(self, decode: Callable[[Inputs, Rows], Outputs], *, pad_row: int | None, max_len: int,
                  device, capture: bool | None = None, buckets: bool | None = None,
-                 min_width: int = 256) -> None:
+                 min_width: int = 256, ring_context: int | None = None) -> None:
         cuda = torch.device(device).type == "cuda"
         self.decode, self.pad_row, self.max_len = decode, pad_row, max_len
+        self.ring_context = ring_context
         self.device, self.min_width = torch.device(device), min_width
         self.capture = cuda if capture is None else capture
         self.buckets = self.capture if buckets is None else buckets or self.capture
@@ -98,7 +104,7 @@ class DecodeGraphs:
 
     def shape(self, batch: int, starts: Sequence[int]) -> tuple[int, int]:
         """(rows, attention width) a step of ``batch`` rows at ``starts`` runs with."""
-        needed = max(starts) + 1
+        needed = max(starts) + 1 if self.ring_context is None else min(self.max_len, max(starts) + 1)
         if not self.buckets:
             return batch, needed
         return batch_bucket(batch), bucket_width(needed, self.max_len, self.min_width)
@@ -107,15 +113,14 @@ class DecodeGraphs:
         """One new token for each of ``rows``, the token of row i going to position ``starts[i]``;
         the caller advances its lengths afterwards."""
         batch = len(rows)
-        if max(starts) >= self.max_len:
+        if self.ring_context is None and max(starts) >= self.max_len:
             raise ValueError(f"a row is at the context limit ({self.max_len} positions)")
         if not self.buckets:
-            return self.decode(inputs, Rows.make(rows, starts, 1, self.device))
+            return self.decode(inputs, self._rows(rows, starts, None))
         size, width = self.shape(batch, starts)
         padded = _like(inputs, [_padded(x, size) for x in _as_tuple(inputs)])
         pad = size - batch
-        live = Rows.make([*rows, *[self.pad_row] * pad], [*starts, *[0] * pad], 1, self.device, width=width,
-                         masked=True)
+        live = self._rows([*rows, *[self.pad_row] * pad], [*starts, *[0] * pad], width)
         if self.capture:
             outputs = self._replay(padded, live, size, width)
         else:
@@ -123,6 +128,12 @@ class DecodeGraphs:
         if pad == 0:
             return outputs
         return _like(outputs, [x[:batch] for x in _as_tuple(outputs)])
+
+    def _rows(self, rows: Sequence[int], starts: Sequence[int], width: int | None) -> Rows:
+        """One token per row; ``width`` None: the exact width (no bucket, no padding)."""
+        if self.ring_context is not None:
+            return Rows.ring(rows, starts, 1, self.max_len, self.ring_context, self.device, width=width)
+        return Rows.make(rows, starts, 1, self.device, width=width, masked=width is not None)
 
     def _replay(self, inputs: Inputs, rows: Rows, size: int, width: int) -> Outputs:
         key = (size, width)
@@ -137,8 +148,9 @@ class DecodeGraphs:
         for static, live in zip(static_inputs, _as_tuple(inputs)):
             static.copy_(live)
         for static, live in ((static_rows.index, rows.index), (static_rows.positions, rows.positions),
-                             (static_rows.mask, rows.mask)):
-            static.copy_(live)
+                             (static_rows.mask, rows.mask), (static_rows.absolute, rows.absolute)):
+            if static is not None:
+                static.copy_(live)
         graph.replay()
         # the next replay overwrites the static outputs
         return _like(outputs, [x.clone() for x in _as_tuple(outputs)])
@@ -146,7 +158,7 @@ class DecodeGraphs:
     def _capture(self, inputs: Inputs, size: int, width: int) -> tuple:
         static_inputs = tuple(torch.zeros_like(x) for x in _as_tuple(inputs))
         static = _like(inputs, static_inputs)
-        static_rows = Rows.placeholder(size, width, self.pad_row, self.device)
+        static_rows = Rows.placeholder(size, width, self.pad_row, self.device, ring=self.ring_context is not None)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # allocations and lazy initialisations happen outside the graph

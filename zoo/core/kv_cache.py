@@ -84,13 +84,18 @@ class Rows:
 
     @classmethod
     def ring(cls, rows: Sequence[int], starts: Sequence[int], new: int, capacity: int, context: int,
-             device) -> Rows:
+             device, width: int | None = None) -> Rows:
         """Rows over a ring of ``capacity`` slots per row (absolute position p lives in slot
         p % capacity; the oldest positions are overwritten), for models that attend to a sliding
         window and run indefinitely (Moshi's RingKVCache). Token at position q sees the held
-        positions p with q - context < p <= q. ``starts`` are absolute positions."""
+        positions p with q - context < p <= q. ``starts`` are absolute positions. ``width``
+        (default: the slots written so far) may be wider, up to ``capacity``: the slots no row has
+        written yet are masked (a padded graph step reads a bucketed width)."""
         rows, starts = tuple(int(r) for r in rows), tuple(int(s) for s in starts)
-        width = min(capacity, max(starts) + new)
+        needed = min(capacity, max(starts) + new)
+        width = needed if width is None else width
+        if not needed <= width <= capacity:
+            raise ValueError(f"ring width {width} outside {needed}..{capacity}")
         index = _to_device(rows, device)
         absolute = _to_device([[s + t for t in range(new)] for s in starts], device)
         last = absolute[:, -1:]  # (B, 1): the newest position once these are written
@@ -105,11 +110,13 @@ class Rows:
         return cls(index, absolute % capacity, width, view, mask[:, None], rows, None, absolute=absolute)
 
     @classmethod
-    def placeholder(cls, batch: int, width: int, row: int, device) -> Rows:
-        """Static single-token rows for a graph capture: every row is ``row`` at position 0."""
+    def placeholder(cls, batch: int, width: int, row: int, device, ring: bool = False) -> Rows:
+        """Static single-token rows for a graph capture: every row is ``row`` at position 0
+        (``ring``: with the absolute positions a ring's rows carry, replayed like the others)."""
         index = torch.full((batch,), row, dtype=torch.long, device=device)
         positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        return cls(index, positions, width, index, _visible(positions, width))
+        absolute = positions.clone() if ring else None
+        return cls(index, positions, width, index, _visible(positions, width), absolute=absolute)
 
     @property
     def start(self) -> int | None:

@@ -299,8 +299,10 @@ class VoiceModel(ABC):
         """A batched stepper for zoo.core.scheduler (many sessions in one forward pass)."""
         raise UnsupportedError(f"{self.card.name} has no batched serving yet")
 
-    def duplex_stepper(self, max_sessions: int) -> DuplexStepper:
-        """Batched full-duplex sessions for zoo.core.scheduler (models whose card says duplex)."""
+    def duplex_stepper(self, max_sessions: int, *, graphs: bool | None = None) -> DuplexStepper:
+        """Batched full-duplex sessions for zoo.core.scheduler (models whose card says duplex).
+        ``graphs``: the transformers' one-token steps as CUDA graphs (zoo.core.graphs; None: on
+        CUDA, False: exact eager steps, what benchmarks compare the graphs with)."""
         raise UnsupportedError(f"{self.card.name} is a half-duplex model: it has no duplex stepper")
 
     def duplex(self, options: Options | Mapping[str, Any] | None = None) -> DuplexSession:

@@ -68,11 +68,12 @@ class DuplexStepper(FrameChecks):
     frame_samples, sample_rate = FRAME, SAMPLE_RATE
 
     def __init__(self, model, max_sessions: int, *, main_context: int = MAIN_CONTEXT,
-                 resynth_context: int = RESYNTH_CONTEXT, keep: float = 0.75) -> None:
+                 resynth_context: int = RESYNTH_CONTEXT, keep: float = 0.75, graphs: bool | None = None) -> None:
         main, resynth = model.networks("split")
         self.model, self.codec = model, model.codec
         self.engine = Engine(main, resynth, model.quantizer, max_sessions, main_context=main_context,
-                             resynth_context=resynth_context, out_channels=(1,), keep=keep, record_tokens=8)
+                             resynth_context=resynth_context, out_channels=(1,), keep=keep, record_tokens=8,
+                             graphs=graphs)
         self.device, self.dtype = self.engine.device, self.engine.dtype
         self.encoding, self.decoding = self.codec.streaming_encoder, self.codec.streaming_decoder
         self.encoders = self.encoding.new_state(2 * max_sessions)  # row 2r: user, 2r + 1: model

@@ -192,8 +192,10 @@ class HertzDev(VoiceModel):
         return OneSlotDuplex(stepper, stepper.open(options, prompt=prompt, sample_rate=sample_rate))
 
     def duplex_stepper(self, max_sessions: int, *, main_context: int = MAIN_CONTEXT,
-                       resynth_context: int = RESYNTH_CONTEXT, keep: float = 0.75) -> DuplexStepper:
-        return DuplexStepper(self, max_sessions, main_context=main_context, resynth_context=resynth_context, keep=keep)
+                       resynth_context: int = RESYNTH_CONTEXT, keep: float = 0.75,
+                       graphs: bool | None = None) -> DuplexStepper:
+        return DuplexStepper(self, max_sessions, main_context=main_context, resynth_context=resynth_context, keep=keep,
+                             graphs=graphs)
 
     # -- benchmarks ---------------------------------------------------------------------------
     def benchmark_stages(self, audio: np.ndarray, sample_rate: int) -> dict[str, Callable[[], object]]:

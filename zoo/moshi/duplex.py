@@ -57,17 +57,19 @@ class DuplexHandle:
 class DuplexStepper(FrameChecks):
     """Duplex sessions over one set of caches: ``open`` / ``step(handles, frames)`` / ``close``.
     ``model``: the Moshi whose networks it runs. Not thread-safe: one worker thread calls it.
-    Argument checks and input frames: zoo.core.duplex.FrameChecks (float64 frames stay float64)."""
+    Argument checks and input frames: zoo.core.duplex.FrameChecks (float64 frames stay float64).
+    ``graphs`` / ``buckets``: how the temporal transformer's steps run (generate.LMState; by default
+    CUDA graphs on CUDA, exact eager steps elsewhere)."""
 
     frame_samples, sample_rate, keep_float64 = FRAME_SAMPLES, SAMPLE_RATE, True
 
-    def __init__(self, model, max_sessions: int) -> None:
+    def __init__(self, model, max_sessions: int, *, graphs: bool | None = None, buckets: bool | None = None) -> None:
         self.model, self.max_sessions = model, max_sessions
         self.mimi, self.lm, self.generator = model.mimi, model.lm, model.generator
         self.device, self.dtype = model.device, model.dtype
         self.encoders = self.mimi.encoder_stream(max_sessions)
         self.decoders = self.mimi.decoder_stream(max_sessions)
-        self.state = LMState(self.lm, max_sessions, self.dtype, self.device)
+        self.state = LMState(self.lm, max_sessions, self.dtype, self.device, buckets=buckets, capture=graphs)
         self.free = list(range(max_sessions))
 
     def row(self, handle: DuplexHandle) -> int:

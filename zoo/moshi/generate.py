@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.graphs import DecodeGraphs
 from ..core.kv_cache import KVCache
 from ..core.sampling import is_zero_temperature, sample
 from .lm import MoshiLM
@@ -45,14 +46,21 @@ class Draw:
 
 
 class LMState:
-    """Token rings, host-known offsets and the temporal KV cache for ``rows`` session rows."""
+    """Token rings, host-known offsets and the temporal KV cache for ``rows`` session rows, with
+    the shared decode-step mechanism over it (``graphs``: zoo.core.graphs.DecodeGraphs, the cache
+    as a ring; CUDA graphs by default on CUDA; ``buckets``/``capture`` as DecodeGraphs takes them)."""
 
-    def __init__(self, lm: MoshiLM, rows: int, dtype, device) -> None:
+    def __init__(self, lm: MoshiLM, rows: int, dtype, device, buckets: bool | None = None,
+                 capture: bool | None = None) -> None:
         c = lm.config
         self.depth = max(c.delays) + 2
         self.tokens = torch.full((rows, c.n_q + 1, self.depth), UNGENERATED, dtype=torch.long, device=device)
         self.offsets = [0] * rows
-        self.cache: KVCache = lm.new_cache(rows, dtype, device)
+        self.cache: KVCache = lm.new_cache(rows, dtype, device, scratch=True)
+        context = lm.config.context
+        self.graphs = DecodeGraphs(lambda tokens, rows: lm.forward_text(tokens, self.cache, rows),
+                                   pad_row=self.cache.scratch, max_len=context, ring_context=context,
+                                   device=device, buckets=buckets, capture=capture)
 
     def reset(self, rows: Sequence[int]) -> None:
         for r in rows:
@@ -78,7 +86,7 @@ class Generator:
              draws: Sequence[Draw]) -> list[torch.Tensor | None]:
         """user_codes (B, n_q - dep_q) for session rows ``rows`` -> per row None (the first
         ``max_delay`` steps) or the step's output (1 + dep_q,): text token, Moshi's codebooks."""
-        lm, c, ring = self.lm, self.lm.config, state.depth
+        c, ring = self.lm.config, state.depth
         device = state.tokens.device
         offsets = [state.offsets[r] for r in rows]
         user = user_codes[:, : c.n_q - c.dep_q].to(device)
@@ -91,8 +99,7 @@ class Generator:
         initial = self.initial.to(device)
         is_init = torch.tensor([[t <= d for d in self.delays] for t in offsets], device=device)
         inputs = torch.where(is_init, initial, inputs)
-        ring_rows = lm.transformer.rows(state.cache, list(rows), 1)
-        temporal, text_logits = lm.forward_text(inputs[:, :, None], state.cache, ring_rows)
+        temporal, text_logits = state.graphs(inputs[:, :, None], list(rows), [state.cache.lengths[r] for r in rows])
         state.cache.advance(rows, 1)
         text = torch.cat([draw.pick(text_logits[i, 0][None], text=True) for i, draw in enumerate(draws)])
         audio = self._depformer(text, temporal, draws)

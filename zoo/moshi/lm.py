@@ -156,8 +156,8 @@ class MoshiLM(nn.Module):
         self.depformer = Depformer(c.depth)
         self.linears = nn.ModuleList(nn.Linear(c.depformer_dim, c.card, bias=False) for _ in range(c.dep_q))
 
-    def new_cache(self, rows: int, dtype, device) -> KVCache:
-        return self.transformer.new_cache(rows, dtype, device)
+    def new_cache(self, rows: int, dtype, device, scratch: bool = False) -> KVCache:
+        return self.transformer.new_cache(rows, dtype, device, scratch)
 
     def forward_text(self, tokens: torch.Tensor, cache: KVCache, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, 1 + n_q, 1) -> (temporal output after out_norm (B, 1, dim), text logits (B, 1, text_card))."""

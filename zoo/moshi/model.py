@@ -118,8 +118,8 @@ class Moshi(VoiceModel):
         stepper = DuplexStepper(self, 1)
         return OneSlotDuplex(stepper, stepper.open(options))
 
-    def duplex_stepper(self, max_sessions: int) -> DuplexStepper:
-        return DuplexStepper(self, max_sessions)
+    def duplex_stepper(self, max_sessions: int, *, graphs: bool | None = None) -> DuplexStepper:
+        return DuplexStepper(self, max_sessions, graphs=graphs)
 
     # -- benchmarks ---------------------------------------------------------------------------
     def benchmark_stages(self, audio: np.ndarray, sample_rate: int) -> dict[str, Callable[[], object]]:

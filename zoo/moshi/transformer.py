@@ -153,9 +153,9 @@ class StreamingTransformer(nn.Module):
         self.config = c
         self.layers = nn.ModuleList(TransformerLayer(c) for _ in range(c.num_layers))
 
-    def new_cache(self, rows: int, dtype, device) -> KVCache:
+    def new_cache(self, rows: int, dtype, device, scratch: bool = False) -> KVCache:
         c = self.config
-        return KVCache(c.num_layers, rows, c.num_heads, c.context, c.head_dim, dtype, device)
+        return KVCache(c.num_layers, rows, c.num_heads, c.context, c.head_dim, dtype, device, scratch=scratch)
 
     def rows(self, cache: KVCache, rows: list[int], new: int) -> Rows:
         """Ring rows at each row's host-known absolute length (``cache.lengths`` counts every
