@@ -22,7 +22,8 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 # earlier issues. The limits add up to about 14 minutes, more than one 10-minute device call: a
 # call that runs out loses only the last (oldest) rows; the usual run is shorter.
 # Moshi duplex steps (#16): ms per 80 ms step for 1, 8 and 32 sessions at full size (7.7B, bf16,
-# seeded random weights built on the host first: about a minute); 32 sessions' caches take ~50 GB
+# seeded random weights built on the host first: about a minute); 32 sessions' caches take ~50 GB;
+# the temporal transformer's CUDA graphs (the default) beside exact eager steps (--eager-too)
 step 180 python bench/duplex.py --model moshi --device cuda --dtype bfloat16 --sessions 1 8 32
 # Mini-Omni2 (vision, #15): TTFA, steady RTF and the decode step with and without an image in one
 # run (the image's CLIP encoding and its longer prompt), stages including image_encode/image_prefill

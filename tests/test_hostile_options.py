@@ -190,8 +190,11 @@ def test_server_answers_hostile_options_in_one_batch_fully(server):
     full = (TOKENS - 7) * 2048  # every frame of a greedy tiny reply that runs to its token limit
     for fields, (status, pcm) in zip(requests_fields[:4], results):
         assert status == 200 and pcm.size == full, fields
-    assert np.array_equal(results[1][1], results[3][1])  # temperature 1e-39 is greedy
     assert all(status == 200 and pcm.size > 0 for status, pcm in results[4:])
+    # temperature 1e-39 is greedy: compared one at a time, since in the burst the two may share a
+    # prefill and steps with different companions, and a float32 product of another batch size
+    # rounds differently (a tiny random model's near-tie then flips a token: seen 1 run in 5)
+    assert np.array_equal(chat(server, temperature=1e-39, top_k=None)[1], chat(server, temperature=0, top_k=None)[1])
     assert requests.get(server.url + "/health", timeout=5).json()["sessions"] == 0
 
 
