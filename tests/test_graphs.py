@@ -53,6 +53,14 @@ def test_padded_rows_write_only_the_pad_row_and_are_dropped():
         graphs(torch.zeros(1), [0], [16])
 
 
+def test_a_ring_step_reads_at_least_the_slots_written_and_at_most_the_ring():
+    bucketed = Rows.ring([0], [5], 1, 12, 12, "cpu", width=8)  # position 5 written: slots 0..5 held
+    assert bucketed.mask[0, 0, 0].tolist() == [True] * 6 + [False] * 2
+    for width in (4, 13):  # narrower than the 6 slots written so far; wider than the ring
+        with pytest.raises(ValueError, match="ring width"):
+            Rows.ring([0], [5], 1, 12, 12, "cpu", width=width)
+
+
 # -- Mini-Omni (Qwen2, 7 audio heads + text head, two rows per session) -----------------------
 @pytest.fixture(scope="module")
 def tiny_omni32(one_thread):
@@ -189,8 +197,6 @@ def test_moshi_bucketed_equals_exact_and_batch_n_equals_batch_1(tiny_moshi32):
     bucketed, stepper = moshi_run(tiny_moshi32, starts, steps, buckets=True)
     graphs = stepper.state.graphs
     assert graphs.shape(3, [40, 5, 9]) == (4, 12)  # 3 sessions padded to 4, the whole ring read
-    with pytest.raises(ValueError, match="ring width"):  # narrower than the slots written so far
-        Rows.ring([0], [5], 1, 12, 12, "cpu", width=4)
     assert stepper.state.cache.k[:, stepper.state.cache.scratch].abs().sum() > 0  # the padding did run
     alone = [moshi_run(tiny_moshi32, (0,), steps - s, buckets=True)[0][0] for s in starts]
     assert all(sum(t is not None for t in run) > 20 for run in exact)

@@ -104,7 +104,7 @@ class DecodeGraphs:
 
     def shape(self, batch: int, starts: Sequence[int]) -> tuple[int, int]:
         """(rows, attention width) a step of ``batch`` rows at ``starts`` runs with."""
-        needed = max(starts) + 1 if self.ring_context is None else min(self.max_len, max(starts) + 1)
+        needed = min(self.max_len, max(starts) + 1)  # a ring reads at most its slots; other caches never pass max_len
         if not self.buckets:
             return batch, needed
         return batch_bucket(batch), bucket_width(needed, self.max_len, self.min_width)

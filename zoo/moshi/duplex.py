@@ -69,7 +69,7 @@ class DuplexStepper(FrameChecks):
         self.device, self.dtype = model.device, model.dtype
         self.encoders = self.mimi.encoder_stream(max_sessions)
         self.decoders = self.mimi.decoder_stream(max_sessions)
-        self.state = LMState(self.lm, max_sessions, self.dtype, self.device, buckets=buckets, capture=graphs)
+        self.state = LMState(self.lm, max_sessions, self.dtype, self.device, graphs=graphs, buckets=buckets)
         self.free = list(range(max_sessions))
 
     def row(self, handle: DuplexHandle) -> int:

@@ -48,10 +48,10 @@ class Draw:
 class LMState:
     """Token rings, host-known offsets and the temporal KV cache for ``rows`` session rows, with
     the shared decode-step mechanism over it (``graphs``: zoo.core.graphs.DecodeGraphs, the cache
-    as a ring; CUDA graphs by default on CUDA; ``buckets``/``capture`` as DecodeGraphs takes them)."""
+    as a ring; ``graphs``/``buckets`` as the other engines take them: None, CUDA graphs on CUDA)."""
 
-    def __init__(self, lm: MoshiLM, rows: int, dtype, device, buckets: bool | None = None,
-                 capture: bool | None = None) -> None:
+    def __init__(self, lm: MoshiLM, rows: int, dtype, device, *, graphs: bool | None = None,
+                 buckets: bool | None = None) -> None:
         c = lm.config
         self.depth = max(c.delays) + 2
         self.tokens = torch.full((rows, c.n_q + 1, self.depth), UNGENERATED, dtype=torch.long, device=device)
@@ -60,7 +60,7 @@ class LMState:
         context = lm.config.context
         self.graphs = DecodeGraphs(lambda tokens, rows: lm.forward_text(tokens, self.cache, rows),
                                    pad_row=self.cache.scratch, max_len=context, ring_context=context,
-                                   device=device, buckets=buckets, capture=capture)
+                                   device=device, capture=graphs, buckets=buckets)
 
     def reset(self, rows: Sequence[int]) -> None:
         for r in rows:
