@@ -8,11 +8,15 @@ says); with torch's default (every core) next to Ray's processes, the single pro
 slower one on 2 cores and the difference looked ~8 ms smaller than it is.
 
     python bench/ray_overhead.py --tiny
+    python bench/ray_overhead.py --tiny --serve-proxy     # clients -> Serve's HTTP proxy -> the front
     python bench/ray_overhead.py --tiny --requests 60 --env RAY_SERVE_USE_GRPC_BY_DEFAULT=1
 
-Per server: ``GET /v1/models`` latency (the HTTP path without a model call: proxy and front in
-Ray) and /chat TTFA (request sent -> first audio byte: adds the model replica call and the first
-streamed items); for Ray also the front's zoo_replica_dispatch_seconds (call -> the model
+The Ray server runs as server.py does by default on a local instance: the front replica listens
+itself (Serve's direct ingress); ``--serve-proxy`` puts Serve's HTTP proxy in front of it.
+
+Per server: ``GET /v1/models`` latency (the HTTP path without a model call: the front, and the
+proxy with --serve-proxy) and /chat TTFA (request sent -> first audio byte: adds the model
+replica call and the first streamed items); for Ray also the front's zoo_replica_dispatch_seconds (call -> the model
 replica's first item, before any model work). Prints JSON with the differences (Ray minus single
 process) at p50 and p95.
 """
@@ -90,6 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--device")
     p.add_argument("--requests", type=int, default=40, help="chats per mode (twice as many /v1/models)")
     p.add_argument("--max-tokens", type=int, default=20)
+    p.add_argument("--serve-proxy", action="store_true", help="the Ray server behind Serve's HTTP proxy")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="for the Ray mode's server.py")
     args = p.parse_args(argv)
     if not 1 <= args.requests <= 500:
@@ -101,7 +106,8 @@ def main(argv=None) -> int:
     started = []
     try:
         started.append(start_server(flags, env=threads))
-        started.append(start_server(flags + ["--replicas", "1"], env={**threads, **ray_env}))
+        ray_flags = ["--replicas", "1"] + (["--serve-proxy"] if args.serve_proxy else [])
+        started.append(start_server(flags + ray_flags, env={**threads, **ray_env}))
         results = measure({"single_process": started[0][1], "ray_replicas_1": started[1][1]}, args.requests,
                           args.max_tokens)
     finally:
@@ -111,6 +117,7 @@ def main(argv=None) -> int:
     added = {k.replace("_ms", "_ms_added"): round(ray[k] - single[k], 1) for k in single if k.endswith(("p50", "p95"))}
     print(json.dumps({"date": date.today().isoformat(), "model": args.model, "tiny": args.tiny,
                       "machine": f"{os.cpu_count()} cores", "device": args.device or "auto", **threads, "ray_env": ray_env,
+                      "ray_ingress": "serve_proxy" if args.serve_proxy else "direct",
                       "requests": args.requests, "max_tokens": args.max_tokens, **results, "ray_minus_single": added},
                      indent=2))
     return 1 if single["errors"] or ray["errors"] else 0

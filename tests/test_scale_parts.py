@@ -1,7 +1,8 @@
 """The Ray Serve deployment's parts that need no cluster (serving/scale): replica counts and
-autoscaling options, the command line and the KubeRay builder, the server without Ray installed,
+autoscaling options, the command line and the KubeRay builder, a taken port, the server without Ray installed,
 and the replica's merging of text-only chunks. The running deployment: test_scale_ray.py."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -53,6 +54,18 @@ def test_server_command_line_for_many_models():
     assert [(s.name, s.replicas, s.num_gpus, s.max_sessions) for s in specs] == [("mini-omni", 1, 0.5, 4), ("hertz-dev", 3, 0.5, 4)]
     assert front.access.api_key == "k" and front.app_name == "omni-zoo"
     assert [s.num_gpus for s in cli.plan(flags.split(), cluster_gpus=8)[0]] == [1, 1]  # a GPU each where there are GPUs
+
+
+def test_a_port_in_use_is_one_clear_error_before_ray_starts(caplog):
+    """Serve would retry a taken port forever (its proxy, or the front under direct ingress)."""
+    import server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert server.main(["--tiny", "--replicas", "1", "--port", str(port)]) == 2
+    assert f"127.0.0.1:{port} is in use" in caplog.text
 
 
 def test_the_single_process_server_needs_no_ray():

@@ -113,12 +113,34 @@ def listening_addresses(pids: set[int]) -> set[str]:
     return addresses
 
 
+def listener_of(port: int) -> str:
+    """The command line of the process listening on 127.0.0.1:``port``."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":
+            inode = fields[9]
+    assert inode is not None, f"nothing listens on 127.0.0.1:{port}"
+    for pid, title in processes():
+        try:
+            if any(os.readlink(fd) == f"socket:[{inode}]" for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                return title
+        except OSError:
+            pass
+    raise AssertionError(f"no process holds the listener of port {port}")
+
+
 # -- the server ----------------------------------------------------------------------------------
 def test_every_ray_process_listens_on_loopback_only(server):
     ours = {pid for pid, _ in processes() if server.proc.pid in ancestors(pid)} | {server.proc.pid}
     assert any("ServeReplica" in title for pid, title in processes() if pid in ours)
     loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
     assert listening_addresses(ours) <= loopback  # 127.0.0.1 / ::1 / ::ffff:127.0.0.1, never 0.0.0.0 or the LAN
+
+
+def test_the_front_replica_itself_listens_on_the_port(server):
+    """Serve's direct ingress: no proxy hop between the client and the front (docs/SCALING.md)."""
+    assert "ServeReplica:omni-zoo:front" in listener_of(server.port)
 
 
 def test_two_models_behind_one_address_each_at_its_own_rate(url):
@@ -390,3 +412,39 @@ def test_a_killed_duplex_replica_ends_its_session_visibly_and_comes_back(server,
             except (websockets.ConnectionClosed, websockets.InvalidStatus):
                 pass  # refused while the replica was still starting: busy or unavailable, at once
     assert answers == [2 * frame]
+
+
+def test_a_killed_front_cuts_its_replies_visibly_and_comes_back_on_the_same_port(server, url):
+    """The front (the one process clients talk to) dies mid-reply: its replies end as broken
+    streams, never as short complete ones; Serve starts a new front on the same port, behind
+    which the model replicas never stopped."""
+    def long_chat(_):
+        try:
+            r = requests.post(url + "/chat", json={"audio": QUESTION, "max_tokens": 400}, headers=AUTH,
+                              timeout=DEADLINE_S, stream=True)
+            return r.status_code, len(b"".join(r.iter_content(65536)))
+        except requests.RequestException as err:
+            return "cut", type(err).__name__
+
+    front = [pid for pid, title in processes()
+             if "ServeReplica:omni-zoo:front" in title and server.proc.pid in ancestors(pid)]
+    assert len(front) == 1, front
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(long_chat, i) for i in range(2)]
+        deadline = time.monotonic() + 60
+        while requests.get(url + "/health", timeout=10).json()["models"]["mini-omni"]["sessions"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(front[0], signal.SIGKILL)
+        results = [f.result(timeout=DEADLINE_S) for f in running]
+    assert all(r[0] == "cut" for r in results), results
+    deadline = time.monotonic() + DEADLINE_S
+    while replicas_running(url, "mini-omni") < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert replicas_running(url, "mini-omni") == 2, server.output()[-4000:]
+    assert "ServeReplica:omni-zoo:front" in listener_of(server.port)
+    health = requests.get(url + "/health", timeout=10).json()
+    assert {name: m["replicas"] for name, m in health["models"].items()} == {
+        "mini-omni": {"RUNNING": 2}, "hertz-dev": {"RUNNING": 1}, "moshi": {"RUNNING": 1}}
+    reply = chat(url)
+    assert (reply.status_code, len(reply.content)) == (200, REPLY_BYTES)

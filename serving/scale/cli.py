@@ -2,7 +2,13 @@
 Ray Serve. Without ``--ray-address`` a local Ray instance is started (local.py: every Ray process
 on 127.0.0.1 when ``--host`` is loopback, dashboard off); with it, the deployment joins that
 cluster. The other server.py flags keep their meaning (security, limits, model flags; the component flags apply to
-the first model). Serve's HTTP proxy listens on ``--host``/``--port`` of every node it runs on.
+the first model).
+
+Who listens on ``--host``/``--port``: in a local instance, the front replica itself (Serve's
+direct ingress, local.py: no proxy hop in either direction); Serve still starts its HTTP proxy
+on the head node in that mode, and it gets a spare loopback port that nobody is told about.
+With ``--serve-proxy``, or ``--ray-address`` (a cluster's Serve settings are its own, fixed when
+its nodes started), Serve's HTTP proxy listens there on every node it runs on.
 """
 from __future__ import annotations
 
@@ -10,13 +16,14 @@ import argparse
 import logging
 import math
 import os
+import socket
 
 from zoo.cli import DEFAULT_MODEL
 
 from ..protocols.duplex import DuplexSettings
 from ..protocols.hertz_reference import ReferenceSettings
 from ..security import AccessSettings
-from .local import start_local_ray
+from .local import direct_ingress_env, start_local_ray
 
 log = logging.getLogger("omni-zoo.scale")
 SCALE_FLAGS = ("--replicas", "--ray-address", "--min-replicas", "--max-replicas")
@@ -34,6 +41,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     group.add_argument("--min-replicas", help="autoscaling lower bound: N or NAME=N,...")
     group.add_argument("--max-replicas", help="autoscaling upper bound: N or NAME=N,...")
+    group.add_argument("--serve-proxy", action="store_true",
+                       help="a local instance: clients reach the front through Serve's HTTP proxy (one hop more "
+                            "each way) rather than the front listening on --port itself")
     group.add_argument("--cpus-per-replica", type=float, default=1.0,
                        help="CPUs Ray reserves for each model replica (scheduling only; default 1)")
     group.add_argument("--gpus-per-replica", type=float,
@@ -111,18 +121,37 @@ def main(argv: list[str], parse_args) -> int:
     if args.duplex_prompt:
         log.warning("--duplex-prompt is not passed to Ray replicas: duplex clients send their own prompt "
                     "(session.update); ignoring it")
+    direct = not (args.ray_address or args.serve_proxy)
+    if not args.ray_address and not port_free(args.host, args.port):  # Serve would retry the bind forever
+        log.error("%s:%d is in use: choose another --port", args.host, args.port)
+        return 2
     if args.ray_address:
         ray.init(address=args.ray_address)
     else:  # a local instance: Ray's CPU count is for scheduling, so room for every replica asked for
+        if direct:
+            os.environ.update(direct_ingress_env(args.port))  # inherited by every process Ray starts
         wanted = sum(s.num_cpus * max(s.replicas, s.max_replicas or 0) for s in specs) + INGRESS_CPUS
         start_local_ray(max(os.cpu_count() or 1, math.ceil(wanted)), loopback=is_loopback(args.host))
     set_gpus(specs, args.gpus_per_replica, ray.cluster_resources().get("GPU", 0))
     front = front_settings(args)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    # direct ingress: the front takes --port; Serve's proxy, which that mode still starts, a spare port
+    serve.start(http_options={"host": args.host, "port": 0 if direct else args.port})
     log.info("serving %s on http://%s:%d through Ray Serve (%s)", ", ".join(names), args.host, args.port,
              ", ".join(f"{s.name}: {s.options().get('num_replicas', 'autoscaling')} replicas" for s in specs))
     serve.run(build(specs, front), name=front.app_name, route_prefix="/", blocking=True)
     return 0
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (as uvicorn does: SO_REUSEADDR, so a port
+    whose last connections linger in TIME_WAIT counts as free)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def set_gpus(specs, per_replica: float | None, cluster_gpus: float) -> None:

@@ -1,9 +1,10 @@
-"""``Ingress``: the Serve ingress deployment. Serve's HTTP proxy hands it every request and
-WebSocket; it builds the front (front.py) at replica start from the model deployments' handles,
+"""``Ingress``: the Serve ingress deployment. It takes every request and WebSocket, on its own
+socket (Serve's direct ingress, server.py's default on a local instance) or from Serve's HTTP
+proxy; it builds the front (front.py) at replica start from the model deployments' handles,
 so the routes, protocols and security are the single-process server's own code.
 
 A WebSocket session (``/v1/realtime``) lives on the ingress replica that accepted it for its
-whole life (the proxy pins the socket), together with its conversation state (buffer, VAD,
+whole life (one connection, to one front), together with its conversation state (buffer, VAD,
 history); each turn's reply is one streaming call to a model replica that has a free slot, with
 the history passed along, so no model replica holds session state between turns and a replica
 lost between turns costs the session nothing.
@@ -28,7 +29,7 @@ from ..protocols.realtime import IDLE_TIMEOUT_S
 from ..security import AccessSettings
 from .duplex import FrameBox, RemoteDuplexHub
 from .front import ModelRouter, guarded, shared_app
-from .local import keep_on_loopback
+from .local import keep_on_loopback, rebind_after_a_crash
 from .remote import RemoteService
 
 log = logging.getLogger("omni-zoo.ingress")
@@ -56,6 +57,7 @@ class Ingress:
 
     def __init__(self, models: dict, settings: FrontSettings) -> None:
         keep_on_loopback()
+        rebind_after_a_crash()
         self.handles, self.settings = models, settings
         self.states: dict[str, dict[str, int]] = {}
         self.states_at = -float("inf")

@@ -6,6 +6,12 @@ unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; with it, the GCS, raylet, worker
 and talk on 127.0.0.1. Serve's replicas also open an inter-deployment gRPC server on ``[::]:0``
 whatever the node address; ``keep_on_loopback`` moves it to 127.0.0.1 in a loopback instance
 (callers reach it at the node address, 127.0.0.1, either way).
+
+``direct_ingress_env``: Serve's direct ingress, where the ingress replica (the front) serves HTTP
+and WebSockets on its own socket instead of behind Serve's HTTP proxy, which saves the proxy's
+hop each way and the body's pull from the proxy (docs/SCALING.md, "Added time");
+``rebind_after_a_crash`` (called in the front replica) lets a new front take the port of a
+killed one at once.
 """
 from __future__ import annotations
 
@@ -28,6 +34,42 @@ def start_local_ray(num_cpus: int, *, loopback: bool = True, **kwargs):
     import ray
 
     return ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **kwargs)
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """The environment (read by Serve's controller and replicas when they start, so set before
+    Ray starts) under which the ingress replica listens on exactly ``port``. Serve gives each
+    direct-ingress replica a port from a range; a range of one port means one front replica per
+    node (deploy.py runs one). Serve holds a dead replica's port out of the pool for a while
+    (150 s in Ray 2.60) so that an HAProxy in front can forget it first; there is none here, and
+    the front that replaces a dead one must have the same port at once, so no quarantine."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1), "RAY_SERVE_PORT_QUARANTINE_S": "0"}
+
+
+def rebind_after_a_crash() -> None:
+    """In the front replica under direct ingress: its listening socket gets SO_REUSEADDR and
+    SO_REUSEPORT (Serve's helper for that, which its proxy uses). Serve 2.60 binds a
+    direct-ingress socket without them; then a front that replaces a killed one cannot bind the
+    port while the dead one's connections linger in TIME_WAIT (60 s), and Serve bars the port for
+    good after that one failure: the address would stay dead."""
+    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        return
+    try:
+        from ray.serve._private import replica as internals
+
+        original = internals.start_asgi_http_server
+    except (ImportError, AttributeError):
+        log.warning("could not let the front rebind its port after a crash (Ray %s)", _ray_version())
+        return
+    if getattr(original, "rebinds", False):
+        return
+
+    async def rebinding(*args, **kwargs):
+        return await original(*args, **{**kwargs, "enable_so_reuseport": True})
+
+    rebinding.rebinds = True
+    internals.start_asgi_http_server = rebinding
 
 
 def keep_on_loopback() -> None:
