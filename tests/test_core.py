@@ -10,7 +10,7 @@ import torch
 from zoo.core.audio import float_to_pcm16, load_audio, pcm16_to_float
 from zoo.core.checkpoints import resolve_files
 from zoo.core.errors import AudioInputError, OptionsError, WeightsNotFound
-from zoo.core.sampling import sample
+from zoo.core.sampling import sample, sample_rows
 from zoo.mini_omni.model import MiniOmniOptions
 
 
@@ -124,6 +124,43 @@ def test_top_k_and_top_p_restrict_the_draw():
     assert {int(sample(logits, 1.0, 2, 1.0, g)) for _ in range(200)} <= {0, 1}
     # top_p=0.5: the top token alone holds ~71% of the mass
     assert {int(sample(logits, 1.0, None, 0.5, g)) for _ in range(200)} == {0}
+
+
+def frequencies(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    return torch.bincount(tokens, minlength=vocab).double() / len(tokens)
+
+
+def test_rows_sample_as_sample_does_each_with_its_own_settings():
+    """sample_rows: the distribution of sample() for every row's settings (top-k, temperature,
+    top-p), rows with different settings in one batch, greedy rows exact."""
+    logits = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.5, -1.0, -3.0, 0.0])
+    n = 4000
+    settings = [(1.0, 3, 1.0), (0.7, None, 0.8), (1.3, 5, 0.9)]
+    for temperature, top_k, top_p in settings:
+        g = torch.Generator().manual_seed(3)
+        ours = sample_rows(logits.expand(n, -1), [temperature] * n, [top_k] * n, [top_p] * n, [g] * n)
+        theirs = torch.cat([sample(logits[None], temperature, top_k, top_p, g) for _ in range(n)])
+        assert set(ours.tolist()) == set(theirs.tolist())  # the same tokens are possible
+        assert (frequencies(ours, 8) - frequencies(theirs, 8)).abs().max() < 0.04, (temperature, top_k, top_p)
+    mixed = sample_rows(logits.expand(4, -1), [0.0, 1.0, 0.9, 1e-9], [None, 1, None, 50], [1.0] * 4,
+                        [torch.Generator().manual_seed(i) for i in range(4)])
+    assert mixed.tolist()[0] == 0 and mixed.tolist()[1] == 0 and mixed.tolist()[3] == 0  # greedy rows
+
+
+def test_a_rows_draw_depends_on_its_own_generator_only():
+    vocab = 64
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(2))
+
+    def draw(rows, seeds):
+        return sample_rows(logits[rows], [1.0] * len(rows), [20] * len(rows), [0.95] * len(rows),
+                           [torch.Generator().manual_seed(s) for s in seeds])
+
+    together = draw([0, 1, 2, 3, 4], [10, 11, 12, 13, 14])
+    alone = torch.cat([draw([i], [10 + i]) for i in range(5)])
+    assert torch.equal(together, alone)  # batch companions change nothing
+    state = torch.random.get_rng_state()
+    assert len({tuple(draw([0, 1, 2, 3, 4], [s] * 5).tolist()) for s in range(20)}) > 1
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
 
 
 def test_local_folder_missing_files_names_them(tmp_path):

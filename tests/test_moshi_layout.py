@@ -158,6 +158,41 @@ def test_sampled_sessions_batched_equal_each_alone_and_seeds_matter(tiny):
     assert not np.array_equal(np.stack([a for a, _ in batched[0]]), np.stack([a for a, _ in batched[1]]))
 
 
+def test_unusable_logits_end_only_their_session(tiny, monkeypatch):
+    """A session whose logits turn NaN ends with an error at that step; its companion's steps
+    stay exactly what they are without it (each row draws from its own generator)."""
+    frames = (0.2 * np.random.default_rng(2).standard_normal((4, FRAME))).astype(np.float32)
+
+    def run(poison: bool):
+        stepper = tiny.duplex_stepper(2)
+        handles = [stepper.open({"seed": 5}), stepper.open({"seed": 6})]
+        real, calls = tiny.lm.depformer_logits, [0]
+
+        def depformer_logits(*args, **kwargs):
+            logits = real(*args, **kwargs)
+            calls[0] += 1
+            if poison and calls[0] == 2 * tiny.lm.config.dep_q + 3:  # the 3rd step's 3rd codebook
+                logits = logits.clone()
+                logits[1] = float("nan")
+            return logits
+
+        monkeypatch.setattr(tiny.lm, "depformer_logits", depformer_logits)
+        outs, tokens = [], []
+        for k, f in enumerate(frames):
+            live = handles[:1] if poison and k == 3 else handles
+            outs.append(stepper.step(live, [f] * len(live)))
+            tokens.append(None if handles[0].tokens is None else handles[0].tokens.tolist())
+        return outs, tokens, handles
+
+    clean, clean_tokens, _ = run(False)
+    poisoned, tokens, handles = run(True)
+    assert isinstance(poisoned[2][1], FloatingPointError) and handles[1].closed
+    assert "not finite" in str(poisoned[2][1])
+    assert not handles[0].closed and tokens == clean_tokens
+    for got, expected in zip(poisoned, clean):  # Mimi's float32 decode of a batch of 1 rounds apart
+        np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
+
+
 def test_a_refused_frame_ends_only_its_session(tiny):
     stepper = tiny.duplex_stepper(2)
     a, b = stepper.open({"temperature": 0.0}), stepper.open({"temperature": 0.0})

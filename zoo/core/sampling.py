@@ -1,7 +1,13 @@
 """Token sampling shared by every model: top-k, then temperature, then top-p, then a draw, in the
 order litgpt (and so Mini-Omni) applies them. A temperature below MIN_TEMPERATURE, or top_k == 1,
-is greedy argmax."""
+is greedy argmax.
+
+``sample`` draws with ``torch.multinomial`` (the references' own draw, one setting for all rows);
+``sample_rows`` makes the same choice for a batch whose rows each have their own settings and
+generator, in one pass on the logits' device (no host round trip per row)."""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -41,3 +47,42 @@ def sample(
     if probs.device.type != "cpu" and generator is not None and generator.device != probs.device:
         probs = probs.cpu()
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    temperatures: Sequence[float],
+    top_ks: Sequence[int | None],
+    top_ps: Sequence[float],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """logits (rows, vocab) -> token ids (rows,); row i with its own temperature, top-k, top-p and
+    generator (the same choice as ``sample``, not the same random numbers). The draw is the
+    exponential race: with E ~ Exp(1) per candidate token, argmax p / E is token j with
+    probability p_j. Each row's E comes from its own generator on the host, only for the top-k
+    candidates (the widest top-k of the batch), so a row's draw never depends on its batch
+    companions and a seed gives the same tokens on any device (up to the logits' rounding)."""
+    rows, vocab = logits.shape
+    device = logits.device
+    logits = logits.float()
+    best = logits.argmax(dim=-1)
+    greedy = [is_zero_temperature(t) or k == 1 for t, k in zip(temperatures, top_ks, strict=True)]
+    if all(greedy):
+        return best
+    ks = [vocab if k is None else min(k, vocab) for k in top_ks]
+    width = max(k for k, g in zip(ks, greedy) if not g)
+    values, candidates = logits.topk(width, dim=-1)  # descending
+    outside_k = torch.arange(width, device=device) >= torch.tensor(ks, device=device)[:, None]
+    temperature = torch.tensor([max(t, MIN_TEMPERATURE) for t in temperatures], device=device)[:, None]
+    probs = (values.masked_fill(outside_k, float("-inf")) / temperature).softmax(dim=-1)
+    # top-p as in sample(): drop the tokens whose ascending cumulative probability stays within
+    # 1 - top_p (in descending order that is the sum from the token to the end), never the first
+    from_here = probs.flip(-1).cumsum(-1).flip(-1)
+    outside_p = from_here <= 1.0 - torch.tensor(top_ps, device=device, dtype=probs.dtype)[:, None]
+    outside_p[:, 0] = False
+    probs = probs.masked_fill(outside_p, 0.0)
+    noise = torch.stack([torch.ones(width, device=device) if g else
+                         torch.empty(width, device=gen.device if gen else "cpu").exponential_(generator=gen).to(device)
+                         for g, gen in zip(greedy, generators, strict=True)])
+    drawn = candidates.gather(-1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(-1)
+    return torch.where(torch.tensor(greedy, device=device), best, drawn)

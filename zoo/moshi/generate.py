@@ -17,7 +17,7 @@ import torch
 
 from ..core.graphs import DecodeGraphs
 from ..core.kv_cache import KVCache
-from ..core.sampling import is_zero_temperature, sample
+from ..core.sampling import is_zero_temperature, sample_rows
 from .lm import MoshiLM
 from .options import MoshiOptions
 
@@ -32,17 +32,23 @@ class Draw:
     generator: torch.Generator | None
     error: Exception | None = None  # this session's own draw failed: it ends, the others go on
 
-    def pick(self, logits: torch.Tensor, text: bool) -> torch.Tensor:
-        """logits (1, vocab) -> (1,). As the reference, logits are float32 before the choice."""
+    def settings(self, text: bool) -> tuple[float, int | None, float]:
+        """(temperature, top-k, top-p) of the text or the audio codebooks; greedy (0) for every
+        stream at ``temperature`` 0, and for a session whose draw failed (placeholder tokens)."""
         o = self.options
         temperature = o.text_temperature if text else o.temperature
-        logits = logits.float()
-        if self.error is None and not (is_zero_temperature(o.temperature) or is_zero_temperature(temperature)):
-            try:
-                return sample(logits, temperature, o.text_top_k if text else o.top_k, o.top_p, self.generator)
-            except Exception as err:  # noqa: BLE001 - recorded; the batch goes on with a placeholder
-                self.error = err
-        return logits.argmax(dim=-1)
+        if self.error is not None or is_zero_temperature(o.temperature):
+            temperature = 0.0
+        return temperature, o.text_top_k if text else o.top_k, o.top_p
+
+
+def pick(logits: torch.Tensor, draws: Sequence[Draw], text: bool, unusable: torch.Tensor) -> torch.Tensor:
+    """logits (B, vocab) -> (B,), every session's draw in one pass (float32 logits, as the
+    reference). ``unusable`` (B,) gathers on the device, without a host sync, the rows whose
+    logits held NaN or +inf, which no draw can use: Generator.step fails those sessions."""
+    unusable |= (logits.isnan() | (logits == float("inf"))).any(dim=-1)
+    temperatures, top_ks, top_ps = zip(*(d.settings(text) for d in draws))
+    return sample_rows(logits, temperatures, top_ks, top_ps, [d.generator for d in draws])
 
 
 class LMState:
@@ -101,8 +107,12 @@ class Generator:
         inputs = torch.where(is_init, initial, inputs)
         temporal, text_logits = state.graphs(inputs[:, :, None], list(rows), [state.cache.lengths[r] for r in rows])
         state.cache.advance(rows, 1)
-        text = torch.cat([draw.pick(text_logits[i, 0][None], text=True) for i, draw in enumerate(draws)])
-        audio = self._depformer(text, temporal, draws)
+        unusable = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        text = pick(text_logits[:, 0], draws, True, unusable)
+        audio = self._depformer(text, temporal, draws, unusable)
+        for draw, bad in zip(draws, unusable.tolist()):  # the step's one host sync of the draws
+            if bad and draw.error is None:
+                draw.error = FloatingPointError("the model's logits were not finite (NaN or inf) for this session")
         outs: list[torch.Tensor | None] = []
         for i, (r, t) in enumerate(zip(rows, offsets)):
             t += 1
@@ -116,13 +126,14 @@ class Generator:
             outs.append(state.tokens[r, torch.arange(c.dep_q + 1, device=device), torch.tensor(slots, device=device)])
         return outs
 
-    def _depformer(self, text: torch.Tensor, temporal: torch.Tensor, draws: Sequence[Draw]) -> torch.Tensor:
+    def _depformer(self, text: torch.Tensor, temporal: torch.Tensor, draws: Sequence[Draw],
+                   unusable: torch.Tensor) -> torch.Tensor:
         """Moshi's codebooks of this step, one after the other (B, dep_q)."""
         lm = self.lm
         past = [[] for _ in lm.depformer.layers]
         previous, tokens = text, []
         for step in range(lm.config.dep_q):
             logits = lm.depformer_logits(step, previous, temporal, past)
-            previous = torch.cat([draw.pick(logits[i][None], text=False) for i, draw in enumerate(draws)])
+            previous = pick(logits, draws, False, unusable)
             tokens.append(previous)
         return torch.stack(tokens, dim=1)
