@@ -69,6 +69,30 @@ def replicas_running(url: str, model: str) -> int:
     return health.get("models", {}).get(model, {}).get("replicas", {}).get("RUNNING", 0)
 
 
+def long_chat(url: str, max_tokens: int):
+    """One streamed /chat reply: (status, bytes), or ("cut", error name) for a broken stream."""
+    try:
+        r = requests.post(url + "/chat", json={"audio": QUESTION, "max_tokens": max_tokens}, headers=AUTH,
+                          timeout=DEADLINE_S, stream=True)
+        return r.status_code, len(b"".join(r.iter_content(65536)))
+    except requests.RequestException as err:  # a cut stream: the visible failure
+        return "cut", type(err).__name__
+
+
+def wait_for_sessions(url: str, n: int, running=()) -> None:
+    """Until mini-omni's replicas hold ``n`` replies (none of ``running`` may end meanwhile)."""
+    deadline = time.monotonic() + 60
+    while requests.get(url + "/health", headers=AUTH, timeout=10).json()["models"]["mini-omni"]["sessions"] < n:
+        assert time.monotonic() < deadline and not any(f.done() for f in running)
+        time.sleep(0.1)
+
+
+def replica_pids(server, deployment: str) -> list[int]:
+    """The processes of this server's Serve replicas of ``deployment`` (a model's name, or front)."""
+    return [pid for pid, title in processes()
+            if f"ServeReplica:omni-zoo:{deployment}" in title and server.proc.pid in ancestors(pid)]
+
+
 def processes() -> list[tuple[int, str]]:
     """(pid, command line) of every process (Ray names its workers ``ray::<actor class>:...``)."""
     found = []
@@ -197,17 +221,9 @@ def test_sixteen_concurrent_chats_complete_on_both_replicas(url):
 
 def test_all_slots_taken_is_503_busy_at_once(url):
     """2 replicas x 8 slots: a 17th reply is refused at once, as the single-process server does."""
-    def long_chat(_):
-        r = requests.post(url + "/chat", json={"audio": QUESTION, "max_tokens": 300}, headers=AUTH, timeout=DEADLINE_S,
-                          stream=True)
-        return r.status_code, len(b"".join(r.iter_content(65536)))
-
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        running = [pool.submit(long_chat, i) for i in range(16)]
-        deadline = time.monotonic() + 60
-        while requests.get(url + "/health", timeout=10).json()["models"]["mini-omni"]["sessions"] < 16:
-            assert time.monotonic() < deadline and not any(f.done() for f in running)
-            time.sleep(0.1)
+        running = [pool.submit(long_chat, url, 300) for _ in range(16)]
+        wait_for_sessions(url, 16, running)
         started = time.monotonic()
         refused = chat(url)
         waited = time.monotonic() - started
@@ -323,25 +339,12 @@ def test_moshi_text_streams_beside_its_audio_through_ray(url):
 
 
 def test_a_killed_replica_fails_its_replies_visibly_and_comes_back(server, url):
-    def long_chat(_):
-        try:
-            r = requests.post(url + "/chat", json={"audio": QUESTION, "max_tokens": 400}, headers=AUTH,
-                              timeout=DEADLINE_S, stream=True)
-            body = b"".join(r.iter_content(65536))
-            return r.status_code, len(body)
-        except requests.RequestException as err:  # a cut stream: the visible failure
-            return "cut", type(err).__name__
-
-    replicas = [pid for pid, title in processes()
-                if "ServeReplica:omni-zoo:mini-omni" in title and server.proc.pid in ancestors(pid)]
+    replicas = replica_pids(server, "mini-omni")
     assert len(replicas) == 2, replicas
     before = metric(url, "zoo_replica_replies_total")
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        running = [pool.submit(long_chat, i) for i in range(8)]
-        deadline = time.monotonic() + 60
-        while requests.get(url + "/health", timeout=10).json()["models"]["mini-omni"]["sessions"] < 8:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        running = [pool.submit(long_chat, url, 400) for _ in range(8)]
+        wait_for_sessions(url, 8)
         time.sleep(1.0)  # audio is flowing
         started = {k for k, v in metric(url, "zoo_replica_replies_total").items()
                    if 'model="mini-omni"' in k and v > before.get(k, 0)}
@@ -367,8 +370,7 @@ def test_a_killed_replica_fails_its_replies_visibly_and_comes_back(server, url):
 
 def test_a_killed_duplex_replica_ends_its_session_visibly_and_comes_back(server, url):
     frame, duplex_url = 2000, url.replace("http", "ws") + "/hertz-dev/v1/duplex"
-    victims = [pid for pid, title in processes()
-               if "ServeReplica:omni-zoo:hertz-dev" in title and server.proc.pid in ancestors(pid)]
+    victims = replica_pids(server, "hertz-dev")
     assert len(victims) == 1, victims
     lost_before = metric(url, "zoo_errors_total").get('{kind="replica_lost"}', 0)
     pcm = (np.random.default_rng(5).standard_normal(frame) * 3000).astype("<i2").tobytes()
@@ -418,23 +420,11 @@ def test_a_killed_front_cuts_its_replies_visibly_and_comes_back_on_the_same_port
     """The front (the one process clients talk to) dies mid-reply: its replies end as broken
     streams, never as short complete ones; Serve starts a new front on the same port, behind
     which the model replicas never stopped."""
-    def long_chat(_):
-        try:
-            r = requests.post(url + "/chat", json={"audio": QUESTION, "max_tokens": 400}, headers=AUTH,
-                              timeout=DEADLINE_S, stream=True)
-            return r.status_code, len(b"".join(r.iter_content(65536)))
-        except requests.RequestException as err:
-            return "cut", type(err).__name__
-
-    front = [pid for pid, title in processes()
-             if "ServeReplica:omni-zoo:front" in title and server.proc.pid in ancestors(pid)]
+    front = replica_pids(server, "front")
     assert len(front) == 1, front
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        running = [pool.submit(long_chat, i) for i in range(2)]
-        deadline = time.monotonic() + 60
-        while requests.get(url + "/health", timeout=10).json()["models"]["mini-omni"]["sessions"] < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        running = [pool.submit(long_chat, url, 400) for _ in range(2)]
+        wait_for_sessions(url, 2)
         os.kill(front[0], signal.SIGKILL)
         results = [f.result(timeout=DEADLINE_S) for f in running]
     assert all(r[0] == "cut" for r in results), results

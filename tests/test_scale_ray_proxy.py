@@ -9,7 +9,7 @@ import pytest
 import requests
 import websockets
 from procs import LoopbackProcess
-from test_scale_ray import DEADLINE_S, QUESTION, REPLY_BYTES, TOKENS, ancestors, listener_of, processes
+from test_scale_ray import DEADLINE_S, QUESTION, REPLY_BYTES, TOKENS, listener_of, replica_pids
 
 SERVER = ["server.py", "--model", "mini-omni", "--tiny", "--replicas", "1", "--max-sessions", "2", "--serve-proxy",
           "--port", "{port}"]
@@ -23,9 +23,7 @@ def server(_tiny_cache):
 
 def test_the_proxy_listens_and_carries_replies_and_sockets(server):
     assert "ProxyActor" in listener_of(server.port)
-    fronts = [title for pid, title in processes() if "ServeReplica:omni-zoo:front" in title
-              and server.proc.pid in ancestors(pid)]
-    assert len(fronts) == 1
+    assert len(replica_pids(server, "front")) == 1
     reply = requests.post(server.url + "/chat", json={"audio": QUESTION, "max_tokens": TOKENS}, timeout=120)
     assert (reply.status_code, len(reply.content)) == (200, REPLY_BYTES)
     assert reply.headers["x-request-id"]

@@ -6,7 +6,7 @@ the first model).
 
 Who listens on ``--host``/``--port``: in a local instance, the front replica itself (Serve's
 direct ingress, local.py: no proxy hop in either direction); Serve still starts its HTTP proxy
-on the head node in that mode, and it gets a spare loopback port that nobody is told about.
+on the head node in that mode, and it gets a spare port of ``--host`` that nobody is told about.
 With ``--serve-proxy``, or ``--ray-address`` (a cluster's Serve settings are its own, fixed when
 its nodes started), Serve's HTTP proxy listens there on every node it runs on.
 """
