@@ -135,16 +135,25 @@ def test_rows_sample_as_sample_does_each_with_its_own_settings():
     top-p), rows with different settings in one batch, greedy rows exact."""
     logits = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.5, -1.0, -3.0, 0.0])
     n = 4000
-    settings = [(1.0, 3, 1.0), (0.7, None, 0.8), (1.3, 5, 0.9)]
+    settings = [(1.0, 3, 1.0), (0.7, None, 0.8), (1.3, 5, 0.9), (0.8, None, 1.0)]  # the last: no sort
     for temperature, top_k, top_p in settings:
         g = torch.Generator().manual_seed(3)
-        ours = sample_rows(logits.expand(n, -1), [temperature] * n, [top_k] * n, [top_p] * n, [g] * n)
+        ours, unusable = sample_rows(logits.expand(n, -1), [temperature] * n, [top_k] * n, [top_p] * n, [g] * n)
+        assert not unusable.any()
         theirs = torch.cat([sample(logits[None], temperature, top_k, top_p, g) for _ in range(n)])
-        assert set(ours.tolist()) == set(theirs.tolist())  # the same tokens are possible
-        assert (frequencies(ours, 8) - frequencies(theirs, 8)).abs().max() < 0.04, (temperature, top_k, top_p)
-    mixed = sample_rows(logits.expand(4, -1), [0.0, 1.0, 0.9, 1e-9], [None, 1, None, 50], [1.0] * 4,
-                        [torch.Generator().manual_seed(i) for i in range(4)])
+        ours_f, theirs_f = frequencies(ours, 8), frequencies(theirs, 8)
+        # the same tokens are possible (a token of p < 0.5% may show in one run and not the other)
+        assert {t for t in range(8) if ours_f[t] > 0.005} <= set(theirs.tolist())
+        assert {t for t in range(8) if theirs_f[t] > 0.005} <= set(ours.tolist())
+        if top_k is not None:
+            assert set(ours.tolist()) <= set(logits.topk(top_k).indices.tolist())
+        assert (ours_f - theirs_f).abs().max() < 0.04, (temperature, top_k, top_p)
+    rows = logits.repeat(4, 1)
+    rows[2, 3] = float("nan")
+    mixed, unusable = sample_rows(rows, [0.0, 1.0, 0.9, 1e-9], [None, 1, None, 50], [1.0] * 4,
+                                  [torch.Generator().manual_seed(i) for i in range(4)])
     assert mixed.tolist()[0] == 0 and mixed.tolist()[1] == 0 and mixed.tolist()[3] == 0  # greedy rows
+    assert unusable.tolist() == [False, False, True, False]  # said, not raised: the others' draws stand
 
 
 def test_a_rows_draw_depends_on_its_own_generator_only():
@@ -153,7 +162,7 @@ def test_a_rows_draw_depends_on_its_own_generator_only():
 
     def draw(rows, seeds):
         return sample_rows(logits[rows], [1.0] * len(rows), [20] * len(rows), [0.95] * len(rows),
-                           [torch.Generator().manual_seed(s) for s in seeds])
+                           [torch.Generator().manual_seed(s) for s in seeds])[0]
 
     together = draw([0, 1, 2, 3, 4], [10, 11, 12, 13, 14])
     alone = torch.cat([draw([i], [10 + i]) for i in range(5)])

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 import requests
+import torch
 from conftest import SAMPLES
 from procs import LoopbackProcess
 
@@ -92,6 +93,13 @@ def test_hertz_dev_replies_are_capped_to_one_context(models):
 
 
 # -- ids with no text or audio ---------------------------------------------------------------------
+def forced_rows(real, ids):
+    """``forced_draws`` for a batched ``sample_rows`` (which also says which rows were unusable)."""
+    forced = forced_draws(lambda logits, *settings: real(logits, *settings)[0], ids)
+    return lambda logits, *settings: (forced(logits, *settings),
+                                      torch.zeros(len(logits), dtype=torch.bool, device=logits.device))
+
+
 def forced_draws(real, ids):
     """A ``sample`` that returns ``ids[k]`` (when not None: one id for every row, or one per row)
     for the k-th draw."""
@@ -137,7 +145,7 @@ def test_mini_omni_special_ids_mid_reply_are_skipped(models, question, monkeypat
     # draws alternate text, audio: special text ids (including the padded, nameless ones) and
     # special audio ids in the middle of a reply; EOA on a layer other than the last one
     specials = [PAD_T, ANSWER_A, TEXT_VOCAB + 40, [EOA, 1, 2, 3, 4, 5, 6], PADDED_TEXT_VOCAB - 1, None]
-    monkeypatch.setattr(engine, "sample", forced_draws(engine.sample, [None, None] + specials))
+    monkeypatch.setattr(engine, "sample_rows", forced_rows(engine.sample_rows, [None, None] + specials))
     audio, _ = reply(models["mini-omni"], question, {"top_k": None, "max_new_tokens": 20})
     assert audio.size and np.all(np.isfinite(audio))
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import zoo
+from zoo.core.sampling import UnusableLogits
 from zoo.core.scheduler import Scheduler
 from zoo.core.types import Chunk
 
@@ -27,6 +28,25 @@ class FailingDraws:
             if self.calls > self.after:
                 raise RuntimeError("injected failure in one session's draw")
         return self.real(logits, temperature, top_k, top_p, generator)
+
+
+class FailingRows:
+    """Replaces a module's ``sample_rows``: from the ``after + 1``-th call with a row drawn with
+    the victim's generator on, that row comes back unusable (as NaN logits would); every draw is
+    the real one."""
+
+    def __init__(self, real, after: int) -> None:
+        self.real, self.after, self.calls = real, after, 0
+
+    def __call__(self, logits, temperatures, top_ks, top_ps, generators):
+        tokens, unusable = self.real(logits, temperatures, top_ks, top_ps, generators)
+        victims = [i for i, g in enumerate(generators) if g is not None and g.initial_seed() == VICTIM_SEED]
+        if victims:
+            self.calls += 1
+            if self.calls > self.after:
+                unusable = unusable.clone()
+                unusable[victims] = True
+        return tokens, unusable
 
 
 class Gated:
@@ -93,18 +113,25 @@ def output(items):
 
 def check_only_the_victim_failed(model, module, prepare, options, after=6):
     """Three sessions in one batch, the middle one's draws fail after ``after``; then the same
-    three with the middle one healthy and cancelled at the step where it failed."""
+    three with the middle one healthy and cancelled at the step where it failed. A module that
+    draws a batch at once (``sample_rows``) gets the victim's rows back unusable; one that draws
+    a session at a time (``sample``), a raising draw."""
     victim = 1
-    real = module.sample
-    module.sample = FailingDraws(real, after)
+    batched = hasattr(module, "sample_rows")
+    name, failing_draws = ("sample_rows", FailingRows) if batched else ("sample", FailingDraws)
+    real = getattr(module, name)
+    setattr(module, name, failing_draws(real, after))
     try:
         stepper = model.stepper(max_sessions=3)
         failing, failed_at = serve(stepper, [prepare(stepper, o) for o in options], victim)
     finally:
-        module.sample = real
+        setattr(module, name, real)
     assert failed_at is not None, "the injected failure never happened"
     error = failing[victim][-1]
-    assert isinstance(error, RuntimeError) and "injected failure" in str(error)
+    if batched:
+        assert isinstance(error, UnusableLogits)
+    else:
+        assert isinstance(error, RuntimeError) and "injected failure" in str(error)
     stepper = model.stepper(max_sessions=3)
     healthy, _ = serve(stepper, [prepare(stepper, o) for o in options], victim, cancel_victim_after=failed_at)
     for i in (0, 2):

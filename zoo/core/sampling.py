@@ -4,7 +4,8 @@ is greedy argmax.
 
 ``sample`` draws with ``torch.multinomial`` (the references' own draw, one setting for all rows);
 ``sample_rows`` makes the same choice for a batch whose rows each have their own settings and
-generator, in one pass on the logits' device (no host round trip per row)."""
+generator, in one pass on the logits' device (no host round trip per row), and says which rows'
+logits were unusable (NaN, +inf) instead of raising for the whole batch."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -49,40 +50,62 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+class UnusableLogits(FloatingPointError):
+    """A session's logits held NaN or +inf: no token can be drawn from them (the model failed for
+    that session; ``sample_rows`` reports it per row, and the engine ends that session alone)."""
+
+    def __init__(self) -> None:
+        super().__init__("the model's logits were not finite (NaN or inf) for this session")
+
+
 def sample_rows(
     logits: torch.Tensor,
     temperatures: Sequence[float],
     top_ks: Sequence[int | None],
     top_ps: Sequence[float],
     generators: Sequence[torch.Generator | None],
-) -> torch.Tensor:
-    """logits (rows, vocab) -> token ids (rows,); row i with its own temperature, top-k, top-p and
-    generator (the same choice as ``sample``, not the same random numbers). The draw is the
-    exponential race: with E ~ Exp(1) per candidate token, argmax p / E is token j with
-    probability p_j. Each row's E comes from its own generator on the host, only for the top-k
-    candidates (the widest top-k of the batch), so a row's draw never depends on its batch
-    companions and a seed gives the same tokens on any device (up to the logits' rounding)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (rows, vocab) -> (token ids (rows,), unusable (rows,) bool); row i with its own
+    temperature, top-k, top-p and generator (the same choice as ``sample``, not the same random
+    numbers). ``unusable`` marks the rows whose logits held NaN or +inf (their token means
+    nothing): read it with the tokens, in the step's one host sync (UnusableLogits).
+
+    The draw is the exponential race: with E ~ Exp(1) per candidate token, argmax p / E is token
+    j with probability p_j. The candidates are each row's top-k (the batch's widest k; the whole
+    vocabulary, unsorted, when no drawing row narrows it by top-k or top-p); a row's E
+    is drawn on the logits' device from a seed its own generator gives, so a row's draw never
+    depends on its batch companions and no noise crosses from the host."""
     rows, vocab = logits.shape
     device = logits.device
     logits = logits.float()
+    unusable = (logits.isnan() | (logits == float("inf"))).any(dim=-1)
     best = logits.argmax(dim=-1)
     greedy = [is_zero_temperature(t) or k == 1 for t, k in zip(temperatures, top_ks, strict=True)]
     if all(greedy):
-        return best
+        return best, unusable
     ks = [vocab if k is None else min(k, vocab) for k in top_ks]
     width = max(k for k, g in zip(ks, greedy) if not g)
-    values, candidates = logits.topk(width, dim=-1)  # descending
-    outside_k = torch.arange(width, device=device) >= torch.tensor(ks, device=device)[:, None]
     temperature = torch.tensor([max(t, MIN_TEMPERATURE) for t in temperatures], device=device)[:, None]
-    probs = (values.masked_fill(outside_k, float("-inf")) / temperature).softmax(dim=-1)
-    # top-p as in sample(): drop the tokens whose ascending cumulative probability stays within
-    # 1 - top_p (in descending order that is the sum from the token to the end), never the first
-    from_here = probs.flip(-1).cumsum(-1).flip(-1)
-    outside_p = from_here <= 1.0 - torch.tensor(top_ps, device=device, dtype=probs.dtype)[:, None]
-    outside_p[:, 0] = False
-    probs = probs.masked_fill(outside_p, 0.0)
-    noise = torch.stack([torch.ones(width, device=device) if g else
-                         torch.empty(width, device=gen.device if gen else "cpu").exponential_(generator=gen).to(device)
-                         for g, gen in zip(greedy, generators, strict=True)])
-    drawn = candidates.gather(-1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(-1)
-    return torch.where(torch.tensor(greedy, device=device), best, drawn)
+    drawing = [i for i, g in enumerate(greedy) if not g]
+    if all(ks[i] == vocab and top_ps[i] >= 1.0 for i in drawing):  # every token a candidate: no sort
+        candidates, probs = None, (logits / temperature).softmax(dim=-1)
+    else:
+        values, candidates = logits.topk(width, dim=-1)  # descending
+        outside_k = torch.arange(width, device=device) >= torch.tensor(ks, device=device)[:, None]
+        probs = (values.masked_fill(outside_k, float("-inf")) / temperature).softmax(dim=-1)
+        # top-p as in sample(): drop the tokens whose ascending cumulative probability stays within
+        # 1 - top_p (in descending order that is the sum from the token to the end), never the first
+        from_here = probs.flip(-1).cumsum(-1).flip(-1)
+        outside_p = from_here <= 1.0 - torch.tensor(top_ps, device=device, dtype=probs.dtype)[:, None]
+        outside_p[:, 0] = False
+        probs = probs.masked_fill(outside_p, 0.0)
+    noise = torch.ones(rows, width, device=device)
+    source = torch.Generator(device=device)  # this call's own: engines on other threads have theirs
+    for i, (g, generator) in enumerate(zip(greedy, generators, strict=True)):
+        if not g:
+            source.manual_seed(int(torch.randint(2**62, (), generator=generator)))
+            noise[i].exponential_(generator=source)
+    drawn = (probs / noise).argmax(dim=-1)
+    if candidates is not None:
+        drawn = candidates.gather(-1, drawn[:, None]).squeeze(-1)
+    return torch.where(torch.tensor(greedy, device=device), best, drawn), unusable

@@ -9,7 +9,7 @@ import torch
 
 from ..core.graphs import DecodeGraphs
 from ..core.kv_cache import Rows, to_device
-from ..core.sampling import is_zero_temperature, sample
+from ..core.sampling import UnusableLogits, sample_rows
 from ..core.scheduler import isolate
 from ..core.types import Options
 from .gpt import GPT, KVCache
@@ -43,10 +43,6 @@ class Session:
     @property
     def prompt_length(self) -> int:
         return self.prompt.size(-1)
-
-
-def _is_greedy(options: Options) -> bool:
-    return is_zero_temperature(options.temperature) or options.top_k == 1
 
 
 class Engine:
@@ -207,35 +203,40 @@ class Engine:
     def _sample(self, sessions: list[Session], hidden: torch.Tensor) -> list[tuple[list[int] | None, int] | None]:
         """hidden: the sessions' rows, in order. Each session's text comes from its last row (row 1
         in the batch trick) and its audio from its first row. The logits of all sessions are
-        computed in one product per head (the text head alone is 545 MB of fp32 weights); each
-        session draws with its own options, isolated: None for a session whose draw failed."""
+        computed in one product per head (the text head alone is 545 MB of fp32 weights) and drawn
+        in one pass per head, each session with its own options and generator (text, then its 7
+        codebooks); the ids come back to the host in one read. None for a session that failed
+        (its logits unusable), which ends alone."""
         firsts, lasts, start = [], [], 0
         for s in sessions:
             firsts.append(start)
             start += s.task.rows
             lasts.append(start - 1)
         speaking = [i for i, s in enumerate(sessions) if s.task.speaks]
-        text_logits = self.gpt.text_logits(hidden[lasts])  # (S, 152000)
-        audio_logits = self.gpt.audio_logits(hidden[[firsts[i] for i in speaking]]) if speaking else None
-        greedy = [_is_greedy(s.options) for s in sessions]
-        text_ids = audio_ids = None
-        if any(greedy):  # one read back to the host for the whole batch, not one per head
-            picks = [text_logits.argmax(-1)] + ([audio_logits.argmax(-1).flatten()] if speaking else [])
-            ids = torch.cat(picks).tolist()
-            text_ids, flat = ids[: len(sessions)], ids[len(sessions):]
-            audio_ids = [flat[i : i + AUDIO_LAYERS] for i in range(0, len(flat), AUDIO_LAYERS)] if speaking else None
+        settings = [(s.options.temperature, s.options.top_k, s.options.top_p, s.generator) for s in sessions]
+        text_ids, text_bad = sample_rows(self.gpt.text_logits(hidden[lasts]), *zip(*settings))  # (S, 152000)
+        picks, bad = [text_ids], [text_bad]
+        if speaking:
+            audio_logits = self.gpt.audio_logits(hidden[[firsts[i] for i in speaking]])  # (speaking, 7, vocab)
+            per_row = [settings[i] for i in speaking for _ in range(AUDIO_LAYERS)]
+            audio_ids, audio_bad = sample_rows(audio_logits.flatten(0, 1), *zip(*per_row))
+            picks.append(audio_ids)
+            bad.append(audio_bad.view(-1, AUDIO_LAYERS).any(dim=-1))
+        ids = torch.cat(picks).tolist()  # one read back to the host for the whole batch
+        unusable = torch.cat(bad).tolist()
+        text_ids, audio_flat = ids[: len(sessions)], ids[len(sessions):]
+        audio_unusable = dict(zip(speaking, unusable[len(sessions):]))
         out = []
         for i, s in enumerate(sessions):
-            o = s.options
-            a = speaking.index(i) if s.task.speaks else None
             pick = None
             with isolate(s):
-                if greedy[i]:
-                    pick = (audio_ids[a] if a is not None else None), text_ids[i]
-                else:
-                    text = int(sample(text_logits[i : i + 1], o.temperature, o.top_k, o.top_p, s.generator))
-                    audio = sample(audio_logits[a], o.temperature, o.top_k, o.top_p, s.generator).tolist() if a is not None else None
-                    pick = audio, text
+                if unusable[i] or audio_unusable.get(i, False):
+                    raise UnusableLogits()
+                audio = None
+                if s.task.speaks:
+                    a = speaking.index(i) * AUDIO_LAYERS
+                    audio = audio_flat[a : a + AUDIO_LAYERS]
+                pick = audio, text_ids[i]
             out.append(pick)
         return out
 

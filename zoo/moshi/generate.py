@@ -17,7 +17,7 @@ import torch
 
 from ..core.graphs import DecodeGraphs
 from ..core.kv_cache import KVCache
-from ..core.sampling import is_zero_temperature, sample_rows
+from ..core.sampling import UnusableLogits, is_zero_temperature, sample_rows
 from .lm import MoshiLM
 from .options import MoshiOptions
 
@@ -45,10 +45,11 @@ class Draw:
 def pick(logits: torch.Tensor, draws: Sequence[Draw], text: bool, unusable: torch.Tensor) -> torch.Tensor:
     """logits (B, vocab) -> (B,), every session's draw in one pass (float32 logits, as the
     reference). ``unusable`` (B,) gathers on the device, without a host sync, the rows whose
-    logits held NaN or +inf, which no draw can use: Generator.step fails those sessions."""
-    unusable |= (logits.isnan() | (logits == float("inf"))).any(dim=-1)
+    logits no draw can use: Generator.step fails those sessions."""
     temperatures, top_ks, top_ps = zip(*(d.settings(text) for d in draws))
-    return sample_rows(logits, temperatures, top_ks, top_ps, [d.generator for d in draws])
+    tokens, bad = sample_rows(logits, temperatures, top_ks, top_ps, [d.generator for d in draws])
+    unusable |= bad
+    return tokens
 
 
 class LMState:
@@ -112,7 +113,7 @@ class Generator:
         audio = self._depformer(text, temporal, draws, unusable)
         for draw, bad in zip(draws, unusable.tolist()):  # the step's one host sync of the draws
             if bad and draw.error is None:
-                draw.error = FloatingPointError("the model's logits were not finite (NaN or inf) for this session")
+                draw.error = UnusableLogits()
         outs: list[torch.Tensor | None] = []
         for i, (r, t) in enumerate(zip(rows, offsets)):
             t += 1
