@@ -170,13 +170,13 @@ def test_glm4_voice_one_failing_session_leaves_the_batch_bit_identical(tiny_glm,
 def test_respond_raises_the_sessions_error(tiny_glm):
     import zoo.glm4_voice.model as glm
 
-    real = glm.sample
-    glm.sample = FailingDraws(real, after=3)
+    real = glm.sample_rows
+    glm.sample_rows = FailingRows(real, after=3)
     try:
-        with pytest.raises(RuntimeError, match="injected failure"):
+        with pytest.raises(UnusableLogits):
             list(tiny_glm.respond_text("hello", {"seed": VICTIM_SEED, "max_new_tokens": 20}))
     finally:
-        glm.sample = real
+        glm.sample_rows = real
 
 
 def test_a_failing_poll_ends_its_session_only():

@@ -72,9 +72,10 @@ def sample_rows(
 
     The draw is the exponential race: with E ~ Exp(1) per candidate token, argmax p / E is token
     j with probability p_j. The candidates are each row's top-k (the batch's widest k; the whole
-    vocabulary, unsorted, when no drawing row narrows it by top-k or top-p); a row's E
-    is drawn on the logits' device from a seed its own generator gives, so a row's draw never
-    depends on its batch companions and no noise crosses from the host."""
+    vocabulary, unsorted, when no drawing row narrows it by top-k or top-p). A row's E is drawn
+    on the logits' device by its own generator, or, when that lives on the host, by one seeded
+    from it: a row's draw never depends on its batch companions, no noise crosses from the host
+    and no draw waits for the device."""
     rows, vocab = logits.shape
     device = logits.device
     logits = logits.float()
@@ -100,11 +101,16 @@ def sample_rows(
         outside_p[:, 0] = False
         probs = probs.masked_fill(outside_p, 0.0)
     noise = torch.ones(rows, width, device=device)
-    source = torch.Generator(device=device)  # this call's own: engines on other threads have theirs
+    source = None  # a generator on the logits' device, for rows whose own lives elsewhere
     for i, (g, generator) in enumerate(zip(greedy, generators, strict=True)):
-        if not g:
-            source.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-            noise[i].exponential_(generator=source)
+        if g:
+            continue
+        if generator is not None and generator.device != noise.device:
+            if source is None:
+                source = torch.Generator(device=device)  # this call's own: other threads have theirs
+            source.manual_seed(int(torch.randint(2**62, (), generator=generator)))  # a host draw: no sync
+            generator = source
+        noise[i].exponential_(generator=generator)
     drawn = (probs / noise).argmax(dim=-1)
     if candidates is not None:
         drawn = candidates.gather(-1, drawn[:, None]).squeeze(-1)

@@ -27,7 +27,7 @@ from ..core.checkpoints import resolve_files
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError
 from ..core.quantize import QUANTIZED, quantize_linears
-from ..core.sampling import sample
+from ..core.sampling import UnusableLogits, sample_rows
 from ..core.scheduler import OneSlotSteppers, isolate
 from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from .decoder import DECODER_FILES, AudioDecoder
@@ -137,10 +137,13 @@ class Reply:
 
     def choose(self, logits: torch.Tensor) -> None:
         """Sample the next id from (1, vocab) logits, then route it."""
-        o = self.options
-        self.token = int(sample(logits, o.temperature, o.top_k, o.top_p, self.generator)[0])
+        choose_all([self], logits)
+
+    def accept(self, token: int) -> None:
+        """The sampled next id: counted, then routed."""
+        self.token = token
         self.generated += 1
-        self._route(self.token)
+        self._route(token)
 
     def _route(self, token: int) -> None:
         block = None
@@ -185,6 +188,21 @@ class Reply:
         return Chunk(audio=samples, text=text, turn=turn)
 
 
+def choose_all(replies: list[Reply], logits: torch.Tensor) -> None:
+    """Every reply's next id from its row of ``logits`` (B, vocab): one draw for the batch, each
+    reply with its own options and generator (sample_rows), one read back to the host; then each
+    routes its own id to its text and decoder, isolated: a reply whose logits were unusable, or
+    whose routing fails, ends alone."""
+    settings = [(r.options.temperature, r.options.top_k, r.options.top_p, r.generator) for r in replies]
+    tokens, unusable = sample_rows(logits, *zip(*settings))
+    picks = torch.cat([tokens, unusable.long()]).tolist()
+    for reply, token, bad in zip(replies, picks[: len(replies)], picks[len(replies):]):
+        with isolate(reply):
+            if bad:
+                raise UnusableLogits()
+            reply.accept(token)
+
+
 class ReplyStepper:
     """Batched serving for zoo.core.scheduler: one slot engine shared by every admitted reply;
     each step feeds every reply's last id in one forward pass."""
@@ -204,10 +222,7 @@ class ReplyStepper:
         live = [job for job in jobs if not job.done]
         if not live:
             return
-        logits = self.engine.step([job.slot for job in live], torch.tensor([job.token for job in live]))
-        for job, row in zip(live, logits):
-            with isolate(job):  # its draw, its ids routed to text and its decoder
-                job.choose(row[None])
+        choose_all(live, self.engine.step([job.slot for job in live], torch.tensor([job.token for job in live])))
 
     def release(self, job: Reply) -> None:
         if job.slot is not None:
