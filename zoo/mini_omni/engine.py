@@ -222,10 +222,11 @@ class Engine:
             audio_ids, audio_bad = sample_rows(audio_logits.flatten(0, 1), *zip(*per_row))
             picks.append(audio_ids)
             bad.append(audio_bad.view(-1, AUDIO_LAYERS).any(dim=-1))
-        ids = torch.cat(picks).tolist()  # one read back to the host for the whole batch
-        unusable = torch.cat(bad).tolist()
-        text_ids, audio_flat = ids[: len(sessions)], ids[len(sessions):]
-        audio_unusable = dict(zip(speaking, unusable[len(sessions):]))
+        ids = torch.cat(picks + [b.long() for b in bad]).tolist()  # one read back to the host for the batch
+        n_text, n_audio = len(sessions), len(speaking) * AUDIO_LAYERS
+        text_ids, audio_flat = ids[:n_text], ids[n_text : n_text + n_audio]
+        unusable = ids[n_text + n_audio :]  # the sessions', then the speaking sessions' audio
+        audio_unusable = dict(zip(speaking, unusable[n_text:]))
         out = []
         for i, s in enumerate(sessions):
             pick = None
