@@ -96,23 +96,16 @@ def test_hertz_dev_replies_are_capped_to_one_context(models):
 
 # -- ids with no text or audio ---------------------------------------------------------------------
 def forced_rows(real, ids):
-    """``forced_draws`` for a batched ``sample_rows`` (which also says which rows were unusable)."""
-    forced = forced_draws(lambda logits, *settings: real(logits, *settings)[0], ids)
-    return lambda logits, *settings: (forced(logits, *settings),
-                                      torch.zeros(len(logits), dtype=torch.bool, device=logits.device))
-
-
-def forced_draws(real, ids):
-    """A ``sample`` that returns ``ids[k]`` (when not None: one id for every row, or one per row)
-    for the k-th draw."""
+    """A ``sample_rows`` whose k-th call returns ``ids[k]`` (when not None: one id for every row,
+    or one per row), the real draw otherwise; no row unusable."""
     calls = iter(ids)
 
-    def draw(logits, temperature, top_k, top_p, generator=None):
-        out = real(logits, temperature, top_k, top_p, generator)
+    def draw(logits, *settings):
+        out, _ = real(logits, *settings)
         forced = next(calls, None)
-        if forced is None:
-            return out
-        return out.new_full(out.shape, forced) if isinstance(forced, int) else out.new_tensor(forced)
+        if forced is not None:
+            out = out.new_full(out.shape, forced) if isinstance(forced, int) else out.new_tensor(forced)
+        return out, torch.zeros(len(out), dtype=torch.bool, device=out.device)
     return draw
 
 

@@ -15,21 +15,6 @@ VICTIM_SEED = 666  # the session whose draws fail is the one seeded with this
 WAIT_S = 120
 
 
-class FailingDraws:
-    """Replaces a module's ``sample``: draws with the victim's generator raise from the
-    ``after + 1``-th on; every other draw is the real one."""
-
-    def __init__(self, real, after: int) -> None:
-        self.real, self.after, self.calls = real, after, 0
-
-    def __call__(self, logits, temperature, top_k, top_p, generator=None):
-        if generator is not None and generator.initial_seed() == VICTIM_SEED:
-            self.calls += 1
-            if self.calls > self.after:
-                raise RuntimeError("injected failure in one session's draw")
-        return self.real(logits, temperature, top_k, top_p, generator)
-
-
 class FailingRows:
     """Replaces a module's ``sample_rows``: from the ``after + 1``-th call with a row drawn with
     the victim's generator on, that row comes back unusable (as NaN logits would); every draw is
@@ -112,26 +97,19 @@ def output(items):
 
 
 def check_only_the_victim_failed(model, module, prepare, options, after=6):
-    """Three sessions in one batch, the middle one's draws fail after ``after``; then the same
-    three with the middle one healthy and cancelled at the step where it failed. A module that
-    draws a batch at once (``sample_rows``) gets the victim's rows back unusable; one that draws
-    a session at a time (``sample``), a raising draw."""
+    """Three sessions in one batch, the middle one's rows come back unusable after ``after``
+    draws; then the same three with the middle one healthy and cancelled at the step where it
+    failed."""
     victim = 1
-    batched = hasattr(module, "sample_rows")
-    name, failing_draws = ("sample_rows", FailingRows) if batched else ("sample", FailingDraws)
-    real = getattr(module, name)
-    setattr(module, name, failing_draws(real, after))
+    real = module.sample_rows
+    module.sample_rows = FailingRows(real, after)
     try:
         stepper = model.stepper(max_sessions=3)
         failing, failed_at = serve(stepper, [prepare(stepper, o) for o in options], victim)
     finally:
-        setattr(module, name, real)
+        module.sample_rows = real
     assert failed_at is not None, "the injected failure never happened"
-    error = failing[victim][-1]
-    if batched:
-        assert isinstance(error, UnusableLogits)
-    else:
-        assert isinstance(error, RuntimeError) and "injected failure" in str(error)
+    assert isinstance(failing[victim][-1], UnusableLogits)
     stepper = model.stepper(max_sessions=3)
     healthy, _ = serve(stepper, [prepare(stepper, o) for o in options], victim, cancel_victim_after=failed_at)
     for i in (0, 2):
@@ -262,14 +240,13 @@ def test_duplex_hub_one_failing_session_leaves_the_others_bit_identical(tiny_her
     frames = [(0.1 * rng.standard_normal(2000)).astype(np.float32) for _ in range(8)]
     options = [{"seed": 1}, {"seed": VICTIM_SEED}, {"seed": 2, "temperature": 0}]
     victim = 1
-    real = engine.sample
-    engine.sample = FailingDraws(real, after=3)
+    real = engine.sample_rows
+    engine.sample_rows = FailingRows(real, after=3)
     try:
         failing = run_hub(tiny_hertz, options, frames, victim)
     finally:
-        engine.sample = real
-    error = failing[victim][-1]
-    assert isinstance(error, RuntimeError) and "injected failure" in str(error)
+        engine.sample_rows = real
+    assert isinstance(failing[victim][-1], UnusableLogits)
     failed_at = len(failing[victim])  # its 4th step's draw failed: 3 frames, then the error
     assert failed_at == 4
     healthy = run_hub(tiny_hertz, options, frames, victim, close_victim_after=failed_at)

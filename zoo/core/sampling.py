@@ -2,10 +2,10 @@
 order litgpt (and so Mini-Omni) applies them. A temperature below MIN_TEMPERATURE, or top_k == 1,
 is greedy argmax.
 
-``sample`` draws with ``torch.multinomial`` (the references' own draw, one setting for all rows);
-``sample_rows`` makes the same choice for a batch whose rows each have their own settings and
-generator, in one pass on the logits' device (no host round trip per row), and says which rows'
-logits were unusable (NaN, +inf) instead of raising for the whole batch."""
+``sample_rows`` draws a whole step's batch at once, each row (a session's token, or one of its
+codebooks) with its own settings and generator, on the logits' device: one read back to the
+host per step, not one per session. It says which rows' logits were unusable (NaN, +inf)
+instead of raising for the whole batch, so that session alone ends (UnusableLogits)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,34 +20,6 @@ MIN_TEMPERATURE = 1e-5
 
 def is_zero_temperature(temperature: float) -> bool:
     return temperature < MIN_TEMPERATURE
-
-
-def sample(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int | None,
-    top_p: float,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """logits (rows, vocab) -> token ids (rows,). Draws use ``generator`` (never the global RNG)."""
-    if is_zero_temperature(temperature) or top_k == 1:
-        # top_k == 1 leaves one finite logit: the reference's multinomial draw is this argmax.
-        return logits.argmax(dim=-1)
-    logits = logits.float()
-    if top_k is not None and top_k < logits.size(-1):
-        values, indices = torch.topk(logits, top_k, dim=-1)
-        logits = torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
-    logits = logits / temperature
-    if top_p < 1.0:
-        sorted_logits, sorted_indices = torch.sort(logits, dim=-1, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1.0 - top_p)
-        remove[..., -1] = False  # always keep the most probable token
-        logits = logits.masked_fill(remove.scatter(-1, sorted_indices, remove), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if probs.device.type != "cpu" and generator is not None and generator.device != probs.device:
-        probs = probs.cpu()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
 
 
 class UnusableLogits(FloatingPointError):
@@ -66,8 +38,8 @@ def sample_rows(
     generators: Sequence[torch.Generator | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (rows, vocab) -> (token ids (rows,), unusable (rows,) bool); row i with its own
-    temperature, top-k, top-p and generator (the same choice as ``sample``, not the same random
-    numbers). ``unusable`` marks the rows whose logits held NaN or +inf (their token means
+    temperature, top-k, top-p and generator (the references' choice; their ``torch.multinomial``
+    draws other random numbers). ``unusable`` marks the rows whose logits held NaN or +inf (their token means
     nothing): read it with the tokens, in the step's one host sync (UnusableLogits).
 
     The draw is the exponential race: with E ~ Exp(1) per candidate token, argmax p / E is token
@@ -94,7 +66,7 @@ def sample_rows(
         values, candidates = logits.topk(width, dim=-1)  # descending
         outside_k = torch.arange(width, device=device) >= torch.tensor(ks, device=device)[:, None]
         probs = (values.masked_fill(outside_k, float("-inf")) / temperature).softmax(dim=-1)
-        # top-p as in sample(): drop the tokens whose ascending cumulative probability stays within
+        # top-p as litgpt's: drop the tokens whose ascending cumulative probability stays within
         # 1 - top_p (in descending order that is the sum from the token to the end), never the first
         from_here = probs.flip(-1).cumsum(-1).flip(-1)
         outside_p = from_here <= 1.0 - torch.tensor(top_ps, device=device, dtype=probs.dtype)[:, None]

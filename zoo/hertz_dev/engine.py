@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.graphs import DecodeGraphs
-from ..core.sampling import is_zero_temperature, sample
+from ..core.sampling import UnusableLogits, is_zero_temperature, sample_rows
 from ..core.scheduler import isolate
 from ..core.types import Options
 from .transformer import (
@@ -189,8 +189,7 @@ class Engine:
             out = self.main(x, self.main_cache, rows, self.main_rope, self.out_channels)
             logits[i] = torch.stack([o[0] for o in out])
             slots[i].main_len = x.size(1)
-        return torch.stack([self._isolated(slot, lg.argmax(dim=-1), self._tokens, slot, lg)
-                            for slot, lg in zip(slots, logits)])
+        return self._tokens(slots, torch.stack(logits))
 
     def resynth_step(self, slots: list[Slot], latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Resynthesizer told the next tokens -> sampled next latents (B, out channels, 32)."""
@@ -235,13 +234,21 @@ class Engine:
         return result
 
     # -- sampling (the reference's next_latent / temp_sample, with a per-slot generator) ------
-    def _tokens(self, slot: Slot, logits: torch.Tensor) -> torch.Tensor:
-        """logits (channels, vocab) -> (channels,): softmax(logits / temperature) draw, or argmax
-        at temperature 0 (top_k / top_p as zoo.core.sampling when set; the reference has none)."""
-        o = slot.options
-        if slot.deterministic:
-            return logits.argmax(dim=-1)
-        return sample(logits, o.temperature, o.top_k, o.top_p, slot.generator)
+    @staticmethod
+    def _tokens(slots: list[Slot], logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, channels, vocab) -> (B, channels): every slot's softmax(logits / temperature)
+        draw in one pass (zoo.core.sampling.sample_rows, each slot its own generator), argmax at
+        temperature 0 (top_k / top_p when set; the reference has none). A slot whose logits were
+        unusable fails alone; its row keeps the batch's shape."""
+        B, channels, _ = logits.shape
+        per_row = [(0.0 if slot.deterministic else slot.options.temperature, slot.options.top_k, slot.options.top_p,
+                     slot.generator) for slot in slots for _ in range(channels)]
+        tokens, unusable = sample_rows(logits.flatten(0, 1), *zip(*per_row))
+        for slot, bad in zip(slots, unusable.view(B, channels).any(dim=-1).tolist()):
+            if bad:
+                with isolate(slot):
+                    raise UnusableLogits()
+        return tokens.view(B, channels)
 
     def _latents(self, slot: Slot, locs, scales, weights) -> torch.Tensor:
         """Mixture (channels, K, Z), (channels, K, Z), (channels, K) -> (channels, Z): a component
