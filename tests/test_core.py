@@ -10,7 +10,7 @@ import torch
 from zoo.core.audio import float_to_pcm16, load_audio, pcm16_to_float
 from zoo.core.checkpoints import resolve_files
 from zoo.core.errors import AudioInputError, OptionsError, WeightsNotFound
-from zoo.core.sampling import sample_rows
+from zoo.core.sampling import Sampling, sample_rows
 from zoo.mini_omni.model import MiniOmniOptions
 
 
@@ -126,7 +126,7 @@ def test_rows_draw_the_references_distribution_each_with_its_own_settings():
     settings = [(1.0, 3, 1.0), (0.7, None, 0.8), (1.3, 5, 0.9), (0.8, None, 1.0)]  # the last: no sort
     for temperature, top_k, top_p in settings:
         g = torch.Generator().manual_seed(3)
-        drawn, unusable = sample_rows(logits.expand(n, -1), [temperature] * n, [top_k] * n, [top_p] * n, [g] * n)
+        drawn, unusable = sample_rows(logits.expand(n, -1), [Sampling(temperature, top_k, top_p, g)] * n)
         assert not unusable.any()
         p = expected(logits, temperature, top_k, top_p)
         assert set(drawn.tolist()) <= set(torch.nonzero(p).flatten().tolist()), (temperature, top_k, top_p)
@@ -134,10 +134,17 @@ def test_rows_draw_the_references_distribution_each_with_its_own_settings():
         assert (frequencies - p).abs().max() < 0.03, (temperature, top_k, top_p)
     rows = logits.repeat(4, 1)
     rows[2, 3] = float("nan")
-    mixed, unusable = sample_rows(rows, [0.0, 1.0, 0.9, 1e-9], [None, 1, None, 50], [1.0] * 4,
-                                  [torch.Generator().manual_seed(i) for i in range(4)])
+    mixed, unusable = sample_rows(rows, [Sampling(t, k, 1.0, torch.Generator().manual_seed(i))
+                                         for i, (t, k) in enumerate([(0.0, None), (1.0, 1), (0.9, None), (1e-9, 50)])])
     assert mixed.tolist()[0] == 0 and mixed.tolist()[1] == 0 and mixed.tolist()[3] == 0  # greedy rows
     assert unusable.tolist() == [False, False, True, False]  # said, not raised: the others' draws stand
+    # sessions of several rows each (a model's codebooks): tokens per row, unusable per session
+    codebooks = logits.repeat(3, 4, 1)
+    codebooks[1, 2, 0] = float("inf")
+    tokens, unusable = sample_rows(codebooks, [Sampling(0.0, None, 1.0, None)] + [
+        Sampling(1.0, 3, 1.0, torch.Generator().manual_seed(i)) for i in range(2)])
+    assert tokens.shape == (3, 4) and tokens[0].tolist() == [0] * 4 and set(tokens[2].tolist()) <= {0, 1, 2}
+    assert unusable.tolist() == [False, True, False]
 
 
 def test_a_rows_draw_depends_on_its_own_generator_only():
@@ -145,8 +152,8 @@ def test_a_rows_draw_depends_on_its_own_generator_only():
     logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(2))
 
     def draw(rows, seeds):
-        return sample_rows(logits[rows], [1.0] * len(rows), [20] * len(rows), [0.95] * len(rows),
-                           [torch.Generator().manual_seed(s) for s in seeds])[0]
+        return sample_rows(logits[rows], [Sampling(1.0, 20, 0.95, torch.Generator().manual_seed(s))
+                                          for s in seeds])[0]
 
     together = draw([0, 1, 2, 3, 4], [10, 11, 12, 13, 14])
     alone = torch.cat([draw([i], [10 + i]) for i in range(5)])

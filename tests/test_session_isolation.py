@@ -16,16 +16,16 @@ WAIT_S = 120
 
 
 class FailingRows:
-    """Replaces a module's ``sample_rows``: from the ``after + 1``-th call with a row drawn with
-    the victim's generator on, that row comes back unusable (as NaN logits would); every draw is
-    the real one."""
+    """Replaces a module's ``sample_rows``: from the ``after + 1``-th call with a session drawing
+    with the victim's generator on, that session comes back unusable (as NaN logits would); every
+    draw is the real one."""
 
     def __init__(self, real, after: int) -> None:
         self.real, self.after, self.calls = real, after, 0
 
-    def __call__(self, logits, temperatures, top_ks, top_ps, generators):
-        tokens, unusable = self.real(logits, temperatures, top_ks, top_ps, generators)
-        victims = [i for i, g in enumerate(generators) if g is not None and g.initial_seed() == VICTIM_SEED]
+    def __call__(self, logits, sessions):
+        tokens, unusable = self.real(logits, sessions)
+        victims = [i for i, s in enumerate(sessions) if s.generator is not None and s.generator.initial_seed() == VICTIM_SEED]
         if victims:
             self.calls += 1
             if self.calls > self.after:

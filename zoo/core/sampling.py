@@ -9,6 +9,7 @@ instead of raising for the whole batch, so that session alone ends (UnusableLogi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -30,37 +31,52 @@ class UnusableLogits(FloatingPointError):
         super().__init__("the model's logits were not finite (NaN or inf) for this session")
 
 
-def sample_rows(
-    logits: torch.Tensor,
-    temperatures: Sequence[float],
-    top_ks: Sequence[int | None],
-    top_ps: Sequence[float],
-    generators: Sequence[torch.Generator | None],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (rows, vocab) -> (token ids (rows,), unusable (rows,) bool); row i with its own
-    temperature, top-k, top-p and generator (the references' choice; their ``torch.multinomial``
-    draws other random numbers). ``unusable`` marks the rows whose logits held NaN or +inf (their token means
+class Sampling(NamedTuple):
+    """How one session draws: its temperature, top-k, top-p and its own generator (never the
+    global RNG). Greedy below MIN_TEMPERATURE or at top_k 1."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float
+    generator: torch.Generator | None
+
+    @classmethod
+    def of(cls, options, generator: torch.Generator | None) -> Sampling:
+        """From a zoo.core.types.Options (temperature, top_k, top_p)."""
+        return cls(options.temperature, options.top_k, options.top_p, generator)
+
+    @property
+    def greedy(self) -> bool:
+        return is_zero_temperature(self.temperature) or self.top_k == 1
+
+
+def sample_rows(logits: torch.Tensor, sessions: Sequence[Sampling]) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, vocab), or (B, rows, vocab) for sessions that draw several tokens at once (a
+    model's codebooks) -> (token ids (B,) or (B, rows), unusable (B,) bool). Session i draws with
+    ``sessions[i]`` (the references' choice; their ``torch.multinomial`` draws other random
+    numbers). ``unusable`` marks the sessions whose logits held NaN or +inf (their tokens mean
     nothing): read it with the tokens, in the step's one host sync (UnusableLogits).
 
     The draw is the exponential race: with E ~ Exp(1) per candidate token, argmax p / E is token
-    j with probability p_j. The candidates are each row's top-k (the batch's widest k; the whole
-    vocabulary, unsorted, when no drawing row narrows it by top-k or top-p). A row's E is drawn
-    on the logits' device by its own generator, or, when that lives on the host, by one seeded
-    from it: a row's draw never depends on its batch companions, no noise crosses from the host
-    and no draw waits for the device."""
-    rows, vocab = logits.shape
-    device = logits.device
-    logits = logits.float()
-    unusable = (logits.isnan() | (logits == float("inf"))).any(dim=-1)
+    j with probability p_j. The candidates are each session's top-k (the batch's widest k; the
+    whole vocabulary, unsorted, when no drawing session narrows it by top-k or top-p). A
+    session's E is drawn on the logits' device by its own generator, or, when that lives on the
+    host, by one seeded from it: a session's draw never depends on its batch companions, no noise
+    crosses from the host and no draw waits for the device."""
+    shape, vocab, device = logits.shape[:-1], logits.size(-1), logits.device
+    B = len(sessions)
+    logits = logits.float().reshape(-1, vocab)
+    per = logits.size(0) // B  # rows of each session
+    unusable = (logits.isnan() | (logits == float("inf"))).any(dim=-1).view(B, per).any(dim=-1)
     best = logits.argmax(dim=-1)
-    greedy = [is_zero_temperature(t) or k == 1 for t, k in zip(temperatures, top_ks, strict=True)]
-    if all(greedy):
-        return best, unusable
-    ks = [vocab if k is None else min(k, vocab) for k in top_ks]
-    width = max(k for k, g in zip(ks, greedy) if not g)
-    temperature = torch.tensor([max(t, MIN_TEMPERATURE) for t in temperatures], device=device)[:, None]
-    drawing = [i for i, g in enumerate(greedy) if not g]
-    if all(ks[i] == vocab and top_ps[i] >= 1.0 for i in drawing):  # every token a candidate: no sort
+    if all(s.greedy for s in sessions):
+        return best.view(shape), unusable
+    rows = [s for s in sessions for _ in range(per)]
+    ks = [vocab if s.top_k is None else min(s.top_k, vocab) for s in rows]
+    drawing = [s for s in sessions if not s.greedy]
+    width = max(vocab if s.top_k is None else min(s.top_k, vocab) for s in drawing)
+    temperature = torch.tensor([max(s.temperature, MIN_TEMPERATURE) for s in rows], device=device)[:, None]
+    if width == vocab and all(s.top_p >= 1.0 for s in drawing):  # every token a candidate: no sort
         candidates, probs = None, (logits / temperature).softmax(dim=-1)
     else:
         values, candidates = logits.topk(width, dim=-1)  # descending
@@ -69,21 +85,23 @@ def sample_rows(
         # top-p as litgpt's: drop the tokens whose ascending cumulative probability stays within
         # 1 - top_p (in descending order that is the sum from the token to the end), never the first
         from_here = probs.flip(-1).cumsum(-1).flip(-1)
-        outside_p = from_here <= 1.0 - torch.tensor(top_ps, device=device, dtype=probs.dtype)[:, None]
+        outside_p = from_here <= 1.0 - torch.tensor([s.top_p for s in rows], device=device)[:, None]
         outside_p[:, 0] = False
         probs = probs.masked_fill(outside_p, 0.0)
-    noise = torch.ones(rows, width, device=device)
-    source = None  # a generator on the logits' device, for rows whose own lives elsewhere
-    for i, (g, generator) in enumerate(zip(greedy, generators, strict=True)):
-        if g:
+    noise = torch.ones(B, per, width, device=device)
+    source = None  # a generator on the logits' device, for sessions whose own lives elsewhere
+    for i, session in enumerate(sessions):
+        if session.greedy:
             continue
+        generator = session.generator
         if generator is not None and generator.device != noise.device:
             if source is None:
                 source = torch.Generator(device=device)  # this call's own: other threads have theirs
             source.manual_seed(int(torch.randint(2**62, (), generator=generator)))  # a host draw: no sync
             generator = source
         noise[i].exponential_(generator=generator)
-    drawn = (probs / noise).argmax(dim=-1)
+    drawn = (probs / noise.view(B * per, width)).argmax(dim=-1)
     if candidates is not None:
         drawn = candidates.gather(-1, drawn[:, None]).squeeze(-1)
-    return torch.where(torch.tensor(greedy, device=device), best, drawn), unusable
+    greedy = torch.tensor([s.greedy for s in rows], device=device)
+    return torch.where(greedy, best, drawn).view(shape), unusable

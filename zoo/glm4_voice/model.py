@@ -27,7 +27,7 @@ from ..core.checkpoints import resolve_files
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError
 from ..core.quantize import QUANTIZED, quantize_linears
-from ..core.sampling import UnusableLogits, sample_rows
+from ..core.sampling import Sampling, UnusableLogits, sample_rows
 from ..core.scheduler import OneSlotSteppers, isolate
 from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from .decoder import DECODER_FILES, AudioDecoder
@@ -193,8 +193,7 @@ def choose_all(replies: list[Reply], logits: torch.Tensor) -> None:
     reply with its own options and generator (sample_rows), one read back to the host; then each
     routes its own id to its text and decoder, isolated: a reply whose logits were unusable, or
     whose routing fails, ends alone."""
-    settings = [(r.options.temperature, r.options.top_k, r.options.top_p, r.generator) for r in replies]
-    tokens, unusable = sample_rows(logits, *zip(*settings))
+    tokens, unusable = sample_rows(logits, [Sampling.of(r.options, r.generator) for r in replies])
     picks = torch.cat([tokens, unusable.long()]).tolist()
     for reply, token, bad in zip(replies, picks[: len(replies)], picks[len(replies):]):
         with isolate(reply):

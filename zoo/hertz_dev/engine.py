@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.graphs import DecodeGraphs
-from ..core.sampling import UnusableLogits, is_zero_temperature, sample_rows
+from ..core.sampling import Sampling, UnusableLogits, is_zero_temperature, sample_rows
 from ..core.scheduler import isolate
 from ..core.types import Options
 from .transformer import (
@@ -240,15 +240,12 @@ class Engine:
         draw in one pass (zoo.core.sampling.sample_rows, each slot its own generator), argmax at
         temperature 0 (top_k / top_p when set; the reference has none). A slot whose logits were
         unusable fails alone; its row keeps the batch's shape."""
-        B, channels, _ = logits.shape
-        per_row = [(0.0 if slot.deterministic else slot.options.temperature, slot.options.top_k, slot.options.top_p,
-                     slot.generator) for slot in slots for _ in range(channels)]
-        tokens, unusable = sample_rows(logits.flatten(0, 1), *zip(*per_row))
-        for slot, bad in zip(slots, unusable.view(B, channels).any(dim=-1).tolist()):
+        tokens, unusable = sample_rows(logits, [Sampling.of(slot.options, slot.generator) for slot in slots])
+        for slot, bad in zip(slots, unusable.tolist()):
             if bad:
                 with isolate(slot):
                     raise UnusableLogits()
-        return tokens.view(B, channels)
+        return tokens
 
     def _latents(self, slot: Slot, locs, scales, weights) -> torch.Tensor:
         """Mixture (channels, K, Z), (channels, K, Z), (channels, K) -> (channels, Z): a component

@@ -9,7 +9,7 @@ import torch
 
 from ..core.graphs import DecodeGraphs
 from ..core.kv_cache import Rows, to_device
-from ..core.sampling import UnusableLogits, sample_rows
+from ..core.sampling import Sampling, UnusableLogits, sample_rows
 from ..core.scheduler import isolate
 from ..core.types import Options
 from .gpt import GPT, KVCache
@@ -213,15 +213,14 @@ class Engine:
             start += s.task.rows
             lasts.append(start - 1)
         speaking = [i for i, s in enumerate(sessions) if s.task.speaks]
-        settings = [(s.options.temperature, s.options.top_k, s.options.top_p, s.generator) for s in sessions]
-        text_ids, text_bad = sample_rows(self.gpt.text_logits(hidden[lasts]), *zip(*settings))  # (S, 152000)
+        sampling = [Sampling.of(s.options, s.generator) for s in sessions]
+        text_ids, text_bad = sample_rows(self.gpt.text_logits(hidden[lasts]), sampling)  # (S, 152000)
         picks, bad = [text_ids], [text_bad]
         if speaking:
             audio_logits = self.gpt.audio_logits(hidden[[firsts[i] for i in speaking]])  # (speaking, 7, vocab)
-            per_row = [settings[i] for i in speaking for _ in range(AUDIO_LAYERS)]
-            audio_ids, audio_bad = sample_rows(audio_logits.flatten(0, 1), *zip(*per_row))
-            picks.append(audio_ids)
-            bad.append(audio_bad.view(-1, AUDIO_LAYERS).any(dim=-1))
+            audio_ids, audio_bad = sample_rows(audio_logits, [sampling[i] for i in speaking])
+            picks.append(audio_ids.flatten())
+            bad.append(audio_bad)
         ids = torch.cat(picks + [b.long() for b in bad]).tolist()  # one read back to the host for the batch
         n_text, n_audio = len(sessions), len(speaking) * AUDIO_LAYERS
         text_ids, audio_flat = ids[:n_text], ids[n_text : n_text + n_audio]

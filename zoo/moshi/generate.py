@@ -17,7 +17,7 @@ import torch
 
 from ..core.graphs import DecodeGraphs
 from ..core.kv_cache import KVCache
-from ..core.sampling import UnusableLogits, is_zero_temperature, sample_rows
+from ..core.sampling import Sampling, UnusableLogits, is_zero_temperature, sample_rows
 from .lm import MoshiLM
 from .options import MoshiOptions
 
@@ -32,22 +32,21 @@ class Draw:
     generator: torch.Generator | None
     error: Exception | None = None  # this session's own draw failed: it ends, the others go on
 
-    def settings(self, text: bool) -> tuple[float, int | None, float]:
-        """(temperature, top-k, top-p) of the text or the audio codebooks; greedy (0) for every
-        stream at ``temperature`` 0, and for a session whose draw failed (placeholder tokens)."""
+    def sampling(self, text: bool) -> Sampling:
+        """How the text or the audio codebooks draw; greedy (0) for every stream at
+        ``temperature`` 0, and for a session whose draw failed (placeholder tokens)."""
         o = self.options
         temperature = o.text_temperature if text else o.temperature
         if self.error is not None or is_zero_temperature(o.temperature):
             temperature = 0.0
-        return temperature, o.text_top_k if text else o.top_k, o.top_p
+        return Sampling(temperature, o.text_top_k if text else o.top_k, o.top_p, self.generator)
 
 
 def pick(logits: torch.Tensor, draws: Sequence[Draw], text: bool, unusable: torch.Tensor) -> torch.Tensor:
     """logits (B, vocab) -> (B,), every session's draw in one pass (float32 logits, as the
     reference). ``unusable`` (B,) gathers on the device, without a host sync, the rows whose
     logits no draw can use: Generator.step fails those sessions."""
-    temperatures, top_ks, top_ps = zip(*(d.settings(text) for d in draws))
-    tokens, bad = sample_rows(logits, temperatures, top_ks, top_ps, [d.generator for d in draws])
+    tokens, bad = sample_rows(logits, [d.sampling(text) for d in draws])
     unusable |= bad
     return tokens
 
