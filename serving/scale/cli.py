@@ -122,12 +122,12 @@ def main(argv: list[str], parse_args) -> int:
         log.warning("--duplex-prompt is not passed to Ray replicas: duplex clients send their own prompt "
                     "(session.update); ignoring it")
     direct = not (args.ray_address or args.serve_proxy)
-    if not args.ray_address and not port_free(args.host, args.port):  # Serve would retry the bind forever
-        log.error("%s:%d is in use: choose another --port", args.host, args.port)
-        return 2
     if args.ray_address:
         ray.init(address=args.ray_address)
     else:  # a local instance: Ray's CPU count is for scheduling, so room for every replica asked for
+        if not port_free(args.host, args.port):  # Serve would retry the bind forever
+            log.error("%s:%d is in use: choose another --port", args.host, args.port)
+            return 2
         if direct:
             os.environ.update(direct_ingress_env(args.port))  # inherited by every process Ray starts
         wanted = sum(s.num_cpus * max(s.replicas, s.max_replicas or 0) for s in specs) + INGRESS_CPUS

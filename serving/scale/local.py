@@ -53,45 +53,42 @@ def rebind_after_a_crash() -> None:
     direct-ingress socket without them; then a front that replaces a killed one cannot bind the
     port while the dead one's connections linger in TIME_WAIT (60 s), and Serve bars the port for
     good after that one failure: the address would stay dead."""
-    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
-        return
-    try:
-        from ray.serve._private import replica as internals
-
-        original = internals.start_asgi_http_server
-    except (ImportError, AttributeError):
-        log.warning("could not let the front rebind its port after a crash (Ray %s)", _ray_version())
-        return
-    if getattr(original, "rebinds", False):
-        return
-
-    async def rebinding(*args, **kwargs):
-        return await original(*args, **{**kwargs, "enable_so_reuseport": True})
-
-    rebinding.rebinds = True
-    internals.start_asgi_http_server = rebinding
+    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
+        _wrap_replica_function("start_asgi_http_server", "let the front rebind its port after a crash",
+                               lambda original: _async_with(original, enable_so_reuseport=True))
 
 
 def keep_on_loopback() -> None:
     """In a Serve replica of a loopback instance: its inter-deployment gRPC server (opened after
     the deployment's constructor) listens on 127.0.0.1 rather than every interface."""
-    if os.environ.get(LOOPBACK_ENV) != "0":
-        return
+    if os.environ.get(LOOPBACK_ENV) == "0":
+        _wrap_replica_function(
+            "add_port_to_grpc_server", "keep the Serve replica's gRPC server on loopback",
+            lambda original: lambda server, address: original(server, address.replace("[::]:", "127.0.0.1:", 1)))
+
+
+def _async_with(original, **forced):
+    async def call(*args, **kwargs):
+        return await original(*args, **{**kwargs, **forced})
+    return call
+
+
+def _wrap_replica_function(name: str, purpose: str, wrap) -> None:
+    """Replace ``name`` in Serve's replica module (its private internals: Ray 2.60) by
+    ``wrap(original)``, once per process; on another Ray without it, Serve's own behaviour stays
+    and the log says what could not be done."""
     try:
         from ray.serve._private import replica as internals
 
-        original = internals.add_port_to_grpc_server
-    except (ImportError, AttributeError):  # another Ray version: its own binding stays
-        log.warning("could not keep the Serve replica's gRPC server on loopback (Ray %s)", _ray_version())
+        original = getattr(internals, name)
+    except (ImportError, AttributeError):
+        log.warning("could not %s (Ray %s)", purpose, _ray_version())
         return
-    if getattr(original, "on_loopback", False):
+    if getattr(original, "wrapped_by_omni_zoo", False):
         return
-
-    def on_loopback(server, address: str):
-        return original(server, address.replace("[::]:", "127.0.0.1:", 1))
-
-    on_loopback.on_loopback = True
-    internals.add_port_to_grpc_server = on_loopback
+    wrapped = wrap(original)
+    wrapped.wrapped_by_omni_zoo = True
+    setattr(internals, name, wrapped)
 
 
 def _ray_version() -> str:
