@@ -1,12 +1,21 @@
 """GLM-4-Voice-9B decode throughput over session slots, full size with seeded random weights.
 
     python bench/glm4_engine.py --device cuda --dtype bfloat16 --batches 1 4 8 16
+    python bench/glm4_engine.py --device cuda --dtype int4 --agreement-steps 64 --memory-limit-gib 11.5
 
 For each batch size: the median time of one decode step for that many sessions at a given
 context length, with CUDA graphs (the engine's default on a GPU) and without, whether the two give
 the same tokens, and how many sessions keep real time (GLM-4-Voice needs 18.75 tokens/s per
-session while it interleaves 13 text : 26 audio tokens). Also the LLM's memory. Writes
-bench/results/<date>_glm-4-voice_engine_<device>_<dtype>.json and prints a table.
+session while it interleaves 13 text : 26 audio tokens). Also the LLM's memory, and the peak of
+the whole run, building included (``--memory-limit-gib``: as if the card had that much).
+
+Quantised (``--dtype int8/int4``) with ``--agreement-steps N``: the quality cost against the same
+seeded network unquantised (bf16 on a GPU), built, run and freed first: it decodes N greedy tokens
+after the prompt; the quantised network is teacher-forced along them and its choice compared at
+every step (token agreement), with the relative error of its logits. Random weights: the margins
+between the top tokens are not the published model's, so this measures the packing's error, not
+speech quality. Writes bench/results/<date>_glm-4-voice_engine_<size>_<device>_<dtype>.json and
+prints it.
 """
 from __future__ import annotations
 
@@ -19,9 +28,9 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from latency import cap_device_memory, machine, sync  # bench/ is the script's own folder: python bench/glm4_engine.py
 from tqdm import tqdm
 
-from bench.latency import machine, sync
 from zoo.core.devices import pick_device
 from zoo.glm4_voice.engine import SlotEngine
 from zoo.glm4_voice.model import precision
@@ -36,7 +45,7 @@ def step_times(engine: SlotEngine, batch: int, context: int, steps: int) -> tupl
     and the first slot's tokens."""
     slots = [engine.acquire() for _ in range(batch)]
     for slot in slots:
-        logits = engine.prefill(slot, [151331, 151333] + [1000 + (i % 5000) for i in range(context - 2)])
+        logits = engine.prefill(slot, prompt(context))
     tokens = logits.argmax().repeat(batch)
     times, first = [], []
     for _ in range(steps):
@@ -50,6 +59,35 @@ def step_times(engine: SlotEngine, batch: int, context: int, steps: int) -> tupl
     return times[3:], first
 
 
+def prompt(context: int) -> list[int]:
+    return [151331, 151333] + [1000 + (i % 5000) for i in range(context - 2)]
+
+
+@torch.inference_mode()
+def greedy_run(llm, context: int, steps: int, forced: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
+    """One session: the prompt, then ``steps`` tokens, each the argmax (or, teacher-forced, the
+    next of ``forced``) -> (the argmax at every step, the logits (steps + 1, vocab) in float32)."""
+    engine = SlotEngine(llm, slots=1, max_len=context + steps + 8, graphs=False)
+    slot = engine.acquire()
+    logits = [engine.prefill(slot, prompt(context)).float()]
+    for i in range(steps):
+        token = logits[-1].argmax() if forced is None else torch.tensor(forced[i])
+        logits.append(engine.step([slot], token.view(1))[0].float())
+    logits = torch.stack(logits)
+    return logits.argmax(dim=-1).tolist(), logits.cpu()
+
+
+def agreement(reference: tuple[list[int], torch.Tensor], llm, context: int) -> dict:
+    """The quantised network teacher-forced along the reference's greedy tokens."""
+    tokens, expected = reference
+    chosen, logits = greedy_run(llm, context, len(tokens) - 1, forced=tokens[:-1])
+    same = [a == b for a, b in zip(chosen, tokens)]
+    errors = ((logits - expected).norm(dim=-1) / expected.norm(dim=-1)).tolist()
+    return {"steps": len(same), "token_agreement": round(sum(same) / len(same), 4),
+            "first_disagreement": same.index(False) if not all(same) else None,
+            "logits_relative_error_median": round(statistics.median(errors), 4)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -59,16 +97,30 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=300, help="tokens already in each session")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--no-eager", action="store_true", help="skip the run without CUDA graphs")
+    p.add_argument("--agreement-steps", type=int, default=0,
+                   help="int8/int4: greedy steps compared with the same network unquantised (see above)")
+    p.add_argument("--memory-limit-gib", type=float,
+                   help="CUDA: refuse allocations beyond this many GiB while the measured network is built and run")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    llm_dtype, quantized, _ = precision(args.dtype, pick_device(device))
+    if args.agreement_steps and not quantized:
+        p.error("--agreement-steps compares a quantised network (--dtype int8 or int4) with the unquantised one")
+    if args.agreement_steps:  # before the cap: the unquantised network may not fit under it
+        reference = random_llm(args.size, device=device, dtype=llm_dtype)
+        expected = greedy_run(reference, args.context, args.agreement_steps)
+        del reference
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    cap_device_memory(device, args.memory_limit_gib)
     t0 = time.perf_counter()
-    llm_dtype, quantized, _ = precision(args.dtype, pick_device(device))
     llm = random_llm(args.size, device=device, dtype=llm_dtype, quantized=quantized)
     load_s = time.perf_counter() - t0
     llm_gib = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
+    quality = agreement(expected, llm, args.context) if args.agreement_steps else None
     rows = []
     engine = SlotEngine(llm, slots=max(args.batches), max_len=args.context + args.steps + 8)
     graphs_available = engine.graphs.enabled
@@ -92,6 +144,8 @@ def main(argv=None) -> int:
         "context_tokens": args.context, "load_s": round(load_s, 1),
         "llm_memory_gib": round(llm_gib, 2) if llm_gib is not None else None,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "memory_limit_gib": args.memory_limit_gib,
+        "agreement_with_unquantized": quality,
         "rows": rows, "note": "random weights; greedy steps; time includes the per-step host read of the tokens",
     }
     args.out.mkdir(parents=True, exist_ok=True)

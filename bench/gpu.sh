@@ -18,13 +18,18 @@ step() {  # step SECONDS command...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$LOG"
 
-# Newest questions first: #16 (Moshi), #15 (Mini-Omni2), then #14, then the rows that track
-# earlier issues. The limits add up to about 14 minutes, more than one 10-minute device call: a
+# Newest questions first: #16 (Moshi), GLM-4-Voice int4 (#14), #15 (Mini-Omni2), then the rest of
+# #14 and the rows that track earlier issues. The limits add up to about 16 minutes, more than one 10-minute device call: a
 # call that runs out loses only the last (oldest) rows; the usual run is shorter.
 # Moshi duplex steps (#16): ms per 80 ms step for 1, 8 and 32 sessions at full size (7.7B, bf16,
 # seeded random weights built on the host first: about a minute); 32 sessions' caches take ~50 GB;
 # the temporal transformer's CUDA graphs (the default) beside exact eager steps (--eager-too)
 step 180 python bench/duplex.py --model moshi --device cuda --dtype bfloat16 --sessions 1 8 32
+# GLM-4-Voice on a 12 GB card (#14 item 4): the int4 LLM drawn and packed layer by layer under an
+# 11.5 GiB cap (a 12 GB card less its CUDA context), its token agreement with the same network in
+# bf16 (built, run and freed before the cap), then the whole model's TTFA under the same cap
+step 120 python bench/glm4_engine.py --device cuda --dtype int4 --batches 1 4 --agreement-steps 64 --memory-limit-gib 11.5
+step 100 python bench/latency.py --model glm-4-voice --size full --device cuda --dtype int4 --repeats 3 --memory-limit-gib 11.5
 # Mini-Omni2 (vision, #15): TTFA, steady RTF and the decode step with and without an image in one
 # run (the image's CLIP encoding and its longer prompt), stages including image_encode/image_prefill
 step 90 python bench/latency.py --model mini-omni2 --size full --device cuda --dtype bfloat16 --repeats 5 \
@@ -50,7 +55,7 @@ step 90 python bench/duplex.py --model hertz-dev --device cuda --dtype bfloat16 
 # GLM-4-Voice: decode steps over 1..32 sessions (graphs vs eager, now padded to batch buckets)
 step 100 python bench/glm4_engine.py --device cuda --dtype bfloat16 --batches 1 5 32
 # Measured on 2026-12-04 and unchanged by #14 (run by hand when needed):
-#   bench/latency.py --model glm-4-voice ..., bench/glm4_decoder.py, bench/glm4_engine.py --dtype int4/int8,
+#   bench/latency.py --model glm-4-voice ... (bf16), bench/glm4_decoder.py, bench/glm4_engine.py --dtype int8,
 #   bench/latency.py --model hertz-dev ...
 
 if [ -n "${OUT:-}" ]; then

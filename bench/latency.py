@@ -14,7 +14,8 @@ TTFA (audio in hand -> first audio chunk out), steady-state RTF (compute time / 
 the first chunk), peak memory, and TTFA part by part through the serving contract
 (``ttfa_breakdown_ms``: prepare, start, the decode steps to the first audio, poll, the rest). Writes bench/results/<date>_<model>_<size>_<device>_<dtype>.json
 and appends a row to bench/results/latency.md. Random weights: the audio is noise; the compute
-cost is the real one at size "full".
+cost is the real one at size "full". ``--memory-limit-gib N`` (CUDA) runs it all, loading
+included, as if the card had N GiB: it finishes only if the model fits one.
 """
 from __future__ import annotations
 
@@ -57,6 +58,18 @@ def machine() -> str:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def cap_device_memory(device: torch.device, gib: float | None) -> None:
+    """Make a big GPU behave like a card with ``gib`` GiB: torch's allocator refuses anything
+    beyond it (an out-of-memory error), so a run that finishes under the cap fits such a card.
+    The CUDA context (~0.5 GiB) is outside the cap: pass a card's size less that."""
+    if gib is None:
+        return
+    if device.type != "cuda":
+        raise SystemExit("--memory-limit-gib needs a CUDA device")
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
 
 
 def timed(fn, device, repeats: int, warmup: int) -> list[float]:
@@ -193,6 +206,9 @@ def main(argv=None) -> int:
     p.add_argument("--image", type=Path,
                    help="an image file (models whose card says image_input): replies are also measured "
                         "with it, in the same run (results: 'with_image')")
+    p.add_argument("--memory-limit-gib", type=float,
+                   help="CUDA: refuse allocations beyond this many GiB from the start (loading included), "
+                        "to show the model runs on a smaller card")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--reference-json", type=Path,
                    help="the reference implementation's numbers, measured by a harness outside this "
@@ -205,11 +221,13 @@ def main(argv=None) -> int:
         p.error(f"--image: {args.model} does not take images (its card says image_input=False)")
     image = load_image(args.image) if args.image is not None else None
 
+    cap_device_memory(device, args.memory_limit_gib)
     t0 = time.perf_counter()
     model = zoo.load(args.model, random_weights=args.size, device=device, dtype=args.dtype)
     load_s = time.perf_counter() - t0
     audio, rate = question(args.question_seconds)
     if device.type == "cuda":
+        load_peak = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
 
     stages = {}
@@ -241,6 +259,8 @@ def main(argv=None) -> int:
         "reply_steps": args.reply_steps,
         **plain,
         "peak_memory_gib": round(peak, 2), "peak_memory_kind": peak_kind,
+        "load_peak_memory_gib": round(load_peak, 2) if device.type == "cuda" else None,
+        "memory_limit_gib": args.memory_limit_gib,
         "weights": "seeded random (output is noise)",
     }
     if seen is not None:

@@ -1,4 +1,5 @@
-"""Weight-only int8/int4 (bitsandbytes) replaces every Linear and stays close to the original."""
+"""Weight-only int8/int4 (bitsandbytes) replaces every Linear but those kept and stays close to the
+original; GLM-4-Voice loads (and draws random weights) quantised the reference's way."""
 import copy
 
 import pytest
@@ -6,6 +7,8 @@ import torch
 from torch import nn
 
 from zoo.core.quantize import quantize_linears
+from zoo.glm4_voice.llm import load_llm
+from zoo.glm4_voice.random_weights import random_llm, write_tiny_llm
 
 
 @pytest.mark.parametrize("kind, tolerance", [("int8", 0.02), ("int4", 0.35)])
@@ -25,3 +28,103 @@ def test_linears_are_quantized_and_close(kind, tolerance):
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="int3"):
         quantize_linears(nn.Linear(2, 2), "int3", torch.float32, torch.device("cpu"))
+
+
+def test_kept_linears_stay_in_full_precision():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8))
+    head = net[1]
+    weight = head.weight.detach().clone()
+    quantize_linears(net, "int4", torch.float32, torch.device("cpu"), keep=(head,))
+    assert type(net[0]) is not nn.Linear and net[1] is head and torch.equal(head.weight, weight)
+
+
+def _decoder_linears(llm):
+    return {name: m for name, m in llm.model.layers.named_modules() if name and not list(m.children())
+            and hasattr(m, "in_features")}
+
+
+@pytest.mark.parametrize("kind, tolerance", [("int8", 0.02), ("int4", 0.35)])
+def test_glm_loads_quantized_with_the_output_layer_kept(tmp_path, kind, tolerance):
+    """The published layout, ``--dtype int4`` as the reference's recipe (transformers' bitsandbytes
+    integration): every decoder Linear packed, the embedding and output layer as published, the
+    logits close to the full-precision load."""
+    folder = write_tiny_llm(tmp_path / "llm")
+    full = load_llm(folder, dtype=torch.float32)
+    quantized = load_llm(folder, dtype=torch.float32, quantized=kind)
+    assert type(quantized.lm_head) is nn.Linear and torch.equal(quantized.lm_head.weight, full.lm_head.weight)
+    assert torch.equal(quantized.model.embed_tokens.weight, full.model.embed_tokens.weight)
+    linears = _decoder_linears(quantized)
+    assert linears and not any(type(m) is nn.Linear for m in linears.values())
+    ids = torch.tensor([[151331, 151333, 151336, 198, 1000, 2000]])
+    expected, got = full(ids).logits, quantized(ids).logits
+    assert 0 < ((got - expected).abs().max() / expected.abs().max()) < tolerance
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_random_glm_quantizes_each_layer_as_it_is_drawn(monkeypatch, kind):
+    """A seed gives the same network at every precision (the quantised one is that network,
+    packed), and each decoder layer is packed before the next one is drawn: the device never
+    holds the full-precision network, which is what lets int4 fit a 12 GB card."""
+    import zoo.core.quantize
+
+    pack = zoo.core.quantize.quantize_linears
+    seen = []
+
+    def watched(module, *args, **kwargs):
+        layers = llm_being_built[0].model.layers
+        index = next(i for i, layer in enumerate(layers) if layer is module)
+        assert all(p.is_meta for layer in layers[index + 1:] for p in layer.parameters())  # not drawn yet
+        assert not any(type(m) is nn.Linear for layer in layers[:index] for m in layer.modules())  # packed
+        seen.append(index)
+        return pack(module, *args, **kwargs)
+
+    from transformers import GlmForCausalLM
+    llm_being_built = []
+    build = GlmForCausalLM.__init__
+
+    def remember(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        llm_being_built.append(self)
+
+    monkeypatch.setattr(GlmForCausalLM, "__init__", remember)
+    monkeypatch.setattr(zoo.core.quantize, "quantize_linears", watched)
+    cpu = torch.device("cpu")
+    quantized = random_llm("tiny", device=cpu, dtype=torch.float32, quantized=kind)
+    full = random_llm("tiny", device=cpu, dtype=torch.float32)
+    assert seen == list(range(len(full.model.layers)))
+    assert type(quantized.lm_head) is nn.Linear and torch.equal(quantized.lm_head.weight, full.lm_head.weight)
+    for name, p in full.named_parameters():
+        if "layers" not in name or "norm" in name:
+            assert torch.equal(quantized.get_parameter(name), p), name
+    packed, plain = _decoder_linears(quantized), _decoder_linears(full)
+    assert packed.keys() == plain.keys()
+    # an input that needs grad keeps bitsandbytes off its CPU repacking of 4-bit weights, which
+    # needs in_features to be a multiple of its 64-value blocks (the tiny MLP's 96 is not)
+    x = torch.randn(8, full.config.hidden_size, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    for name, linear in plain.items():
+        x_in = x if linear.in_features == x.size(1) else torch.cat([x, x], dim=1)[:, :linear.in_features]
+        exact = linear(x_in)  # packed: 0.1-0.25 off (NF4 of a random draw); another draw: ~1.4
+        assert 0 < ((packed[name](x_in) - exact).norm() / exact.norm()) < 0.35, name
+
+
+def test_the_engine_bench_measures_a_quantized_networks_agreement(tmp_path):
+    """``bench/glm4_engine.py --agreement-steps``, as a script: the quantised network teacher-forced
+    along the unquantised one's greedy tokens (int8 of the same seeded network agrees closely; a
+    misaligned comparison would not), and the flag refused without a quantised dtype."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    command = [sys.executable, "bench/glm4_engine.py", "--size", "tiny", "--device", "cpu", "--batches", "1",
+               "--steps", "4", "--context", "20", "--agreement-steps", "16", "--out", str(tmp_path)]
+    done = subprocess.run([*command, "--dtype", "int8"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*_int8.json")]
+    quality = result["agreement_with_unquantized"]
+    assert quality["steps"] == 17 and quality["token_agreement"] >= 0.9
+    assert 0 < quality["logits_relative_error_median"] < 0.05
+    refused = subprocess.run([*command, "--dtype", "float32"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "quantised network" in refused.stderr

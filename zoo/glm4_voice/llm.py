@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..core.devices import pick_device
 from ..core.errors import WeightsNotFound
+from ..core.quantize import quantize_linears
 
 INDEX_FILE = "model.safetensors.index.json"
 OPTIONAL_KEYS = {"transformer.rotary_pos_emb.inv_freq"}  # a buffer the forward pass recomputes
@@ -98,9 +100,12 @@ def published_names(config) -> dict[str, list[int]]:
     return names
 
 
-def load_llm(folder: Path, dtype=torch.bfloat16, device=None):
+def load_llm(folder: Path, dtype=torch.bfloat16, device=None, quantized: str | None = None):
     """Load the sharded ChatGLM safetensors into GlmForCausalLM, strictly: a missing or unexpected
-    tensor is an error naming it."""
+    tensor is an error naming it. ``quantized`` ("int8", "int4"): its Linear layers are packed by
+    bitsandbytes as they move to ``device`` (the full-precision network stays on the host), the
+    output layer kept in ``dtype`` as transformers' integration keeps it for the reference's
+    ``--dtype int4``."""
     from transformers import GlmForCausalLM
 
     config = glm_config(json.loads((folder / "config.json").read_text()))
@@ -128,4 +133,6 @@ def load_llm(folder: Path, dtype=torch.bfloat16, device=None):
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
     model.model.rotary_emb = GlmRotaryEmbedding(config)
+    if quantized:
+        return quantize_linears(model, quantized, dtype, pick_device(device), keep=(model.lm_head,)).eval()
     return model.to(device=device).eval()

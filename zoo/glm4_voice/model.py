@@ -26,7 +26,7 @@ from ..core.audio import AudioSource, load_audio
 from ..core.checkpoints import resolve_files
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError
-from ..core.quantize import QUANTIZED, quantize_linears
+from ..core.quantize import QUANTIZED
 from ..core.sampling import Sampling, UnusableLogits, sample_rows
 from ..core.scheduler import OneSlotSteppers, isolate
 from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
@@ -253,10 +253,7 @@ class GlmVoice(VoiceModel):
         llm_dir = resolve_files(llm or CARD.components["llm"], LLM_FILES, component="llm", optional=("*.safetensors",))
         tokenizer_dir = resolve_files(tokenizer or CARD.components["tokenizer"], TOKENIZER_FILES, component="tokenizer")
         decoder_dir = resolve_files(decoder or CARD.components["decoder"], DECODER_FILES, component="decoder")
-        if quantized:
-            network = quantize_linears(load_llm(llm_dir, dtype=llm_dtype), quantized, llm_dtype, device)
-        else:
-            network = load_llm(llm_dir, dtype=llm_dtype, device=device)
+        network = load_llm(llm_dir, dtype=llm_dtype, device=device, quantized=quantized)
         return cls(network, SpeechTokenizer.load(tokenizer_dir, device=device, dtype=side_dtype),
                    GlmTokenizer.load(llm_dir), AudioDecoder.load(decoder_dir, device=device, dtype=side_dtype))
 

@@ -191,26 +191,32 @@ def _tilt_head(head: torch.Tensor) -> torch.Tensor:
 
 def random_llm(size: str = "tiny", *, device, dtype, quantized: str | None = None, seed: int = 0):
     """GlmForCausalLM at the published ("full", 19 GB in bf16) or tiny size with seeded random
-    weights, built directly on ``device``."""
+    weights, built directly on ``device`` part by part (embedding, each decoder layer, final
+    norm, head) in parameter order, so a seed gives the same values at every precision. With
+    ``quantized`` ("int8", "int4") each decoder layer is packed by bitsandbytes as soon as it is
+    drawn, the head kept in ``dtype`` (load_llm's rule): the device never holds more than one
+    layer in full precision, which is what lets the int4 network fit a 12 GB card."""
     from transformers import GlmForCausalLM
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
+    from ..core.quantize import quantize_linears
     from .llm import glm_config
 
     config = glm_config(FULL_LLM_CONFIG if size == "full" else TINY_LLM_CONFIG)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
-        llm = GlmForCausalLM(config)
-    llm = llm.to(dtype).to_empty(device=device)  # built on the device: 19 GB never pass the host
+        llm = GlmForCausalLM(config).to(dtype)
+    layers = [f"model.layers.{i}" for i in range(config.num_hidden_layers)]
+    for prefix in ["model.embed_tokens", *layers, "model.norm", "lm_head"]:
+        part = llm.get_submodule(prefix).to_empty(device=device)
+        with torch.no_grad():
+            for name, p in part.named_parameters(prefix=prefix):
+                p.normal_(1.0, 0.05, generator=generator) if "norm" in name else p.normal_(0.0, 0.02, generator=generator)
+        if quantized and prefix in layers:  # drawn on the device, packed on the way back
+            quantize_linears(part.cpu(), quantized, dtype, device)
     with torch.no_grad():
-        for name, p in llm.named_parameters():
-            p.normal_(1.0, 0.05, generator=generator) if "norm" in name else p.normal_(0.0, 0.02, generator=generator)
         llm.lm_head.weight.copy_(_tilt_head(llm.lm_head.weight))
     llm.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
-    if quantized:
-        from ..core.quantize import quantize_linears
-
-        llm = quantize_linears(llm.cpu(), quantized, dtype, device)
     return llm.eval()
 
 
