@@ -201,3 +201,39 @@ def test_batched_respond_through_the_scheduler(tiny_hertz, speech):
         scheduler.stop()
     for i in range(2):
         np.testing.assert_allclose(np.concatenate([c.audio for c in results[i]]), alone[i], rtol=0, atol=1e-5)
+
+
+def test_mixture_draws_follow_the_reference_rule_per_slot_in_one_batch():
+    """Engine._latents draws every slot's latents in one batched pass: each slot gets exactly the
+    reference's temp_sample written out here (Gumbel-max over weights / categorical_temp with its
+    own generator, then loc + scale * gaussian_temp * N(0, 1)), whatever its batch companions;
+    zero temperatures give the most probable component's mean."""
+    from zoo.hertz_dev.engine import Engine, Slot
+    from zoo.hertz_dev.options import HertzOptions
+
+    C, K, Z = 2, 5, 4
+    g = torch.Generator().manual_seed(0)
+    locs, scales = torch.randn(3, C, K, Z, generator=g), torch.rand(3, C, K, Z, generator=g) + 0.5
+    weights = torch.randn(3, C, K, generator=g) * 3
+    temps = [(0.4, 0.1), (0.0, 0.3), (2.0, 0.0)]
+
+    def slot(i, seed):
+        options = HertzOptions(categorical_temp=temps[i][0], gaussian_temp=temps[i][1])
+        return Slot(row=i, options=options, generator=torch.Generator().manual_seed(seed), history=torch.zeros(1, Z))
+
+    def reference(i, seed):
+        generator = torch.Generator().manual_seed(seed)
+        cat, gauss = temps[i]
+        if cat > 0:
+            gumbels = -torch.empty(C, K).exponential_(generator=generator).log()
+            k = (weights[i] / cat + gumbels).argmax(dim=-1)
+        else:
+            k = weights[i].argmax(dim=-1)
+        loc, scale = locs[i, torch.arange(C), k], scales[i, torch.arange(C), k]
+        return loc + scale * gauss * torch.randn(C, Z, generator=generator) if gauss > 0 else loc
+
+    batched = Engine._latents([slot(i, 10 + i) for i in range(3)], locs, scales, weights)
+    for i in range(3):
+        assert torch.equal(batched[i], reference(i, 10 + i))
+        alone = Engine._latents([slot(i, 10 + i)], locs[i : i + 1], scales[i : i + 1], weights[i : i + 1])
+        assert torch.equal(alone[0], batched[i])

@@ -30,3 +30,11 @@ def pick_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.flo
     if dtype not in names:
         raise OptionsError(f"unknown dtype {dtype!r}; one of {sorted(names)}")
     return names[dtype]
+
+
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device (pinned, asynchronous copy): a
+    plain copy from pageable memory would stall the host until the queued kernels have run."""
+    if torch.device(device).type != "cuda" or host.device.type != "cpu":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

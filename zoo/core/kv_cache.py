@@ -19,17 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .devices import to_device
+
 # cuDNN's attention rebuilds its plan for every new key length: milliseconds of CPU per call when
 # decoding one position at a time (measured on an H200). The other backends have no such cost.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def to_device(host: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on ``device`` without waiting for the device (pinned, asynchronous copy): a
-    plain copy from pageable memory would stall the host until the queued kernels have run."""
-    if torch.device(device).type != "cuda" or host.device.type != "cpu":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _to_device(values, device) -> torch.Tensor:

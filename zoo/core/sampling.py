@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from .devices import to_device
+
 # Temperatures below this mean "deterministic": dividing logits by them overflows float32 to inf
 # (1e-39 is a valid JSON number) and the softmax becomes NaN, while the draw would be the argmax
 # anyway. Every temperature a model has (token, mixture component, noise) uses this one bound.
@@ -71,21 +73,24 @@ def sample_rows(logits: torch.Tensor, sessions: Sequence[Sampling]) -> tuple[tor
     best = logits.argmax(dim=-1)
     if all(s.greedy for s in sessions):
         return best.view(shape), unusable
-    rows = [s for s in sessions for _ in range(per)]
-    ks = [vocab if s.top_k is None else min(s.top_k, vocab) for s in rows]
     drawing = [s for s in sessions if not s.greedy]
     width = max(vocab if s.top_k is None else min(s.top_k, vocab) for s in drawing)
-    temperature = torch.tensor([max(s.temperature, MIN_TEMPERATURE) for s in rows], device=device)[:, None]
+    # every row's settings in one pinned copy: a plain one from the host would wait for the
+    # forward still queued on the device (a host sync per step); k as float is exact below 2**24
+    settings = to_device(torch.tensor([[max(s.temperature, MIN_TEMPERATURE),
+                                        vocab if s.top_k is None else min(s.top_k, vocab), s.top_p, s.greedy]
+                                       for s in sessions for _ in range(per)]), device)
+    temperature, k, top_p, greedy = (column[:, None] for column in settings.unbind(dim=1))
     if width == vocab and all(s.top_p >= 1.0 for s in drawing):  # every token a candidate: no sort
         candidates, probs = None, (logits / temperature).softmax(dim=-1)
     else:
         values, candidates = logits.topk(width, dim=-1)  # descending
-        outside_k = torch.arange(width, device=device) >= torch.tensor(ks, device=device)[:, None]
+        outside_k = torch.arange(width, device=device) >= k
         probs = (values.masked_fill(outside_k, float("-inf")) / temperature).softmax(dim=-1)
         # top-p as litgpt's: drop the tokens whose ascending cumulative probability stays within
         # 1 - top_p (in descending order that is the sum from the token to the end), never the first
         from_here = probs.flip(-1).cumsum(-1).flip(-1)
-        outside_p = from_here <= 1.0 - torch.tensor([s.top_p for s in rows], device=device)[:, None]
+        outside_p = from_here <= 1.0 - top_p
         outside_p[:, 0] = False
         probs = probs.masked_fill(outside_p, 0.0)
     noise = torch.ones(B, per, width, device=device)
@@ -103,5 +108,4 @@ def sample_rows(logits: torch.Tensor, sessions: Sequence[Sampling]) -> tuple[tor
     drawn = (probs / noise.view(B * per, width)).argmax(dim=-1)
     if candidates is not None:
         drawn = candidates.gather(-1, drawn[:, None]).squeeze(-1)
-    greedy = torch.tensor([s.greedy for s in rows], device=device)
-    return torch.where(greedy, best, drawn).view(shape), unusable
+    return torch.where(greedy[:, 0] > 0, best, drawn).view(shape), unusable

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.devices import to_device
 from ..core.graphs import DecodeGraphs
 from ..core.sampling import Sampling, UnusableLogits, is_zero_temperature, sample_rows
 from ..core.scheduler import isolate
@@ -210,8 +211,7 @@ class Engine:
                                                  self.resynth_rope, self.out_channels)
             mixtures[i] = (locs[:, 0], scales[:, 0], weights[:, 0])
             slots[i].resynth_len = x.size(1)
-        return torch.stack([self._isolated(slot, torch.zeros_like(m[0][:, 0]), self._latents, slot, *m)
-                            for slot, m in zip(slots, mixtures)])
+        return self._latents(slots, *(torch.stack(m) for m in zip(*mixtures)))
 
     def _main_decode(self, latents: torch.Tensor, rows: Rows) -> torch.Tensor:
         """One latent per row -> logits (B, out channels, vocab): tensor operations only."""
@@ -223,15 +223,6 @@ class Engine:
         out = self.resynth(latents, tokens, self.quantizer, self.resynth_caches, rows, self.resynth_rope,
                            self.out_channels)
         return tuple(o.transpose(0, 1) for o in out)
-
-    @staticmethod
-    def _isolated(slot: Slot, placeholder: torch.Tensor, draw, *args) -> torch.Tensor:
-        """A slot's own ``draw(*args)``; if it fails, the slot is marked failed and ``placeholder``
-        keeps the batch's shape (the other slots' rows do not depend on it)."""
-        result = placeholder
-        with isolate(slot):
-            result = draw(*args)
-        return result
 
     # -- sampling (the reference's next_latent / temp_sample, with a per-slot generator) ------
     @staticmethod
@@ -247,23 +238,28 @@ class Engine:
                     raise UnusableLogits()
         return tokens
 
-    def _latents(self, slot: Slot, locs, scales, weights) -> torch.Tensor:
-        """Mixture (channels, K, Z), (channels, K, Z), (channels, K) -> (channels, Z): a component
-        by Gumbel-max on weights / categorical_temp, then loc + scale * gaussian_temp * N(0, 1).
-        Deterministic (temperature 0, or a zero temperature of its own): the most probable
-        component, its mean."""
-        o = slot.options
-        cat_t, gauss_t = getattr(o, "categorical_temp", 0.4), getattr(o, "gaussian_temp", 0.1)
-        g = slot.generator
-        if slot.deterministic or is_zero_temperature(cat_t):
-            k = weights.argmax(dim=-1)
-        else:
-            noise = torch.empty(weights.shape, device=weights.device, dtype=weights.dtype)
-            gumbels = -noise.exponential_(generator=g).log()
-            k = (weights / cat_t + gumbels).argmax(dim=-1)
-        chosen = torch.arange(locs.size(0), device=locs.device)
-        loc, scale = locs[chosen, k], scales[chosen, k]
-        if slot.deterministic or is_zero_temperature(gauss_t):
-            return loc
-        eps = torch.randn(loc.shape, generator=g, device=loc.device, dtype=loc.dtype)
-        return loc + scale * gauss_t * eps
+    @staticmethod
+    def _latents(slots: list[Slot], locs, scales, weights) -> torch.Tensor:
+        """Mixtures (B, channels, K, Z), (B, channels, K, Z), (B, channels, K) -> (B, channels, Z):
+        per slot, a component by Gumbel-max on weights / categorical_temp, then loc + scale *
+        gaussian_temp * N(0, 1); deterministic (temperature 0, or a zero temperature of its own):
+        the most probable component, its mean. Each slot's noise comes from its own generator in
+        the order the reference draws it (Gumbel, then Gaussian); the arithmetic is one batched
+        pass. Nothing here can fail for one slot alone: its temperatures were validated on entry."""
+        cat_t, gauss_t, gumbels, eps = [], [], torch.zeros_like(weights), torch.zeros_like(locs[:, :, 0])
+        for i, slot in enumerate(slots):
+            o = slot.options
+            cat, gauss = getattr(o, "categorical_temp", 0.4), getattr(o, "gaussian_temp", 0.1)
+            drawn_cat = not (slot.deterministic or is_zero_temperature(cat))
+            drawn_gauss = not (slot.deterministic or is_zero_temperature(gauss))
+            if drawn_cat:
+                gumbels[i] = -torch.empty_like(weights[i]).exponential_(generator=slot.generator).log()
+            if drawn_gauss:
+                eps[i] = torch.randn(eps[i].shape, generator=slot.generator, device=eps.device, dtype=eps.dtype)
+            cat_t.append(cat if drawn_cat else 1.0)  # (weights / 1 + 0).argmax: the most probable
+            gauss_t.append(gauss if drawn_gauss else 0.0)
+        cat_t, gauss_t = to_device(torch.tensor([cat_t, gauss_t], dtype=locs.dtype), locs.device)[:, :, None, None]
+        k = (weights / cat_t + gumbels).argmax(dim=-1)  # (B, channels)
+        pick = k[..., None, None].expand(*k.shape, 1, locs.size(-1))
+        loc, scale = locs.gather(2, pick).squeeze(2), scales.gather(2, pick).squeeze(2)
+        return torch.where(gauss_t > 0, loc + scale * gauss_t * eps, loc)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..core.audio import AudioSource
-from ..core.kv_cache import to_device
+from ..core.devices import to_device
 from ..core.types import Chunk
 from .codec import StreamState, sample_posterior
 from .engine import Engine, Slot

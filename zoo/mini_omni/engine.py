@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.devices import to_device
 from ..core.graphs import DecodeGraphs
-from ..core.kv_cache import Rows, to_device
+from ..core.kv_cache import Rows
 from ..core.sampling import Sampling, UnusableLogits, sample_rows
 from ..core.scheduler import isolate
 from ..core.types import Options
