@@ -1,7 +1,9 @@
-"""Batched prefill of new arrivals (#14 item 6): Mini-Omni's ``start_many`` gives each session the
-tokens ``start`` gives it alone (float32; prompts of different lengths and tasks padded into one
-forward), and the scheduler admits a burst in groups of ``prefill_batch`` interleaved with the
-running sessions' decode steps, a failure staying with its session (or its batch)."""
+"""Batched prefill of new arrivals (#14 item 6): ``start_many`` gives each session the tokens
+``start`` gives it alone (float32; prompts of different lengths padded into one forward), for
+Mini-Omni (tasks of one and two rows) and GLM-4-Voice (multi-turn prompts; ``SlotEngine.prefill_many``
+beside slots with history), and the scheduler admits a burst in groups of ``prefill_batch``
+interleaved with the running sessions' decode steps, a failure staying with its session (or its
+batch)."""
 import threading
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 import zoo
 from zoo.core.scheduler import Scheduler
 from zoo.core.types import BatchStarter, Chunk
+from zoo.glm4_voice.engine import SlotEngine
 from zoo.mini_omni.engine import Engine, Session
 from zoo.mini_omni.prompts import TASKS, audio_question, text_question
 
@@ -66,6 +69,102 @@ def test_start_many_equals_one_start_each(tiny_omni32, share_prefix):
     assert decode(engine, batch) == expected
 
 
+# -- GLM-4-Voice ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_glm32(one_thread):
+    return zoo.load("glm-4-voice", random_weights="tiny", device="cpu", dtype="float32")
+
+
+def glm_replies(model, too_long=False):
+    """Typed questions of three lengths, one continuing a conversation, one sampled (seeded)."""
+    greedy = {"temperature": 0, "max_new_tokens": 4 * STEPS}
+    history = [{"user": "hello there", "spoken": False, "assistant": "hi! how can I help you today?"}]
+    out = [model.prepare(text="hi", options=greedy),
+           model.prepare(text="what is the weather like today in a big city by the sea?", options=greedy),
+           model.prepare(text="and then?", options=greedy, history=history),
+           model.prepare(text="tell me a story", options={"seed": 5, "max_new_tokens": 4 * STEPS})]
+    if too_long:
+        out.insert(2, overflow(model, model.prepare(text="a question too long for the context", options=greedy)))
+    return out
+
+
+def overflow(model, job):
+    """``job`` with a prompt longer than the model's context (``prepare`` would refuse it)."""
+    job.prompt_ids = job.prompt_ids * (model.max_context // len(job.prompt_ids) + 1)
+    return job
+
+
+def glm_tokens(stepper, jobs):
+    """Each started job's ids: the prefill's, then ``STEPS`` steps' (text and audio ids)."""
+    live = [job for job in jobs if job.error is None]
+    tokens = [[job.token] for job in live]
+    for _ in range(STEPS):
+        stepper.step(live)
+        for ids, job in zip(tokens, live):
+            ids.append(job.token)
+            job.poll()
+    for job in jobs:
+        stepper.release(job)
+    return tokens
+
+
+def test_glm_start_many_equals_one_start_each(tiny_glm32):
+    model = tiny_glm32
+    expected = []
+    for job in glm_replies(model):
+        stepper = model.stepper(1)
+        stepper.start(job)
+        expected += glm_tokens(stepper, [job])
+    stepper = model.stepper(5)
+    batch = glm_replies(model, too_long=True)
+    assert len({len(job.prompt_ids) for job in batch}) == len(batch)
+    stepper.start_many(batch)
+    assert isinstance(batch[2].error, ValueError) and "positions" in str(batch[2].error) and batch[2].done
+    assert all(job.error is None for i, job in enumerate(batch) if i != 2)
+    ids = sum(expected, [])
+    assert any(i < model.tokenizer.audio_offset for i in ids) and any(i >= model.tokenizer.audio_offset for i in ids)
+    assert glm_tokens(stepper, batch) == expected
+    assert stepper.engine.free_rows == list(range(5))
+
+
+def assert_same_logits(batched, alone):
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    assert torch.equal(batched.argmax(-1), alone.argmax(-1))
+
+
+def test_glm_prefill_many_equals_one_prefill_each(tiny_glm32):
+    """A slot with history (multi-turn: its new ids start at its length) beside fresh ones, in a
+    non-contiguous order; the next step then reads each slot's own context, not the padding."""
+    generator = torch.Generator().manual_seed(1)
+    history, *prompts = (torch.randint(0, 168960, (n,), generator=generator).tolist() for n in (9, 5, 12, 3))
+    engines = [SlotEngine(tiny_glm32.llm, slots=3, max_len=64) for _ in range(2)]
+    for engine in engines:
+        assert [engine.acquire() for _ in range(3)] == [0, 1, 2]
+        engine.prefill(1, history)
+    slots = [1, 2, 0]
+    alone = torch.stack([engines[0].prefill(slot, ids) for slot, ids in zip(slots, prompts)])
+    assert_same_logits(engines[1].prefill_many(slots, prompts), alone)
+    assert [engine.cache.lengths for engine in engines] == [[3, 14, 12]] * 2
+    nxt = torch.tensor([7, 8, 9])
+    assert_same_logits(engines[1].step(slots, nxt), engines[0].step(slots, nxt))
+
+
+def test_glm_prefill_many_pads_no_slot_past_its_context(tiny_glm32):
+    """Padding to the longest would run the slot near the limit past it: that slot is prefilled
+    on its own. A slot whose own ids do not fit fails the call before anything is written."""
+    engines = [SlotEngine(tiny_glm32.llm, slots=2, max_len=16) for _ in range(2)]
+    for engine in engines:
+        assert [engine.acquire() for _ in range(2)] == [0, 1]
+        engine.prefill(0, list(range(1, 13)))  # 4 positions left
+    prompts = [[20, 21, 22], list(range(30, 40))]
+    alone = torch.stack([engines[0].prefill(slot, ids) for slot, ids in enumerate(prompts)])
+    with pytest.raises(ValueError, match="needs 5 more positions; 4 are left"):
+        engines[1].prefill_many([0, 1], [prompts[0] + [23, 24], prompts[1]])
+    assert engines[1].cache.lengths == [12, 0]
+    assert_same_logits(engines[1].prefill_many([0, 1], prompts), alone)
+    assert engines[1].cache.lengths == [15, 10]
+
+
 # -- the scheduler's admission ------------------------------------------------------------------
 class Job:
     def __init__(self, number, steps=3, bad=False):
@@ -77,20 +176,15 @@ class Job:
 
 
 class Stepper:
-    """Records what the scheduler asks: starts, batched starts and steps."""
+    """A stand-in model: each job runs for its ``steps`` steps; a bad job cannot start."""
 
-    def __init__(self, hold: threading.Event | None = None, fail_batch: bool = False):
-        self.calls, self.hold, self.fail_batch = [], hold, fail_batch
-        self.entered = threading.Event()
+    def __init__(self, fail_batch: bool = False):
+        self.fail_batch = fail_batch
 
     def start(self, job):
-        self.calls.append(("start", [job.number]))
-        self.entered.set()
-        if self.hold is not None:
-            self.hold.wait(10)
+        pass
 
     def start_many(self, jobs):
-        self.calls.append(("start_many", [j.number for j in jobs]))
         if self.fail_batch:
             raise RuntimeError("the batched forward failed")
         for job in jobs:
@@ -98,7 +192,6 @@ class Stepper:
                 job.error, job.done = ValueError("prompt too long"), True
 
     def step(self, jobs):
-        self.calls.append(("step", [j.number for j in jobs]))
         for job in jobs:
             job.left -= 1
             job.done = job.left <= 0
@@ -107,7 +200,34 @@ class Stepper:
         pass
 
 
-def burst(stepper, jobs, prefill_batch=8):
+class Recorder:
+    """A stepper as the scheduler drives it, recording the jobs' numbers in what it is asked
+    (starts, batched starts, steps); a start waits for ``hold`` (set by ``burst`` once the rest of
+    a burst has arrived)."""
+
+    def __init__(self, stepper):
+        self.stepper, self.calls = stepper, []
+        self.entered, self.hold = threading.Event(), threading.Event()
+
+    def start(self, job):
+        self.calls.append(("start", [job.number]))
+        self.entered.set()
+        self.hold.wait(10)
+        self.stepper.start(job)
+
+    def start_many(self, jobs):
+        self.calls.append(("start_many", [j.number for j in jobs]))
+        self.stepper.start_many(jobs)
+
+    def step(self, jobs):
+        self.calls.append(("step", [j.number for j in jobs]))
+        self.stepper.step(jobs)
+
+    def release(self, job):
+        self.stepper.release(job)
+
+
+def burst(stepper: Recorder, jobs, prefill_batch=8):
     """The first job starts alone and holds the worker while the others arrive."""
     results = {job.number: [] for job in jobs}
     done = threading.Semaphore(0)
@@ -124,8 +244,7 @@ def burst(stepper, jobs, prefill_batch=8):
         for job in jobs:
             scheduler.submit(job, deliver_to(job.number))
             assert stepper.entered.wait(10)  # the first one is being started: the rest queue up
-        if stepper.hold is not None:
-            stepper.hold.set()
+        stepper.hold.set()
         for _ in jobs:
             assert done.acquire(timeout=10)
     finally:
@@ -133,17 +252,33 @@ def burst(stepper, jobs, prefill_batch=8):
     return results
 
 
-def test_a_burst_joins_in_batches_between_decode_steps():
-    hold = threading.Event()
-    stepper = Stepper(hold)
+def glm_burst(model, count, bad):
+    """Typed questions, greedy, 3 ids each; job ``bad``'s prompt does not fit the context."""
+    jobs = []
+    for number in range(count):
+        job = model.prepare(text=f"question number {number}", options={"temperature": 0, "max_new_tokens": 3})
+        if number == bad:
+            overflow(model, job)
+        job.number = number
+        jobs.append(job)
+    return jobs
+
+
+@pytest.mark.parametrize("model", ["stand-in", "glm-4-voice"])
+def test_a_burst_joins_in_batches_between_decode_steps(model, request):
+    if model == "stand-in":
+        stepper, jobs = Stepper(), [Job(n, bad=n == 5) for n in range(20)]
+    else:
+        glm = request.getfixturevalue("tiny_glm32")
+        stepper, jobs = glm.stepper(20), glm_burst(glm, 20, bad=5)
     assert isinstance(stepper, BatchStarter)
-    jobs = [Job(n, bad=n == 5) for n in range(20)]
-    results = burst(stepper, jobs)
-    joins = [numbers for kind, numbers in stepper.calls if kind.startswith("start")]
+    recorder = Recorder(stepper)
+    results = burst(recorder, jobs)
+    joins = [numbers for kind, numbers in recorder.calls if kind.startswith("start")]
     assert joins[0] == [0] and sorted(sum(joins, [])) == list(range(20))
     assert all(len(numbers) <= 8 for numbers in joins)
     assert joins[1:] == [list(range(1, 9)), list(range(9, 17)), list(range(17, 20))]
-    kinds = [kind for kind, _ in stepper.calls]
+    kinds = [kind for kind, _ in recorder.calls]
     for i, kind in enumerate(kinds[:-1]):  # the running sessions step between two admissions
         if kind.startswith("start") and i > 0:
             assert kinds[i - 1] == "step"
@@ -152,9 +287,8 @@ def test_a_burst_joins_in_batches_between_decode_steps():
 
 
 def test_a_failed_batched_prefill_fails_its_batch_only():
-    hold = threading.Event()
-    stepper = Stepper(hold, fail_batch=True)
-    results = burst(stepper, [Job(n) for n in range(4)], prefill_batch=2)
+    recorder = Recorder(Stepper(fail_batch=True))
+    results = burst(recorder, [Job(n) for n in range(4)], prefill_batch=2)
     assert results[0][-1] is None  # started alone, before the burst
     assert all(isinstance(results[n][-1], RuntimeError) for n in (1, 2))  # one batch of two
     assert results[3][-1] is None  # the next group (of one) starts on its own

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.core.kv_cache import KVCache, Rows, attend, bucket_width
+from zoo.core.kv_cache import KVCache, Rows, at_ends, attend, bucket_width, padded_ends
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
 
@@ -97,3 +97,10 @@ def test_rows_describe_contiguous_rows_as_a_view_and_skip_masks_nobody_needs():
     ragged = Rows.make([3, 1], [7, 2], 1, "cpu")
     assert ragged.start is None and isinstance(ragged.view, torch.Tensor)
     assert ragged.mask.shape == (2, 1, 1, 8) and ragged.mask[1, 0, 0].tolist() == [True] * 3 + [False] * 5
+
+
+def test_a_right_padded_forward_is_read_at_each_rows_own_last_position():
+    x = torch.arange(3 * 4 * 2).view(3, 4, 2)  # (rows, positions, features)
+    assert padded_ends([4, 4, 4], "cpu") is None and torch.equal(at_ends(x, None), x[:, 3])
+    ends = padded_ends([2, 4, 1], "cpu")
+    assert torch.equal(at_ends(x, ends), torch.stack([x[0, 1], x[1, 3], x[2, 0]]))

@@ -120,6 +120,22 @@ class Rows:
         return self.starts[0]
 
 
+def padded_ends(lengths: Sequence[int], device) -> torch.Tensor | None:
+    """Each row's last real position in a forward right-padded to the longest of ``lengths``: (B,)
+    on ``device``, for ``at_ends``. None when no row is padded (the last position is every row's)."""
+    if len(set(lengths)) == 1:
+        return None
+    return _to_device([n - 1 for n in lengths], device)
+
+
+def at_ends(x: torch.Tensor, ends: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, ...) -> (B, ...): row b at position ``ends[b]`` (``padded_ends``), or at the last
+    position when ``ends`` is None. Tensor operations only (a CUDA graph may capture it)."""
+    if ends is None:
+        return x[:, -1]
+    return x[torch.arange(x.size(0), device=x.device), ends]
+
+
 def _visible(positions: torch.Tensor, width: int) -> torch.Tensor:
     """(B, T) positions -> (B, 1, T, width): token t sees cache positions up to its own."""
     return (torch.arange(width, device=positions.device) <= positions[:, :, None])[:, None]

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
+from ..core.devices import to_device
 from ..core.graphs import DecodeGraphs
-from ..core.kv_cache import KVCache, Rows, attend, to_device
+from ..core.kv_cache import KVCache, Rows, at_ends, attend, padded_ends
 
 
 class SlotEngine:
@@ -52,16 +53,48 @@ class SlotEngine:
     def room(self, slot: int) -> int:
         return self.cache.room(slot)
 
-    @torch.inference_mode()
+    def check_room(self, slot: int, new: int) -> None:
+        """Raises ValueError when ``new`` more positions do not fit the slot's context."""
+        if new > self.room(slot):
+            raise ValueError(f"the conversation needs {new} more positions; {self.room(slot)} are left "
+                             f"of the model's {self.max_len}")
+
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
         """Append ``ids`` to the slot's context; returns the logits after the last one (vocab,)."""
-        if len(ids) > self.room(slot):
-            raise ValueError(f"the conversation needs {len(ids)} more positions; {self.room(slot)} are left "
-                             f"of the model's {self.max_len}")
-        rows = self.cache.rows_for([slot], len(ids))
-        logits = self.decode(torch.tensor([ids], device=self.device), rows)
-        self.cache.advance([slot], len(ids))
-        return logits[0]
+        return self.prefill_many([slot], [ids])[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, slots: list[int], ids_lists: list[list[int]]) -> torch.Tensor:
+        """Append each slot's ids to its context (a slot may hold earlier turns); returns the
+        logits after each slot's last id (len(slots), vocab). The slots share one forward, their
+        ids right-padded to the longest, so a burst of arrivals costs about one prefill. Raises
+        ValueError, before writing anything, when a slot's own ids do not fit its room."""
+        for slot, ids in zip(slots, ids_lists):
+            self.check_room(slot, len(ids))
+        # padding to the longest must not run a slot with history past the context: such a slot
+        # (rare: a conversation near the limit) gets a forward of its own, unpadded
+        longest = max(len(ids) for ids in ids_lists)
+        together = [i for i, slot in enumerate(slots) if self.room(slot) >= longest]
+        groups = [together] + [[i] for i in range(len(slots)) if i not in together]
+        logits = [None] * len(slots)
+        for group in groups:
+            rows = self._prefill([slots[i] for i in group], [ids_lists[i] for i in group])
+            for i, row in zip(group, rows):
+                logits[i] = row
+        return torch.stack(logits)
+
+    def _prefill(self, slots: list[int], ids_lists: list[list[int]]) -> torch.Tensor:
+        """One forward over the slots' ids, right-padded to the longest: a slot's padding lands in
+        its cache beyond its length, where later steps overwrite it before any mask lets them
+        read it (the padding id is arbitrary for the same reason)."""
+        lengths = [len(ids) for ids in ids_lists]
+        longest = max(lengths)
+        tokens = torch.tensor([ids + [0] * (longest - len(ids)) for ids in ids_lists])
+        logits = self.decode(to_device(tokens, self.device), self.cache.rows_for(slots, longest),
+                             padded_ends(lengths, self.device))
+        for slot, length in zip(slots, lengths):
+            self.cache.advance([slot], length)
+        return logits
 
     @torch.inference_mode()
     def step(self, slots: list[int], ids: torch.Tensor) -> torch.Tensor:
@@ -74,9 +107,10 @@ class SlotEngine:
         self.cache.advance(slots, 1)
         return logits
 
-    def decode(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, rows: Rows, ends: torch.Tensor | None = None) -> torch.Tensor:
         """The layers over ``tokens`` (B, T) at ``rows`` as tensor operations only (no host reads,
-        so a CUDA graph can capture a step) -> the logits of the last position (B, vocab)."""
+        so a CUDA graph can capture a step) -> the logits of each row's last position (B, vocab):
+        ``ends`` (B,) where rows are right-padded (zoo.core.kv_cache.padded_ends), else T - 1."""
         model = self.model
         batch, new = tokens.shape
         x = model.model.embed_tokens(tokens)
@@ -91,4 +125,4 @@ class SlotEngine:
             out = attend(q, k, v, self.cache.k[index], self.cache.v[index], rows)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, new, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return model.lm_head(model.model.norm(x[:, -1]))
+        return model.lm_head(model.model.norm(at_ends(x, ends)))

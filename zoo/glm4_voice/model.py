@@ -214,8 +214,26 @@ class ReplyStepper:
         return self.model.prepare(audio=audio, sample_rate=sample_rate, options=options, history=history)
 
     def start(self, job: Reply) -> None:
-        job.engine, job.slot = self.engine, self.engine.acquire()
+        self._admit(job)
         job.choose(self.engine.prefill(job.slot, job.prompt_ids)[None])
+
+    def start_many(self, jobs: list[Reply]) -> None:
+        """zoo.core.types.BatchStarter: the arrivals' prompts in one forward (SlotEngine.prefill_many),
+        their first ids drawn in one call as ``step`` draws them. A job that cannot start (no free
+        slot, a prompt longer than the context) gets its own error; the others start."""
+        admitted = []
+        for job in jobs:
+            with isolate(job):
+                self._admit(job)
+                admitted.append(job)
+        if admitted:
+            choose_all(admitted, self.engine.prefill_many([job.slot for job in admitted],
+                                                          [job.prompt_ids for job in admitted]))
+
+    def _admit(self, job: Reply) -> None:
+        """A slot for the job, checked to hold its prompt (``release`` gives it back either way)."""
+        job.engine, job.slot = self.engine, self.engine.acquire()
+        self.engine.check_room(job.slot, len(job.prompt_ids))
 
     def step(self, jobs: list[Reply]) -> None:
         live = [job for job in jobs if not job.done]

@@ -9,7 +9,7 @@ import torch
 
 from ..core.devices import to_device
 from ..core.graphs import DecodeGraphs
-from ..core.kv_cache import Rows
+from ..core.kv_cache import Rows, at_ends, padded_ends
 from ..core.sampling import Sampling, UnusableLogits, sample_rows
 from ..core.scheduler import isolate
 from ..core.types import Options
@@ -127,8 +127,8 @@ class Engine:
         x = torch.cat([self._embed(s, first, longest) for s, first in zip(sessions, firsts)])
         prefill_rows = [row for s, first in zip(sessions, firsts) for row in s.rows[:first]]
         hidden = self.gpt(x, self.cache, self.cache.rows_for(prefill_rows, longest))
-        ends = torch.tensor([s.prompt_length - 1 for s, first in zip(sessions, firsts) for _ in range(first)])
-        last = hidden[torch.arange(len(prefill_rows), device=self.device), to_device(ends, self.device)]
+        lengths = [s.prompt_length for s, first in zip(sessions, firsts) for _ in range(first)]
+        last = at_ends(hidden, padded_ends(lengths, self.device))
         for s, first in zip(sessions, firsts):
             self.cache.advance(s.rows[:first], s.prompt_length)
         if not others:
