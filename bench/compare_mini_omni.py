@@ -1,0 +1,121 @@
+"""Mini-Omni beside its reference (gpt-omni/mini-omni): the reference's OmniInference and its own
+``run_AT_batch_stream`` on our seeded random weights (its litgpt GPT, an openai-whisper encoder and
+a SNAC holding ours), against ``respond``; the decode step is its ``next_token_batch`` and our
+``Engine.step``; our sessions at real time from a batch sweep."""
+from __future__ import annotations
+
+import importlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from compare_parts import Comparison, measure
+from latency import QUESTION, sync
+
+import zoo
+from zoo.mini_omni.engine import Engine, Session
+from zoo.mini_omni.prompts import TASKS, audio_question
+from zoo.mini_omni.random_weights import (
+    FULL_SNAC,
+    FULL_WHISPER_DIMS,
+    TINY_SNAC,
+    TINY_WHISPER_DIMS,
+    litgpt_yaml,
+    random_snac,
+    write_tiny_tokenizer,
+)
+
+
+def mini_omni_reference(ours, path: Path, size: str, device: torch.device, folder: Path):
+    """The reference's OmniInference on our weights: its GPT (litgpt fork) with our LLM state, an
+    openai-whisper model whose encoder holds our encoder's state, a SNAC built as ours is."""
+    sys.path.insert(0, str(path))
+    import lightning as L
+    import whisper
+    from litgpt.model import GPT, Config
+
+    inference = importlib.import_module("inference")
+    config = Config(**{**litgpt_yaml(ours.gpt.config), "post_adapter": False})
+    gpt = GPT(config)
+    gpt.load_state_dict(ours.gpt.state_dict(), strict=True)
+    dims = whisper.model.ModelDimensions(**(FULL_WHISPER_DIMS if size == "full" else TINY_WHISPER_DIMS))
+    whisper_model = whisper.model.Whisper(dims)
+    whisper_model.encoder.load_state_dict(ours.encoder.state_dict(), strict=True)
+    write_tiny_tokenizer(folder / "tokenizer.json")  # decodes the text at the end; not timed
+    runner = object.__new__(inference.OmniInference)
+    runner.device = str(device)
+    runner.fabric = L.Fabric(devices=1, accelerator=device.type, strategy="auto")
+    runner.model = runner.fabric.setup(gpt).eval()  # as its load_model: the wrapper has .device
+    runner.whispermodel = whisper_model.to(device).eval()
+    runner.snacmodel = random_snac(FULL_SNAC if size == "full" else TINY_SNAC, 0).to(device).eval()
+    runner.text_tokenizer = importlib.import_module("litgpt").Tokenizer(folder)
+    return inference, runner
+
+
+def compare_mini_omni(args, device: torch.device) -> list[dict]:
+    ours = zoo.load("mini-omni", random_weights=args.size, device=str(device), dtype="float32")
+    rate = ours.card.output_sample_rate
+    steps = args.steps
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "question.wav"
+        audio, sr = sf.read(QUESTION, dtype="float32")
+        sf.write(wav, audio, sr)
+        inference, runner = mini_omni_reference(ours, args.reference, args.size, device, Path(tmp))
+        for name, run in (("reference", lambda: _reference_reply(runner, wav, steps)),
+                          ("omni-zoo", lambda: _our_reply(ours, wav, steps))):
+            owner, method = (inference, "next_token_batch") if name == "reference" else (Engine, "step")
+            rows.append(measure(name, run, owner, method, rate, device, args))
+    step_budget = 1000 / ours.card.reply_tokens_per_second
+    rows[0]["sessions_at_real_time"] = int(rows[0]["step_ms_p50"] <= step_budget)  # one session at a time
+    rows[1]["sessions_at_real_time"], rows[1]["batch_sweep"] = _our_sessions(ours, step_budget, args, device)
+    return rows
+
+
+def _reference_reply(runner, wav: Path, steps: int):
+    T = 3 + int((sf.info(wav).frames / sf.info(wav).samplerate) * 1000 / 20) + 1  # its prompt length
+    for pcm in runner.run_AT_batch_stream(str(wav), max_returned_tokens=T + steps, temperature=0.9, top_k=1):
+        yield np.frombuffer(pcm, np.int16)  # its chunks are PCM16 bytes
+
+
+def _our_reply(ours, wav: Path, steps: int):
+    for chunk in ours.respond(str(wav), options={"max_new_tokens": steps, "top_k": 1}):
+        yield chunk.audio
+
+
+def _our_sessions(ours, budget_ms: float, args, device: torch.device) -> tuple[int, list[dict]]:
+    """The largest swept batch whose decode step stays within one step of real-time audio."""
+    features = ours.encode_audio(str(QUESTION))
+    task = TASKS["A1A2+A1T2"]
+    opts = ours.options({"max_new_tokens": 1 << 10, "top_k": 1})
+    best, sweep = 0, []
+    for batch in args.sessions:
+        engine = Engine(ours.gpt, max_rows=2 * batch)
+        live = [Session(task, audio_question(task, features.size(1)), features, opts, max_outputs=1 << 10)
+                for _ in range(batch)]
+        engine.start_many(live)
+        times = []
+        for i in range(args.sweep_steps + 2):
+            sync(device)
+            started = time.perf_counter()
+            engine.step(live)
+            sync(device)
+            if i >= 2:
+                times.append((time.perf_counter() - started) * 1000)
+        step = statistics.median(times)
+        sweep.append({"sessions": batch, "step_ms": round(step, 2)})
+        if step <= budget_ms:
+            best = batch
+        else:
+            break
+    return best, sweep
+
+
+COMPARISON = Comparison(marker="inference.py", dependencies=("lightning", "whisper", "snac", "yaml"),
+                        install="install its requirements.txt (e.g. pip install lightning openai-whisper snac) "
+                                "in this environment", run=compare_mini_omni)

@@ -1,0 +1,118 @@
+"""What every side-by-side comparison in bench/compare.py shares: the description of a reference
+(``Comparison``), the check that its checkout and dependencies are there, timing of a stream and
+of the calls of one method, and the table."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from latency import sync  # bench/ is the scripts' own folder
+
+
+class MissingReference(SystemExit):
+    pass
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One model's reference: ``marker``, a file every checkout of it has; ``dependencies``, the
+    modules its code imports (checked before anything loads, named in ``install``'s hint);
+    ``run(args, device)`` -> the table's rows, the reference's first."""
+
+    marker: str
+    dependencies: tuple[str, ...]
+    install: str
+    run: Callable
+
+
+def check_reference(model: str, comparison: Comparison, path: Path) -> None:
+    """A clear error, before any model loads, for a wrong checkout or a missing dependency."""
+    if not (path / comparison.marker).is_file():
+        raise MissingReference(f"--reference {path}: no {comparison.marker} there; pass a checkout of the "
+                               f"{model} reference code")
+    missing = []
+    for name in comparison.dependencies:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            missing.append(f"{name} ({err})")
+    if missing:
+        raise MissingReference(f"the {model} reference needs {', '.join(missing)}: {comparison.install}")
+
+
+def percentiles(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return round(float(np.percentile(values, 50)), 2), round(float(np.percentile(values, 95)), 2)
+
+
+@contextlib.contextmanager
+def timing(owner, name: str, sink: list[float], device: torch.device):
+    """Time every call of ``owner.name`` (ms, synchronised) into ``sink`` while inside the block."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        sync(device)
+        started = time.perf_counter()
+        out = original(*args, **kwargs)
+        sync(device)
+        sink.append((time.perf_counter() - started) * 1000)
+        return out
+
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def stream_stats(chunks, rate: int, device: torch.device) -> tuple[float, float]:
+    """(TTFA ms, steady RTF) of a stream of audio arrays."""
+    started = time.perf_counter()
+    first, audio_after = None, 0
+    for audio in chunks:
+        sync(device)
+        if audio.size and first is None:
+            first = time.perf_counter()
+        elif first is not None:
+            audio_after += audio.size
+    end = time.perf_counter()
+    if first is None:
+        raise RuntimeError("the reply had no audio")
+    return (first - started) * 1000, ((end - first) / (audio_after / rate)) if audio_after else float("nan")
+
+
+def measure(name, run, owner, method, rate, device, args) -> dict:
+    steps_ms, ttfa, rtf = [], [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.redirect_stdout(sys.stderr):  # the reference prints its progress
+        stream_stats(run(), rate, device)  # warm-up
+        with timing(owner, method, steps_ms, device):
+            for _ in range(args.repeats):
+                t, r = stream_stats(run(), rate, device)
+                ttfa.append(t)
+                rtf.append(r)
+    (ttfa50, ttfa95), (step50, step95) = percentiles(ttfa), percentiles(steps_ms)
+    return {"implementation": name, "ttfa_ms_p50": ttfa50, "ttfa_ms_p95": ttfa95, "step_ms_p50": step50,
+            "step_ms_p95": step95, "rtf_median": round(statistics.median(rtf), 3),
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+
+
+def table(model: str, rows: list[dict], meta: dict) -> str:
+    lines = [f"### {model} ({meta['size']} random weights, {meta['device']}, float32, {meta['date']})", "",
+             "| implementation | TTFA p50 / p95 ms | step p50 / p95 ms | RTF | sessions at real time | peak GPU GiB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['implementation']} | {r['ttfa_ms_p50']} / {r['ttfa_ms_p95']} | {r['step_ms_p50']} / "
+                     f"{r['step_ms_p95']} | {r['rtf_median']} | {r['sessions_at_real_time']} | "
+                     f"{r['peak_gpu_gib'] if r['peak_gpu_gib'] is not None else '-'} |")
+    return "\n".join(lines) + "\n"
