@@ -4,7 +4,7 @@ random weights and the same input, one table per model (#14 item 7).
     python bench/compare.py --model mini-omni --reference /path/to/mini-omni --size full --device cuda
 
 ``--reference``: a checkout of the model's upstream code, never vendored and never imported by the
-package: the model's module here (bench/compare_<model>.py) puts it on sys.path, builds its
+package: the model's module here (bench/compare_<model>.py, found by its name) puts it on sys.path, builds its
 networks and loads the zoo's random weights into them (the references' own loaders download
 published weights), then drives the reference's own generation loop. The reference's
 dependencies must be importable; a missing one is reported by name before anything loads.
@@ -18,6 +18,7 @@ GPU memory. Writes bench/results/<date>_compare_<model>_<size>_<device>.json and
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from datetime import date
@@ -25,12 +26,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compare_mini_omni  # noqa: E402
-from compare_parts import check_reference, table  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from comparison import check_reference, table  # noqa: E402
 from latency import RESULTS, machine  # noqa: E402
 
-COMPARISONS = {"mini-omni": compare_mini_omni.COMPARISON}
+# one module per model beside this script: bench/compare_<model>.py defines its COMPARISON
+COMPARISONS = {path.stem.removeprefix("compare_").replace("_", "-"): importlib.import_module(path.stem).COMPARISON
+               for path in sorted(HERE.glob("compare_*.py"))}
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-from compare_parts import Comparison, measure
+from comparison import Comparison, measure
 from latency import QUESTION, sync
 
 import zoo
