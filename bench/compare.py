@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference", type=Path, required=True, help="a checkout of the reference implementation")
     p.add_argument("--size", choices=["tiny", "full"], default="full")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32",
+                   help="both implementations' precision where the model's module supports it (its table says)")
     p.add_argument("--repeats", type=int, default=3, help="replies per implementation after one warm-up")
     p.add_argument("--steps", type=int, default=40, help="generation steps per reply")
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
@@ -59,6 +61,7 @@ def main(argv=None) -> int:
     rows = comparison.run(args, device)
     meta = {"model": args.model, "size": args.size, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine(),
+            "dtype": getattr(args, "measured_dtype", "float32"),
             "torch": torch.__version__, "date": date.today().isoformat(), "steps": args.steps,
             "repeats": args.repeats, "threads": torch.get_num_threads()}
     result = {**meta, "rows": rows}

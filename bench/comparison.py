@@ -108,7 +108,7 @@ def measure(name, run, owner, method, rate, device, args) -> dict:
 
 
 def table(model: str, rows: list[dict], meta: dict) -> str:
-    lines = [f"### {model} ({meta['size']} random weights, {meta['device']}, float32, {meta['date']})", "",
+    lines = [f"### {model} ({meta['size']} random weights, {meta['device']}, {meta['dtype']}, {meta['date']})", "",
              "| implementation | TTFA p50 / p95 ms | step p50 / p95 ms | RTF | sessions at real time | peak GPU GiB |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
