@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=["tiny", "full"], default="full")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32",
-                   help="both implementations' precision where the model's module supports it (its table says)")
+                   help="both implementations' precision: one of the model's module's Comparison.dtypes")
     p.add_argument("--repeats", type=int, default=3, help="replies per implementation after one warm-up")
     p.add_argument("--steps", type=int, default=40, help="generation steps per reply")
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.reference = args.reference.resolve()
     comparison = COMPARISONS[args.model]
+    if args.dtype not in comparison.dtypes:
+        p.error(f"--dtype: the {args.model} comparison runs in {' or '.join(comparison.dtypes)}")
     check_reference(args.model, comparison, args.reference)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     rows = comparison.run(args, device)
     meta = {"model": args.model, "size": args.size, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine(),
-            "dtype": getattr(args, "measured_dtype", "float32"),
+            "dtype": args.dtype,
             "torch": torch.__version__, "date": date.today().isoformat(), "steps": args.steps,
             "repeats": args.repeats, "threads": torch.get_num_threads()}
     result = {**meta, "rows": rows}

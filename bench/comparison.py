@@ -25,12 +25,14 @@ class MissingReference(SystemExit):
 class Comparison:
     """One model's reference: ``marker``, a file every checkout of it has; ``dependencies``, the
     modules its code imports (checked before anything loads, named in ``install``'s hint);
-    ``run(args, device)`` -> the table's rows, the reference's first."""
+    ``run(args, device)`` -> the table's rows, the reference's first; ``dtypes``, the precisions
+    both sides can run in (``--dtype``)."""
 
     marker: str
     dependencies: tuple[str, ...]
     install: str
     run: Callable
+    dtypes: tuple[str, ...] = ("float32",)
 
 
 def check_reference(model: str, comparison: Comparison, path: Path) -> None:
