@@ -73,3 +73,25 @@ def test_batched_greedy_duplex_equals_the_reference(moshi64):
         expected = [moshi64.piece(t) for t in REF[f"text_{s}"]]
         assert pieces[s] == expected and any(expected)
         assert all(p == "" for t, p in zip(REF[f"text_{s}"], pieces[s]) if t in (0, 3))
+
+
+@torch.inference_mode()
+def test_a_bfloat16_lm_still_hears_the_user_in_mimis_float32(_tiny_cache):
+    """The reference loads Mimi in float32 beside a bfloat16 LM and feeds it the float32 frame;
+    the batched duplex step must not round the user's audio to the LM's bfloat16 first."""
+    model = zoo.load("moshi", random_weights="tiny", device="cpu", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and model.mimi.dtype == torch.float32
+    stepper = model.duplex_stepper(1)
+    handle = stepper.open({"seed": 0})
+    seen = []
+    encode = model.mimi.encode_step
+
+    def spy(state, x, **kwargs):
+        seen.append(x)
+        return encode(state, x, **kwargs)
+
+    model.mimi.encode_step = spy
+    frame = torch.from_numpy(REF["input_0"][:FRAME]).float().numpy()
+    stepper.step([handle], [frame])
+    del model.mimi.encode_step
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0][0, 0], torch.from_numpy(frame))

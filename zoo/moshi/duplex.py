@@ -104,7 +104,7 @@ class DuplexStepper(FrameChecks):
         user = self.user_frames(handles, frames)
         rows = [h.row for h in handles]
         ids = torch.tensor(rows)
-        x = torch.from_numpy(user).to(self.device, self.dtype)[:, None]
+        x = torch.from_numpy(user).to(self.device, self.mimi.dtype)[:, None]  # float32 beside a bf16 LM
         codes = self.mimi.encode_step(self.encoders, x, rows=ids)  # (B, K, 1)
         first = [h.row for h in handles if h.steps == 0]
         if first:  # the reference server's reset after a connection's first frame

@@ -146,6 +146,12 @@ class Mimi(nn.Module):
     def frame_samples(self) -> int:
         return self.config.frame_samples
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Mimi's precision: float32 beside a bfloat16 LM, as the reference loads it (its input
+        frames are cast to this, never to the LM's)."""
+        return next(self.parameters()).dtype
+
     def _stream(self, parts: list[nn.Module], rows: int) -> MimiStream:
         param = next(self.parameters())
         if not self._names:

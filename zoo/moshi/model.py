@@ -131,7 +131,7 @@ class Moshi(VoiceModel):
         handle = stepper.open({"seed": 0})
         rng = np.random.default_rng(0)
         frame = (0.1 * rng.standard_normal(FRAME_SAMPLES)).astype(np.float32)
-        x = torch.from_numpy(frame).to(self.device, self.mimi.encoder.model[0].conv.conv.weight.dtype)[None, None]
+        x = torch.from_numpy(frame).to(self.device, self.mimi.dtype)[None, None]
         enc, dec = self.mimi.encoder_stream(1), self.mimi.decoder_stream(1)
         codes = torch.zeros(1, self.mimi.num_codebooks, 1, dtype=torch.long, device=self.device)
 
