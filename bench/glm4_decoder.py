@@ -82,11 +82,12 @@ def blocks_of(tokens: list[int], sizes) -> list[list[int]]:
 
 
 class Timer:
-    """Seconds spent in the flow (wrapped on the instance) and in a whole block."""
+    """Seconds spent in the flow passes (replayed CUDA graphs or plain calls: the decoder's
+    ``flow_pass``, wrapped on the instance) and in a whole block."""
 
     def __init__(self, decoder: AudioDecoder) -> None:
         self.device, self.flow_seconds = decoder.device, 0.0
-        forward = decoder.flow.forward
+        self.graphs = forward = decoder.flow_pass  # zoo.core.graphs.ShapeGraphs
 
         def timed(*args):
             self.sync()
@@ -96,7 +97,7 @@ class Timer:
             self.flow_seconds += time.perf_counter() - start
             return out
 
-        decoder.flow.forward = timed
+        decoder.flow_pass = timed
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -143,6 +144,11 @@ def main() -> None:
     parser.add_argument("--modes", default="reference,seamless")
     parser.add_argument("--schedules", default="25,50,100,150,200;10,25,50,100,150,200",
                         help="block schedules, ';'-separated")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="streams per schedule and mode, the last one reported (CUDA graphs: a flow shape is "
+                             "captured the second time it is seen, so from the third stream on every block replays)")
+    parser.add_argument("--eager-too", action="store_true",
+                        help="also stream without CUDA graphs: eager_blocks and the largest sample difference")
     parser.add_argument("--out", type=Path, default=None, help="JSON results path")
     parser.add_argument("--no-seed-baseline", action="store_true",
                         help="skip the one pass with another noise seed (the SNR of an unrelated noise draw)")
@@ -158,11 +164,13 @@ def main() -> None:
     modes = args.modes.split(",")
     out = args.out or RESULTS / f"{date.today()}_glm4_decoder_{args.size}_{device.type}_{args.dtype}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    total = 2 + (not args.no_seed_baseline) + sum(len(blocks_of(tokens, s)) for s in schedules.values()) * len(modes)
+    streams = args.repeats + args.eager_too
+    total = 2 + (not args.no_seed_baseline) + sum(len(blocks_of(tokens, s)) for s in schedules.values()) * len(modes) * streams
     results = dict(machine=machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
                    device=str(device), dtype=args.dtype, size=args.size, tokens=args.tokens,
                    audio_seconds=args.tokens / TOKENS_PER_SECOND, torch=torch.__version__,
-                   threads=torch.get_num_threads(), date=str(date.today()), runs=[])
+                   threads=torch.get_num_threads(), date=str(date.today()), graphs=timer.graphs.enabled,
+                   repeats=args.repeats, runs=[])
     with tqdm(total=total, unit="decode", desc=f"glm4 decoder {args.size} {args.device} {args.dtype}") as progress:
         one_pass = {}
         for randomness in ("reference", "stream"):
@@ -184,11 +192,17 @@ def main() -> None:
                                    stream_randomness_vs_reference_mel_db=snr(one_pass["stream"]["mel"], one_pass["reference"]["mel"]))
         for name, sizes in schedules.items():
             for mode in modes:
-                run = run_stream(decoder, timer, tokens, sizes, mode, progress)
+                for _ in range(args.repeats):
+                    run = run_stream(decoder, timer, tokens, sizes, mode, progress)
                 audio, reference = run["audio"], one_pass["reference"]["audio"]
                 row = dict(schedule=name, mode=mode, samples=len(audio), one_pass_samples=len(reference),
                            snr_db=snr(audio, reference), spectral_snr_db=spectral_snr(audio, reference),
                            blocks=run["blocks"])
+                if args.eager_too:
+                    with timer.graphs.eager():
+                        eager = run_stream(decoder, timer, tokens, sizes, mode, progress)
+                    row["eager_blocks"] = eager["blocks"]
+                    row["max_abs_vs_eager"] = float(np.abs(audio - eager["audio"]).max()) if len(audio) else 0.0
                 if run["mel"] is not None:
                     row["snr_vs_stream_one_pass_db"] = snr(audio, one_pass["stream"]["audio"])
                     row["spectral_snr_vs_stream_one_pass_db"] = spectral_snr(audio, one_pass["stream"]["audio"])
@@ -209,9 +223,13 @@ def main() -> None:
                      f"{row['spectral_snr_vs_stream_one_pass_db']:.2f} dB spectral, {row['mel_snr_vs_stream_one_pass_db']:.2f} dB mel")
         print(f"{row['mode']:9s} {row['schedule']:21s} samples {row['samples']} / {row['one_pass_samples']}  "
               f"SNR {row['snr_db']:.2f} dB wave, {row['spectral_snr_db']:.2f} dB spectral{extra}")
-        for b in row["blocks"]:
-            print(f"    block {b['block']}: {b['tokens']:3d} tokens ({b['audio_s']:.2f} s audio) -> {b['samples']:7d} samples; "
-                  f"compute {b['compute_s']:.3f} s (flow {b['flow_s']:.3f} s, vocoder {b['vocoder_s']:.3f} s), RTF {b['rtf']:.3f}")
+        for label, blocks in (("", row["blocks"]), ("eager ", row.get("eager_blocks", []))):
+            for b in blocks:
+                print(f"    {label}block {b['block']}: {b['tokens']:3d} tokens ({b['audio_s']:.2f} s audio) -> "
+                      f"{b['samples']:7d} samples; compute {b['compute_s']:.3f} s (flow {b['flow_s']:.3f} s, "
+                      f"vocoder {b['vocoder_s']:.3f} s), RTF {b['rtf']:.3f}")
+        if "max_abs_vs_eager" in row:
+            print(f"    largest sample difference, graphs vs eager: {row['max_abs_vs_eager']:.3g}")
     out.write_text(json.dumps(dict(results, complete=True), indent=1))
     print("wrote", out)
 

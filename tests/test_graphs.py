@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.core.graphs import DecodeGraphs, batch_bucket
+from zoo.core.graphs import DecodeGraphs, ShapeGraphs, batch_bucket
 from zoo.core.kv_cache import KVCache, Rows
 from zoo.glm4_voice.engine import SlotEngine
 from zoo.glm4_voice.llm import load_llm
@@ -202,3 +202,59 @@ def test_moshi_bucketed_equals_exact_and_batch_n_equals_batch_1(tiny_moshi32):
     assert all(sum(t is not None for t in run) > 20 for run in exact)
     assert bucketed == exact
     assert alone == exact
+
+
+class StoodInGraphs(ShapeGraphs):
+    """ShapeGraphs with its CUDA capture stood in (CPU): a 'graph' reruns the captured function on
+    its static inputs and writes its static outputs, which is what a replay does."""
+
+    captures = 0
+
+    def _capture(self, run):
+        StoodInGraphs.captures += 1
+        outputs = run()
+
+        class Replay:
+            @staticmethod
+            def replay():
+                for static, new in zip(outputs, run()):
+                    static.copy_(new)
+
+        return Replay(), outputs
+
+
+def test_shape_graphs_capture_a_shape_seen_twice_and_replay_it_with_new_values():
+    """The bookkeeping around a capture: a signature runs plainly the first time, is captured the
+    second, replayed after; a replay reads the new inputs (copied into the static buffers) and its
+    result is the caller's own (the next replay does not change it); at most ``keep`` graphs."""
+    calls = []
+
+    def fn(a, b):
+        calls.append(a.shape)
+        return a * 2 + b, a.sum(dim=-1)
+
+    graphs = StoodInGraphs(fn, device="cpu", capture=False, keep=2)
+    graphs.capture = True  # as on CUDA, with the capture stood in
+    StoodInGraphs.captures = 0
+    x = [torch.full((1, n), float(n)) for n in (3, 4, 5)]
+    first = graphs(x[0], x[0])
+    assert StoodInGraphs.captures == 0 and not graphs.graphs
+    second = graphs(x[0] + 1, x[0])
+    assert StoodInGraphs.captures == 1
+    third = graphs(x[0] + 2, x[0])
+    assert StoodInGraphs.captures == 1
+    for out, a in ((first, x[0]), (second, x[0] + 1), (third, x[0] + 2)):
+        assert torch.equal(out[0], a * 2 + x[0]) and torch.equal(out[1], a.sum(dim=-1))
+    for n in (1, 2):  # two more signatures, each seen twice: the least recently used graph goes
+        graphs(x[n], x[n])
+        graphs(x[n], x[n])
+    assert StoodInGraphs.captures == 3 and len(graphs.graphs) == 2
+    assert ((torch.Size([1, 3]), torch.float32),) * 2 not in graphs.graphs
+    with graphs.eager():
+        before = len(calls)
+        assert torch.equal(graphs(x[2], x[2])[0], x[2] * 3) and len(calls) == before + 1
+
+
+def test_shape_graphs_need_cuda_to_capture():
+    with pytest.raises(ValueError, match="CUDA"):
+        ShapeGraphs(lambda x: x, device="cpu", capture=True)

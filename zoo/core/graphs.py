@@ -1,4 +1,5 @@
-"""One decode-step mechanism for every LLM in the zoo: batch-size buckets, padding, CUDA graphs.
+"""One decode-step mechanism for every LLM in the zoo: batch-size buckets, padding, CUDA graphs
+(``DecodeGraphs``); and ``ShapeGraphs``, a whole function captured per input shape (decoders).
 
 ``DecodeGraphs`` runs a model's ``decode(inputs, rows)`` (tensor operations only: no host reads)
 for one new token per cache row. It has three modes:
@@ -159,12 +160,86 @@ class DecodeGraphs:
         static_inputs = tuple(torch.zeros_like(x) for x in _as_tuple(inputs))
         static = _like(inputs, static_inputs)
         static_rows = Rows.placeholder(size, width, self.pad_row, self.device, ring=self.ring_context is not None)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # allocations and lazy initialisations happen outside the graph
-            self.decode(static, static_rows)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = self.decode(static, static_rows)
+        graph, outputs = _capture(lambda: self.decode(static, static_rows))
         return graph, static_inputs, static_rows, outputs
+
+
+def _capture(run: Callable[[], Outputs]) -> tuple[torch.cuda.CUDAGraph, Outputs]:
+    """``run`` (reading only static buffers) captured as a CUDA graph -> (graph, its static outputs).
+    It runs once on a side stream first, so that allocations and lazy initialisations (cuBLAS
+    handles, autotuning) happen outside the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = run()
+    return graph, outputs
+
+
+class ShapeGraphs:
+    """``fn(*tensors) -> outputs`` (tensor operations only; every shape inside follows from the
+    inputs' shapes) captured as one CUDA graph per distinct input signature and replayed: for a
+    network of many small kernels (GLM-4-Voice's flow decoder: an encoder, then ten estimator
+    passes) the host's launches cost more than the GPU's work. A signature is captured the second
+    time it is seen (a capture costs about two plain calls: a shape seen once, such as a reply's
+    last partial block, never pays it), and the ``keep`` most recently used graphs are kept (each
+    holds its own buffers). ``capture`` defaults to the device being CUDA; off, it is ``fn``
+    itself. A capture that fails warns once and calls run eagerly from then on."""
+
+    def __init__(self, fn: Callable[..., Outputs], *, device, capture: bool | None = None, keep: int = 16) -> None:
+        cuda = torch.device(device).type == "cuda"
+        self.fn, self.keep = fn, keep
+        self.capture = cuda if capture is None else capture
+        if self.capture and not cuda:
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.graphs: dict[tuple, tuple] = {}  # least recently used first
+        self.seen: dict[tuple, None] = {}  # signatures seen once, oldest first
+
+    @property
+    def enabled(self) -> bool:
+        return self.capture
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Plain calls inside the block (benchmarks compare them with the replays)."""
+        saved, self.capture = self.capture, False
+        try:
+            yield
+        finally:
+            self.capture = saved
+
+    def __call__(self, *inputs: torch.Tensor) -> Outputs:
+        if not self.capture:
+            return self.fn(*inputs)
+        key = tuple((x.shape, x.dtype) for x in inputs)
+        entry = self.graphs.pop(key, None)
+        if entry is None and key not in self.seen:
+            self.seen[key] = None
+            while len(self.seen) > 16 * self.keep:
+                del self.seen[next(iter(self.seen))]
+            return self.fn(*inputs)
+        if entry is None:
+            del self.seen[key]
+            static_inputs = tuple(x.clone() for x in inputs)
+            try:
+                entry = (*self._capture(lambda: self.fn(*static_inputs)), static_inputs)
+            except RuntimeError as err:
+                warnings.warn(f"CUDA graph capture failed ({err}); running without graphs", stacklevel=2)
+                self.capture = False
+                self.graphs.clear()
+                return self.fn(*inputs)
+            while len(self.graphs) >= self.keep:
+                del self.graphs[next(iter(self.graphs))]
+        self.graphs[key] = entry
+        graph, outputs, static_inputs = entry
+        for static, live in zip(static_inputs, inputs):
+            static.copy_(live)
+        graph.replay()
+        return _like(outputs, [x.clone() for x in _as_tuple(outputs)])  # the next replay overwrites them
+
+    @staticmethod
+    def _capture(run: Callable[[], Outputs]) -> tuple[torch.cuda.CUDAGraph, Outputs]:
+        return _capture(run)  # a method so that CPU tests can stand in for the CUDA capture

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 
 from ..core.checkpoints import load_strict
 from ..core.errors import WeightsNotFound
+from ..core.graphs import ShapeGraphs
 from ..core.streaming import StreamingModule, one_row_only
 from .decoder_config import DecoderConfig, read_config
 from .decoder_noise import ReferenceRandomness, StreamRandomness
@@ -53,10 +54,15 @@ def hift_published_state(hift: HiFTGenerator) -> dict:
 
 
 class AudioDecoder(StreamingModule[DecoderStream, Sequence[int], np.ndarray]):
-    def __init__(self, flow: MaskedDiffWithXvec, hift: HiFTGenerator, seed: int = DEFAULT_SEED) -> None:
+    def __init__(self, flow: MaskedDiffWithXvec, hift: HiFTGenerator, seed: int = DEFAULT_SEED, *,
+                 graphs: bool | None = None) -> None:
         self.flow, self.hift, self.seed = flow.eval(), hift.eval(), seed
         weight = flow.encoder_proj.weight
         self.device, self.dtype = weight.device, weight.dtype
+        # every flow pass (tokens, prompt mel, noise -> mel) goes through here: on a GPU a block's
+        # encoder and ten estimator passes replay as one CUDA graph per shape (``graphs``: default
+        # on CUDA) instead of thousands of launches; the block schedule repeats the shapes
+        self.flow_pass = ShapeGraphs(self.flow, device=self.device, capture=graphs)
         self.sample_rate = hift.config.sampling_rate
         self.samples_per_frame = hift.samples_per_frame
         self.mel_channels = flow.config.output_size
@@ -64,7 +70,8 @@ class AudioDecoder(StreamingModule[DecoderStream, Sequence[int], np.ndarray]):
         self.state_dtype = source_dtype(self.dtype)
 
     @classmethod
-    def load(cls, folder: str | Path, device=None, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED) -> AudioDecoder:
+    def load(cls, folder: str | Path, device=None, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED,
+             graphs: bool | None = None) -> AudioDecoder:
         """``folder`` holds the published files: config.yaml, flow.pt, hift.pt."""
         folder = Path(folder)
         missing = [name for name in DECODER_FILES if not (folder / name).is_file()]
@@ -77,7 +84,7 @@ class AudioDecoder(StreamingModule[DecoderStream, Sequence[int], np.ndarray]):
         load_strict(flow, folder / "flow.pt", hint)
         load_strict(hift, folder / "hift.pt", hint, rename=published_to_module_keys, published=module_to_published_keys)
         device = torch.device(device or "cpu")
-        return cls(flow.to(device=device, dtype=dtype), hift.to(device=device, dtype=dtype), seed)
+        return cls(flow.to(device=device, dtype=dtype), hift.to(device=device, dtype=dtype), seed, graphs=graphs)
 
     def num_samples(self, n_tokens: int) -> int:
         """Samples ``one_pass`` returns for ``n_tokens`` tokens."""
@@ -107,14 +114,14 @@ class AudioDecoder(StreamingModule[DecoderStream, Sequence[int], np.ndarray]):
             return (audio, mel) if return_mel else audio
         if randomness == "reference":
             rnd = ReferenceRandomness(seed, self.device)
-            mel = self.flow(tokens, self._empty_mel(), rnd.flow_noise(self.mel_channels, frames, self.dtype)).to(self.dtype)
+            mel = self.flow_pass(tokens, self._empty_mel(), rnd.flow_noise(self.mel_channels, frames, self.dtype)).to(self.dtype)
             phases = rnd.phases(self.harmonics, self.state_dtype)
             noise = rnd.source_noise(self.harmonics, frames * self.samples_per_frame, self.state_dtype)
             with parametrize.cached():
                 audio, _ = self.hift(mel, phases, noise)
         elif randomness == "stream":
             rnd = self._stream_randomness(seed)
-            mel = self.flow(tokens, self._empty_mel(), rnd.flow.frames(0, frames)).to(self.dtype)
+            mel = self.flow_pass(tokens, self._empty_mel(), rnd.flow.frames(0, frames)).to(self.dtype)
             vocoder = SeamlessVocoder(self.hift, rnd, lookahead=0)
             audio = vocoder.push(mel, final=True)
         else:

@@ -161,7 +161,7 @@ class SeamlessStream(DecoderStream):
         known = committed_end - offset  # window frames already committed
         prompt = self.committed[:, :, offset - self.committed_start :] if o.prompt else d._empty_mel()
         noise = self.rnd.flow.frames(offset, total_frames)
-        mel = d.flow(window_tokens, prompt, noise).to(d.dtype)[:, :, known:]
+        mel = d.flow_pass(window_tokens, prompt, noise).to(d.dtype)[:, :, known:]
         # blend the provisional frames of the previous block into their regenerated version
         n = min(o.crossfade_frames, self.provisional.size(-1), mel.size(-1))
         if n:

@@ -97,7 +97,7 @@ class ReferenceStream(DecoderStream):
         all_tokens = d._tokens(self.prompt_tokens + tokens)
         frames = d.flow.mel_frames(all_tokens.size(1))
         noise = rnd.flow_noise(d.mel_channels, frames, d.dtype)
-        mel = d.flow(all_tokens, prompt_mel, noise).to(d.dtype)[:, :, prompt_mel.size(-1):]
+        mel = d.flow_pass(all_tokens, prompt_mel, noise).to(d.dtype)[:, :, prompt_mel.size(-1):]
         if self.overlap is not None:
             mel = self._fade(mel, self.overlap)
         source_cache = None
