@@ -9,11 +9,19 @@ networks and loads the zoo's random weights into them (the references' own loade
 published weights), then drives the reference's own generation loop. The reference's
 dependencies must be importable; a missing one is reported by name before anything loads.
 
-Columns: TTFA p50/p95 (question audio in hand -> first audio chunk), decode step p50/p95 (the
-LLM's step: the reference's ``next_token_batch``, our ``Engine.step``), steady RTF (time / audio
-after the first chunk), sessions at real time (the reference serves one session at a time, so 1
-or 0; ours: the largest batch whose step keeps every session at real time, from a sweep) and peak
-GPU memory. Writes bench/results/<date>_compare_<model>_<size>_<device>.json and .md.
+Columns: TTFA p50/p95 (the input in hand -> the first audio out), step p50/p95 (the unit of
+generation: a turn-based model's LLM decode step, e.g. Mini-Omni's ``next_token_batch`` against our
+``Engine.step``; a duplex model's whole frame, e.g. Moshi's 80 ms or Hertz-dev's 125 ms: encode,
+the transformers, decode), RTF (compute time / audio time), sessions at real time (the references
+serve one session at a time, so 1 or 0; ours: the largest swept batch whose step keeps every
+session at real time) and peak GPU memory. Each model's module says exactly what it times. The
+Moshi and Hertz-dev rows also check that both sides ran the same weights (agreeing greedy outputs;
+each network's largest difference); Mini-Omni's token parity with its reference is
+tests/test_mini_omni_parity.py's.
+Writes bench/results/<date>_compare_<model>_<size>_<device>.json and .md.
+
+    python bench/compare.py --model moshi --reference /path/to/moshi --size tiny --device cpu
+    python bench/compare.py --model hertz-dev --reference /path/to/hertz-dev --size tiny --device cpu
 """
 from __future__ import annotations
 
