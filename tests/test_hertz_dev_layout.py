@@ -253,3 +253,44 @@ def test_card():
     assert card.input_sample_rate == card.output_sample_rate == 16000
     assert dict(card.components) == {"checkpoint": "si-pbc/hertz-dev"}
     assert np.isclose(card.frame_samples / card.output_sample_rate, 0.125)
+
+
+def test_duplex_sessions_hold_the_reference_servers_context_by_default():
+    """The reference inference_server.py caches 1024 positions in both transformers; so do our duplex
+    sessions by default (then they slide on, where that server stops). At full size in bfloat16
+    that is 0.625 GiB of KV cache per session, against 2 GiB at the trained 2048 / 8192 contexts:
+    the caches bound how many sessions a GPU holds (computed on the meta device)."""
+    import inspect
+
+    import torch
+
+    from zoo.hertz_dev.duplex import SERVER_CONTEXT, DuplexStepper
+    from zoo.hertz_dev.engine import Engine
+    from zoo.hertz_dev.model import HertzDev
+    from zoo.hertz_dev.random_weights import FULL_MAIN, FULL_QUANTIZER, FULL_RESYNTH
+    from zoo.hertz_dev.transformer import (
+        MAIN_CONTEXT,
+        RESYNTH_CONTEXT,
+        HertzLM,
+        LatentQuantizer,
+        MainConfig,
+        ResynthConfig,
+        Resynthesizer,
+    )
+
+    assert SERVER_CONTEXT == 1024
+    for factory in (DuplexStepper.__init__, HertzDev.duplex_stepper, HertzDev.duplex):
+        defaults = inspect.signature(factory).parameters
+        assert defaults["main_context"].default == defaults["resynth_context"].default == SERVER_CONTEXT
+    with torch.device("meta"):
+        main = HertzLM(MainConfig(**{**FULL_MAIN.__dict__, "split": True})).to(torch.bfloat16)
+        resynth = Resynthesizer(ResynthConfig(**{**FULL_RESYNTH.__dict__, "split": True})).to(torch.bfloat16)
+        quantizer = LatentQuantizer(FULL_QUANTIZER)
+
+    def per_session(main_context, resynth_context):
+        engine = Engine(main, resynth, quantizer, 1, main_context=main_context, resynth_context=resynth_context,
+                        out_channels=(1,))
+        return engine.nbytes() / 2**30
+
+    assert per_session(SERVER_CONTEXT, SERVER_CONTEXT) == 0.625
+    assert per_session(MAIN_CONTEXT, RESYNTH_CONTEXT) == 2.0

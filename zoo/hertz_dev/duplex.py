@@ -15,14 +15,18 @@ Batched serving (for server.py):
 one batched call each; handles join (``open``) and leave (``close``) between steps; any subset of
 the open handles may step together. A stepper is not thread-safe: call it from one worker thread.
 ``model.duplex()`` is a one-slot stepper. ``model.stepper(max_sessions)`` is the same for
-``respond()`` (zoo.core.scheduler protocol). Memory: the KV caches take 2 GiB per session slot in
-bfloat16 at the default contexts (``main_context`` x 0.5 MiB + ``resynth_context`` x 128 KiB);
-smaller contexts cost proportionally less (``stepper.nbytes()`` says what is held). Per step, only
+``respond()`` (zoo.core.scheduler protocol). Contexts: by default both transformers hold the
+reference server's 1024 positions (its ``init_cache(length=1024)``: 128 s), where that server stops
+with a full cache and a session here slides on (below). Memory: the KV caches take ``main_context``
+x 0.5 MiB + ``resynth_context`` x 128 KiB per session slot in bfloat16, 0.625 GiB at the default
+contexts (2 GiB at the trained 2048 / 8192 that ``respond()`` and the reference notebook use;
+``stepper.nbytes()`` says what is held): the caches, not compute, bound the sessions a GPU holds. Per step, only
 the model channel's output head and resynthesizer path are computed: the reference also predicts
 the user's channel and throws it away (so its random draws differ from ours; the deterministic
 mode is identical). Measured on an H200, bfloat16, random full-size weights: a step takes about
-35 ms for 1 session, 42 ms for 8, 64 ms for 32 (real time is 125 ms); a context slide adds ~75 ms
-once per 512 steps for that session.
+35 ms for 1 session, 42 ms for 8, 64 ms for 32 (real time is 125 ms); a context slide (a re-prefill
+of the last 3/4 of the context) added ~75 ms once per 512 steps at 2048 positions; at 1024 it comes
+once per 256 steps with half the latents to re-prefill.
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ from ..core.types import Options
 from .codec import FRAME, SAMPLE_RATE, sample_posterior
 from .engine import Engine, Slot
 from .options import HertzOptions
-from .transformer import MAIN_CONTEXT, RESYNTH_CONTEXT
+
+SERVER_CONTEXT = 1024  # the reference inference_server.py's KV-cache length, for both transformers
 
 
 @dataclass
@@ -67,8 +72,8 @@ class DuplexStepper(FrameChecks):
 
     frame_samples, sample_rate = FRAME, SAMPLE_RATE
 
-    def __init__(self, model, max_sessions: int, *, main_context: int = MAIN_CONTEXT,
-                 resynth_context: int = RESYNTH_CONTEXT, keep: float = 0.75, graphs: bool | None = None) -> None:
+    def __init__(self, model, max_sessions: int, *, main_context: int = SERVER_CONTEXT,
+                 resynth_context: int = SERVER_CONTEXT, keep: float = 0.75, graphs: bool | None = None) -> None:
         main, resynth = model.networks("split")
         self.model, self.codec = model, model.codec
         self.engine = Engine(main, resynth, model.quantizer, max_sessions, main_context=main_context,

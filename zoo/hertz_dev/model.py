@@ -67,10 +67,10 @@ from .checkpoint import (
     resolve,
 )
 from .codec import FRAME, SAMPLE_RATE, WaveCodec
-from .duplex import DuplexStepper
+from .duplex import SERVER_CONTEXT, DuplexStepper
 from .options import HertzOptions
 from .reply import Reply, ReplyStepper
-from .transformer import MAIN_CONTEXT, RESYNTH_CONTEXT, HertzLM, LatentQuantizer, Resynthesizer
+from .transformer import HertzLM, LatentQuantizer, Resynthesizer
 
 CARD = ModelCard(
     name="hertz-dev",
@@ -186,13 +186,13 @@ class HertzDev(VoiceModel):
 
     # -- full duplex --------------------------------------------------------------------------
     def duplex(self, options: HertzOptions | Mapping[str, Any] | None = None, *, prompt: AudioSource | None = None,
-               sample_rate: int | None = None, main_context: int = MAIN_CONTEXT,
-               resynth_context: int = RESYNTH_CONTEXT) -> OneSlotDuplex:
+               sample_rate: int | None = None, main_context: int = SERVER_CONTEXT,
+               resynth_context: int = SERVER_CONTEXT) -> OneSlotDuplex:
         stepper = DuplexStepper(self, 1, main_context=main_context, resynth_context=resynth_context)
         return OneSlotDuplex(stepper, stepper.open(options, prompt=prompt, sample_rate=sample_rate))
 
-    def duplex_stepper(self, max_sessions: int, *, main_context: int = MAIN_CONTEXT,
-                       resynth_context: int = RESYNTH_CONTEXT, keep: float = 0.75,
+    def duplex_stepper(self, max_sessions: int, *, main_context: int = SERVER_CONTEXT,
+                       resynth_context: int = SERVER_CONTEXT, keep: float = 0.75,
                        graphs: bool | None = None) -> DuplexStepper:
         return DuplexStepper(self, max_sessions, main_context=main_context, resynth_context=resynth_context, keep=keep,
                              graphs=graphs)
@@ -205,7 +205,7 @@ class HertzDev(VoiceModel):
         parts ``main_step`` and ``resynth_step`` (one position each); ``prefill``: the mono prompt
         of respond() (encode + prefill + first frame). Each keeps its own state; KV positions wrap
         at 512 to stay mid-context."""
-        stepper = DuplexStepper(self, 1, main_context=MAIN_CONTEXT, resynth_context=RESYNTH_CONTEXT)
+        stepper = DuplexStepper(self, 1)
         handle = stepper.open({"seed": 0})
         engine = stepper.engine
         slot = handle.slot
