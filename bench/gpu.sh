@@ -3,7 +3,7 @@
 # seeded random weights (the real compute cost). Each step has a name and its own time limit, and
 # a failed step does not stop the others. Results land in bench/results/ (and, when $OUT is set,
 # in $OUT/results.tar.gz with the log).
-#   bash bench/gpu.sh            # every step, newest questions first (limits add up to ~28 min)
+#   bash bench/gpu.sh            # every step, newest questions first (limits add up to ~29 min)
 #   bash bench/gpu.sh first      # the steps named in FIRST below: fits one 10-minute device call
 #   bash bench/gpu.sh rest       # the others
 #   bash bench/gpu.sh NAME ...   # just those steps
@@ -77,9 +77,9 @@ step mini-omni-graphs 75 python bench/decode_graphs.py --device cuda --size full
 reference_step compare-moshi 240 .refs/moshi/moshi/moshi/models/lm.py python bench/compare.py --model moshi \
     --reference .refs/moshi --size full --device cuda --dtype bfloat16 --repeats 3 --steps 40 --sessions 1 8 32 \
     --sweep-steps 10
-# Hertz-dev: its caches take 2 GiB a session, so 32 sessions do not fit an H100 beside both networks
+# Hertz-dev: 0.625 GiB of caches a session at the server's 1024-position context
 reference_step compare-hertz-dev 300 .refs/hertz-dev/model.py python bench/compare.py --model hertz-dev \
-    --reference .refs/hertz-dev --size full --device cuda --dtype bfloat16 --repeats 2 --steps 160 --sessions 1 4 8 16
+    --reference .refs/hertz-dev --size full --device cuda --dtype bfloat16 --repeats 2 --steps 160 --sessions 1 8 32 48
 reference_step compare-mini-omni 120 .refs/mini-omni/inference.py python bench/compare.py --model mini-omni \
     --reference .refs/mini-omni --size full --device cuda --repeats 2 --steps 40 --sessions 1 8 32 64
 # Mini-Omni2 (vision, #15): TTFA, steady RTF and the decode step with and without an image in one
@@ -91,7 +91,7 @@ step load-burst 120 python bench/load.py --spawn --full --dtype bfloat16 --clien
     --max-tokens 100
 # Mini-Omni stages (prefill: one forward for both rows on a GPU) and Hertz-dev duplex (graphs)
 step mini-omni-latency 75 python bench/latency.py --model mini-omni --size full --device cuda --dtype bfloat16 --repeats 5
-step hertz-duplex 90 python bench/duplex.py --model hertz-dev --device cuda --dtype bfloat16 --sessions 1 8 32
+step hertz-duplex 150 python bench/duplex.py --model hertz-dev --device cuda --dtype bfloat16 --sessions 1 8 32 48 64
 # GLM-4-Voice: decode steps over 1..32 sessions (graphs vs eager, padded to batch buckets)
 step glm-engine 100 python bench/glm4_engine.py --device cuda --dtype bfloat16 --batches 1 5 32
 # Measured on 2026-12-04 and unchanged since (run by hand when needed):
