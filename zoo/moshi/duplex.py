@@ -112,10 +112,12 @@ class DuplexStepper(FrameChecks):
         outs = self.generator.step(self.state, rows, codes[:, :, 0], [h.draw for h in handles])
         audio = np.zeros((len(handles), FRAME_SAMPLES), np.float32)
         ready = [i for i, out in enumerate(outs) if out is not None]
+        texts = {}
         if ready:
             tokens = torch.stack([outs[i] for i in ready])  # (R, 1 + dep_q)
             pcm = self.mimi.decode_step(self.decoders, tokens[:, 1:, None], rows=ids[ready])
             audio[ready] = pcm[:, 0].float().clamp(-1, 1).cpu().numpy()
+            texts = dict(zip(ready, tokens[:, 0].tolist()))  # one read for every session's text
         answers: list[np.ndarray | Exception] = []
         for i, h in enumerate(handles):
             h.error = h.error or h.draw.error
@@ -125,7 +127,7 @@ class DuplexStepper(FrameChecks):
                 continue
             h.steps += 1
             h.tokens = outs[i]
-            h.text = self.model.piece(int(outs[i][0])) if outs[i] is not None else ""
+            h.text = self.model.piece(texts[i]) if i in texts else ""
             answers.append(audio[i])
         return answers
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.devices import to_device
 from ..core.graphs import DecodeGraphs
 from ..core.kv_cache import KVCache
 from ..core.sampling import Sampling, UnusableLogits, is_zero_temperature, sample_rows
@@ -79,13 +80,20 @@ class LMState:
 
 
 class Generator:
+    """``step`` indexes every session's token ring at once: a handful of kernels per step whatever
+    the batch (one write per session and stream would be hundreds of launches on a GPU), with the
+    rows and offsets uploaded in one pinned copy and the streams' constants kept on the device."""
+
     def __init__(self, lm: MoshiLM) -> None:
         self.lm = lm
         c = lm.config
-        self.delays = list(c.delays)
         self.max_delay = max(c.delays)
-        initial = [c.text_card] + [c.card] * c.n_q
-        self.initial = torch.tensor(initial, dtype=torch.long)
+        device = lm.text_emb.weight.device
+        self.delays = torch.tensor(c.delays, device=device)  # per stream: text, Moshi's dep_q, the user's
+        self.initial = torch.tensor([c.text_card] + [c.card] * c.n_q, device=device)
+        self.streams = torch.arange(c.n_q + 1, device=device)
+        self.moshi = self.streams[: c.dep_q + 1]  # text and Moshi's codebooks
+        self.user = self.streams[c.dep_q + 1:]
 
     @torch.no_grad()
     def step(self, state: LMState, rows: Sequence[int], user_codes: torch.Tensor,
@@ -93,38 +101,29 @@ class Generator:
         """user_codes (B, n_q - dep_q) for session rows ``rows`` -> per row None (the first
         ``max_delay`` steps) or the step's output (1 + dep_q,): text token, Moshi's codebooks."""
         c, ring = self.lm.config, state.depth
-        device = state.tokens.device
         offsets = [state.offsets[r] for r in rows]
-        user = user_codes[:, : c.n_q - c.dep_q].to(device)
+        row, t = to_device(torch.tensor([list(rows), offsets]), state.tokens.device)
+        row = row[:, None]
         # the user's codes go where their delayed streams will read them
-        for i, (r, t) in enumerate(zip(rows, offsets)):
-            for k in range(c.n_q - c.dep_q):
-                stream = c.dep_q + 1 + k
-                state.tokens[r, stream, (t + self.delays[stream]) % ring] = user[i, k]
-        inputs = torch.stack([state.tokens[r, :, t % ring] for r, t in zip(rows, offsets)])  # (B, 1 + n_q)
-        initial = self.initial.to(device)
-        is_init = torch.tensor([[t <= d for d in self.delays] for t in offsets], device=device)
-        inputs = torch.where(is_init, initial, inputs)
+        user = user_codes[:, : c.n_q - c.dep_q].to(state.tokens.device)
+        state.tokens[row, self.user, (t[:, None] + self.delays[self.user]) % ring] = user
+        inputs = state.tokens[row, self.streams, (t % ring)[:, None]]  # (B, 1 + n_q)
+        inputs = torch.where(t[:, None] <= self.delays, self.initial, inputs)
         temporal, text_logits = state.graphs(inputs[:, :, None], list(rows), [state.cache.lengths[r] for r in rows])
         state.cache.advance(rows, 1)
-        unusable = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        unusable = torch.zeros(len(rows), dtype=torch.bool, device=inputs.device)
         text = pick(text_logits[:, 0], draws, True, unusable)
         audio = self._depformer(text, temporal, draws, unusable)
         for draw, bad in zip(draws, unusable.tolist()):  # the step's one host sync of the draws
             if bad and draw.error is None:
                 draw.error = UnusableLogits()
-        outs: list[torch.Tensor | None] = []
-        for i, (r, t) in enumerate(zip(rows, offsets)):
-            t += 1
-            state.offsets[r] = t
-            state.tokens[r, 0, t % ring] = text[i]
-            state.tokens[r, 1: c.dep_q + 1, t % ring] = audio[i]
-            if t <= self.max_delay:
-                outs.append(None)
-                continue
-            slots = [(t - self.max_delay + d) % ring for d in self.delays[: c.dep_q + 1]]
-            outs.append(state.tokens[r, torch.arange(c.dep_q + 1, device=device), torch.tensor(slots, device=device)])
-        return outs
+        t = t + 1
+        state.tokens[row, self.moshi, (t % ring)[:, None]] = torch.cat([text[:, None], audio], dim=1)
+        # each stream aligned by its delay (rows still within the delay read ring slots of no use)
+        out = state.tokens[row, self.moshi, (t[:, None] - self.max_delay + self.delays[self.moshi]) % ring]
+        for r in rows:
+            state.offsets[r] += 1
+        return [out[i] if offset + 1 > self.max_delay else None for i, offset in enumerate(offsets)]
 
     def _depformer(self, text: torch.Tensor, temporal: torch.Tensor, draws: Sequence[Draw],
                    unusable: torch.Tensor) -> torch.Tensor:
