@@ -11,11 +11,11 @@ bench/results/<date>_decode_graphs_<size>_<device>_<dtype>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
-import warnings
 from datetime import date
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from zoo.mini_omni.engine import Engine, Session
 from zoo.mini_omni.prompts import TASKS, audio_question
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import RESULTS, machine, sync  # noqa: E402
+from latency import RESULTS, HostSyncs, machine, sync  # noqa: E402
 
 
 def run(model, engine: Engine, batch: int, steps: int, device) -> tuple[list[float], list, int]:
@@ -40,25 +40,19 @@ def run(model, engine: Engine, batch: int, steps: int, device) -> tuple[list[flo
         sessions.append(Session(task, audio_question(task, n), features, model.options({"top_k": 1}),
                                 max_outputs=steps + 4))
     engine.start_many(sessions)
-    times, syncs = [], 0
+    times, syncs = [], HostSyncs(device)
     for i in range(steps):
         sync(device)
         started = time.perf_counter()
-        if device.type == "cuda" and i >= 2:
-            torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with syncs if i >= 2 else contextlib.nullcontext():  # after the captures
             engine.step(sessions)
-        if device.type == "cuda":
-            torch.cuda.set_sync_debug_mode("default")
         sync(device)
         if i >= 2:
             times.append((time.perf_counter() - started) * 1000)
-            syncs += sum("synchroniz" in str(w.message) for w in caught)
     outputs = [s.outputs for s in sessions]
     for s in sessions:
         engine.release(s)
-    return times, outputs, round(syncs / max(1, steps - 2), 2)
+    return times, outputs, round(syncs.count / max(1, steps - 2), 2)
 
 
 def main(argv=None) -> int:

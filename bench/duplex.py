@@ -7,13 +7,15 @@ weights (full size by default: the real compute cost).
 For each number of concurrent sessions: the median (and p90) time of one batched step of every
 session at once through the model's ``duplex_stepper`` (one ``card.frame_samples`` frame each:
 125 ms for Hertz-dev, 80 ms for Moshi; the whole step: codec encode, transformers, sampling,
-codec decode) and whether it keeps real time (a step under the frame's duration). The frame and
+codec decode), whether it keeps real time (a step under the frame's duration) and, on CUDA, the
+host synchronisations per step (each stalls the host until the GPU has caught up). The frame and
 everything else come from the card. Writes
 bench/results/<date>_<model>_duplex_<size>_<device>_<dtype>.json and prints it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from latency import machine, sync  # bench/ is the script's own folder: python bench/duplex.py
+from latency import HostSyncs, machine, sync  # bench/ is the script's own folder: python bench/duplex.py
 from tqdm import tqdm
 
 import zoo
@@ -31,25 +33,29 @@ import zoo
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def step_times(stepper, count: int, steps: int, device: torch.device, out_samples: int) -> tuple[float, float]:
+def step_times(stepper, count: int, steps: int, device: torch.device,
+               out_samples: int) -> tuple[float, float, float | None]:
     """Median and p90 ms of ``steps`` batched steps of ``count`` sessions (3 warm-up steps first:
-    captures, allocations), each step a fresh frame of noise per session."""
+    captures, allocations), each step a fresh frame of noise per session, and the host
+    synchronisations per step (CUDA only; each one stalls the host until the GPU catches up)."""
     frame_samples = stepper.frame_samples
     rng = np.random.default_rng(0)
     handles = [stepper.open({"seed": i}) for i in range(count)]
-    times = []
+    times, syncs = [], HostSyncs(device)
     for step in range(steps + 3):
         frames = [(0.1 * rng.standard_normal(frame_samples)).astype(np.float32) for _ in handles]
         sync(device)
         start = time.perf_counter()
-        outputs = stepper.step(handles, frames)
+        with syncs if step >= 3 else contextlib.nullcontext():
+            outputs = stepper.step(handles, frames)
         sync(device)
         if step >= 3:
             times.append((time.perf_counter() - start) * 1000)
     assert all(isinstance(o, np.ndarray) and o.shape == (out_samples,) for o in outputs), outputs
     for handle in handles:
         stepper.close(handle)
-    return statistics.median(times), float(np.percentile(times, 90))
+    per_step = round(syncs.count / steps, 1) if syncs.measured else None
+    return statistics.median(times), float(np.percentile(times, 90)), per_step
 
 
 def main(argv=None) -> int:
@@ -76,8 +82,9 @@ def main(argv=None) -> int:
     for count in tqdm(args.sessions, desc="sessions", unit="batch"):
         # the same frames for both runs (seeded); each stepper holds only this count's caches (32 sessions of
         # Moshi at full size take ~50 GB: two steppers of the largest count would not fit)
-        median, p90 = step_times(model.duplex_stepper(count), count, args.steps, device, out_samples)
-        row = {"sessions": count, "step_ms": round(median, 2), "p90_ms": round(p90, 2), "real_time": median < frame_ms}
+        median, p90, syncs = step_times(model.duplex_stepper(count), count, args.steps, device, out_samples)
+        row = {"sessions": count, "step_ms": round(median, 2), "p90_ms": round(p90, 2), "real_time": median < frame_ms,
+               "host_syncs_per_step": syncs}
         if args.eager_too:
             eager = model.duplex_stepper(count, graphs=False)
             row["eager_step_ms"] = round(step_times(eager, count, args.steps, device, out_samples)[0], 2)

@@ -27,6 +27,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from datetime import date
 from pathlib import Path
 
@@ -58,6 +59,29 @@ def machine() -> str:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+class HostSyncs:
+    """Counts the host synchronisations of the code run inside ``with counter:`` (CUDA's sync
+    debug mode: every blocking read, pageable copy or stream wait warns); nothing on CPU, where
+    ``count`` stays 0 and ``measured`` False."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.measured, self.count = device.type == "cuda", 0
+
+    def __enter__(self) -> HostSyncs:
+        if self.measured:
+            self._caught = warnings.catch_warnings(record=True)
+            self._seen = self._caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.measured:
+            torch.cuda.set_sync_debug_mode("default")
+            self._caught.__exit__(*exc)
+            self.count += sum("synchroniz" in str(w.message) for w in self._seen)
 
 
 def cap_device_memory(device: torch.device, gib: float | None) -> None:
