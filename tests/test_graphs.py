@@ -249,10 +249,21 @@ def test_shape_graphs_capture_a_shape_seen_twice_and_replay_it_with_new_values()
         graphs(x[n], x[n])
         graphs(x[n], x[n])
     assert StoodInGraphs.captures == 3 and len(graphs.graphs) == 2
-    assert ((torch.Size([1, 3]), torch.float32),) * 2 not in graphs.graphs
+    assert (((torch.Size([1, 3]), torch.float32),) * 2, ()) not in graphs.graphs
     with graphs.eager():
         before = len(calls)
         assert torch.equal(graphs(x[2], x[2])[0], x[2] * 3) and len(calls) == before + 1
+
+
+def test_shape_graphs_keep_one_graph_per_static_setting():
+    """Settings that shape the computation (not tensors) are part of the signature: a graph
+    captured with one is never replayed for another."""
+    shifted = StoodInGraphs(lambda a, *, shift: a + shift, device="cpu", capture=False)
+    shifted.capture = True
+    a = torch.arange(3.0)
+    for shift in (1, 2, 1, 2, 1, 2):
+        assert torch.equal(shifted(a, shift=shift), a + shift)
+    assert len(shifted.graphs) == 2
 
 
 def test_shape_graphs_need_cuda_to_capture():

@@ -211,32 +211,34 @@ class ShapeGraphs:
         finally:
             self.capture = saved
 
-    def __call__(self, *inputs: torch.Tensor) -> Outputs:
+    def __call__(self, *inputs: torch.Tensor, **static) -> Outputs:
+        """``fn(*inputs, **static)``: ``static`` (hashable settings that shape the computation,
+        not tensors) is part of a graph's signature with the inputs' shapes and dtypes."""
         if not self.capture:
-            return self.fn(*inputs)
-        key = tuple((x.shape, x.dtype) for x in inputs)
+            return self.fn(*inputs, **static)
+        key = (tuple((x.shape, x.dtype) for x in inputs), tuple(sorted(static.items())))
         entry = self.graphs.pop(key, None)
         if entry is None and key not in self.seen:
             self.seen[key] = None
             while len(self.seen) > 16 * self.keep:
                 del self.seen[next(iter(self.seen))]
-            return self.fn(*inputs)
+            return self.fn(*inputs, **static)
         if entry is None:
             del self.seen[key]
             static_inputs = tuple(x.clone() for x in inputs)
             try:
-                entry = (*self._capture(lambda: self.fn(*static_inputs)), static_inputs)
+                entry = (*self._capture(lambda: self.fn(*static_inputs, **static)), static_inputs)
             except RuntimeError as err:
                 warnings.warn(f"CUDA graph capture failed ({err}); running without graphs", stacklevel=2)
                 self.capture = False
                 self.graphs.clear()
-                return self.fn(*inputs)
+                return self.fn(*inputs, **static)
             while len(self.graphs) >= self.keep:
                 del self.graphs[next(iter(self.graphs))]
         self.graphs[key] = entry
         graph, outputs, static_inputs = entry
-        for static, live in zip(static_inputs, inputs):
-            static.copy_(live)
+        for buffer, live in zip(static_inputs, inputs):
+            buffer.copy_(live)
         graph.replay()
         return _like(outputs, [x.clone() for x in _as_tuple(outputs)])  # the next replay overwrites them
 

@@ -64,24 +64,70 @@ def sample_rows(logits: torch.Tensor, sessions: Sequence[Sampling]) -> tuple[tor
     whole vocabulary, unsorted, when no drawing session narrows it by top-k or top-p). A
     session's E is drawn on the logits' device by its own generator, or, when that lives on the
     host, by one seeded from it: a session's draw never depends on its batch companions, no noise
-    crosses from the host and no draw waits for the device."""
-    shape, vocab, device = logits.shape[:-1], logits.size(-1), logits.device
-    B = len(sessions)
-    logits = logits.float().reshape(-1, vocab)
-    per = logits.size(0) // B  # rows of each session
-    unusable = (logits.isnan() | (logits == float("inf"))).any(dim=-1).view(B, per).any(dim=-1)
-    best = logits.argmax(dim=-1)
+    crosses from the host and no draw waits for the device. The three parts (``plan``,
+    ``draw_noise``, ``race``) serve a caller that draws the noise of several draws at once and
+    races them inside a captured CUDA graph (Moshi's codebooks)."""
+    B, vocab = len(sessions), logits.size(-1)
+    per = logits[..., 0].numel() // B  # rows of each session
     if all(s.greedy for s in sessions):
-        return best.view(shape), unusable
-    drawing = [s for s in sessions if not s.greedy]
-    width = max(vocab if s.top_k is None else min(s.top_k, vocab) for s in drawing)
-    # every row's settings in one pinned copy: a plain one from the host would wait for the
-    # forward still queued on the device (a host sync per step); k as float is exact below 2**24
-    settings = to_device(torch.tensor([[max(s.temperature, MIN_TEMPERATURE),
-                                        vocab if s.top_k is None else min(s.top_k, vocab), s.top_p, s.greedy]
-                                       for s in sessions for _ in range(per)]), device)
+        return logits.argmax(dim=-1), unusable_rows(logits.reshape(B, per, vocab))
+    plan = Plan.of(sessions, vocab, per, logits.device)
+    return race(logits, plan.settings, draw_noise(sessions, per, plan.width, logits.device), narrow=plan.narrow)
+
+
+class Plan(NamedTuple):
+    """A batch's draw as the host decides it: every row's settings on the device (temperature, k,
+    top-p, greedy: (B * rows, 4), uploaded in one pinned copy, since a plain copy from the host
+    would wait for the forward still queued on the device), the candidates' width and whether
+    they are narrowed (sorted by top-k / top-p) at all."""
+
+    settings: torch.Tensor
+    width: int
+    narrow: bool
+
+    @classmethod
+    def of(cls, sessions: Sequence[Sampling], vocab: int, per: int, device) -> Plan:
+        drawing = [s for s in sessions if not s.greedy]
+        width = max((vocab if s.top_k is None else min(s.top_k, vocab) for s in drawing), default=1)
+        narrow = width < vocab or any(s.top_p < 1.0 for s in drawing)
+        settings = torch.tensor([[max(s.temperature, MIN_TEMPERATURE), vocab if s.top_k is None else min(s.top_k, vocab),
+                                  s.top_p, s.greedy] for s in sessions for _ in range(per)])  # k exact below 2**24
+        return cls(to_device(settings, device), width, narrow)
+
+
+def draw_noise(sessions: Sequence[Sampling], per: int, width: int, device) -> torch.Tensor:
+    """(B, per, width) Exp(1) noise, each session's from its own generator (ones for greedy ones):
+    one call per session however many rows it draws."""
+    noise = torch.ones(len(sessions), per, width, device=device)
+    source = None  # a generator on the device, for sessions whose own lives elsewhere
+    for i, session in enumerate(sessions):
+        if session.greedy:
+            continue
+        generator = session.generator
+        if generator is not None and generator.device != noise.device:
+            if source is None:
+                source = torch.Generator(device=device)  # this call's own: other threads have theirs
+            source.manual_seed(int(torch.randint(2**62, (), generator=generator)))  # a host draw: no sync
+            generator = source
+        noise[i].exponential_(generator=generator)
+    return noise
+
+
+def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(B, rows, vocab) -> (B,): the sessions with a NaN or +inf among their logits."""
+    return (logits.isnan() | (logits == float("inf"))).flatten(1).any(dim=-1)
+
+
+def race(logits: torch.Tensor, settings: torch.Tensor, noise: torch.Tensor, *, narrow: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_rows`` given its ``Plan``'s settings and ``noise`` (B, rows, width): tensor
+    operations only (no host reads: a CUDA graph can capture it) -> (ids, unusable (B,))."""
+    shape, vocab, device = logits.shape[:-1], logits.size(-1), logits.device
+    B, per, width = noise.shape
+    logits = logits.float().reshape(-1, vocab)
+    unusable = unusable_rows(logits.view(B, per, vocab))
+    best = logits.argmax(dim=-1)
     temperature, k, top_p, greedy = (column[:, None] for column in settings.unbind(dim=1))
-    if width == vocab and all(s.top_p >= 1.0 for s in drawing):  # every token a candidate: no sort
+    if not narrow:  # every token a candidate: no sort
         candidates, probs = None, (logits / temperature).softmax(dim=-1)
     else:
         values, candidates = logits.topk(width, dim=-1)  # descending
@@ -93,18 +139,6 @@ def sample_rows(logits: torch.Tensor, sessions: Sequence[Sampling]) -> tuple[tor
         outside_p = from_here <= 1.0 - top_p
         outside_p[:, 0] = False
         probs = probs.masked_fill(outside_p, 0.0)
-    noise = torch.ones(B, per, width, device=device)
-    source = None  # a generator on the logits' device, for sessions whose own lives elsewhere
-    for i, session in enumerate(sessions):
-        if session.greedy:
-            continue
-        generator = session.generator
-        if generator is not None and generator.device != noise.device:
-            if source is None:
-                source = torch.Generator(device=device)  # this call's own: other threads have theirs
-            source.manual_seed(int(torch.randint(2**62, (), generator=generator)))  # a host draw: no sync
-            generator = source
-        noise[i].exponential_(generator=generator)
     drawn = (probs / noise.view(B * per, width)).argmax(dim=-1)
     if candidates is not None:
         drawn = candidates.gather(-1, drawn[:, None]).squeeze(-1)

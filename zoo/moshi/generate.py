@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from ..core.devices import to_device
-from ..core.graphs import DecodeGraphs
+from ..core.graphs import DecodeGraphs, ShapeGraphs
 from ..core.kv_cache import KVCache
-from ..core.sampling import Sampling, UnusableLogits, is_zero_temperature, sample_rows
+from ..core.sampling import Plan, Sampling, UnusableLogits, draw_noise, is_zero_temperature, race, sample_rows
 from .lm import MoshiLM
 from .options import MoshiOptions
 
@@ -68,6 +69,9 @@ class LMState:
         self.graphs = DecodeGraphs(lambda tokens, rows: lm.forward_text(tokens, self.cache, rows),
                                    pad_row=self.cache.scratch, max_len=context, ring_context=context,
                                    device=device, capture=graphs, buckets=buckets)
+        # the depth transformer's dep_q codebook steps with their draws, one CUDA graph per batch
+        # size on a GPU (each step samples the next one's input: eagerly, hundreds of launches)
+        self.depformer = ShapeGraphs(partial(codebooks, lm), device=device, capture=graphs)
 
     def reset(self, rows: Sequence[int]) -> None:
         for r in rows:
@@ -113,7 +117,7 @@ class Generator:
         state.cache.advance(rows, 1)
         unusable = torch.zeros(len(rows), dtype=torch.bool, device=inputs.device)
         text = pick(text_logits[:, 0], draws, True, unusable)
-        audio = self._depformer(text, temporal, draws, unusable)
+        audio = self._depformer(text, temporal, draws, unusable, state)
         for draw, bad in zip(draws, unusable.tolist()):  # the step's one host sync of the draws
             if bad and draw.error is None:
                 draw.error = UnusableLogits()
@@ -126,13 +130,30 @@ class Generator:
         return [out[i] if offset + 1 > self.max_delay else None for i, offset in enumerate(offsets)]
 
     def _depformer(self, text: torch.Tensor, temporal: torch.Tensor, draws: Sequence[Draw],
-                   unusable: torch.Tensor) -> torch.Tensor:
-        """Moshi's codebooks of this step, one after the other (B, dep_q)."""
-        lm = self.lm
-        past = [[] for _ in lm.depformer.layers]
-        previous, tokens = text, []
-        for step in range(lm.config.dep_q):
-            logits = lm.depformer_logits(step, previous, temporal, past)
-            previous = pick(logits, draws, False, unusable)
-            tokens.append(previous)
-        return torch.stack(tokens, dim=1)
+                   unusable: torch.Tensor, state: LMState) -> torch.Tensor:
+        """Moshi's codebooks of this step (B, dep_q): every session's noise for all of them drawn
+        first (one call each), then the codebooks one after the other (``codebooks``)."""
+        c = self.lm.config
+        sessions = [d.sampling(False) for d in draws]
+        plan = Plan.of(sessions, c.card, c.dep_q, text.device)
+        noise = draw_noise(sessions, c.dep_q, plan.width, text.device)
+        audio, bad = state.depformer(text, temporal, plan.settings, noise, narrow=plan.narrow)
+        unusable |= bad
+        return audio
+
+
+def codebooks(lm: MoshiLM, text: torch.Tensor, temporal: torch.Tensor, settings: torch.Tensor, noise: torch.Tensor,
+              *, narrow: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The depth transformer's codebooks after the text token (B,), given the temporal output
+    (B, 1, dim), the draws' settings and noise (zoo.core.sampling.Plan, draw_noise) -> (tokens
+    (B, dep_q), unusable (B,)): tensor operations only, so a CUDA graph can capture it."""
+    c = lm.config
+    past = [[] for _ in lm.depformer.layers]
+    previous, tokens, unusable = text, [], torch.zeros_like(text, dtype=torch.bool)
+    rows = settings.view(-1, c.dep_q, settings.size(-1))
+    for step in range(c.dep_q):
+        logits = lm.depformer_logits(step, previous, temporal, past)
+        previous, bad = race(logits, rows[:, step], noise[:, step : step + 1], narrow=narrow)
+        unusable = unusable | bad
+        tokens.append(previous)
+    return torch.stack(tokens, dim=1), unusable
