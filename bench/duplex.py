@@ -34,10 +34,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def step_times(stepper, count: int, steps: int, device: torch.device,
-               out_samples: int) -> tuple[float, float, float | None]:
+               out_samples: int) -> tuple[float, float, float | None, np.ndarray]:
     """Median and p90 ms of ``steps`` batched steps of ``count`` sessions (3 warm-up steps first:
-    captures, allocations), each step a fresh frame of noise per session, and the host
-    synchronisations per step (CUDA only; each one stalls the host until the GPU catches up)."""
+    captures, allocations), each step a fresh frame of noise per session, the host
+    synchronisations per step (CUDA only; each one stalls the host until the GPU catches up) and
+    the last step's audio (count, samples)."""
     frame_samples = stepper.frame_samples
     rng = np.random.default_rng(0)
     handles = [stepper.open({"seed": i}) for i in range(count)]
@@ -55,7 +56,7 @@ def step_times(stepper, count: int, steps: int, device: torch.device,
     for handle in handles:
         stepper.close(handle)
     per_step = round(syncs.count / steps, 1) if syncs.measured else None
-    return statistics.median(times), float(np.percentile(times, 90)), per_step
+    return statistics.median(times), float(np.percentile(times, 90)), per_step, np.stack(outputs)
 
 
 def main(argv=None) -> int:
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--eager-too", action="store_true",
-                   help="also time exact eager steps (graphs=False) at each count: eager_step_ms beside step_ms")
+                   help="also time exact eager steps (graphs=False) at each count: eager_step_ms beside step_ms, "
+                        "and the largest difference of the last step's audio (max_abs_vs_eager)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.threads:
@@ -82,12 +84,14 @@ def main(argv=None) -> int:
     for count in tqdm(args.sessions, desc="sessions", unit="batch"):
         # the same frames for both runs (seeded); each stepper holds only this count's caches (32 sessions of
         # Moshi at full size take ~50 GB: two steppers of the largest count would not fit)
-        median, p90, syncs = step_times(model.duplex_stepper(count), count, args.steps, device, out_samples)
+        median, p90, syncs, audio = step_times(model.duplex_stepper(count), count, args.steps, device, out_samples)
         row = {"sessions": count, "step_ms": round(median, 2), "p90_ms": round(p90, 2), "real_time": median < frame_ms,
                "host_syncs_per_step": syncs}
-        if args.eager_too:
-            eager = model.duplex_stepper(count, graphs=False)
-            row["eager_step_ms"] = round(step_times(eager, count, args.steps, device, out_samples)[0], 2)
+        if args.eager_too:  # the same seeds and frames: the same audio, unless a graph computes otherwise
+            eager_ms, _, _, eager_audio = step_times(model.duplex_stepper(count, graphs=False), count, args.steps,
+                                                     device, out_samples)
+            row["eager_step_ms"] = round(eager_ms, 2)
+            row["max_abs_vs_eager"] = float(np.abs(audio - eager_audio).max())
         rows.append(row)
     result = {
         "model": args.model, "size": args.size, "device": str(device),

@@ -56,7 +56,8 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 # -- FIRST: the open questions of #16 and #14 ----------------------------------------------------
 # Moshi duplex steps (#16): ms per 80 ms step for 1, 8 and 32 sessions at full size (7.7B, bf16,
 # seeded random weights built on the host first: about a minute); 32 sessions' caches take ~50 GB;
-# the temporal transformer's CUDA graphs (the default) beside exact eager steps (--eager-too)
+# the CUDA graphs (the default: the temporal step, and the depth transformer's codebooks with their
+# draws) beside exact eager steps (--eager-too: times, and the audio's largest difference)
 step moshi-duplex 180 python bench/duplex.py --model moshi --device cuda --dtype bfloat16 --sessions 1 8 32 --eager-too
 # GLM-4-Voice on a 12 GB card (#14 item 4): the int4 LLM drawn and packed layer by layer under an
 # 11.5 GiB cap (a 12 GB card less its CUDA context), its token agreement with the same network in

@@ -246,4 +246,6 @@ def test_the_duplex_bench_times_graph_and_eager_steps_for_every_duplex_model(nam
     result = json.loads(next(tmp_path.glob(f"*_{name}_duplex_tiny_cpu_float32.json")).read_text())
     assert [r["sessions"] for r in result["rows"]] == [1, 2]
     assert all(r["step_ms"] > 0 and r["eager_step_ms"] > 0 for r in result["rows"])
+    # on CPU both are eager: the same seeds and frames give the same audio
+    assert all(r["max_abs_vs_eager"] == 0.0 for r in result["rows"])
     assert result["frame_ms"] == 1000 * zoo.card(name).frame_samples / zoo.card(name).input_sample_rate
