@@ -77,8 +77,7 @@ class DuplexStepper(FrameChecks):
         main, resynth = model.networks("split")
         self.model, self.codec = model, model.codec
         self.engine = Engine(main, resynth, model.quantizer, max_sessions, main_context=main_context,
-                             resynth_context=resynth_context, out_channels=(1,), keep=keep, record_tokens=8,
-                             graphs=graphs)
+                             resynth_context=resynth_context, out_channels=(1,), keep=keep, graphs=graphs)
         self.device, self.dtype = self.engine.device, self.engine.dtype
         self.encoding, self.decoding = self.codec.streaming_encoder, self.codec.streaming_decoder
         self.encoders = self.encoding.new_state(2 * max_sessions)  # row 2r: user, 2r + 1: model

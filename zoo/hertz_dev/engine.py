@@ -151,8 +151,13 @@ class Engine:
             if T > self.main_context or T > self.resynth_context:
                 raise ValueError(f"{T} prompt latents do not fit the context ({self.main_context} main)")
             slot.push(x)
-        tokens = self.main_step(slots, latents)
+        tokens, unusable = self.main_step(slots, latents)
         out = self.resynth_step(slots, latents, tokens)
+        # read back only now, with the resynthesizer's work already queued behind it
+        for slot, bad in zip(slots, unusable.tolist()):
+            if bad:  # that slot alone fails; its row kept the batch's shape
+                with isolate(slot):
+                    raise UnusableLogits()
         if self.record_tokens:
             for slot, t in zip(slots, tokens.tolist()):
                 slot.tokens.append(t)
@@ -173,8 +178,12 @@ class Engine:
                 prefills.append((i, keep))
         return steps, prefills
 
-    def main_step(self, slots: list[Slot], latents: torch.Tensor) -> torch.Tensor:
-        """Main model over the slots' new latents -> sampled next FSQ indices (B, out channels)."""
+    def main_step(self, slots: list[Slot], latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Main model over the slots' new latents -> (next FSQ indices (B, out channels), which
+        slots' logits were unusable (B,), on the device). The indices are drawn as the reference's
+        next_latent draws them, softmax(logits / temperature), every slot with its own generator in
+        one pass (zoo.core.sampling.sample_rows; argmax at temperature 0; top-k / top-p when set,
+        which the reference has none of)."""
         B, T, _ = latents.shape
         steps, prefills = self._plan(slots, T, lambda s: s.main_len, self.main_context, self.keep_main)
         logits: list[torch.Tensor | None] = [None] * B
@@ -190,7 +199,7 @@ class Engine:
             out = self.main(x, self.main_cache, rows, self.main_rope, self.out_channels)
             logits[i] = torch.stack([o[0] for o in out])
             slots[i].main_len = x.size(1)
-        return self._tokens(slots, torch.stack(logits))
+        return sample_rows(torch.stack(logits), [Sampling.of(slot.options, slot.generator) for slot in slots])
 
     def resynth_step(self, slots: list[Slot], latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Resynthesizer told the next tokens -> sampled next latents (B, out channels, 32)."""
@@ -225,19 +234,6 @@ class Engine:
         return tuple(o.transpose(0, 1) for o in out)
 
     # -- sampling (the reference's next_latent / temp_sample, with a per-slot generator) ------
-    @staticmethod
-    def _tokens(slots: list[Slot], logits: torch.Tensor) -> torch.Tensor:
-        """logits (B, channels, vocab) -> (B, channels): every slot's softmax(logits / temperature)
-        draw in one pass (zoo.core.sampling.sample_rows, each slot its own generator), argmax at
-        temperature 0 (top_k / top_p when set; the reference has none). A slot whose logits were
-        unusable fails alone; its row keeps the batch's shape."""
-        tokens, unusable = sample_rows(logits, [Sampling.of(slot.options, slot.generator) for slot in slots])
-        for slot, bad in zip(slots, unusable.tolist()):
-            if bad:
-                with isolate(slot):
-                    raise UnusableLogits()
-        return tokens
-
     @staticmethod
     def _latents(slots: list[Slot], locs, scales, weights) -> torch.Tensor:
         """Mixtures (B, channels, K, Z), (B, channels, K, Z), (B, channels, K) -> (B, channels, Z):
