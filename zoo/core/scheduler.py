@@ -37,9 +37,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -70,6 +70,20 @@ def isolate(session: Failable) -> Iterator[None]:
         if session.error is None:
             session.error = err
         session.done = True
+
+
+F = TypeVar("F", bound=Failable)
+
+
+def admit_each(sessions: Sequence[F], admit: Callable[[F], None]) -> list[F]:
+    """The sessions ``admit`` accepted, in order; one it raises for ends alone (``isolate``): a
+    batched start (``start_many``) goes on with the others."""
+    admitted = []
+    for session in sessions:
+        with isolate(session):
+            admit(session)
+            admitted.append(session)
+    return admitted
 
 
 @dataclass

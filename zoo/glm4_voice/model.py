@@ -28,7 +28,7 @@ from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError
 from ..core.quantize import QUANTIZED
 from ..core.sampling import Sampling, UnusableLogits, sample_rows
-from ..core.scheduler import OneSlotSteppers, isolate
+from ..core.scheduler import OneSlotSteppers, admit_each, isolate
 from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from .decoder import DECODER_FILES, AudioDecoder
 from .engine import SlotEngine
@@ -221,11 +221,7 @@ class ReplyStepper:
         """zoo.core.types.BatchStarter: the arrivals' prompts in one forward (SlotEngine.prefill_many),
         their first ids drawn in one call as ``step`` draws them. A job that cannot start (no free
         slot, a prompt longer than the context) gets its own error; the others start."""
-        admitted = []
-        for job in jobs:
-            with isolate(job):
-                self._admit(job)
-                admitted.append(job)
+        admitted = admit_each(jobs, self._admit)
         if admitted:
             choose_all(admitted, self.engine.prefill_many([job.slot for job in admitted],
                                                           [job.prompt_ids for job in admitted]))

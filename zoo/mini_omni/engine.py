@@ -11,7 +11,7 @@ from ..core.devices import to_device
 from ..core.graphs import DecodeGraphs
 from ..core.kv_cache import Rows, at_ends, padded_ends
 from ..core.sampling import Sampling, UnusableLogits, sample_rows
-from ..core.scheduler import isolate
+from ..core.scheduler import admit_each, isolate
 from ..core.types import Options
 from .gpt import GPT, KVCache
 from .prompts import Task
@@ -77,11 +77,7 @@ class Engine:
         """``start`` for several sessions with their prompts in one forward (padded to the
         longest): a burst of arrivals costs about one prefill, not one each. A session that cannot
         start gets its own ``error`` (then done); the others start."""
-        admitted = []
-        for session in sessions:
-            with isolate(session):
-                self._admit(session)
-                admitted.append(session)
+        admitted = admit_each(sessions, self._admit)
         if admitted:
             self._prefill_and_record(admitted)
 
