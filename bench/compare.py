@@ -18,7 +18,7 @@ session at real time) and peak GPU memory. Each model's module says exactly what
 Moshi and Hertz-dev rows also check that both sides ran the same weights (agreeing greedy outputs;
 each network's largest difference); Mini-Omni's token parity with its reference is
 tests/test_mini_omni_parity.py's.
-Writes bench/results/<date>_compare_<model>_<size>_<device>.json and .md.
+Writes bench/results/<date>_compare_<model>_<size>_<device>_<dtype>.json and .md.
 
     python bench/compare.py --model moshi --reference /path/to/moshi --size tiny --device cpu
     python bench/compare.py --model hertz-dev --reference /path/to/hertz-dev --size tiny --device cpu
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             "repeats": args.repeats, "threads": torch.get_num_threads()}
     result = {**meta, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{meta['date']}_compare_{args.model}_{args.size}_{device.type}"
+    stem = f"{meta['date']}_compare_{args.model}_{args.size}_{device.type}_{args.dtype}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     text = table(args.model, rows, meta)
     (args.out / f"{stem}.md").write_text(text + f"\nMachine: {meta['device_name']}; torch {meta['torch']}.\n")

@@ -1,7 +1,11 @@
 """Mini-Omni beside its reference (gpt-omni/mini-omni): the reference's OmniInference and its own
 ``run_AT_batch_stream`` on our seeded random weights (its litgpt GPT, an openai-whisper encoder and
 a SNAC holding ours), against ``respond``; the decode step is its ``next_token_batch`` and our
-``Engine.step``; our sessions at real time from a batch sweep."""
+``Engine.step``; our sessions at real time from a batch sweep.
+
+Precision: the reference runs in float32 only (its load_model builds the GPT in float32 and its
+Whisper features are float32, which a bfloat16 GPT refuses), so ``--dtype bfloat16`` runs ours in
+bfloat16 beside the reference as its users run it; the rows are named with their precision."""
 from __future__ import annotations
 
 import importlib
@@ -42,7 +46,7 @@ def mini_omni_reference(ours, path: Path, size: str, device: torch.device, folde
     inference = importlib.import_module("inference")
     config = Config(**{**litgpt_yaml(ours.gpt.config), "post_adapter": False})
     gpt = GPT(config)
-    gpt.load_state_dict(ours.gpt.state_dict(), strict=True)
+    gpt.load_state_dict(ours.gpt.state_dict(), strict=True)  # float32 whatever ours runs in (see the module's doc)
     dims = whisper.model.ModelDimensions(**(FULL_WHISPER_DIMS if size == "full" else TINY_WHISPER_DIMS))
     whisper_model = whisper.model.Whisper(dims)
     whisper_model.encoder.load_state_dict(ours.encoder.state_dict(), strict=True)
@@ -58,7 +62,7 @@ def mini_omni_reference(ours, path: Path, size: str, device: torch.device, folde
 
 
 def compare_mini_omni(args, device: torch.device) -> list[dict]:
-    ours = zoo.load("mini-omni", random_weights=args.size, device=str(device), dtype="float32")
+    ours = zoo.load("mini-omni", random_weights=args.size, device=str(device), dtype=args.dtype)
     rate = ours.card.output_sample_rate
     steps = args.steps
     rows = []
@@ -67,9 +71,9 @@ def compare_mini_omni(args, device: torch.device) -> list[dict]:
         audio, sr = sf.read(QUESTION, dtype="float32")
         sf.write(wav, audio, sr)
         inference, runner = mini_omni_reference(ours, args.reference, args.size, device, Path(tmp))
-        for name, run in (("reference", lambda: _reference_reply(runner, wav, steps)),
-                          ("omni-zoo", lambda: _our_reply(ours, wav, steps))):
-            owner, method = (inference, "next_token_batch") if name == "reference" else (Engine, "step")
+        for name, run in (("reference (float32)", lambda: _reference_reply(runner, wav, steps)),
+                          (f"omni-zoo ({args.dtype})", lambda: _our_reply(ours, wav, steps))):
+            owner, method = (inference, "next_token_batch") if name.startswith("reference") else (Engine, "step")
             rows.append(measure(name, run, owner, method, rate, device, args))
     step_budget = 1000 / ours.card.reply_tokens_per_second
     rows[0]["sessions_at_real_time"] = int(rows[0]["step_ms_p50"] <= step_budget)  # one session at a time
@@ -118,4 +122,4 @@ def _our_sessions(ours, budget_ms: float, args, device: torch.device) -> tuple[i
 
 COMPARISON = Comparison(marker="inference.py", dependencies=("lightning", "whisper", "snac", "yaml"),
                         install="install its requirements.txt (e.g. pip install lightning openai-whisper snac) "
-                                "in this environment", run=compare_mini_omni)
+                                "in this environment", run=compare_mini_omni, dtypes=("float32", "bfloat16"))
