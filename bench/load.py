@@ -40,7 +40,7 @@ QUESTION = ROOT / "demos" / "samples" / "01.wav"
 
 
 def spawn(args) -> tuple[subprocess.Popen, str]:
-    flags = ["--max-sessions", str(args.max_sessions or max(args.users or 0, *args.clients))]
+    flags = ["--model", args.model, "--max-sessions", str(args.max_sessions or max(args.users or 0, *args.clients))]
     flags += ["--replicas", args.replicas, "--cpus-per-replica", "0.5"] if args.replicas else []
     flags += ["--tiny"] if args.tiny else []
     flags += ["--random-full"] if args.full else []
@@ -182,6 +182,8 @@ def main(argv=None) -> int:
     proc, url = spawn(args) if args.spawn else (None, args.url)
     try:
         card = requests.get(url + "/v1/models", timeout=10).json()["data"][0]
+        if args.spawn and card["id"] != args.model:
+            raise SystemExit(f"the spawned server serves {card['id']}, not --model {args.model}")
         rate = card["card"]["output_sample_rate"]
         post_chat(url, body, rate, args.timeout)  # warm-up
         memory_before = metrics(url)["process_resident_memory_bytes"] / 2**20
@@ -241,6 +243,8 @@ def users_main(args, body: dict) -> int:
     proc, url = spawn(args) if args.spawn else (None, args.url)
     try:
         card = requests.get(url + "/v1/models", timeout=10).json()["data"][0]
+        if args.spawn and card["id"] != args.model:
+            raise SystemExit(f"the spawned server serves {card['id']}, not --model {args.model}")
         rate = card["card"]["output_sample_rate"]
         post_chat(url, body, rate, args.timeout)  # warm-up
         run = run_users(url, args.users, args.duration, body, rate, args.timeout, args.talk_s, args.think_s)
