@@ -269,3 +269,39 @@ def test_shape_graphs_keep_one_graph_per_static_setting():
 def test_shape_graphs_need_cuda_to_capture():
     with pytest.raises(ValueError, match="CUDA"):
         ShapeGraphs(lambda x: x, device="cpu", capture=True)
+
+
+def test_shape_graphs_calls_from_two_threads_take_turns():
+    """One decoder serves concurrent replies: a replay reads the static buffers the other thread
+    would overwrite, so calls must take turns (the stood-in replay pauses mid-way to invite the race)."""
+    import threading
+    import time
+
+    class SlowReplay(StoodInGraphs):
+        def _capture(self, run):
+            graph, outputs = super()._capture(run)
+            replay = graph.replay
+
+            class Slow:
+                @staticmethod
+                def replay():
+                    time.sleep(0.05)
+                    replay()
+
+            return Slow(), outputs
+
+    graphs = SlowReplay(lambda a: (a * 1,), device="cpu", capture=False)
+    graphs.capture = True
+    for _ in range(2):  # captured
+        graphs(torch.zeros(4))
+    results = {}
+
+    def ask(value):
+        results[value] = graphs(torch.full((4,), float(value)))[0]
+
+    threads = [threading.Thread(target=ask, args=(v,)) for v in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(results[v], torch.full((4,), float(v))) for v in (1, 2, 3))

@@ -27,6 +27,7 @@ on a matrix product's blocking: identical tokens in float32 on CPU, tested).
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
@@ -174,7 +175,9 @@ def _capture(run: Callable[[], Outputs]) -> tuple[torch.cuda.CUDAGraph, Outputs]
         run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread-local: another thread's work meanwhile (a server's other scheduler, a concurrent
+    # reply's decoder) goes on instead of failing as an unsafe call during a global capture
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         outputs = run()
     return graph, outputs
 
@@ -187,7 +190,8 @@ class ShapeGraphs:
     time it is seen (a capture costs about two plain calls: a shape seen once, such as a reply's
     last partial block, never pays it), and the ``keep`` most recently used graphs are kept (each
     holds its own buffers). ``capture`` defaults to the device being CUDA; off, it is ``fn``
-    itself. A capture that fails warns once and calls run eagerly from then on."""
+    itself. A capture that fails warns once and calls run eagerly from then on. Calls from several
+    threads (one decoder shared by concurrent replies) take turns: a graph's buffers are shared."""
 
     def __init__(self, fn: Callable[..., Outputs], *, device, capture: bool | None = None, keep: int = 16) -> None:
         cuda = torch.device(device).type == "cuda"
@@ -197,6 +201,7 @@ class ShapeGraphs:
             raise ValueError("CUDA graphs need a CUDA device")
         self.graphs: dict[tuple, tuple] = {}  # least recently used first
         self.seen: dict[tuple, None] = {}  # signatures seen once, oldest first
+        self._turn = threading.Lock()
 
     @property
     def enabled(self) -> bool:
@@ -216,6 +221,10 @@ class ShapeGraphs:
         not tensors) is part of a graph's signature with the inputs' shapes and dtypes."""
         if not self.capture:
             return self.fn(*inputs, **static)
+        with self._turn:
+            return self._run(inputs, static)
+
+    def _run(self, inputs: tuple[torch.Tensor, ...], static: dict) -> Outputs:
         key = (tuple((x.shape, x.dtype) for x in inputs), tuple(sorted(static.items())))
         entry = self.graphs.pop(key, None)
         if entry is None and key not in self.seen:
