@@ -6,8 +6,11 @@ interleaved with the running sessions' decode steps, a failure staying with its 
 batch)."""
 import threading
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
+from conftest import SAMPLES
 
 import zoo
 from zoo.core.scheduler import Scheduler
@@ -292,6 +295,60 @@ def test_a_failed_batched_prefill_fails_its_batch_only():
     assert results[0][-1] is None  # started alone, before the burst
     assert all(isinstance(results[n][-1], RuntimeError) for n in (1, 2))  # one batch of two
     assert results[3][-1] is None  # the next group (of one) starts on its own
+
+
+@pytest.fixture(scope="module")
+def tiny_hertz32(one_thread):
+    return zoo.load("hertz-dev", random_weights="tiny", device="cpu")
+
+
+def hertz_frames(stepper, jobs, steps=4):
+    """Each job's tokens and audio after its start and ``steps`` batched steps."""
+    for _ in range(steps):
+        stepper.step([j for j in jobs if not j.done])
+    return [(j.tokens, np.concatenate([c.audio for c in iter(j.poll, None)])) for j in jobs]
+
+
+def test_hertz_start_many_prefills_prompts_of_one_length_together_and_equals_one_start_each(tiny_hertz32,
+                                                                                            monkeypatch):
+    """Replies whose prompts have one length share one prefill forward; each gets the frames it
+    gets started alone (greedy); a prompt too long for the context fails alone."""
+    from zoo.hertz_dev.engine import Engine as HertzEngine
+    from zoo.hertz_dev.reply import ReplyStepper
+
+    prefills, advance = [], HertzEngine.advance
+
+    def recording(engine, slots, latents):
+        if latents.size(1) > 1:
+            prefills.append(tuple(latents.shape[:2]))
+        return advance(engine, slots, latents)
+
+    monkeypatch.setattr(HertzEngine, "advance", recording)
+
+    audio, rate = sf.read(SAMPLES / "01.wav", dtype="float32")
+    lengths = (1.0, 1.5, 1.0, 1.9)  # seconds: prompts of 8, 12, 8 and 16 latents; the context holds 12
+    opts = {"temperature": 0, "max_new_tokens": 8}
+
+    def jobs(stepper):
+        return [stepper.prepare(audio[: int(s * rate)], rate, opts) for s in lengths]
+
+    batched = ReplyStepper(tiny_hertz32, max_sessions=4, context=12)
+    together = jobs(batched)
+    batched.start_many(together)
+    assert sorted(prefills) == [(1, 12), (2, 8)]  # the two 1 s prompts in one forward
+    assert "do not fit the context" in str(together[3].error) and together[3].done
+    got = hertz_frames(batched, together[:3])
+    for job, (tokens, sound) in zip(together[:3], got):
+        alone = ReplyStepper(tiny_hertz32, max_sessions=1, context=12)
+        (mine,) = [jobs(alone)[lengths.index(job_length(job))]]
+        alone.start(mine)
+        (expected_tokens, expected_sound), = hertz_frames(alone, [mine])
+        assert tokens == expected_tokens
+        np.testing.assert_allclose(sound, expected_sound, atol=1e-4)
+
+
+def job_length(job) -> float:
+    return {8: 1.0, 12: 1.5}[job.prompt_latents.size(1)]
 
 
 def test_prefill_batch_must_be_positive():

@@ -140,10 +140,9 @@ class Engine:
     # -- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def advance(self, slots: list[Slot], latents: torch.Tensor) -> torch.Tensor:
-        """latents (B, T, width) -> next latents (B, len(out_channels), 32)."""
+        """latents (B, T, width) -> next latents (B, len(out_channels), 32). T > 1: the slots' prompts
+        (fresh slots only), prefilled together."""
         B, T, _ = latents.shape
-        if T > 1 and B != 1:
-            raise ValueError("a prefill (T > 1) runs one slot at a time")
         latents = latents.to(self.device, self.dtype)
         for slot, x in zip(slots, latents):
             if T > 1 and (slot.main_len or slot.resynth_len):
@@ -178,6 +177,19 @@ class Engine:
                 prefills.append((i, keep))
         return steps, prefills
 
+    @staticmethod
+    def _prefill_groups(slots: list[Slot], prefills: list[tuple[int, int]],
+                        latents: torch.Tensor) -> list[tuple[list[int], torch.Tensor]]:
+        """The slots to (re)prefill grouped by input length, each group's inputs (G, n, width) for
+        one forward: a burst of sessions opening with prompts, or several contexts sliding at the
+        same step, costs one forward per length, not one per slot."""
+        T = latents.size(1)
+        groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for i, n in prefills:
+            x = latents[i] if n == T and T > 1 else slots[i].last(n)
+            groups.setdefault(x.size(0), []).append((i, x))
+        return [([i for i, _ in group], torch.stack([x for _, x in group])) for group in groups.values()]
+
     def main_step(self, slots: list[Slot], latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Main model over the slots' new latents -> (next FSQ indices (B, out channels), which
         slots' logits were unusable (B,), on the device). The indices are drawn as the reference's
@@ -193,12 +205,12 @@ class Engine:
             for k, i in enumerate(steps):
                 logits[i] = out[k]
                 slots[i].main_len += 1
-        for i, n in prefills:
-            x = latents[i : i + 1] if n == T and T > 1 else slots[i].last(n)[None]
-            rows = Rows.make([slots[i].row], [0], x.size(1), self.device)
+        for group, x in self._prefill_groups(slots, prefills, latents):
+            rows = Rows.make([slots[i].row for i in group], [0] * len(group), x.size(1), self.device)
             out = self.main(x, self.main_cache, rows, self.main_rope, self.out_channels)
-            logits[i] = torch.stack([o[0] for o in out])
-            slots[i].main_len = x.size(1)
+            for k, i in enumerate(group):
+                logits[i] = torch.stack([o[k] for o in out])
+                slots[i].main_len = x.size(1)
         return sample_rows(torch.stack(logits), [Sampling.of(slot.options, slot.generator) for slot in slots])
 
     def resynth_step(self, slots: list[Slot], latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -213,13 +225,13 @@ class Engine:
             for k, i in enumerate(steps):
                 mixtures[i] = (locs[k], scales[k], weights[k])
                 slots[i].resynth_len += 1
-        for i, n in prefills:
-            x = latents[i : i + 1] if n == T and T > 1 else slots[i].last(n)[None]
-            rows = Rows.make([slots[i].row], [0], x.size(1), self.device)
-            locs, scales, weights = self.resynth(x, tokens[i : i + 1], self.quantizer, self.resynth_caches, rows,
+        for group, x in self._prefill_groups(slots, prefills, latents):
+            rows = Rows.make([slots[i].row for i in group], [0] * len(group), x.size(1), self.device)
+            locs, scales, weights = self.resynth(x, tokens[group], self.quantizer, self.resynth_caches, rows,
                                                  self.resynth_rope, self.out_channels)
-            mixtures[i] = (locs[:, 0], scales[:, 0], weights[:, 0])
-            slots[i].resynth_len = x.size(1)
+            for k, i in enumerate(group):
+                mixtures[i] = (locs[:, k], scales[:, k], weights[:, k])
+                slots[i].resynth_len = x.size(1)
         return self._latents(slots, *(torch.stack(m) for m in zip(*mixtures)))
 
     def _main_decode(self, latents: torch.Tensor, rows: Rows) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 
 from ..core.audio import AudioSource
 from ..core.devices import to_device
+from ..core.scheduler import admit_each
 from ..core.types import Chunk
 from .codec import StreamState, sample_posterior
 from .engine import Engine, Slot
@@ -27,6 +28,7 @@ class Reply:
         self.latents: list[torch.Tensor] = []
         self.pending: list[np.ndarray] = []
         self.slot: Slot | None = None
+        self._error: Exception | None = None
         self.done = False
 
     @property
@@ -35,7 +37,12 @@ class Reply:
 
     @property
     def error(self) -> Exception | None:
-        return self.slot.error if self.slot is not None else None
+        """Its own (it could not start) or its slot's (its share of a step failed)."""
+        return self._error or (self.slot.error if self.slot is not None else None)
+
+    @error.setter
+    def error(self, error: Exception | None) -> None:
+        self._error = error
 
     def poll(self) -> Chunk | None:
         if not self.pending:
@@ -73,15 +80,38 @@ class ReplyStepper:
     @torch.inference_mode()
     def start(self, job: Reply) -> None:
         """Prefill the prompt, seed the streaming decoder with its last latents, emit frame 1."""
-        engine, decoder = self._engine(job.variant)
+        self._open(job)
+        self._prefill([job])
+
+    @torch.inference_mode()
+    def start_many(self, jobs: list[Reply]) -> None:
+        """zoo.core.types.BatchStarter: ``start`` for several arrivals, those of one network set
+        and prompt length prefilled in one forward. A job that cannot start gets its own error."""
+        groups: dict[tuple[str, int], list[Reply]] = {}
+        for job in admit_each(jobs, self._open):
+            groups.setdefault((job.variant, job.prompt_latents.size(1)), []).append(job)
+        for group in groups.values():
+            self._prefill(group)
+
+    def _open(self, job: Reply) -> None:
+        """A slot for the job and its prompt's latents, refused here (for this job alone) when they
+        do not fit the context."""
+        engine, _ = self._engine(job.variant)
         job.slot = engine.open(job.options)
         z = job.mu if job.slot.deterministic else sample_posterior(job.mu, job.logvar, job.slot.generator)
+        if z.size(1) > min(engine.main_context, engine.resynth_context):
+            raise ValueError(f"{z.size(1)} prompt latents do not fit the context ({engine.main_context} main)")
         job.prompt_latents = z
-        nxt = engine.advance([job.slot], z)
-        rows = torch.tensor([job.slot.row], device=engine.device)
+
+    def _prefill(self, jobs: list[Reply]) -> None:
+        """Jobs of one network set and prompt length: their prompts in one forward per network."""
+        engine, decoder = self._engine(jobs[0].variant)
+        z = torch.cat([job.prompt_latents for job in jobs])
+        nxt = engine.advance([job.slot for job in jobs], z)
+        rows = to_device(torch.tensor([job.slot.row for job in jobs]), engine.device)
         self.decoding.reset(decoder, rows=rows)
         self.decoding.step(decoder, z[:, -self.model.codec.decoder_context():], rows=rows)  # left context only
-        self._emit(job.variant, [job], nxt)
+        self._emit(jobs[0].variant, jobs, nxt)
 
     @torch.inference_mode()
     def step(self, jobs: list[Reply]) -> None:
