@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..core.audio import AudioSource, read_audio, resample
+from ..core.devices import to_device
 from ..core.duplex import FrameChecks
 from ..core.errors import AudioInputError, AudioTooLong
 from ..core.scheduler import isolate
@@ -103,7 +104,7 @@ class DuplexStepper(FrameChecks):
         if prompt_audio is not None and prompt_audio.shape[-1] // FRAME > self.engine.main_context:
             raise AudioInputError(f"the prompt is longer than the {self.engine.main_context}-frame context")
         handle = DuplexHandle(self.engine.open(opts), owner=id(self))
-        rows = torch.tensor([handle.slot.row], device=self.device)
+        rows = to_device(torch.tensor([handle.slot.row]), self.device)
         self.encoding.reset(self.encoders, rows=torch.stack([2 * rows, 2 * rows + 1]).T.reshape(-1))
         self.decoding.reset(self.decoders, rows=rows)
         self.previous[rows] = 0
@@ -121,7 +122,7 @@ class DuplexStepper(FrameChecks):
     def _prefill(self, handle: DuplexHandle, audio: np.ndarray) -> None:
         """The reference server's prompt: both channels encoded, prefilled; the model's first
         latent is decoded (fresh decoder, as the reference) and becomes its next input frame."""
-        rows = torch.tensor([handle.slot.row], device=self.device)
+        rows = to_device(torch.tensor([handle.slot.row]), self.device)
         x = torch.from_numpy(audio).to(self.device, self.dtype)[:, None]  # (2, 1, N)
         latents = self._encode([handle], rows, x)  # (1, P, 64)
         nxt = self.engine.advance([handle.slot], latents)
@@ -156,7 +157,7 @@ class DuplexStepper(FrameChecks):
         if not self.check_step(handles, frames):
             return []
         user = torch.from_numpy(self.user_frames(handles, frames)).to(self.device, self.dtype)
-        rows = torch.tensor([h.slot.row for h in handles], device=self.device)
+        rows = to_device(torch.tensor([h.slot.row for h in handles]), self.device)  # no wait for the device
         x = torch.stack([user, self.previous[rows]], dim=1).reshape(-1, 1, FRAME)
         latents = self._encode(list(handles), rows, x)
         nxt = self.engine.advance([h.slot for h in handles], latents)  # (B, 1, 32)

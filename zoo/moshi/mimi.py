@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core.devices import to_device
 from ..core.kv_cache import KVCache
 from ..core.streaming import BufferState, StreamingState
 from .quantizer import SplitResidualVQ
@@ -117,8 +118,13 @@ class MimiStream(StreamingState):
         self.buffers, self.cache = buffers, cache
 
     def reset(self, rows: torch.Tensor | None = None) -> None:
-        self.buffers.reset(rows)
-        ids = range(len(self.cache.lengths)) if rows is None else rows.tolist()
+        """``rows``: a host tensor of session rows (None: all)."""
+        if rows is None:
+            self.buffers.reset()
+            ids = range(len(self.cache.lengths))
+        else:
+            self.buffers.reset(to_device(rows, self.cache.device))
+            ids = rows.tolist()
         for r in ids:  # stale keys are masked by position; only the lengths restart
             self.cache.lengths[r] = 0
 
@@ -179,22 +185,22 @@ class Mimi(nn.Module):
         """audio (B, 1, 1920 k) -> codes (B, num_codebooks, k)."""
         if audio.size(-1) == 0 or audio.size(-1) % self.frame_samples:
             raise ValueError(f"Mimi streams whole frames of {self.frame_samples} samples, got {audio.size(-1)}")
-        ids = _ids(rows, audio.size(0))
-        part = state.buffers.take(ids)
+        index, ids = _rows(rows, audio.size(0), audio.device)
+        part = state.buffers.take(index)
         latent = self.encoder(audio, part)
-        latent = self.encoder_transformer(latent, state.cache, ids.tolist())
+        latent = self.encoder_transformer(latent, state.cache, ids)
         latent = self.downsample.conv(latent, part)
-        state.buffers.put(ids, part)
+        state.buffers.put(index, part)
         return self.quantizer.encode(latent, self.num_codebooks)
 
     def decode_step(self, state: MimiStream, codes: torch.Tensor, *, rows: torch.Tensor | None = None) -> torch.Tensor:
         """codes (B, K, k) -> audio (B, 1, 1920 k)."""
-        ids = _ids(rows, codes.size(0))
-        part = state.buffers.take(ids)
+        index, ids = _rows(rows, codes.size(0), codes.device)
+        part = state.buffers.take(index)
         latent = self.upsample.convtr(self.quantizer.decode(codes), part)
-        latent = self.decoder_transformer(latent, state.cache, ids.tolist())
+        latent = self.decoder_transformer(latent, state.cache, ids)
         audio = self.decoder(latent, part)
-        state.buffers.put(ids, part)
+        state.buffers.put(index, part)
         return audio
 
 
@@ -214,9 +220,11 @@ class _ConvTrHolder(nn.Module):
         self.convtr = convtr
 
 
-def _ids(rows: torch.Tensor | None, batch: int) -> torch.Tensor:
-    if rows is None:
-        return torch.arange(batch)
+def _rows(rows: torch.Tensor | None, batch: int, device) -> tuple[torch.Tensor, list[int]]:
+    """``rows`` (a host tensor; None: 0..batch-1) -> (the index into the state's buffers on their
+    device, in one pinned upload: a host index would be copied up, the host waiting for the device,
+    at each of the dozens of buffers it indexes; the rows as host ints, for the KV cache's books)."""
+    rows = torch.arange(batch) if rows is None else rows.cpu()
     if rows.numel() != batch:
         raise ValueError(f"{rows.numel()} rows for a batch of {batch}")
-    return rows.cpu()
+    return to_device(rows, device), rows.tolist()
