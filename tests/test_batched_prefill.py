@@ -347,6 +347,72 @@ def test_hertz_start_many_prefills_prompts_of_one_length_together_and_equals_one
         np.testing.assert_allclose(sound, expected_sound, atol=1e-4)
 
 
+def test_hertz_duplex_sessions_opening_together_share_the_prompts_prefill(tiny_hertz32, monkeypatch):
+    """A burst of duplex sessions opening with the server's prompt: one prefill forward for all
+    (BatchOpener.open_many); a session with bad options gets its error in its place; each other
+    session's frames are those it gets opened alone."""
+    from zoo.core.errors import OptionsError
+    from zoo.hertz_dev.engine import Engine as HertzEngine
+
+    audio, rate = sf.read(SAMPLES / "01.wav", dtype="float32")
+    prompt = audio[:rate]  # 1 s: 8 frames
+    prefills, advance = [], HertzEngine.advance
+
+    def recording(engine, slots, latents):
+        if latents.size(1) > 1:
+            prefills.append(tuple(latents.shape[:2]))
+        return advance(engine, slots, latents)
+
+    monkeypatch.setattr(HertzEngine, "advance", recording)
+    frames = (0.1 * np.random.default_rng(0).standard_normal((4, 2000))).astype(np.float32)
+
+    def run(stepper, handles):
+        return [stepper.step(handles, [f] * len(handles)) for f in frames]
+
+    stepper = tiny_hertz32.duplex_stepper(3, main_context=16, resynth_context=16)
+    greedy = {"temperature": 0}
+    opened = stepper.open_many([greedy, {"gaussian_temp": -1}, greedy], prompt=prompt, sample_rate=rate)
+    assert prefills == [(2, 8)] and isinstance(opened[1], OptionsError)
+    together = run(stepper, [opened[0], opened[2]])
+    alone_stepper = tiny_hertz32.duplex_stepper(1, main_context=16, resynth_context=16)
+    alone = run(alone_stepper, [alone_stepper.open(greedy, prompt=prompt, sample_rate=rate)])
+    for got in ([t[0] for t in together], [t[1] for t in together]):
+        np.testing.assert_allclose(np.stack(got), np.stack([a[0] for a in alone]), atol=1e-4)
+
+
+def test_the_duplex_scheduler_opens_a_burst_together_with_its_prompt(tiny_hertz32, monkeypatch):
+    """Arrivals of one tick are opened in one ``open_many`` with the scheduler's prompt; each
+    gets its frames."""
+    import threading
+
+    from zoo.core.scheduler import DuplexScheduler
+
+    audio, rate = sf.read(SAMPLES / "01.wav", dtype="float32")
+    stepper = tiny_hertz32.duplex_stepper(3, main_context=16, resynth_context=16)
+    calls, open_many = [], stepper.open_many
+    monkeypatch.setattr(stepper, "open_many", lambda options, **kw: calls.append(len(options)) or open_many(options, **kw))
+    hub = DuplexScheduler(stepper, 3, 2000, prompt=(audio[:rate], rate), warm_up=False)
+    got, arrived = [[] for _ in range(3)], threading.Semaphore(0)
+
+    def deliver_to(i):
+        def deliver(item):
+            got[i].append(item)
+            arrived.release()
+        return deliver
+
+    try:
+        tickets = [hub.reserve(tiny_hertz32.options({"seed": i}), deliver_to(i)) for i in range(3)]
+        with hub._cv:  # the three first frames arrive before the worker's next tick
+            for ticket in tickets:
+                hub.push(ticket, np.zeros(2000, np.float32))
+        for _ in tickets:
+            assert arrived.acquire(timeout=60)
+    finally:
+        hub.stop()
+    assert calls == [3]
+    assert all(len(g) == 1 and isinstance(g[0], np.ndarray) and g[0].shape == (2000,) for g in got)
+
+
 def job_length(job) -> float:
     return {8: 1.0, 12: 1.5}[job.prompt_latents.size(1)]
 

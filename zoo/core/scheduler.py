@@ -20,6 +20,7 @@ and in full-duplex sessions (cards that say duplex) by returning a ``DuplexStepp
     stepper.step(handles, frames)  # one input frame per handle -> per handle its next output frame,
                                    #   or the Exception that ended (and closed) that session alone
     stepper.close(handle)          # free its slot
+    stepper.open_many(options, prompt, sample_rate)  # optional (BatchOpener): a burst, one prefill
 
 Failures stay with their session. A stepper does each session's own share of a step (sampling
 with its options, routing its ids, decoding its text and audio) inside ``isolate(job)``: an
@@ -43,7 +44,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from .types import BatchStarter, Chunk, DuplexStepper, Job, Stepper
+from .types import BatchOpener, BatchStarter, Chunk, DuplexStepper, Job, Stepper
 
 log = logging.getLogger("zoo.sessions")
 
@@ -367,23 +368,45 @@ class DuplexScheduler(WorkerThread):
                     ticket.state = "taken"
             for ticket in closing:  # leave first, so their slots are free for those joining
                 self._release(ticket)
-            for ticket in opening:
-                self._open(ticket)
+            self._open(opening)
             with self._cv:
                 batch = [t for t in self._active if t.inbox and not t.closed]
                 frames = [t.inbox.popleft() for t in batch]
             if batch:
                 self._step(batch, frames)
 
-    def _open(self, ticket: DuplexTicket) -> None:
+    def _open(self, tickets: list[DuplexTicket]) -> None:
+        """Open the arrivals' sessions: those with the same prompt (usually the scheduler's)
+        together, one prefill for all, when the stepper is a BatchOpener, else one by one; a
+        session that cannot open hears why alone."""
+        groups: dict[int, list[DuplexTicket]] = {}
+        for ticket in tickets:
+            groups.setdefault(id(ticket.prompt), []).append(ticket)
+        for group in groups.values():
+            audio, rate = group[0].prompt if group[0].prompt is not None else (None, None)
+            if len(group) > 1 and isinstance(self.stepper, BatchOpener):
+                try:
+                    opened = self.stepper.open_many([t.options for t in group], prompt=audio, sample_rate=rate)
+                except Exception as err:  # noqa: BLE001 - the batched open failed: each of them hears it
+                    opened = [err] * len(group)
+            else:
+                opened = [self._open_one(t.options, audio, rate) for t in group]
+            for ticket, handle in zip(group, opened):
+                self._admit(ticket, handle)
+
+    def _open_one(self, options: Any, audio: Any, rate: int | None) -> Any:
         try:
-            audio, rate = ticket.prompt if ticket.prompt is not None else (None, None)
-            ticket.handle = self.stepper.open(ticket.options, prompt=audio, sample_rate=rate)
+            return self.stepper.open(options, prompt=audio, sample_rate=rate)
         except Exception as err:  # noqa: BLE001 - reported to that session only
+            return err
+
+    def _admit(self, ticket: DuplexTicket, handle: Any) -> None:
+        if isinstance(handle, Exception):
             with self._cv:
                 ticket.inbox.clear()
-            ticket.deliver(err)
+            ticket.deliver(handle)
             return
+        ticket.handle = handle
         with self._cv:
             closed = ticket.closed
         if closed:  # it left while being opened

@@ -223,6 +223,18 @@ class DuplexStepper(Protocol):
     def nbytes(self) -> int: ...  # device memory held for all slots
 
 
+@runtime_checkable
+class BatchOpener(Protocol):
+    """A ``DuplexStepper`` that can also open several sessions with one prompt (a server's) at
+    once, the prompt prefilled for all of them in one forward (the duplex scheduler then opens a
+    burst of arrivals together): per session its handle or the Exception that kept it from
+    opening; an exception out of ``open_many`` (a bad prompt, the batched forward failed) is
+    every session's."""
+
+    def open_many(self, options: Sequence[Any], prompt: Any = None,
+                  sample_rate: int | None = None) -> list[Any]: ...
+
+
 class DuplexSession(Protocol):
     """One full-duplex session on a one-slot stepper (``VoiceModel.duplex``)."""
 

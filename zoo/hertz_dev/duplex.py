@@ -98,34 +98,57 @@ class DuplexStepper(FrameChecks):
 
     def open(self, options: HertzOptions | Mapping[str, Any] | None = None, prompt: AudioSource | None = None,
              sample_rate: int | None = None) -> DuplexHandle:
-        opts = self.model.options(options)
+        (opened,) = self.open_many([options], prompt=prompt, sample_rate=sample_rate)
+        if isinstance(opened, Exception):
+            raise opened
+        return opened
+
+    def open_many(self, options: Sequence[HertzOptions | Mapping[str, Any] | None], prompt: AudioSource | None = None,
+                  sample_rate: int | None = None) -> list[DuplexHandle | Exception]:
+        """zoo.core.types.BatchOpener: sessions opening together with one prompt (a server's), which
+        is prefilled for all of them in one forward per network. Per session its handle, or the
+        Exception that kept it from opening (bad options, no free slot, its own draws failed on the
+        prompt). A bad prompt raises for all."""
         prompt_audio = None if prompt is None else \
             read_duplex_prompt(prompt, sample_rate, self.model.card.max_input_seconds)
         if prompt_audio is not None and prompt_audio.shape[-1] // FRAME > self.engine.main_context:
             raise AudioInputError(f"the prompt is longer than the {self.engine.main_context}-frame context")
-        handle = DuplexHandle(self.engine.open(opts), owner=id(self))
+        opened: list[DuplexHandle | Exception] = []
+        for one in options:
+            try:
+                opened.append(self._open_slot(self.model.options(one)))
+            except Exception as err:  # noqa: BLE001 - that session does not open; the others do
+                opened.append(err)
+        handles = [h for h in opened if isinstance(h, DuplexHandle)]
+        if prompt_audio is not None and handles:
+            try:
+                self._prefill(handles, prompt_audio)
+            except BaseException:
+                for handle in handles:
+                    self.close(handle)
+                raise
+            for i, h in enumerate(opened):
+                if isinstance(h, DuplexHandle) and h.slot.error is not None:  # its own draws failed on the prompt
+                    self.close(h)
+                    opened[i] = h.slot.error
+        return opened
+
+    def _open_slot(self, options: HertzOptions) -> DuplexHandle:
+        handle = DuplexHandle(self.engine.open(options), owner=id(self))
         rows = to_device(torch.tensor([handle.slot.row]), self.device)
         self.encoding.reset(self.encoders, rows=torch.stack([2 * rows, 2 * rows + 1]).T.reshape(-1))
         self.decoding.reset(self.decoders, rows=rows)
         self.previous[rows] = 0
-        if prompt_audio is not None:
-            try:
-                self._prefill(handle, prompt_audio)
-                if handle.slot.error is not None:  # its own draws failed on the prompt
-                    raise handle.slot.error
-            except BaseException:
-                self.close(handle)
-                raise
         return handle
 
     @torch.inference_mode()
-    def _prefill(self, handle: DuplexHandle, audio: np.ndarray) -> None:
+    def _prefill(self, handles: list[DuplexHandle], audio: np.ndarray) -> None:
         """The reference server's prompt: both channels encoded, prefilled; the model's first
         latent is decoded (fresh decoder, as the reference) and becomes its next input frame."""
-        rows = to_device(torch.tensor([handle.slot.row]), self.device)
-        x = torch.from_numpy(audio).to(self.device, self.dtype)[:, None]  # (2, 1, N)
-        latents = self._encode([handle], rows, x)  # (1, P, 64)
-        nxt = self.engine.advance([handle.slot], latents)
+        rows = to_device(torch.tensor([h.slot.row for h in handles]), self.device)
+        x = torch.from_numpy(audio).to(self.device, self.dtype)[:, None]  # (2, 1, N): user, model
+        latents = self._encode(handles, rows, x.repeat(len(handles), 1, 1))  # (B, P, 64)
+        nxt = self.engine.advance([h.slot for h in handles], latents)
         self._decode(rows, nxt)
 
     def _encode(self, handles: list[DuplexHandle], rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
