@@ -1,6 +1,6 @@
 """A failure while serving one session ends that session only: its client gets the error, and the
 other sessions of its batch go on bit-identically to a run where it was cancelled at that step
-(zoo.core.scheduler.isolate; the reply Scheduler; Hertz-dev's DuplexStepper and the duplex hub)."""
+(zoo.core.isolation.isolate; the reply Scheduler; Hertz-dev's DuplexStepper and the duplex hub)."""
 import threading
 
 import numpy as np

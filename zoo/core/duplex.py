@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import AudioInputError
-from .scheduler import Failable, isolate
+from .isolation import Failable, isolate
 from .types import Chunk
 
 

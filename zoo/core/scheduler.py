@@ -23,7 +23,7 @@ and in full-duplex sessions (cards that say duplex) by returning a ``DuplexStepp
     stepper.open_many(options, prompt, sample_rate)  # optional (BatchOpener): a burst, one prefill
 
 Failures stay with their session. A stepper does each session's own share of a step (sampling
-with its options, routing its ids, decoding its text and audio) inside ``isolate(job)``: an
+with its options, routing its ids, decoding its text and audio) inside ``isolate(job)`` (zoo.core.isolation): an
 exception there sets ``job.error`` and ``job.done`` and the step goes on for the others, which
 get exactly what they would have got with that session cancelled at that step. The scheduler
 then hands ``job.error`` to that session's ticket only (so does an exception from its ``start``
@@ -32,15 +32,14 @@ a batched decode that cannot be split by session) still fails every session in t
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -50,41 +49,6 @@ log = logging.getLogger("zoo.sessions")
 
 # What a ticket's callback receives: a Chunk, an Exception (the job failed), or None (finished).
 Delivery = Callable[["Chunk | Exception | None"], None]
-
-
-class Failable(Protocol):
-    """What ``isolate`` marks: a job, or the per-session state a model's engine steps."""
-
-    done: bool
-    error: Exception | None
-
-
-@contextlib.contextmanager
-def isolate(session: Failable) -> Iterator[None]:
-    """Run one session's share of a batched step: an exception ends that session only (recorded
-    in ``session.error``, ``session.done`` set, logged) and is not raised, so the caller goes on
-    with the next session. The caller skips, or feeds a placeholder for, a failed session."""
-    try:
-        yield
-    except Exception as err:  # noqa: BLE001 - reported to that session only
-        log.exception("one session failed; the others in its batch go on")
-        if session.error is None:
-            session.error = err
-        session.done = True
-
-
-F = TypeVar("F", bound=Failable)
-
-
-def admit_each(sessions: Sequence[F], admit: Callable[[F], None]) -> list[F]:
-    """The sessions ``admit`` accepted, in order; one it raises for ends alone (``isolate``): a
-    batched start (``start_many``) goes on with the others."""
-    admitted = []
-    for session in sessions:
-        with isolate(session):
-            admit(session)
-            admitted.append(session)
-    return admitted
 
 
 @dataclass

@@ -26,9 +26,10 @@ from ..core.audio import AudioSource, load_audio
 from ..core.checkpoints import resolve_files
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError
+from ..core.isolation import admit_each, isolate
 from ..core.quantize import QUANTIZED
 from ..core.sampling import Sampling, UnusableLogits, sample_rows
-from ..core.scheduler import OneSlotSteppers, admit_each, isolate
+from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from .decoder import DECODER_FILES, AudioDecoder
 from .engine import SlotEngine

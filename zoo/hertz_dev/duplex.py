@@ -41,7 +41,7 @@ from ..core.audio import AudioSource, read_audio, resample
 from ..core.devices import to_device
 from ..core.duplex import FrameChecks
 from ..core.errors import AudioInputError, AudioTooLong
-from ..core.scheduler import isolate
+from ..core.isolation import isolate
 from ..core.types import Options
 from .codec import FRAME, SAMPLE_RATE, sample_posterior
 from .engine import Engine, Slot

@@ -22,8 +22,8 @@ import torch
 
 from ..core.devices import to_device
 from ..core.graphs import DecodeGraphs
+from ..core.isolation import isolate
 from ..core.sampling import Sampling, UnusableLogits, is_zero_temperature, sample_rows
-from ..core.scheduler import isolate
 from ..core.types import Options
 from .transformer import (
     MAIN_CONTEXT,
@@ -51,7 +51,7 @@ class Slot:
     resynth_len: int = 0
     slides: int = 0  # how many times a context was rebuilt
     tokens: list[list[int]] = field(default_factory=list)  # sampled FSQ indices per step (bounded)
-    # its session failed in its own work (zoo.core.scheduler.isolate); its owner closes it
+    # its session failed in its own work (zoo.core.isolation.isolate); its owner closes it
     error: Exception | None = None
     done: bool = False
 

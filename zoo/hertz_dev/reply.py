@@ -7,7 +7,7 @@ import torch
 
 from ..core.audio import AudioSource
 from ..core.devices import to_device
-from ..core.scheduler import admit_each
+from ..core.isolation import admit_each
 from ..core.types import Chunk
 from .codec import StreamState, sample_posterior
 from .engine import Engine, Slot

@@ -9,9 +9,9 @@ import torch
 
 from ..core.devices import to_device
 from ..core.graphs import DecodeGraphs
+from ..core.isolation import admit_each, isolate
 from ..core.kv_cache import Rows, at_ends, padded_ends
 from ..core.sampling import Sampling, UnusableLogits, sample_rows
-from ..core.scheduler import admit_each, isolate
 from ..core.types import Options
 from .gpt import GPT, KVCache
 from .prompts import Task

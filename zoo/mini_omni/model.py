@@ -16,7 +16,8 @@ from ..core.audio import AudioSource, load_audio
 from ..core.checkpoints import load_strict, resolve_files
 from ..core.devices import pick_device, pick_dtype
 from ..core.errors import OptionsError, WeightsNotFound
-from ..core.scheduler import OneSlotSteppers, isolate
+from ..core.isolation import isolate
+from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
 from . import whisper
 from .codec import CODEC_FILES, Codec, Window, load_snac

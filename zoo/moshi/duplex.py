@@ -47,7 +47,7 @@ class DuplexHandle:
     tokens: torch.Tensor | None = None  # the last step's output: text token, Moshi's codebooks (None at first)
     closed: bool = False
     error: Exception | None = None
-    done: bool = False  # set with ``error`` by zoo.core.scheduler.isolate
+    done: bool = False  # set with ``error`` by zoo.core.isolation.isolate
 
     @property
     def options(self) -> MoshiOptions:
