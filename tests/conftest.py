@@ -1,4 +1,5 @@
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,18 @@ def transcripts():
 def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
     noise = np.sum((reference - test) ** 2)
     return float("inf") if noise == 0 else 10 * np.log10(np.sum(reference**2) / noise)
+
+
+class Deliveries:
+    """What each of ``n`` scheduler sessions received (``to(i)`` is session i's callback), with a
+    semaphore released at every delivery."""
+
+    def __init__(self, n: int) -> None:
+        self.got: list[list] = [[] for _ in range(n)]
+        self.arrived = threading.Semaphore(0)
+
+    def to(self, i: int):
+        def deliver(item) -> None:
+            self.got[i].append(item)
+            self.arrived.release()
+        return deliver

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import SAMPLES
+from conftest import SAMPLES, Deliveries
 
 import zoo
 from zoo.core.scheduler import Scheduler
@@ -309,12 +309,10 @@ def hertz_frames(stepper, jobs, steps=4):
     return [(j.tokens, np.concatenate([c.audio for c in iter(j.poll, None)])) for j in jobs]
 
 
-def test_hertz_start_many_prefills_prompts_of_one_length_together_and_equals_one_start_each(tiny_hertz32,
-                                                                                            monkeypatch):
-    """Replies whose prompts have one length share one prefill forward; each gets the frames it
-    gets started alone (greedy); a prompt too long for the context fails alone."""
+@pytest.fixture
+def hertz_prefills(monkeypatch):
+    """(batch, length) of every Hertz-dev engine advance that prefills (more than one latent)."""
     from zoo.hertz_dev.engine import Engine as HertzEngine
-    from zoo.hertz_dev.reply import ReplyStepper
 
     prefills, advance = [], HertzEngine.advance
 
@@ -324,6 +322,15 @@ def test_hertz_start_many_prefills_prompts_of_one_length_together_and_equals_one
         return advance(engine, slots, latents)
 
     monkeypatch.setattr(HertzEngine, "advance", recording)
+    return prefills
+
+
+def test_hertz_start_many_prefills_prompts_of_one_length_together_and_equals_one_start_each(tiny_hertz32,
+                                                                                            hertz_prefills):
+    """Replies whose prompts have one length share one prefill forward; each gets the frames it
+    gets started alone (greedy); a prompt too long for the context fails alone."""
+    from zoo.hertz_dev.reply import ReplyStepper
+
 
     audio, rate = sf.read(SAMPLES / "01.wav", dtype="float32")
     lengths = (1.0, 1.5, 1.0, 1.9)  # seconds: prompts of 8, 12, 8 and 16 latents; the context holds 12
@@ -335,7 +342,7 @@ def test_hertz_start_many_prefills_prompts_of_one_length_together_and_equals_one
     batched = ReplyStepper(tiny_hertz32, max_sessions=4, context=12)
     together = jobs(batched)
     batched.start_many(together)
-    assert sorted(prefills) == [(1, 12), (2, 8)]  # the two 1 s prompts in one forward
+    assert sorted(hertz_prefills) == [(1, 12), (2, 8)]  # the two 1 s prompts in one forward
     assert "do not fit the context" in str(together[3].error) and together[3].done
     got = hertz_frames(batched, together[:3])
     for job, (tokens, sound) in zip(together[:3], got):
@@ -347,23 +354,14 @@ def test_hertz_start_many_prefills_prompts_of_one_length_together_and_equals_one
         np.testing.assert_allclose(sound, expected_sound, atol=1e-4)
 
 
-def test_hertz_duplex_sessions_opening_together_share_the_prompts_prefill(tiny_hertz32, monkeypatch):
+def test_hertz_duplex_sessions_opening_together_share_the_prompts_prefill(tiny_hertz32, hertz_prefills):
     """A burst of duplex sessions opening with the server's prompt: one prefill forward for all
     (BatchOpener.open_many); a session with bad options gets its error in its place; each other
     session's frames are those it gets opened alone."""
     from zoo.core.errors import OptionsError
-    from zoo.hertz_dev.engine import Engine as HertzEngine
 
     audio, rate = sf.read(SAMPLES / "01.wav", dtype="float32")
     prompt = audio[:rate]  # 1 s: 8 frames
-    prefills, advance = [], HertzEngine.advance
-
-    def recording(engine, slots, latents):
-        if latents.size(1) > 1:
-            prefills.append(tuple(latents.shape[:2]))
-        return advance(engine, slots, latents)
-
-    monkeypatch.setattr(HertzEngine, "advance", recording)
     frames = (0.1 * np.random.default_rng(0).standard_normal((4, 2000))).astype(np.float32)
 
     def run(stepper, handles):
@@ -372,7 +370,7 @@ def test_hertz_duplex_sessions_opening_together_share_the_prompts_prefill(tiny_h
     stepper = tiny_hertz32.duplex_stepper(3, main_context=16, resynth_context=16)
     greedy = {"temperature": 0}
     opened = stepper.open_many([greedy, {"gaussian_temp": -1}, greedy], prompt=prompt, sample_rate=rate)
-    assert prefills == [(2, 8)] and isinstance(opened[1], OptionsError)
+    assert hertz_prefills == [(2, 8)] and isinstance(opened[1], OptionsError)
     together = run(stepper, [opened[0], opened[2]])
     alone_stepper = tiny_hertz32.duplex_stepper(1, main_context=16, resynth_context=16)
     alone = run(alone_stepper, [alone_stepper.open(greedy, prompt=prompt, sample_rate=rate)])
@@ -383,7 +381,6 @@ def test_hertz_duplex_sessions_opening_together_share_the_prompts_prefill(tiny_h
 def test_the_duplex_scheduler_opens_a_burst_together_with_its_prompt(tiny_hertz32, monkeypatch):
     """Arrivals of one tick are opened in one ``open_many`` with the scheduler's prompt; each
     gets its frames."""
-    import threading
 
     from zoo.core.scheduler import DuplexScheduler
 
@@ -392,25 +389,18 @@ def test_the_duplex_scheduler_opens_a_burst_together_with_its_prompt(tiny_hertz3
     calls, open_many = [], stepper.open_many
     monkeypatch.setattr(stepper, "open_many", lambda options, **kw: calls.append(len(options)) or open_many(options, **kw))
     hub = DuplexScheduler(stepper, 3, 2000, prompt=(audio[:rate], rate), warm_up=False)
-    got, arrived = [[] for _ in range(3)], threading.Semaphore(0)
-
-    def deliver_to(i):
-        def deliver(item):
-            got[i].append(item)
-            arrived.release()
-        return deliver
-
+    deliveries = Deliveries(3)
     try:
-        tickets = [hub.reserve(tiny_hertz32.options({"seed": i}), deliver_to(i)) for i in range(3)]
+        tickets = [hub.reserve(tiny_hertz32.options({"seed": i}), deliveries.to(i)) for i in range(3)]
         with hub._cv:  # the three first frames arrive before the worker's next tick
             for ticket in tickets:
                 hub.push(ticket, np.zeros(2000, np.float32))
         for _ in tickets:
-            assert arrived.acquire(timeout=60)
+            assert deliveries.arrived.acquire(timeout=60)
     finally:
         hub.stop()
     assert calls == [3]
-    assert all(len(g) == 1 and isinstance(g[0], np.ndarray) and g[0].shape == (2000,) for g in got)
+    assert all(len(g) == 1 and isinstance(g[0], np.ndarray) and g[0].shape == (2000,) for g in deliveries.got)
 
 
 def job_length(job) -> float:

@@ -5,6 +5,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import Deliveries
 
 import zoo
 from zoo.core.sampling import UnusableLogits
@@ -206,17 +207,10 @@ def run_hub(model, options, frames, victim, close_victim_after=None):
     from zoo.core.scheduler import DuplexScheduler
 
     hub = DuplexScheduler(model.duplex_stepper(3), 3, model.card.frame_samples, warm_up=False)
-    got = [[] for _ in options]
-    arrived = threading.Semaphore(0)
-
-    def deliver_to(i):
-        def deliver(item):
-            got[i].append(item)
-            arrived.release()
-        return deliver
-
+    deliveries = Deliveries(len(options))
+    got, arrived = deliveries.got, deliveries.arrived
     try:
-        conns = [hub.reserve(model.options(o), deliver_to(i)) for i, o in enumerate(options)]
+        conns = [hub.reserve(model.options(o), deliveries.to(i)) for i, o in enumerate(options)]
         live = list(range(len(conns)))
         for k, frame in enumerate(frames, start=1):
             with hub._cv:  # every live session's frame k is queued before the worker's next tick
