@@ -64,7 +64,7 @@ def sample_rows(logits: torch.Tensor, sessions: Sequence[Sampling]) -> tuple[tor
     whole vocabulary, unsorted, when no drawing session narrows it by top-k or top-p). A
     session's E is drawn on the logits' device by its own generator, or, when that lives on the
     host, by one seeded from it: a session's draw never depends on its batch companions, no noise
-    crosses from the host and no draw waits for the device. The three parts (``plan``,
+    crosses from the host and no draw waits for the device. Its three parts (``Plan.of``,
     ``draw_noise``, ``race``) serve a caller that draws the noise of several draws at once and
     races them inside a captured CUDA graph (Moshi's codebooks)."""
     B, vocab = len(sessions), logits.size(-1)
