@@ -343,7 +343,7 @@ def test_hertz_start_many_prefills_prompts_of_one_length_together_and_equals_one
     together = jobs(batched)
     batched.start_many(together)
     assert sorted(hertz_prefills) == [(1, 12), (2, 8)]  # the two 1 s prompts in one forward
-    assert "do not fit the context" in str(together[3].error) and together[3].done
+    assert "the context holds 12" in str(together[3].error) and together[3].done
     got = hertz_frames(batched, together[:3])
     for job, (tokens, sound) in zip(together[:3], got):
         alone = ReplyStepper(tiny_hertz32, max_sessions=1, context=12)

@@ -32,9 +32,11 @@ def pick_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.flo
     return names[dtype]
 
 
-def to_device(host: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on ``device`` without waiting for the device (pinned, asynchronous copy): a
-    plain copy from pageable memory would stall the host until the queued kernels have run."""
+def to_device(host, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor, or host numbers (nested lists: ints become int64), on ``device`` without
+    waiting for the device (pinned, asynchronous copy): a plain copy from pageable memory would
+    stall the host until the queued kernels have run."""
+    host = torch.as_tensor(host, dtype=dtype)
     if torch.device(device).type != "cuda" or host.device.type != "cpu":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

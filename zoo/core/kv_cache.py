@@ -26,11 +26,6 @@ from .devices import to_device
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _to_device(values, device) -> torch.Tensor:
-    """Host ints to a device tensor (see ``to_device``)."""
-    return to_device(torch.tensor(values, dtype=torch.long), device)
-
-
 @dataclass(frozen=True)
 class Rows:
     """The cache rows a forward writes and reads. ``index`` (B,) and ``positions`` (B, T) (the absolute
@@ -67,8 +62,8 @@ class Rows:
         width = needed if width is None else width
         if width < needed:
             raise ValueError(f"width {width} is shorter than the {needed} positions this forward reads")
-        index = _to_device(rows, device)
-        positions = _to_device([[s + t for t in range(new)] for s in starts], device)
+        index = to_device(rows, device)
+        positions = to_device([[s + t for t in range(new)] for s in starts], device)
         contiguous = rows == tuple(range(rows[0], rows[0] + len(rows)))
         view = slice(rows[0], rows[0] + len(rows)) if contiguous else index
         fresh = not masked and width == new and not any(starts)
@@ -90,8 +85,8 @@ class Rows:
         width = needed if width is None else width
         if not needed <= width <= capacity:
             raise ValueError(f"ring width {width} outside {needed}..{capacity}")
-        index = _to_device(rows, device)
-        absolute = _to_device([[s + t for t in range(new)] for s in starts], device)
+        index = to_device(rows, device)
+        absolute = to_device([[s + t for t in range(new)] for s in starts], device)
         last = absolute[:, -1:]  # (B, 1): the newest position once these are written
         slots = torch.arange(width, device=device)[None]
         delta = slots - last % capacity
@@ -125,7 +120,7 @@ def padded_ends(lengths: Sequence[int], device) -> torch.Tensor | None:
     on ``device``, for ``at_ends``. None when no row is padded (the last position is every row's)."""
     if len(set(lengths)) == 1:
         return None
-    return _to_device([n - 1 for n in lengths], device)
+    return to_device([n - 1 for n in lengths], device)
 
 
 def at_ends(x: torch.Tensor, ends: torch.Tensor | None) -> torch.Tensor:

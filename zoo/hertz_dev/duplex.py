@@ -111,8 +111,8 @@ class DuplexStepper(FrameChecks):
         prompt). A bad prompt raises for all."""
         prompt_audio = None if prompt is None else \
             read_duplex_prompt(prompt, sample_rate, self.model.card.max_input_seconds)
-        if prompt_audio is not None and prompt_audio.shape[-1] // FRAME > self.engine.main_context:
-            raise AudioInputError(f"the prompt is longer than the {self.engine.main_context}-frame context")
+        if prompt_audio is not None:
+            self.engine.check_prompt(prompt_audio.shape[-1] // FRAME)
         opened: list[DuplexHandle | Exception] = []
         for one in options:
             try:
@@ -135,7 +135,7 @@ class DuplexStepper(FrameChecks):
 
     def _open_slot(self, options: HertzOptions) -> DuplexHandle:
         handle = DuplexHandle(self.engine.open(options), owner=id(self))
-        rows = to_device(torch.tensor([handle.slot.row]), self.device)
+        rows = to_device([handle.slot.row], self.device)
         self.encoding.reset(self.encoders, rows=torch.stack([2 * rows, 2 * rows + 1]).T.reshape(-1))
         self.decoding.reset(self.decoders, rows=rows)
         self.previous[rows] = 0
@@ -145,7 +145,7 @@ class DuplexStepper(FrameChecks):
     def _prefill(self, handles: list[DuplexHandle], audio: np.ndarray) -> None:
         """The reference server's prompt: both channels encoded, prefilled; the model's first
         latent is decoded (fresh decoder, as the reference) and becomes its next input frame."""
-        rows = to_device(torch.tensor([h.slot.row for h in handles]), self.device)
+        rows = to_device([h.slot.row for h in handles], self.device)
         x = torch.from_numpy(audio).to(self.device, self.dtype)[:, None]  # (2, 1, N): user, model
         latents = self._encode(handles, rows, x.repeat(len(handles), 1, 1))  # (B, P, 64)
         nxt = self.engine.advance([h.slot for h in handles], latents)
@@ -180,7 +180,7 @@ class DuplexStepper(FrameChecks):
         if not self.check_step(handles, frames):
             return []
         user = torch.from_numpy(self.user_frames(handles, frames)).to(self.device, self.dtype)
-        rows = to_device(torch.tensor([h.slot.row for h in handles]), self.device)  # no wait for the device
+        rows = to_device([h.slot.row for h in handles], self.device)  # no wait for the device
         x = torch.stack([user, self.previous[rows]], dim=1).reshape(-1, 1, FRAME)
         latents = self._encode(list(handles), rows, x)
         nxt = self.engine.advance([h.slot for h in handles], latents)  # (B, 1, 32)

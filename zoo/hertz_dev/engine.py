@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.devices import to_device
+from ..core.errors import AudioTooLong
 from ..core.graphs import DecodeGraphs
 from ..core.isolation import isolate
 from ..core.sampling import Sampling, UnusableLogits, is_zero_temperature, sample_rows
@@ -137,18 +138,24 @@ class Engine:
             self.main_cache.release([slot.row])
             slot.row = -1
 
+    def check_prompt(self, frames: int) -> None:
+        """Refuses a prompt of ``frames`` latents that does not fit both contexts (AudioTooLong)."""
+        room = min(self.main_context, self.resynth_context)
+        if frames > room:
+            raise AudioTooLong(f"the prompt is {frames} frames long; the context holds {room}")
+
     # -- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def advance(self, slots: list[Slot], latents: torch.Tensor) -> torch.Tensor:
         """latents (B, T, width) -> next latents (B, len(out_channels), 32). T > 1: the slots' prompts
         (fresh slots only), prefilled together."""
         B, T, _ = latents.shape
+        if T > 1:
+            self.check_prompt(T)
         latents = latents.to(self.device, self.dtype)
         for slot, x in zip(slots, latents):
             if T > 1 and (slot.main_len or slot.resynth_len):
                 raise ValueError("a prefill must start a fresh slot")
-            if T > self.main_context or T > self.resynth_context:
-                raise ValueError(f"{T} prompt latents do not fit the context ({self.main_context} main)")
             slot.push(x)
         tokens, unusable = self.main_step(slots, latents)
         out = self.resynth_step(slots, latents, tokens)
@@ -266,7 +273,7 @@ class Engine:
                 eps[i] = torch.randn(eps[i].shape, generator=slot.generator, device=eps.device, dtype=eps.dtype)
             cat_t.append(cat if drawn_cat else 1.0)  # (weights / 1 + 0).argmax: the most probable
             gauss_t.append(gauss if drawn_gauss else 0.0)
-        cat_t, gauss_t = to_device(torch.tensor([cat_t, gauss_t], dtype=locs.dtype), locs.device)[:, :, None, None]
+        cat_t, gauss_t = to_device([cat_t, gauss_t], locs.device, locs.dtype)[:, :, None, None]
         k = (weights / cat_t + gumbels).argmax(dim=-1)  # (B, channels)
         pick = k[..., None, None].expand(*k.shape, 1, locs.size(-1))
         loc, scale = locs.gather(2, pick).squeeze(2), scales.gather(2, pick).squeeze(2)

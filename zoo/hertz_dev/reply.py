@@ -98,20 +98,19 @@ class ReplyStepper:
         do not fit the context."""
         engine, _ = self._engine(job.variant)
         job.slot = engine.open(job.options)
-        z = job.mu if job.slot.deterministic else sample_posterior(job.mu, job.logvar, job.slot.generator)
-        if z.size(1) > min(engine.main_context, engine.resynth_context):
-            raise ValueError(f"{z.size(1)} prompt latents do not fit the context ({engine.main_context} main)")
-        job.prompt_latents = z
+        engine.check_prompt(job.mu.size(1))
+        job.prompt_latents = job.mu if job.slot.deterministic else \
+            sample_posterior(job.mu, job.logvar, job.slot.generator)
 
     def _prefill(self, jobs: list[Reply]) -> None:
         """Jobs of one network set and prompt length: their prompts in one forward per network."""
         engine, decoder = self._engine(jobs[0].variant)
         z = torch.cat([job.prompt_latents for job in jobs])
         nxt = engine.advance([job.slot for job in jobs], z)
-        rows = to_device(torch.tensor([job.slot.row for job in jobs]), engine.device)
+        rows = to_device([job.slot.row for job in jobs], engine.device)
         self.decoding.reset(decoder, rows=rows)
         self.decoding.step(decoder, z[:, -self.model.codec.decoder_context():], rows=rows)  # left context only
-        self._emit(jobs[0].variant, jobs, nxt)
+        self._emit(jobs, rows, nxt)
 
     @torch.inference_mode()
     def step(self, jobs: list[Reply]) -> None:
@@ -120,11 +119,12 @@ class ReplyStepper:
             if group:
                 engine, _ = self._engine(variant)
                 last = torch.stack([j.latents[-1] for j in group])[:, None]
-                self._emit(variant, group, engine.advance([j.slot for j in group], last))
+                rows = to_device([j.slot.row for j in group], engine.device)
+                self._emit(group, rows, engine.advance([j.slot for j in group], last))
 
-    def _emit(self, variant: str, jobs: list[Reply], nxt: torch.Tensor) -> None:
-        engine, decoder = self._engine(variant)
-        rows = to_device(torch.tensor([j.slot.row for j in jobs]), engine.device)
+    def _emit(self, jobs: list[Reply], rows: torch.Tensor, nxt: torch.Tensor) -> None:
+        """Jobs of one network set: their next latents ``nxt`` decoded (decoder ``rows``) and kept."""
+        _, decoder = self._engine(jobs[0].variant)
         audio = self.decoding.step(decoder, nxt, rows=rows)[:, 0]
         out = audio.float().clamp(-1, 1).cpu().numpy()
         for job, z, a in zip(jobs, nxt[:, 0], out):

@@ -106,7 +106,7 @@ class Generator:
         ``max_delay`` steps) or the step's output (1 + dep_q,): text token, Moshi's codebooks."""
         c, ring = self.lm.config, state.depth
         offsets = [state.offsets[r] for r in rows]
-        row, t = to_device(torch.tensor([list(rows), offsets]), state.tokens.device)
+        row, t = to_device([list(rows), offsets], state.tokens.device)
         row = row[:, None]
         # the user's codes go where their delayed streams will read them
         user = user_codes[:, : c.n_q - c.dep_q].to(state.tokens.device)
