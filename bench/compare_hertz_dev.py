@@ -28,14 +28,14 @@ from __future__ import annotations
 import dataclasses
 import gc
 import sys
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import soundfile as sf
 import torch
-from comparison import Comparison, measure
-from duplex import step_times  # bench/duplex.py
+from comparison import Comparison, duplex_step_ms, measure, sessions_at_real_time
 from latency import QUESTION
 
 import zoo
@@ -178,7 +178,8 @@ def compare_hertz_dev(args, device: torch.device) -> list[dict]:
     stepper = ours.duplex_stepper(1)  # one session's caches, kept for every run as a server keeps its slots
     mine = measure("omni-zoo", lambda: _our_run(stepper, frames), DuplexStepper, "step", SAMPLE_RATE, device, args)
     stepper = None  # its caches (and CUDA graphs) go before the reference is built
-    mine["sessions_at_real_time"], mine["batch_sweep"] = _our_sessions(ours, args, device)
+    mine["sessions_at_real_time"], mine["batch_sweep"] = sessions_at_real_time(
+        args.sessions, partial(duplex_step_ms, ours, args, device), FRAME_MS)
     _release(device)  # the sweep's caches: room for the reference, built in float32 first as its server does
 
     reference = reference_network(ours, args.reference, device, dtype)
@@ -191,18 +192,6 @@ def compare_hertz_dev(args, device: torch.device) -> list[dict]:
     row["sessions_at_real_time"] = int(row["step_ms_p50"] <= FRAME_MS)  # its server holds one session
     row["max_abs_diff_vs_ours"] = differences
     return [row, mine]
-
-
-def _our_sessions(ours, args, device: torch.device) -> tuple[int, list[dict]]:
-    """The largest swept batch whose batched step stays within one 125 ms frame."""
-    best, sweep = 0, []
-    for count in args.sessions:
-        step, _ = step_times(ours.duplex_stepper(count), count, args.sweep_steps, device, FRAME)
-        sweep.append({"sessions": count, "step_ms": round(step, 2)})
-        if step > FRAME_MS:
-            break
-        best = count
-    return best, sweep
 
 
 def _release(device: torch.device) -> None:

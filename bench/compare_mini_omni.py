@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-from comparison import Comparison, measure
+from comparison import Comparison, measure, sessions_at_real_time
 from latency import QUESTION, sync
 
 import zoo
@@ -77,7 +77,8 @@ def compare_mini_omni(args, device: torch.device) -> list[dict]:
             rows.append(measure(name, run, owner, method, rate, device, args))
     step_budget = 1000 / ours.card.reply_tokens_per_second
     rows[0]["sessions_at_real_time"] = int(rows[0]["step_ms_p50"] <= step_budget)  # one session at a time
-    rows[1]["sessions_at_real_time"], rows[1]["batch_sweep"] = _our_sessions(ours, step_budget, args, device)
+    rows[1]["sessions_at_real_time"], rows[1]["batch_sweep"] = sessions_at_real_time(
+        args.sessions, lambda batch: _our_step_ms(ours, batch, args, device), step_budget)
     return rows
 
 
@@ -92,32 +93,24 @@ def _our_reply(ours, wav: Path, steps: int):
         yield chunk.audio
 
 
-def _our_sessions(ours, budget_ms: float, args, device: torch.device) -> tuple[int, list[dict]]:
-    """The largest swept batch whose decode step stays within one step of real-time audio."""
+def _our_step_ms(ours, batch: int, args, device: torch.device) -> float:
+    """The median decode step of ``batch`` sessions on the same question, started together."""
     features = ours.encode_audio(str(QUESTION))
     task = TASKS["A1A2+A1T2"]
     opts = ours.options({"max_new_tokens": 1 << 10, "top_k": 1})
-    best, sweep = 0, []
-    for batch in args.sessions:
-        engine = Engine(ours.gpt, max_rows=2 * batch)
-        live = [Session(task, audio_question(task, features.size(1)), features, opts, max_outputs=1 << 10)
-                for _ in range(batch)]
-        engine.start_many(live)
-        times = []
-        for i in range(args.sweep_steps + 2):
-            sync(device)
-            started = time.perf_counter()
-            engine.step(live)
-            sync(device)
-            if i >= 2:
-                times.append((time.perf_counter() - started) * 1000)
-        step = statistics.median(times)
-        sweep.append({"sessions": batch, "step_ms": round(step, 2)})
-        if step <= budget_ms:
-            best = batch
-        else:
-            break
-    return best, sweep
+    engine = Engine(ours.gpt, max_rows=2 * batch)
+    live = [Session(task, audio_question(task, features.size(1)), features, opts, max_outputs=1 << 10)
+            for _ in range(batch)]
+    engine.start_many(live)
+    times = []
+    for i in range(args.sweep_steps + 2):
+        sync(device)
+        started = time.perf_counter()
+        engine.step(live)
+        sync(device)
+        if i >= 2:
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
 
 
 COMPARISON = Comparison(marker="inference.py", dependencies=("lightning", "whisper", "snac", "yaml"),

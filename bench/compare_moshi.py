@@ -24,13 +24,13 @@ from __future__ import annotations
 import gc
 import os
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from comparison import Comparison, measure
-from latency import QUESTION, sync
+from comparison import Comparison, duplex_step_ms, measure, sessions_at_real_time
+from latency import QUESTION
 
 import zoo
 from zoo.core.audio import load_audio
@@ -39,7 +39,6 @@ from zoo.moshi.mimi import FRAME_SAMPLES, SAMPLE_RATE
 from zoo.moshi.random_weights import MIMI_CONFIG_FILE
 
 GREEDY = {"temperature": 0.0}
-WARM_UP = 3  # steps before the sweep's timed ones (CUDA graphs are captured in the first)
 
 
 class ReferenceConnection:
@@ -101,14 +100,15 @@ def speech_frames(count: int) -> list[np.ndarray]:
 
 def compare_moshi(args, device: torch.device) -> list[dict]:
     ours = zoo.load("moshi", random_weights=args.size, device=str(device), dtype=args.dtype)
-    frames = speech_frames(max(args.steps, args.sweep_steps + WARM_UP))
+    frames = speech_frames(args.steps)
     outputs = {"reference": [], "omni-zoo": []}
     rows = [_reference_row(ours, frames[:args.steps], outputs["reference"], args, device)]
     gc.collect()  # its streaming state holds reference cycles: its caches go before our peak memory and sweep
     rows.append(_our_row(ours, frames[:args.steps], outputs["omni-zoo"], args, device))
     frame_ms = 1000 * FRAME_SAMPLES / SAMPLE_RATE
     rows[0]["sessions_at_real_time"] = int(rows[0]["step_ms_p50"] <= frame_ms)  # the server holds one session
-    rows[1]["sessions_at_real_time"], rows[1]["batch_sweep"] = _our_sessions(ours, frames, frame_ms, args, device)
+    rows[1]["sessions_at_real_time"], rows[1]["batch_sweep"] = sessions_at_real_time(
+        args.sessions, partial(duplex_step_ms, ours, args, device), frame_ms)
     answered = [(a, b) for a, b in zip(outputs["reference"], outputs["omni-zoo"]) if a is not None or b is not None]
     agreeing = next((i for i, (a, b) in enumerate(answered) if a != b), len(answered))
     print(f"greedy outputs agree on {agreeing} of {len(answered)} answered frames", file=sys.stderr)
@@ -152,29 +152,6 @@ def _our_stream(stepper, frames, record: list):
             yield audio if handle.tokens is not None else audio[:0]
     finally:
         stepper.close(handle)
-
-
-def _our_sessions(ours, frames, budget_ms: float, args, device: torch.device) -> tuple[int, list[dict]]:
-    """The largest swept count of sessions whose batched step stays within one 80 ms frame."""
-    best, sweep = 0, []
-    for count in args.sessions:
-        stepper = ours.duplex_stepper(count)
-        handles = [stepper.open(GREEDY) for _ in range(count)]
-        times = []
-        for i, frame in enumerate(frames[:args.sweep_steps + WARM_UP]):
-            sync(device)
-            started = time.perf_counter()
-            stepper.step(handles, [frame] * count)
-            sync(device)
-            if i >= WARM_UP:
-                times.append((time.perf_counter() - started) * 1000)
-        del stepper  # one count's caches at a time (32 full-size sessions take ~50 GB)
-        step = float(np.median(times))
-        sweep.append({"sessions": count, "step_ms": round(step, 2)})
-        if step > budget_ms:
-            break
-        best = count
-    return best, sweep
 
 
 COMPARISON = Comparison(marker="moshi/moshi/models/lm.py",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from duplex import step_times
 from latency import sync  # bench/ is the scripts' own folder
 
 
@@ -107,6 +108,28 @@ def measure(name, run, owner, method, rate, device, args) -> dict:
     return {"implementation": name, "ttfa_ms_p50": ttfa50, "ttfa_ms_p95": ttfa95, "step_ms_p50": step50,
             "step_ms_p95": step95, "rtf_median": round(statistics.median(rtf), 3),
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+
+
+def sessions_at_real_time(counts, step_ms: Callable[[int], float], budget_ms: float) -> tuple[int, list[dict]]:
+    """Ours: the largest of ``counts`` (ascending) whose batched step, ``step_ms(count)``, stays
+    within ``budget_ms`` (one token's or one frame's duration), and the sweep up to the first count
+    that does not."""
+    best, sweep = 0, []
+    for count in counts:
+        step = step_ms(count)
+        sweep.append({"sessions": count, "step_ms": round(step, 2)})
+        if step > budget_ms:
+            break
+        best = count
+    return best, sweep
+
+
+def duplex_step_ms(model, args, device: torch.device, count: int) -> float:
+    """Ours, full duplex: the median batched step of ``count`` sessions (bench/duplex.py's
+    ``step_times``, ``args.sweep_steps`` of them), the frame sizes from the card."""
+    card = model.card
+    out_samples = card.frame_samples * card.output_sample_rate // card.input_sample_rate
+    return step_times(model.duplex_stepper(count), count, args.sweep_steps, device, out_samples)[0]
 
 
 def table(model: str, rows: list[dict], meta: dict) -> str:

@@ -23,3 +23,43 @@ def test_a_checkout_without_the_reference_code_is_one_clear_error(model, tmp_pat
     assert done.returncode == 1
     assert f"--reference {tmp_path}: no " in done.stderr and f"checkout of the {model} reference" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_sweep_keeps_the_largest_count_within_the_budget_and_stops_past_it():
+    sys.path.insert(0, str(REPO / "bench"))
+    from comparison import sessions_at_real_time
+
+    steps = {1: 10.0, 2: 20.0, 4: 40.0, 8: 80.0, 16: 30.0}
+    best, sweep = sessions_at_real_time([1, 2, 4, 8, 16], steps.__getitem__, budget_ms=50.0)
+    assert best == 4 and [s["sessions"] for s in sweep] == [1, 2, 4, 8]  # 16 never measured: 8 was over
+
+
+@pytest.mark.parametrize("model", ["moshi", "hertz-dev"])
+def test_our_side_of_a_duplex_comparison_times_batched_steps(model):
+    """What the comparisons time on our side runs without any reference (it once called
+    bench/duplex.py's step_times with an out-of-date signature, unnoticed without a checkout)."""
+    import argparse
+
+    import torch
+
+    import zoo
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from comparison import duplex_step_ms
+
+    ours = zoo.load(model, random_weights="tiny", device="cpu", dtype="float32")
+    assert duplex_step_ms(ours, argparse.Namespace(sweep_steps=2), torch.device("cpu"), 2) > 0
+
+
+def test_our_side_of_the_mini_omni_comparison_times_batched_steps():
+    import argparse
+
+    import torch
+
+    import zoo
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from compare_mini_omni import _our_step_ms
+
+    ours = zoo.load("mini-omni", random_weights="tiny", device="cpu", dtype="float32")
+    assert _our_step_ms(ours, 2, argparse.Namespace(sweep_steps=2), torch.device("cpu")) > 0
