@@ -62,6 +62,7 @@ from serving.security import MAX_CONNECTIONS, AccessSettings
 from serving.service import Service
 from serving.transport import PortUnavailable, bind, serve
 from zoo.cli import add_model_flags, load_model, noise_notice
+from zoo.core.admission import PREFILL_POSITIONS
 from zoo.core.audio import read_audio
 
 log = logging.getLogger("omni-zoo.server")
@@ -87,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prefill-batch", type=int, default=8,
                         help="new replies that join (one batched prefill) between two decode steps")
+    parser.add_argument("--prefill-positions", type=int, default=PREFILL_POSITIONS,
+                        help="prompt positions prefilled at most between two decode steps; a longer prompt "
+                             "starts in parts, one per step (chunked prefill; 0: no bound)")
     security = parser.add_argument_group("security and limits (see README: Security)")
     security.add_argument("--api-key", default=os.environ.get("OMNI_ZOO_API_KEY"),
                           help="require 'Authorization: Bearer KEY' on every route but /health "
@@ -118,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     scale.add_flags(parser)
     args = parser.parse_args(argv_one_model)
     args.models = models
+    if args.prefill_batch < 1 or args.prefill_positions < 0:
+        parser.error("--prefill-batch must be >= 1 and --prefill-positions >= 0 (0: no bound)")
     if len(models) > 1 and not scale.requested(argv):
         parser.error("several models in one address (--model a,b) run on Ray Serve: add --replicas (docs/SCALING.md)")
     return args
@@ -163,7 +169,7 @@ def run(args: argparse.Namespace, sock) -> int:
     warm_up(model)
     try:
         service = Service(model, args.max_sessions, duplex_sessions=args.duplex_sessions, duplex_prompt=prompt,
-                          prefill_batch=args.prefill_batch)
+                          prefill_batch=args.prefill_batch, prefill_positions=args.prefill_positions or None)
     except zoo.ZooError as err:  # e.g. a --duplex-prompt the model refuses
         log.error("%s", err)
         return 2

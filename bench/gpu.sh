@@ -3,7 +3,7 @@
 # seeded random weights (the real compute cost). Each step has a name and its own time limit, and
 # a failed step does not stop the others. Results land in bench/results/ (and, when $OUT is set,
 # in $OUT/results.tar.gz with the log).
-#   bash bench/gpu.sh            # every step, newest questions first (limits add up to ~29 min)
+#   bash bench/gpu.sh            # every step, newest questions first (limits add up to ~32 min)
 #   bash bench/gpu.sh first      # the steps named in FIRST below: fits one 10-minute device call
 #   bash bench/gpu.sh rest       # the others
 #   bash bench/gpu.sh NAME ...   # just those steps
@@ -90,6 +90,10 @@ step mini-omni2-latency 90 python bench/latency.py --model mini-omni2 --size ful
 # A burst: 32 and 64 clients at once against server.py (batched prefill of arrivals, graphs)
 step load-burst 120 python bench/load.py --spawn --full --dtype bfloat16 --clients 32 64 --requests-per-client 1 \
     --max-tokens 100
+# Chunked prefill: how long a 120 s question stalls 8 GLM-4-Voice sessions already speaking, with
+# no bound, 512 and 2048 (server.py's default) prompt positions between two steps
+step prefill-stall 150 python bench/prefill_stall.py --model glm-4-voice --size full --device cuda --dtype bfloat16 \
+    --running 8 --bounds 0 512 2048
 # Mini-Omni stages (prefill: one forward for both rows on a GPU) and Hertz-dev duplex (graphs)
 step mini-omni-latency 75 python bench/latency.py --model mini-omni --size full --device cuda --dtype bfloat16 --repeats 5
 step hertz-duplex 150 python bench/duplex.py --model hertz-dev --device cuda --dtype bfloat16 --sessions 1 8 32 48 64

@@ -47,6 +47,7 @@ def spawn(args) -> tuple[subprocess.Popen, str]:
     flags += ["--dtype", args.dtype] if args.dtype else []
     flags += ["--device", args.device] if args.device else []
     flags += ["--prefill-batch", str(args.prefill_batch)] if args.prefill_batch else []
+    flags += ["--prefill-positions", str(args.prefill_positions)] if args.prefill_positions is not None else []
     return start_server(flags)
 
 
@@ -156,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--requests-per-client", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=60)
     p.add_argument("--prefill-batch", type=int, help="with --spawn: server.py --prefill-batch (1: one prefill at a time)")
+    p.add_argument("--prefill-positions", type=int,
+                   help="with --spawn: server.py --prefill-positions (0: no bound, whole prompts only)")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--users", type=int, help="simulated users (talk, listen, think) instead of --clients levels")
@@ -196,7 +199,8 @@ def main(argv=None) -> int:
     result = {
         "date": date.today().isoformat(), "model": card["id"], "random_weights": card.get("random_weights"),
         "machine": f"{os.cpu_count()} cores", "device": args.device or "auto", "max_tokens": args.max_tokens,
-        "question": QUESTION.name, "prefill_batch": args.prefill_batch, "levels": levels,
+        "question": QUESTION.name, "prefill_batch": args.prefill_batch,
+        "prefill_positions": args.prefill_positions, "levels": levels,
         "throughput_vs_first_level": [round(level["throughput_audio_s_per_s"] / base, 2) for level in levels],
         "model_ttfa_ms_in_process": round(model_ttfa, 1) if model_ttfa else None,
         "server_overhead_ms_at_1_client": (round(levels[0]["ttfa_ms_p50"] - model_ttfa, 1)

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zoo
+from zoo.core.admission import PREFILL_POSITIONS
 from zoo.core.errors import UnknownOption
 from zoo.core.scheduler import Busy, DuplexScheduler, Scheduler
 from zoo.core.types import prepare_job
@@ -22,13 +23,17 @@ class Service:
     """``duplex_sessions``: slots of the full-duplex scheduler (zoo.core.scheduler), built only when
     the model's card says duplex (default: ``max_sessions``); ``duplex_prompt``: (audio, rate)
     that seeds every duplex session unless its client gives one; ``prefill_batch``: how many new
-    replies join between two decode steps (zoo.core.scheduler.Scheduler)."""
+    replies join between two decode steps, ``prefill_positions``: how many prompt positions at most
+    are prefilled between two steps (None: no bound; a longer prompt starts in parts), both
+    zoo.core.scheduler.Scheduler's."""
 
     def __init__(self, model: zoo.VoiceModel, max_sessions: int, *, duplex_sessions: int | None = None,
-                 duplex_prompt=None, prefill_batch: int = 8) -> None:
+                 duplex_prompt=None, prefill_batch: int = 8,
+                 prefill_positions: int | None = PREFILL_POSITIONS) -> None:
         self.model, self.max_sessions = model, max_sessions
         self.stepper = model.stepper(max_sessions)
-        self.scheduler = Scheduler(self.stepper, max_sessions, prefill_batch=prefill_batch)
+        self.scheduler = Scheduler(self.stepper, max_sessions, prefill_batch=prefill_batch,
+                                   prefill_positions=prefill_positions)
         # input decoding and audio encoding run here: off the event loop and off the decode thread
         self.prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zoo-prepare")
         self.in_flight = 0

@@ -55,14 +55,19 @@ def decode(engine, batch):
     return [s.outputs for s in batch if s.error is None]
 
 
+def outputs_alone(model, share_prefix=None):
+    """``decode`` of ``sessions``, each started alone."""
+    alone = Engine(model.gpt, max_rows=7, share_prefix=share_prefix)
+    one_by_one = sessions(model)
+    for s in one_by_one:
+        alone.start(s)
+    return decode(alone, one_by_one)
+
+
 @pytest.mark.parametrize("share_prefix", [True, False])
 def test_start_many_equals_one_start_each(tiny_omni32, share_prefix):
     gpt = tiny_omni32.gpt
-    alone = Engine(gpt, max_rows=7)
-    one_by_one = sessions(tiny_omni32)
-    for s in one_by_one:
-        alone.start(s)
-    expected = decode(alone, one_by_one)
+    expected = outputs_alone(tiny_omni32)
     engine = Engine(gpt, max_rows=9, share_prefix=share_prefix)
     batch = sessions(tiny_omni32, too_long=True)
     engine.start_many(batch)
@@ -111,13 +116,19 @@ def glm_tokens(stepper, jobs):
     return tokens
 
 
-def test_glm_start_many_equals_one_start_each(tiny_glm32):
-    model = tiny_glm32
+def glm_tokens_alone(model):
+    """``glm_tokens`` of each of ``glm_replies``, started alone on a stepper of its own."""
     expected = []
     for job in glm_replies(model):
         stepper = model.stepper(1)
         stepper.start(job)
         expected += glm_tokens(stepper, [job])
+    return expected
+
+
+def test_glm_start_many_equals_one_start_each(tiny_glm32):
+    model = tiny_glm32
+    expected = glm_tokens_alone(model)
     stepper = model.stepper(5)
     batch = glm_replies(model, too_long=True)
     assert len({len(job.prompt_ids) for job in batch}) == len(batch)
@@ -230,29 +241,39 @@ class Recorder:
         self.stepper.release(job)
 
 
-def burst(stepper: Recorder, jobs, prefill_batch=8):
-    """The first job starts alone and holds the worker while the others arrive."""
-    results = {job.number: [] for job in jobs}
-    done = threading.Semaphore(0)
+class Outcomes:
+    """What each job's client received (``items`` by job number); ``wait`` for ``count`` jobs
+    to have had their last delivery (None or an Exception)."""
 
-    def deliver_to(number):
+    def __init__(self, jobs):
+        self.items = {job.number: [] for job in jobs}
+        self._ended = threading.Semaphore(0)
+
+    def deliver_to(self, number):
         def deliver(item):
-            results[number].append(item)
+            self.items[number].append(item)
             if item is None or isinstance(item, Exception):
-                done.release()
+                self._ended.release()
         return deliver
 
+    def wait(self, count):
+        for _ in range(count):
+            assert self._ended.acquire(timeout=10)
+
+
+def burst(stepper: Recorder, jobs, prefill_batch=8):
+    """The first job starts alone and holds the worker while the others arrive."""
+    outcomes = Outcomes(jobs)
     scheduler = Scheduler(stepper, max_sessions=len(jobs), prefill_batch=prefill_batch)
     try:
         for job in jobs:
-            scheduler.submit(job, deliver_to(job.number))
+            scheduler.submit(job, outcomes.deliver_to(job.number))
             assert stepper.entered.wait(10)  # the first one is being started: the rest queue up
         stepper.hold.set()
-        for _ in jobs:
-            assert done.acquire(timeout=10)
+        outcomes.wait(len(jobs))
     finally:
         scheduler.stop()
-    return results
+    return outcomes.items
 
 
 def glm_burst(model, count, bad):

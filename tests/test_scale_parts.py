@@ -39,8 +39,9 @@ def test_server_command_line_for_many_models():
     import server
 
     args = server.parse_args(argv + ["--replicas", "mini-omni=4,glm-4-voice=2", "--min-replicas", "1",
-                                     "--max-replicas", "mini-omni=8"])
+                                     "--max-replicas", "mini-omni=8", "--prefill-positions", "0"])
     specs = cli.specs_from(args, names, 0)
+    assert [(s.prefill_batch, s.prefill_positions) for s in specs] == [(8, None)] * 2  # 0: no bound
     assert [(s.name, s.replicas, s.min_replicas, s.max_replicas) for s in specs] == [
         ("mini-omni", 4, 1, 8), ("glm-4-voice", 2, 1, None)]
     assert specs[1].options()["autoscaling_config"]["max_replicas"] == 2  # no bound given: its replica count

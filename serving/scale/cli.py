@@ -91,7 +91,7 @@ def specs_from(args: argparse.Namespace, names: list[str], num_gpus: float):
         model_args = {"model": name, "tiny": args.tiny, "random_full": args.random_full, "device": args.device,
                       "dtype": args.dtype, **(component_values(args, card(name)) if i == 0 else {})}
         specs.append(ModelSpec(model_args=model_args, max_sessions=args.max_sessions, seed=args.seed,
-                               prefill_batch=args.prefill_batch,
+                               prefill_batch=args.prefill_batch, prefill_positions=args.prefill_positions or None,
                                duplex_sessions=(args.duplex_sessions or args.max_sessions) if card(name).duplex else 0,
                                replicas=counts[name], min_replicas=low.get(name), max_replicas=high.get(name),
                                num_gpus=num_gpus, num_cpus=args.cpus_per_replica))

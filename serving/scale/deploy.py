@@ -20,6 +20,8 @@ from typing import Any
 
 from ray import serve
 
+from zoo.core.admission import PREFILL_POSITIONS
+
 from .ingress import FrontSettings, Ingress
 from .replica import ModelReplica
 
@@ -36,6 +38,7 @@ class ModelSpec:
     max_sessions: int = 16
     seed: int = 0
     prefill_batch: int = 8
+    prefill_positions: int | None = PREFILL_POSITIONS  # None: no bound (server.py --prefill-positions 0)
     duplex_sessions: int = 0  # duplex slots per replica (duplex models; each session holds one call)
     replicas: int = 1
     min_replicas: int | None = None  # with max_replicas: autoscaling between them

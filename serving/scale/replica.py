@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from zoo.core.admission import PREFILL_POSITIONS
 from zoo.core.types import Chunk
 
 from ..errors import ApiError, GenerationFailed, request_id
@@ -47,7 +48,7 @@ def merged(first: Chunk, second: Chunk) -> Chunk:
 
 class ModelReplica:
     """``spec``: ``model_args`` (the zoo/cli.py model flags as a dict: model, tiny, device, ...),
-    ``max_sessions``, ``seed``, ``prefill_batch`` (see deploy.py ``ModelSpec``)."""
+    ``max_sessions``, ``seed``, ``prefill_batch``, ``prefill_positions`` (see deploy.py ``ModelSpec``)."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         from server import warm_up  # the single-process server's warm-up, so both start alike
@@ -62,6 +63,7 @@ class ModelReplica:
             log.warning("%s", noise_notice(model))
         warm_up(model)
         self.service = Service(model, spec["max_sessions"], prefill_batch=spec.get("prefill_batch", 8),
+                               prefill_positions=spec.get("prefill_positions", PREFILL_POSITIONS),
                                duplex_sessions=spec.get("duplex_sessions") or None)
         self.tag = replica_tag()
         log.info("replica of %s ready (%d session slots)", model.card.name, spec["max_sessions"])

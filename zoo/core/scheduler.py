@@ -9,6 +9,7 @@ A model takes part in replies by returning a ``Stepper`` from ``model.stepper(ma
     job = stepper.prepare(audio, sample_rate, options, history)  # validate + encode input (any thread)
     stepper.start(job)        # prefill: the job joins the batch (scheduler thread)
     stepper.start_many(jobs)  # optional (BatchStarter): several arrivals' prefills in one forward
+    stepper.start_part(job, n)  # optional (ChunkedStarter): the next n positions of a long prompt
     stepper.step(jobs)        # one batched decode step for all active jobs (scheduler thread)
     job.poll() -> Chunk|None  # output produced since the last poll; job.done when finished
     stepper.release(job)      # free its slot (KV-cache rows)
@@ -43,7 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from .types import BatchOpener, BatchStarter, Chunk, DuplexStepper, Job, Stepper
+from .admission import PREFILL_POSITIONS, Admissions
+from .types import BatchOpener, BatchStarter, Chunk, ChunkedStarter, DuplexStepper, Job, Stepper
 
 log = logging.getLogger("zoo.sessions")
 
@@ -59,6 +61,7 @@ class Ticket:
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     error: Exception | None = None  # its job's poll() raised
+    prefilled: int = 0  # prompt positions prefilled so far (a ChunkedStarter's job, in parts)
 
 
 class Busy(Exception):
@@ -85,17 +88,21 @@ class WorkerThread:
 
 
 class Scheduler(WorkerThread):
-    """Between two decode steps at most ``prefill_batch`` waiting jobs join (in arrival order),
-    in one ``start_many`` when the stepper is a ``BatchStarter``: a burst of arrivals is
-    prefilled in batches interleaved with the running sessions' steps, so it neither stalls the
-    sessions already speaking for all its prefills nor waits in line one prefill each."""
+    """Between two decode steps the waiting jobs that ``Admissions`` lets in join (in arrival
+    order, at most ``prefill_batch`` of them, in one ``start_many`` when the stepper is a
+    ``BatchStarter``): a burst of arrivals is prefilled in batches interleaved with the running
+    sessions' steps, so it neither stalls the sessions already speaking for all its prefills nor
+    waits in line one prefill each. A ``ChunkedStarter``'s prefill per step is also bounded by
+    ``prefill_positions`` (``None``: no bound): a longer prompt starts in parts, one per step
+    (zoo.core.admission)."""
 
-    def __init__(self, stepper: Stepper, max_sessions: int, prefill_batch: int = 8) -> None:
+    def __init__(self, stepper: Stepper, max_sessions: int, prefill_batch: int = 8,
+                 prefill_positions: int | None = PREFILL_POSITIONS) -> None:
         super().__init__("zoo-scheduler")
-        if prefill_batch < 1:
-            raise ValueError(f"prefill_batch must be >= 1, got {prefill_batch}")
-        self.stepper, self.max_sessions, self.prefill_batch = stepper, max_sessions, prefill_batch
-        self._pending: deque[Ticket] = deque()
+        chunked = isinstance(stepper, ChunkedStarter)
+        self._waiting: Admissions[Ticket] = Admissions(
+            prefill_batch, prefill_positions, stepper.prompt_length if chunked else None)
+        self.stepper, self.max_sessions = stepper, max_sessions
         self._active: list[Ticket] = []
         self._ids = itertools.count(1)
         self.steps = 0
@@ -105,15 +112,21 @@ class Scheduler(WorkerThread):
     def load(self) -> int:
         """Sessions admitted or waiting."""
         with self._cv:
-            return len(self._pending) + len(self._active)
+            return len(self._waiting) + len(self._active)
+
+    @property
+    def prefill_positions(self) -> int | None:
+        """The prompt positions prefilled at most between two steps (None: no bound, or a
+        stepper that cannot start a job in parts)."""
+        return self._waiting.positions
 
     def submit(self, job: Job, deliver: Delivery) -> Ticket:
         """Queue a prepared job; raises Busy when ``max_sessions`` are already in flight."""
         with self._cv:
-            if len(self._pending) + len(self._active) >= self.max_sessions:
+            if len(self._waiting) + len(self._active) >= self.max_sessions:
                 raise Busy(f"all {self.max_sessions} session slots are busy")
             ticket = Ticket(next(self._ids), job, deliver)
-            self._pending.append(ticket)
+            self._waiting.pending.append(ticket)
             self._cv.notify()
             return ticket
 
@@ -127,12 +140,16 @@ class Scheduler(WorkerThread):
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._pending or self._active or self._stopping):
+                while not (self._waiting or self._active or self._stopping):
                     self._cv.wait()
                 if self._stopping:
                     return
-                joining = [self._pending.popleft() for _ in range(min(self.prefill_batch, len(self._pending)))]
-            self._join([t for t in joining if not t.cancelled])
+                tick = self._waiting.tick()
+            if tick.carried is not None:
+                self._prefill_part(*tick.carried)
+            self._join([t for t in tick.joining if not t.cancelled])
+            if tick.parted is not None:
+                self._prefill_part(*tick.parted)
             self._active = [t for t in self._active if not self._drop_if_over(t)]
             running = [t for t in self._active if not t.job.done]
             if running:
@@ -148,6 +165,27 @@ class Scheduler(WorkerThread):
                 for ticket in running:
                     self._deliver(ticket)
             self._active = [t for t in self._active if not self._drop_if_over(t)]
+
+    def _prefill_part(self, ticket: Ticket, positions: int) -> None:
+        """The next ``positions`` of a long prompt; the job joins the running sessions once its
+        whole prompt is in. A cancelled job gives its slot back; a failed one hears why alone."""
+        if ticket.cancelled:
+            with self._cv:
+                self._waiting.drop_unfinished()
+            self._finish(ticket, None)
+            return
+        try:
+            finished = self.stepper.start_part(ticket.job, positions)
+        except Exception as err:  # noqa: BLE001 - reported to that session only
+            with self._cv:
+                self._waiting.drop_unfinished()
+            self._finish(ticket, err)
+            return
+        with self._cv:
+            self._waiting.part_done(ticket, positions, finished)
+        if finished:
+            self._active.append(ticket)
+            self._deliver(ticket)
 
     def _join(self, tickets: list[Ticket]) -> None:
         """Prefill the joining jobs: together when the stepper can, else one by one."""

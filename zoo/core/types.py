@@ -193,6 +193,21 @@ class BatchStarter(Protocol):
     def start_many(self, jobs: list[Job]) -> None: ...
 
 
+@runtime_checkable
+class ChunkedStarter(Protocol):
+    """A ``Stepper`` whose prefill can run in parts (chunked prefill, as vLLM's scheduler runs
+    it): the scheduler then bounds the prompt positions it prefills between two decode steps, so
+    one long prompt (a long question, a long conversation) never stalls the sessions already
+    speaking for its whole prefill. ``prompt_length``: the positions ``job``'s prefill runs.
+    ``start_part``: the next ``positions`` of them, appended to its slot's cache (the first call
+    takes the slot, as ``start`` does, and raises as ``start`` does); True once the whole prompt is
+    in, the job then standing exactly as ``start`` leaves it (its first output drawn: the same
+    tokens as ``start``, float32). ``release`` frees a job stopped between parts."""
+
+    def prompt_length(self, job: Job) -> int: ...
+    def start_part(self, job: Job, positions: int) -> bool: ...
+
+
 def check_image(card: ModelCard, image: Any) -> None:
     """The one place a model without vision refuses an image (UnsupportedError)."""
     if image is not None and not card.image_input:

@@ -127,6 +127,7 @@ class Reply:
         self.generator = torch.Generator(device=device).manual_seed(options.seed)
         self.engine: SlotEngine | None = None  # set with the slot when a stepper starts the reply
         self.slot: int | None = None
+        self.prefilled = 0  # prompt ids in its slot's cache (a chunked prefill runs in parts)
         self.token: int | None = None  # sampled, not yet fed to the LLM
         self.generated = 0
         self.skipped = 0  # sampled ids with no vocabulary entry (no text, no audio)
@@ -215,8 +216,7 @@ class ReplyStepper:
         return self.model.prepare(audio=audio, sample_rate=sample_rate, options=options, history=history)
 
     def start(self, job: Reply) -> None:
-        self._admit(job)
-        job.choose(self.engine.prefill(job.slot, job.prompt_ids)[None])
+        self.start_part(job, len(job.prompt_ids))
 
     def start_many(self, jobs: list[Reply]) -> None:
         """zoo.core.types.BatchStarter: the arrivals' prompts in one forward (SlotEngine.prefill_many),
@@ -224,8 +224,28 @@ class ReplyStepper:
         slot, a prompt longer than the context) gets its own error; the others start."""
         admitted = admit_each(jobs, self._admit)
         if admitted:
-            choose_all(admitted, self.engine.prefill_many([job.slot for job in admitted],
-                                                          [job.prompt_ids for job in admitted]))
+            logits = self.engine.prefill_many([job.slot for job in admitted], [job.prompt_ids for job in admitted])
+            for job in admitted:
+                job.prefilled = len(job.prompt_ids)
+            choose_all(admitted, logits)
+
+    def prompt_length(self, job: Reply) -> int:
+        return len(job.prompt_ids)
+
+    def start_part(self, job: Reply, positions: int) -> bool:
+        """zoo.core.types.ChunkedStarter: the next ``positions`` prompt ids appended to the job's
+        slot (``SlotEngine.prefill`` appends); the last part's logits draw its first id."""
+        if positions < 1:
+            raise ValueError(f"a prefill part needs at least one position, got {positions}")
+        if job.slot is None:
+            self._admit(job)
+        end = min(len(job.prompt_ids), job.prefilled + positions)
+        logits = self.engine.prefill(job.slot, job.prompt_ids[job.prefilled : end])
+        job.prefilled = end
+        if end < len(job.prompt_ids):
+            return False
+        job.choose(logits[None])
+        return True
 
     def _admit(self, job: Reply) -> None:
         """A slot for the job, checked to hold its prompt (``release`` gives it back either way)."""

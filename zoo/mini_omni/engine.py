@@ -21,6 +21,16 @@ _PAD_AUDIO_INPUT = [layershift(PAD_A, layer) for layer in range(AUDIO_LAYERS)]
 
 
 @dataclass
+class UnfinishedPrompt:
+    """A prompt being prefilled in parts: the embeddings of the rows that run it (``x``: rows, T,
+    C; ``rows`` of them, see ``Engine._prompt_rows``) and the positions already in the cache."""
+
+    x: torch.Tensor
+    rows: int
+    done: int = 0
+
+
+@dataclass
 class Session:
     """One reply being generated. ``outputs[p]`` is the step at output position p: 7 audio codes
     (local ids; PAD_A for text-only tasks) and the text id. Position 0 comes from the prefill."""
@@ -40,6 +50,7 @@ class Session:
     error: Exception | None = None  # its own sampling or bookkeeping failed (then done)
     audio_start: int = 1  # the prompt position of the first audio feature
     image_features: torch.Tensor | None = None  # (1, n, vision_dim): models with vision (gpt.embed)
+    unfinished: UnfinishedPrompt | None = None  # a prompt being prefilled in parts (Engine.start_part)
 
     @property
     def prompt_length(self) -> int:
@@ -88,10 +99,38 @@ class Engine:
         session.rows = self.cache.allocate(session.task.rows)
         session.generator = torch.Generator().manual_seed(int(session.options.seed))
 
+    def start_part(self, session: Session, positions: int) -> bool:
+        """The next ``positions`` of the session's prompt into its rows' cache (chunked prefill,
+        zoo.core.types.ChunkedStarter); the first call takes its rows and raises as ``start``
+        does. True once the whole prompt is in and output position 0 is recorded, as ``start``
+        records it. The prompt is embedded once, on the first call (its audio and image features
+        land at their positions), and its parts run through the layers in order."""
+        if positions < 1:
+            raise ValueError(f"a prefill part needs at least one position, got {positions}")
+        with torch.inference_mode():
+            if session.rows is None:
+                self._admit(session)
+                first = self._prompt_rows(session)
+                session.unfinished = UnfinishedPrompt(self._embed(session, first, session.prompt_length), first)
+            part = session.unfinished
+            end = min(session.prompt_length, part.done + positions)
+            rows = session.rows[: part.rows]
+            hidden = self.gpt(part.x[:, part.done : end], self.cache, self.cache.rows_for(rows, end - part.done))
+            self.cache.advance(rows, end - part.done)
+            part.done = end
+            if end < session.prompt_length:
+                return False
+            session.unfinished = None
+            self._record_first([session], self._with_shared_rows([session], [part.rows], hidden[:, -1]))
+        return True
+
     def _prefill_and_record(self, sessions: list[Session]) -> None:
         with torch.inference_mode():
-            picks = self._sample(sessions, self._prefill(sessions))
-        for session, pick in zip(sessions, picks):
+            self._record_first(sessions, self._prefill(sessions))
+
+    def _record_first(self, sessions: list[Session], hidden: torch.Tensor) -> None:
+        """Output position 0 of each session from its rows' last prompt position (``hidden``)."""
+        for session, pick in zip(sessions, self._sample(sessions, hidden)):
             if pick is not None:
                 session.position = session.prompt_length
                 with isolate(session):
@@ -103,22 +142,8 @@ class Engine:
         """Run the prompts through the model; returns the last position's hidden state of every
         session's rows, in order (sum of rows, C). All the prompts go through one forward, right-
         padded to the longest: a row's padding lands in its cache beyond its length, where later
-        steps overwrite it before any mask lets them read it.
-
-        With ``share_prefix`` (the default on CPU, where compute is the cost), rows whose prompts
-        differ only in the last token (the batch trick's two rows) share the prefix: it is computed
-        once and copied into the other rows' cache, then each other row runs its last token as a
-        single step (causal attention makes this the same computation). On a GPU the host's
-        launches are the cost and every row runs in the one forward."""
-        firsts, others = [], []  # (session, its rows in the prefill) / (session, its rows stepped after)
-        for s in sessions:
-            tokens = s.prompt
-            shared = self.share_prefix and s.prompt_length > 1 and all(
-                torch.equal(tokens[0, :, :-1], t[:, :-1]) for t in tokens[1:])
-            first = 1 if shared else tokens.size(0)
-            firsts.append(first)
-            if first < tokens.size(0):
-                others.append(s)
+        steps overwrite it before any mask lets them read it."""
+        firsts = [self._prompt_rows(s) for s in sessions]
         longest = max(s.prompt_length for s in sessions)
         x = torch.cat([self._embed(s, first, longest) for s, first in zip(sessions, firsts)])
         prefill_rows = [row for s, first in zip(sessions, firsts) for row in s.rows[:first]]
@@ -127,6 +152,24 @@ class Engine:
         last = at_ends(hidden, padded_ends(lengths, self.device))
         for s, first in zip(sessions, firsts):
             self.cache.advance(s.rows[:first], s.prompt_length)
+        return self._with_shared_rows(sessions, firsts, last)
+
+    def _prompt_rows(self, session: Session) -> int:
+        """How many of the session's rows run its prompt. With ``share_prefix`` (the default on
+        CPU, where compute is the cost), rows whose prompts differ only in the last token (the
+        batch trick's two rows) share the prefix: only the first runs it, and the others get it
+        copied (``_with_shared_rows``). On a GPU the host's launches are the cost and every row
+        runs the prompt."""
+        tokens = session.prompt
+        shared = self.share_prefix and session.prompt_length > 1 and all(
+            torch.equal(tokens[0, :, :-1], t[:, :-1]) for t in tokens[1:])
+        return 1 if shared else tokens.size(0)
+
+    def _with_shared_rows(self, sessions: list[Session], firsts: list[int], last: torch.Tensor) -> torch.Tensor:
+        """``last`` (the last prompt position of the rows that ran the prompts) completed with the
+        rows that share a prefix: the prefix copied from the first row, then each such row's last
+        token run as a single step (causal attention makes this the same computation)."""
+        others = [s for s, first in zip(sessions, firsts) if first < s.task.rows]
         if not others:
             return last
         stepped = self._last_token_step(others)
@@ -171,6 +214,7 @@ class Engine:
         if session.rows is not None:
             self.cache.release(session.rows)
             session.rows = None
+        session.unfinished = None
         session.done = True
 
     # -- one decode step for every active session ---------------------------------------------

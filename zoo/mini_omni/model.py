@@ -195,6 +195,13 @@ class ReplyStepper:
         """zoo.core.types.BatchStarter: new arrivals' prompts in one forward."""
         self.engine.start_many([job.session for job in jobs])
 
+    def prompt_length(self, job: Reply) -> int:
+        return job.session.prompt_length
+
+    def start_part(self, job: Reply, positions: int) -> bool:
+        """zoo.core.types.ChunkedStarter: the next part of the job's prompt (Engine.start_part)."""
+        return self.engine.start_part(job.session, positions)
+
     def step(self, jobs: list[Reply]) -> None:
         """One decode step for every session, then every due audio window in one codec batch.
         If that batch fails, each session's windows are decoded on their own (isolated), so only
