@@ -5,7 +5,8 @@ a SNAC holding ours), against ``respond``; the decode step is its ``next_token_b
 
 Precision: the reference runs in float32 only (its load_model builds the GPT in float32 and its
 Whisper features are float32, which a bfloat16 GPT refuses), so ``--dtype bfloat16`` runs ours in
-bfloat16 beside the reference as its users run it; the rows are named with their precision."""
+bfloat16 beside the reference as its users run it, and ``--dtype int8`` ours with int8 weight-only
+transformer layers (zoo.mini_omni.gpt.precision); the rows are named with their precision."""
 from __future__ import annotations
 
 import importlib
@@ -23,6 +24,7 @@ from latency import QUESTION, sync
 
 import zoo
 from zoo.mini_omni.engine import Engine, Session
+from zoo.mini_omni.gpt import precision
 from zoo.mini_omni.prompts import TASKS, audio_question
 from zoo.mini_omni.random_weights import (
     FULL_SNAC,
@@ -70,16 +72,54 @@ def compare_mini_omni(args, device: torch.device) -> list[dict]:
         wav = Path(tmp) / "question.wav"
         audio, sr = sf.read(QUESTION, dtype="float32")
         sf.write(wav, audio, sr)
-        inference, runner = mini_omni_reference(ours, args.reference, args.size, device, Path(tmp))
+        # the reference holds float32 weights: a quantised run gives it the float32 draw of the same
+        # seed, the values ours were packed from
+        source = ours if precision(args.dtype)[1] is None else zoo.load(
+            "mini-omni", random_weights=args.size, device=str(device), dtype="float32")
+        inference, runner = mini_omni_reference(source, args.reference, args.size, device, Path(tmp))
         for name, run in (("reference (float32)", lambda: _reference_reply(runner, wav, steps)),
                           (f"omni-zoo ({args.dtype})", lambda: _our_reply(ours, wav, steps))):
             owner, method = (inference, "next_token_batch") if name.startswith("reference") else (Engine, "step")
             rows.append(measure(name, run, owner, method, rate, device, args))
+    if source is not ours:
+        rows[1]["agreement_with_float32"] = token_agreement(ours, source, args.steps)
     step_budget = 1000 / ours.card.reply_tokens_per_second
     rows[0]["sessions_at_real_time"] = int(rows[0]["step_ms_p50"] <= step_budget)  # one session at a time
     rows[1]["sessions_at_real_time"], rows[1]["batch_sweep"] = sessions_at_real_time(
         args.sessions, lambda batch: _our_step_ms(ours, batch, args, device), step_budget)
     return rows
+
+
+def token_agreement(quantised, float32, steps: int) -> dict:
+    """The quality cost of quantisation: ``quantised`` teacher-forced along the float32 twin's
+    greedy reply to the demo question (the same Whisper features), step by step: whether its own
+    greedy choice of each of the 8 streams (7 codebooks and the text) is the twin's."""
+    task = TASKS["A1A2+A1T2"]
+    features = float32.encode_audio(str(QUESTION))
+    runs = []
+    for model in (float32, quantised):
+        dtype = model.gpt.transformer.wte.weight.dtype
+        session = Session(task, audio_question(task, features.size(1)), features.to(dtype),
+                          model.options({"temperature": 0}), max_outputs=steps)
+        engine = Engine(model.gpt, max_rows=2)
+        engine.start(session)
+        runs.append((engine, session))
+    (twin_engine, twin), (engine, session) = runs
+    inputs = [twin.next_input]
+    while not twin.done:
+        twin_engine.step([twin])
+        inputs.append(twin.next_input)
+    for forced in inputs[: len(twin.outputs) - 1]:
+        if session.done:
+            break
+        session.next_input = forced
+        engine.step([session])
+    pairs = list(zip(twin.outputs, session.outputs))
+    same = [sum(a == b for a, b in zip(ours, theirs)) for theirs, ours in pairs]
+    return {"positions": len(twin.outputs), "compared": len(pairs),
+            "tokens_agreeing": round(sum(same) / (8 * len(pairs)), 4),
+            "positions_all_agreeing": round(sum(n == 8 for n in same) / len(pairs), 4),
+            "first_disagreement": next((i for i, n in enumerate(same) if n < 8), None)}
 
 
 def _reference_reply(runner, wav: Path, steps: int):
@@ -115,4 +155,4 @@ def _our_step_ms(ours, batch: int, args, device: torch.device) -> float:
 
 COMPARISON = Comparison(marker="inference.py", dependencies=("lightning", "whisper", "snac", "yaml"),
                         install="install its requirements.txt (e.g. pip install lightning openai-whisper snac) "
-                                "in this environment", run=compare_mini_omni, dtypes=("float32", "bfloat16"))
+                                "in this environment", run=compare_mini_omni, dtypes=("float32", "bfloat16", "int8"))

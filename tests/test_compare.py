@@ -63,3 +63,20 @@ def test_our_side_of_the_mini_omni_comparison_times_batched_steps():
 
     ours = zoo.load("mini-omni", random_weights="tiny", device="cpu", dtype="float32")
     assert _our_step_ms(ours, 2, argparse.Namespace(sweep_steps=2), torch.device("cpu")) > 0
+
+
+def test_the_int8_comparison_measures_its_agreement_with_the_float32_twin():
+    """``--dtype int8``: ours teacher-forced along the float32 draw of the same seed. A model
+    agrees with itself at every position; int8 agrees closely but not everywhere (tiny, 30 steps)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from compare_mini_omni import COMPARISON, token_agreement
+
+    import zoo
+
+    assert "int8" in COMPARISON.dtypes
+    twin = zoo.load("mini-omni", random_weights="tiny", device="cpu", dtype="float32")
+    same = token_agreement(zoo.load("mini-omni", random_weights="tiny", device="cpu", dtype="float32"), twin, 30)
+    assert same == {"positions": 30, "compared": 30, "tokens_agreeing": 1.0, "positions_all_agreeing": 1.0,
+                    "first_disagreement": None}
+    int8 = token_agreement(zoo.load("mini-omni", random_weights="tiny", device="cpu", dtype="int8"), twin, 30)
+    assert int8["compared"] == 30 and 0.9 < int8["tokens_agreeing"] < 1.0

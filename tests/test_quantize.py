@@ -1,7 +1,9 @@
-"""Weight-only int8/int4 (bitsandbytes) replaces every Linear but those kept and stays close to the
-original; GLM-4-Voice loads (and draws random weights) quantised the reference's way."""
+"""Weight-only int8/int4 (bitsandbytes; int8 on a CPU: torch's int8 kernel) replaces every Linear
+but those kept and stays close to the original; GLM-4-Voice loads (and draws random weights)
+quantised the reference's way; Mini-Omni's int8 packs its transformer layers."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -128,3 +130,62 @@ def test_the_engine_bench_measures_a_quantized_networks_agreement(tmp_path):
     assert 0 < quality["logits_relative_error_median"] < 0.05
     refused = subprocess.run([*command, "--dtype", "float32"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "quantised network" in refused.stderr
+
+
+def test_int8_on_a_cpu_runs_torchs_int8_kernel_with_one_scale_per_output_channel():
+    """On a CPU ``int8`` is Int8Linear (bitsandbytes' CPU int8 is ~15x slower than bfloat16): the
+    product equals x @ (int8 weight x its row's scale)^T, for inputs of any leading shape."""
+    from zoo.core.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 32, bias=False))
+    x = torch.randn(2, 5, 64)
+    expected = net(x)
+    quantized = quantize_linears(copy.deepcopy(net), "int8", torch.float32, torch.device("cpu"))
+    first = quantized[0]
+    assert isinstance(first, Int8Linear) and first.weight.dtype == torch.int8 and first.scale.shape == (96,)
+    assert first.weight.abs().amax(dim=1).eq(127).all()  # each row's largest weight spans the range
+    dequantized = first.weight.float() * first.scale[:, None]
+    torch.testing.assert_close(first(x), x @ dequantized.t() + first.bias, rtol=1e-5, atol=1e-5)
+    assert (dequantized - net[0].weight).abs().max() <= first.scale.max() / 2 + 1e-7
+    error = (quantized(x) - expected).abs().max() / expected.abs().max()
+    assert 0 < error < 0.02
+    bf16 = quantize_linears(copy.deepcopy(net), "int8", torch.bfloat16, torch.device("cpu"))
+    out = bf16(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 5, 32)
+    assert (out.float() - expected).abs().max() / expected.abs().max() < 0.05
+
+
+def test_mini_omni_int8_packs_its_transformer_layers_and_stays_close(tiny_folders):
+    """``dtype="int8"`` (the published layout, and random weights): every Linear of the transformer
+    layers packed, the output head, embeddings and adapter as the bfloat16 load's; the first
+    reply position's logits close to the bfloat16 model's; a whole reply runs."""
+    import zoo
+    from zoo.core.quantize import Int8Linear
+    from zoo.mini_omni.engine import Engine, Session
+    from zoo.mini_omni.prompts import TASKS, audio_question
+
+    folders = {"checkpoint": tiny_folders.checkpoint, "codec": tiny_folders.codec}
+    plain = zoo.load("mini-omni", device="cpu", dtype="bfloat16", **folders)
+    packed = zoo.load("mini-omni", device="cpu", dtype="int8", **folders)
+    layers = [m for m in packed.gpt.transformer.h.modules() if not list(m.children()) and hasattr(m, "in_features")]
+    assert layers and all(isinstance(m, Int8Linear) for m in layers)
+    for name in ("lm_head.weight", "transformer.wte.weight", "whisper_adapter.fc_1.weight"):
+        assert torch.equal(packed.gpt.get_parameter(name), plain.gpt.get_parameter(name)), name
+    dim = plain.gpt.config.whisper_adapter_dim
+    features = torch.randn(1, 12, dim, generator=torch.Generator().manual_seed(0)).bfloat16()
+    logits = []
+    for model in (plain, packed):
+        task = TASKS["A1A2+A1T2"]
+        session = Session(task, audio_question(task, 12), features, model.options({"temperature": 0}), max_outputs=4)
+        engine = Engine(model.gpt, max_rows=2)
+        engine._admit(session)
+        with torch.inference_mode():
+            hidden = engine._prefill([session])
+            logits.append(torch.cat([model.gpt.text_logits(hidden[-1]).flatten(),
+                                     model.gpt.audio_logits(hidden[0]).flatten()]).float())
+    error = (logits[1] - logits[0]).norm() / logits[0].norm()
+    assert 0 < error < 0.1
+    random = zoo.load("mini-omni", random_weights="tiny", device="cpu", dtype="int8")
+    chunks = list(random.respond(np.zeros(16000, np.float32), 16000, {"max_new_tokens": 16}))
+    assert sum(c.audio.size for c in chunks) > 0

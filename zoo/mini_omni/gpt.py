@@ -7,9 +7,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import kv_cache
+from ..core.devices import pick_dtype
 from ..core.kv_cache import Rows, attend
 from .config import GPTConfig
 from .tokens import AUDIO_LAYERS, PADDED_AUDIO_VOCAB, PADDED_TEXT_VOCAB
+
+QUANTIZED = ("int8",)
+
+
+def precision(dtype: torch.dtype | str | None) -> tuple[torch.dtype, str | None]:
+    """``dtype`` -> (compute dtype, quantisation or None). "int8": the transformer layers' weights
+    in int8 (``GPT.placed``) with bfloat16 activations, the int8 kernel's fast input; the
+    embeddings, the output head, the adapters and the other networks in bfloat16."""
+    if isinstance(dtype, str) and dtype in QUANTIZED:
+        return torch.bfloat16, dtype
+    return pick_dtype(dtype), None
 
 
 class RMSNorm(nn.Module):
@@ -41,7 +53,10 @@ class GatedMLP(nn.Module):
         """Hold fc_1 and fc_2 as the two column blocks of one (n_in, 2 * n_hidden) matrix and
         multiply once: at decode batch sizes MKL runs this layout about twice as fast as two
         (out, in) products. The parameters become views into it, so names, values and memory stay
-        the same. Call after the module has reached its final device and dtype."""
+        the same. Call after the module has reached its final device and dtype. Quantised layers
+        (zoo.core.quantize) keep their own layout."""
+        if not (isinstance(self.fc_1, nn.Linear) and isinstance(self.fc_2, nn.Linear)):
+            return
         fused = torch.cat([self.fc_1.weight, self.fc_2.weight]).t().contiguous()
         hidden = self.fc_1.out_features
         self.fc_1.weight = nn.Parameter(fused[:, :hidden].t(), requires_grad=False)
@@ -151,6 +166,17 @@ class GPT(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def placed(self, device: torch.device, dtype: torch.dtype, quantized: str | None = None) -> GPT:
+        """This network on ``device`` in ``dtype`` for inference; ``quantized`` ("int8", see
+        ``precision``): its transformer layers' Linear weights packed from their loaded values
+        first (zoo.core.quantize), the output head kept (its text and audio slices are read as
+        weight rows)."""
+        if quantized:
+            from ..core.quantize import quantize_linears
+
+            quantize_linears(self.transformer.h, quantized, dtype, device)
+        return self.to(device=device, dtype=dtype).eval()
 
     def pack(self) -> GPT:
         """Faster weight layouts for inference (see GatedMLP.pack); call after .to(device, dtype)."""

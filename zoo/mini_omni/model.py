@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from ..core.audio import AudioSource, load_audio
 from ..core.checkpoints import load_strict, resolve_files
-from ..core.devices import pick_device, pick_dtype
+from ..core.devices import pick_device
 from ..core.errors import OptionsError, WeightsNotFound
 from ..core.isolation import isolate
 from ..core.scheduler import OneSlotSteppers
@@ -23,7 +23,7 @@ from . import whisper
 from .codec import CODEC_FILES, Codec, Window, load_snac
 from .config import GPTConfig
 from .engine import Engine, Session
-from .gpt import GPT
+from .gpt import GPT, precision
 from .prompts import TASKS, Task, audio_question, text_question
 from .tokens import AUDIO_LAYERS, EOT
 
@@ -249,10 +249,10 @@ class MiniOmni(VoiceModel):
         codec: str | os.PathLike | None = None,
     ) -> MiniOmni:
         device = pick_device(device)
-        dtype = pick_dtype(dtype)
+        dtype, quantized = precision(dtype)
         ckpt = resolve_files(checkpoint or CARD.components["checkpoint"], CHECKPOINT_FILES, component="checkpoint", optional=(WHISPER_FILE,))
         codec_dir = resolve_files(codec or CARD.components["codec"], CODEC_FILES, component="codec")
-        gpt = load_gpt(ckpt).to(device=device, dtype=dtype).eval()
+        gpt = load_gpt(ckpt).placed(device, dtype, quantized)
         encoder = load_whisper_encoder(_whisper_file(ckpt)).to(device=device, dtype=dtype).eval()
         snac = load_snac(codec_dir, dtype, device)
         tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))

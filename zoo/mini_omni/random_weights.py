@@ -236,8 +236,9 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
     published dimensions (and so the real compute cost), ``tiny`` the test dimensions."""
     from tokenizers import Tokenizer
 
-    from ..core.devices import pick_device, pick_dtype
+    from ..core.devices import pick_device
     from .codec import Codec, prepare_for_inference
+    from .gpt import precision
     from .model import MiniOmni
     from .whisper import AudioEncoder, EncoderDims
 
@@ -245,7 +246,7 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
         raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
     config, dims, snac_config = (FULL_GPT, FULL_WHISPER_DIMS, FULL_SNAC) if size == "full" else (TINY_GPT, TINY_WHISPER_DIMS, TINY_SNAC)
     device = pick_device(device)
-    dtype = pick_dtype(dtype)
+    dtype, quantized = precision(dtype)
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         gpt = GPT(config)
@@ -258,7 +259,7 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
     encoder.load_state_dict({k[len(prefix):]: v for k, v in whisper_state.items() if k.startswith(prefix)})
     snac = prepare_for_inference(random_snac(snac_config, seed))
     return MiniOmni(
-        gpt.to(device=device, dtype=dtype).eval(),
+        gpt.placed(device, dtype, quantized),
         encoder.to(device=device, dtype=dtype).eval(),
         Codec(snac.to(device=device, dtype=dtype).eval()),
         Tokenizer.from_str(tiny_tokenizer_json()),

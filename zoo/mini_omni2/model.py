@@ -14,13 +14,14 @@ from tokenizers import Tokenizer
 
 from ..core.audio import AudioSource
 from ..core.checkpoints import resolve_files
-from ..core.devices import pick_device, pick_dtype
+from ..core.devices import pick_device
 from ..core.errors import OptionsError, WeightsNotFound
 from ..core.image import load_image
 from ..core.types import Chunk, ModelCard
 from ..mini_omni import whisper
 from ..mini_omni.codec import CODEC_FILES, Codec, load_snac
 from ..mini_omni.engine import Session
+from ..mini_omni.gpt import precision
 from ..mini_omni.model import (
     CHECKPOINT_FILES,
     WHISPER_FILE,
@@ -96,11 +97,11 @@ class MiniOmni2(MiniOmni):
         codec: str | os.PathLike | None = None,
     ) -> MiniOmni2:
         device = pick_device(device)
-        dtype = pick_dtype(dtype)
+        dtype, quantized = precision(dtype)
         ckpt = resolve_files(checkpoint or CARD.components["checkpoint"], CHECKPOINT_FILES, component="checkpoint",
                              optional=(WHISPER_FILE, CLIP_FILE))
         codec_dir = resolve_files(codec or CARD.components["codec"], CODEC_FILES, component="codec")
-        gpt = load_gpt(ckpt, VisionGPTConfig, VisionGPT).to(device=device, dtype=dtype).eval()
+        gpt = load_gpt(ckpt, VisionGPTConfig, VisionGPT).placed(device, dtype, quantized)
         encoder = load_whisper_encoder(_whisper_file(ckpt)).to(device=device, dtype=dtype).eval()
         vision = load_vision(_clip_file(ckpt)).to(device=device, dtype=dtype).eval()
         snac = load_snac(codec_dir, dtype, device)

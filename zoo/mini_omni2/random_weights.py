@@ -118,8 +118,9 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
     """A MiniOmni2 with seeded random weights built in memory (no files)."""
     from tokenizers import Tokenizer
 
-    from ..core.devices import pick_device, pick_dtype
+    from ..core.devices import pick_device
     from ..mini_omni.codec import Codec, prepare_for_inference
+    from ..mini_omni.gpt import precision
     from ..mini_omni.whisper import AudioEncoder, EncoderDims
     from .model import MiniOmni2
 
@@ -129,7 +130,7 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
     config = FULL_GPT if full else TINY_GPT
     dims = omni.FULL_WHISPER_DIMS if full else omni.TINY_WHISPER_DIMS
     vision_dims = FULL_VISION if full else TINY_VISION
-    device, dtype = pick_device(device), pick_dtype(dtype)
+    device, (dtype, quantized) = pick_device(device), precision(dtype)
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         gpt = VisionGPT(config)
@@ -142,7 +143,7 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
     encoder.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     vision = random_clip(vision_dims, generator).visual.float()
     snac = prepare_for_inference(omni.random_snac(omni.FULL_SNAC if full else omni.TINY_SNAC, seed))
-    return MiniOmni2(gpt.to(device=device, dtype=dtype).eval(), encoder.to(device=device, dtype=dtype).eval(),
+    return MiniOmni2(gpt.placed(device, dtype, quantized), encoder.to(device=device, dtype=dtype).eval(),
                      vision.to(device=device, dtype=dtype).eval(), Codec(snac.to(device=device, dtype=dtype).eval()),
                      Tokenizer.from_str(omni.tiny_tokenizer_json()))
 
