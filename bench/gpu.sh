@@ -3,7 +3,7 @@
 # seeded random weights (the real compute cost). Each step has a name and its own time limit, and
 # a failed step does not stop the others. Results land in bench/results/ (and, when $OUT is set,
 # in $OUT/results.tar.gz with the log).
-#   bash bench/gpu.sh            # every step, newest questions first (limits add up to ~32 min)
+#   bash bench/gpu.sh            # every step, newest questions first (limits add up to ~33 min)
 #   bash bench/gpu.sh first      # the steps named in FIRST below: fits one 10-minute device call
 #   bash bench/gpu.sh rest       # the others
 #   bash bench/gpu.sh NAME ...   # just those steps
@@ -96,6 +96,8 @@ step prefill-stall 150 python bench/prefill_stall.py --model glm-4-voice --size 
     --running 8 --bounds 0 512 2048
 # Mini-Omni stages (prefill: one forward for both rows on a GPU) and Hertz-dev duplex (graphs)
 step mini-omni-latency 75 python bench/latency.py --model mini-omni --size full --device cuda --dtype bfloat16 --repeats 5
+# Mini-Omni int8 (bitsandbytes on a GPU; measured on CPU only so far): does it run under the decode graphs, and how fast
+step mini-omni-int8 75 python bench/latency.py --model mini-omni --size full --device cuda --dtype int8 --repeats 3
 step hertz-duplex 150 python bench/duplex.py --model hertz-dev --device cuda --dtype bfloat16 --sessions 1 8 32 48 64
 # GLM-4-Voice: decode steps over 1..32 sessions (graphs vs eager, padded to batch buckets)
 step glm-engine 100 python bench/glm4_engine.py --device cuda --dtype bfloat16 --batches 1 5 32
