@@ -69,11 +69,24 @@ def run(model, device: torch.device, bound: int | None, running: int, long_secon
         before = list(steps)
         sync(device)
         arrived = time.perf_counter()
-        scheduler.submit(job, lambda item: first_output.set())
+        answer: list = []
+
+        def first(item):
+            if not answer:
+                answer.append(item)
+                first_output.set()
+        scheduler.submit(job, first)
         if not first_output.wait(timeout):
             raise RuntimeError(f"the long question had no output in {timeout:.0f} s")
         answered = time.perf_counter()
+        if isinstance(answer[0], Exception):
+            raise RuntimeError(f"the long question failed: {answer[0]!r}")
+        # its last part ran just before the first step after its answer: that interval counts too
+        while not any(t > answered for t in steps) and time.perf_counter() < answered + timeout:
+            time.sleep(0.005)
         during = [t for t in steps if t >= arrived]
+        end = next((i for i, t in enumerate(during) if t > answered), len(during) - 1)
+        during = during[: end + 1]
         gaps = [b - a for a, b in zip(before[-1:] + during, during)]
         if not gaps:
             raise RuntimeError("no running session stepped while the long question was prefilled: "
