@@ -243,10 +243,10 @@ class Recorder:
 
 class Outcomes:
     """What each job's client received (``items`` by job number); ``wait`` for ``count`` jobs
-    to have had their last delivery (None or an Exception)."""
+    to have had their last delivery (None or an Exception), ``timeout`` seconds each."""
 
-    def __init__(self, jobs):
-        self.items = {job.number: [] for job in jobs}
+    def __init__(self, numbers):
+        self.items = {number: [] for number in numbers}
         self._ended = threading.Semaphore(0)
 
     def deliver_to(self, number):
@@ -256,14 +256,14 @@ class Outcomes:
                 self._ended.release()
         return deliver
 
-    def wait(self, count):
+    def wait(self, count, timeout=10):
         for _ in range(count):
-            assert self._ended.acquire(timeout=10)
+            assert self._ended.acquire(timeout=timeout)
 
 
 def burst(stepper: Recorder, jobs, prefill_batch=8):
     """The first job starts alone and holds the worker while the others arrive."""
-    outcomes = Outcomes(jobs)
+    outcomes = Outcomes(job.number for job in jobs)
     scheduler = Scheduler(stepper, max_sessions=len(jobs), prefill_batch=prefill_batch)
     try:
         for job in jobs:

@@ -99,7 +99,7 @@ def test_glm_a_prompt_too_long_fails_at_its_first_part(tiny_glm32):
 class Prompted(Job):
     def __init__(self, number, length, steps=3, fails_at_part=None):
         super().__init__(number, steps)
-        self.length, self.fails_at_part, self.parts = length, fails_at_part, 0
+        self.length, self.fails_at_part, self.parts, self.prefilled = length, fails_at_part, 0, 0
 
 
 class PartStepper:
@@ -127,9 +127,9 @@ class PartStepper:
         if job.parts == job.fails_at_part:
             raise RuntimeError("this part's forward failed")
         self.calls.append(("part", job.number, positions))
-        job.length_done = getattr(job, "length_done", 0) + positions
-        assert job.length_done <= job.length
-        return job.length_done == job.length
+        job.prefilled += positions
+        assert job.prefilled <= job.length
+        return job.prefilled == job.length
 
     def step(self, jobs):
         self.calls.append(("step", [j.number for j in jobs], 0))
@@ -144,7 +144,7 @@ class PartStepper:
 def run(stepper, jobs, budget, cancel=None):
     """Job 0 starts first and holds the worker while the others queue; ``cancel``: the number of
     a job to cancel as soon as its first part is in."""
-    outcomes = Outcomes(jobs)
+    outcomes = Outcomes(job.number for job in jobs)
     scheduler = Scheduler(stepper, max_sessions=len(jobs), prefill_positions=budget)
     tickets = {}
     if cancel is not None:  # cancelled from the worker thread, right after its first part
@@ -243,17 +243,15 @@ def scheduled(model, make_jobs, budget):
         return original(job, positions)
     stepper.start_part = start_part
     scheduler = Scheduler(stepper, max_sessions=4, prefill_positions=budget)
-    outputs, finished = [], []
+    jobs = make_jobs(stepper)
+    outcomes = Outcomes(range(len(jobs)))
     try:
-        for job in make_jobs(stepper):
-            items, event = [], threading.Event()
-            outputs.append(items)
-            finished.append(event)
-            scheduler.submit(job, lambda item, items=items, event=event: (
-                items.append(item), (item is None or isinstance(item, Exception)) and event.set()))
-        assert all(event.wait(120) for event in finished)
+        for number, job in enumerate(jobs):
+            scheduler.submit(job, outcomes.deliver_to(number))
+        outcomes.wait(len(jobs), timeout=120)
     finally:
         scheduler.stop()
+    outputs = list(outcomes.items.values())
     for items in outputs:
         assert items[-1] is None
     audio = [np.concatenate([c.audio for c in items[:-1]] + [np.zeros(0, np.float32)]) for items in outputs]
