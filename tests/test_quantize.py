@@ -186,6 +186,8 @@ def test_mini_omni_int8_packs_its_transformer_layers_and_stays_close(tiny_folder
                                      model.gpt.audio_logits(hidden[0]).flatten()]).float())
     error = (logits[1] - logits[0]).norm() / logits[0].norm()
     assert 0 < error < 0.1
+    with pytest.raises(zoo.OptionsError, match=r"unknown dtype 'int4'.*or a quantisation: int8$"):
+        zoo.load("mini-omni", random_weights="tiny", device="cpu", dtype="int4")
     random = zoo.load("mini-omni", random_weights="tiny", device="cpu", dtype="int8")
     chunks = list(random.respond(np.zeros(16000, np.float32), 16000, {"max_new_tokens": 16}))
     assert sum(c.audio.size for c in chunks) > 0

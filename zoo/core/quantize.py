@@ -12,7 +12,24 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
+from .devices import pick_dtype
+from .errors import OptionsError
+
 QUANTIZED = ("int8", "int4")
+
+
+def split_dtype(dtype: torch.dtype | str | None, kinds: Collection[str], default: torch.dtype,
+                quantized_compute: torch.dtype | None = None) -> tuple[torch.dtype, str | None]:
+    """A model's ``dtype`` argument -> (compute dtype, quantisation or None): one of the
+    quantisations the model offers (``kinds``), computed in ``quantized_compute`` (else
+    ``default``), or a float dtype (``default`` when None). Anything else is one OptionsError that
+    names both kinds of choice."""
+    if isinstance(dtype, str) and dtype in kinds:
+        return quantized_compute or default, dtype
+    try:
+        return pick_dtype(dtype, default=default), None
+    except OptionsError as err:
+        raise OptionsError(f"{err}; or a quantisation: {', '.join(kinds)}") from None
 
 
 def quantize_linears(module: nn.Module, kind: str, compute_dtype: torch.dtype, device: torch.device,

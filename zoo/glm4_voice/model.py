@@ -24,10 +24,10 @@ import torch
 
 from ..core.audio import AudioSource, load_audio
 from ..core.checkpoints import resolve_files
-from ..core.devices import pick_device, pick_dtype
+from ..core.devices import pick_device
 from ..core.errors import OptionsError
 from ..core.isolation import admit_each, isolate
-from ..core.quantize import QUANTIZED
+from ..core.quantize import QUANTIZED, split_dtype
 from ..core.sampling import Sampling, UnusableLogits, sample_rows
 from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
@@ -367,8 +367,5 @@ def conversation_text(history: Sequence[Mapping[str, Any]] | None) -> str:
 
 def precision(dtype, device: torch.device) -> tuple[torch.dtype, str | None, torch.dtype]:
     """``dtype`` -> (LLM compute dtype, quantisation or None, tokenizer/decoder dtype)."""
-    default = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str) and dtype in QUANTIZED:
-        return default, dtype, torch.float32
-    llm_dtype = pick_dtype(dtype, default=default)
-    return llm_dtype, None, torch.float64 if llm_dtype == torch.float64 else torch.float32
+    llm_dtype, quantized = split_dtype(dtype, QUANTIZED, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return llm_dtype, quantized, torch.float64 if llm_dtype == torch.float64 else torch.float32

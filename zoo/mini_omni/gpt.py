@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import kv_cache
-from ..core.devices import pick_dtype
 from ..core.kv_cache import Rows, attend
+from ..core.quantize import quantize_linears, split_dtype
 from .config import GPTConfig
 from .tokens import AUDIO_LAYERS, PADDED_AUDIO_VOCAB, PADDED_TEXT_VOCAB
 
@@ -19,9 +19,7 @@ def precision(dtype: torch.dtype | str | None) -> tuple[torch.dtype, str | None]
     """``dtype`` -> (compute dtype, quantisation or None). "int8": the transformer layers' weights
     in int8 (``GPT.placed``) with bfloat16 activations, the int8 kernel's fast input; the
     embeddings, the output head, the adapters and the other networks in bfloat16."""
-    if isinstance(dtype, str) and dtype in QUANTIZED:
-        return torch.bfloat16, dtype
-    return pick_dtype(dtype), None
+    return split_dtype(dtype, QUANTIZED, torch.float32, quantized_compute=torch.bfloat16)
 
 
 class RMSNorm(nn.Module):
@@ -173,8 +171,6 @@ class GPT(nn.Module):
         first (zoo.core.quantize), the output head kept (its text and audio slices are read as
         weight rows)."""
         if quantized:
-            from ..core.quantize import quantize_linears
-
             quantize_linears(self.transformer.h, quantized, dtype, device)
         return self.to(device=device, dtype=dtype).eval()
 
