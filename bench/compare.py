@@ -15,13 +15,14 @@ generation: a turn-based model's LLM decode step, e.g. Mini-Omni's ``next_token_
 the transformers, decode), RTF (compute time / audio time), sessions at real time (the references
 serve one session at a time, so 1 or 0; ours: the largest swept batch whose step keeps every
 session at real time) and peak GPU memory. Each model's module says exactly what it times. The
-Moshi and Hertz-dev rows also check that both sides ran the same weights (agreeing greedy outputs;
-each network's largest difference); Mini-Omni's token parity with its reference is
+Moshi, Hertz-dev and GLM-4-Voice rows also check that both sides ran the same weights (agreeing
+greedy outputs; each network's largest difference); Mini-Omni's token parity with its reference is
 tests/test_mini_omni_parity.py's.
 Writes bench/results/<date>_compare_<model>_<size>_<device>_<dtype>.json and .md.
 
     python bench/compare.py --model moshi --reference /path/to/moshi --size tiny --device cpu
     python bench/compare.py --model hertz-dev --reference /path/to/hertz-dev --size tiny --device cpu
+    python bench/compare.py --model glm-4-voice --reference /path/to/GLM-4-Voice --size tiny --device cpu
 """
 from __future__ import annotations
 

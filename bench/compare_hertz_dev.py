@@ -200,7 +200,7 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-COMPARISON = Comparison(marker="model.py", dependencies=("einops", "tqdm", "requests", "huggingface_hub"),
+COMPARISON = Comparison(markers=("model.py",), dependencies=("einops", "tqdm", "requests", "huggingface_hub"),
                         install="pip install einops tqdm requests huggingface_hub (what its model.py imports; "
                                 "torchaudio, fastapi and uvicorn serve its server, which is not run)",
                         run=compare_hertz_dev, dtypes=("float32", "bfloat16"))

@@ -10,17 +10,15 @@ transformer layers (zoo.mini_omni.gpt.precision); the rows are named with their 
 from __future__ import annotations
 
 import importlib
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-from comparison import Comparison, measure, sessions_at_real_time
-from latency import QUESTION, sync
+from comparison import Comparison, measure, median_ms, sessions_at_real_time
+from latency import QUESTION
 
 import zoo
 from zoo.mini_omni.engine import Engine, Session
@@ -142,17 +140,9 @@ def _our_step_ms(ours, batch: int, args, device: torch.device) -> float:
     live = [Session(task, audio_question(task, features.size(1)), features, opts, max_outputs=1 << 10)
             for _ in range(batch)]
     engine.start_many(live)
-    times = []
-    for i in range(args.sweep_steps + 2):
-        sync(device)
-        started = time.perf_counter()
-        engine.step(live)
-        sync(device)
-        if i >= 2:
-            times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    return median_ms(lambda: engine.step(live), args.sweep_steps, device)
 
 
-COMPARISON = Comparison(marker="inference.py", dependencies=("lightning", "whisper", "snac", "yaml"),
+COMPARISON = Comparison(markers=("inference.py",), dependencies=("lightning", "whisper", "snac", "yaml"),
                         install="install its requirements.txt (e.g. pip install lightning openai-whisper snac) "
                                 "in this environment", run=compare_mini_omni, dtypes=("float32", "bfloat16", "int8"))

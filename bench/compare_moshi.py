@@ -154,7 +154,7 @@ def _our_stream(stepper, frames, record: list):
         stepper.close(handle)
 
 
-COMPARISON = Comparison(marker="moshi/moshi/models/lm.py",
+COMPARISON = Comparison(markers=("moshi/moshi/models/lm.py",),
                         dependencies=("einops", "huggingface_hub", "safetensors", "sentencepiece"),
                         install="pip install --no-deps einops huggingface_hub safetensors sentencepiece (its "
                                 "moshi package itself is not installed: it runs from the checkout)",

@@ -24,12 +24,12 @@ class MissingReference(SystemExit):
 
 @dataclass(frozen=True)
 class Comparison:
-    """One model's reference: ``marker``, a file every checkout of it has; ``dependencies``, the
+    """One model's reference: ``markers``, files every checkout of it has; ``dependencies``, the
     modules its code imports (checked before anything loads, named in ``install``'s hint);
     ``run(args, device)`` -> the table's rows, the reference's first; ``dtypes``, the precisions
     both sides can run in (``--dtype``)."""
 
-    marker: str
+    markers: tuple[str, ...]
     dependencies: tuple[str, ...]
     install: str
     run: Callable
@@ -38,8 +38,9 @@ class Comparison:
 
 def check_reference(model: str, comparison: Comparison, path: Path) -> None:
     """A clear error, before any model loads, for a wrong checkout or a missing dependency."""
-    if not (path / comparison.marker).is_file():
-        raise MissingReference(f"--reference {path}: no {comparison.marker} there; pass a checkout of the "
+    absent = [marker for marker in comparison.markers if not (path / marker).is_file()]
+    if absent:
+        raise MissingReference(f"--reference {path}: no {', '.join(absent)} there; pass a checkout of the "
                                f"{model} reference code")
     missing = []
     for name in comparison.dependencies:
@@ -108,6 +109,20 @@ def measure(name, run, owner, method, rate, device, args) -> dict:
     return {"implementation": name, "ttfa_ms_p50": ttfa50, "ttfa_ms_p95": ttfa95, "step_ms_p50": step50,
             "step_ms_p95": step95, "rtf_median": round(statistics.median(rtf), 3),
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+
+
+def median_ms(call: Callable[[], object], count: int, device: torch.device, warmup: int = 2) -> float:
+    """The median ms of ``count`` synchronised calls of ``call``, after ``warmup`` uncounted ones
+    (a new batch size's graph capture, first allocations)."""
+    times = []
+    for i in range(warmup + count):
+        sync(device)
+        started = time.perf_counter()
+        call()
+        sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
 
 
 def sessions_at_real_time(counts, step_ms: Callable[[int], float], budget_ms: float) -> tuple[int, list[dict]]:

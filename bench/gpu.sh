@@ -9,12 +9,19 @@
 #   bash bench/gpu.sh NAME ...   # just those steps
 #
 # The side-by-side steps (compare-*) need the reference checkouts beside the repository, exported
-# on a machine that has them (git-ignored; run tool: carry [".refs"]; about 5 MB in all):
-#   mkdir -p .refs/moshi .refs/hertz-dev
+# on a machine that has them (git-ignored; run tool: carry [".refs"]; about 15 MB in all), and their
+# Python dependencies as wheels, which this script installs into .refs/site (nothing is downloaded):
+#   mkdir -p .refs/moshi .refs/hertz-dev .refs/glm-4-voice/third_party/Matcha-TTS .refs/glm-4-voice/glm-4-voice-9b
 #   git -C /path/to/moshi archive e6a55d2 moshi | tar -x -C .refs/moshi        # kyutai-labs/moshi
 #   git -C /path/to/hertz-dev archive 076c275 | tar -x -C .refs/hertz-dev      # Standard-Intelligence/hertz-dev
+#   git -C /path/to/GLM-4-Voice archive eb00ce9 | tar -x -C .refs/glm-4-voice  # THUDM/GLM-4-Voice, and its submodule:
+#   git -C /path/to/Matcha-TTS archive dd9105b | tar -x -C .refs/glm-4-voice/third_party/Matcha-TTS
+#   git -C /path/to/GLM-4-Voice-SFT archive 0fc6ca4 model | tar -x --strip-components=1 -C .refs/glm-4-voice/glm-4-voice-9b
+#                                     # ^ the glm-4-voice-9b remote code (modeling_chatglm.py), from its public copy
 #   cp -r /path/to/mini-omni .refs/mini-omni                                    # gpt-omni/mini-omni (its *.py)
-#   pip install --no-deps --target .refs/site lightning lightning-utilities torchmetrics openai-whisper
+#   pip download --no-deps -d .refs/wheels lightning lightning-utilities torchmetrics openai-whisper hyperpyyaml \
+#       'ruamel.yaml==0.17.40' 'omegaconf==2.3.0' 'antlr4-python3-runtime==4.9.3' conformer diffusers hydra-core \
+#       gdown beautifulsoup4 soupsieve wget
 # Without a checkout its step says so and is skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +58,10 @@ reference_step() {  # reference_step NAME SECONDS MARKER command...: skipped wit
     fi
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+if [ -d .refs/wheels ] && [ ! -d .refs/site ]; then  # the references' dependencies, from the carried wheels only
+    pip install -q --no-deps --no-index --no-build-isolation --target .refs/site .refs/wheels/* >>"$LOG" 2>&1 \
+        || echo "=== installing .refs/wheels failed (see the log)" | tee -a "$LOG"
+fi
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$LOG"
 
 # -- FIRST: the open questions of #16 and #14 ----------------------------------------------------
@@ -81,6 +92,11 @@ reference_step compare-moshi 240 .refs/moshi/moshi/moshi/models/lm.py python ben
 # Hertz-dev: 0.625 GiB of caches a session at the server's 1024-position context
 reference_step compare-hertz-dev 300 .refs/hertz-dev/model.py python bench/compare.py --model hertz-dev \
     --reference .refs/hertz-dev --size full --device cuda --dtype bfloat16 --repeats 2 --steps 160 --sessions 1 8 32 48
+# GLM-4-Voice: model_server.py's generate loop (the glm-4-voice-9b remote code) and web_demo.py's decoder
+# blocks beside our engine and decoder
+reference_step compare-glm-4-voice 180 .refs/glm-4-voice/glm-4-voice-9b/modeling_chatglm.py python bench/compare.py \
+    --model glm-4-voice --reference .refs/glm-4-voice --size full --device cuda --dtype bfloat16 --repeats 3 \
+    --steps 120 --sessions 1 8 32 64
 reference_step compare-mini-omni 120 .refs/mini-omni/inference.py python bench/compare.py --model mini-omni \
     --reference .refs/mini-omni --size full --device cuda --repeats 2 --steps 40 --sessions 1 8 32 64
 # Mini-Omni2 (vision, #15): TTFA, steady RTF and the decode step with and without an image in one

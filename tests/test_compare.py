@@ -80,3 +80,38 @@ def test_the_int8_comparison_measures_its_agreement_with_the_float32_twin():
                     "first_disagreement": None}
     int8 = token_agreement(zoo.load("mini-omni", random_weights="tiny", device="cpu", dtype="int8"), twin, 30)
     assert int8["compared"] == 30 and 0.9 < int8["tokens_agreeing"] < 1.0
+
+
+def test_the_glm_comparison_decodes_the_web_demos_blocks_along_the_trained_interleave():
+    """13 text tokens, then 26 audio tokens, repeated: the first block (25 audio codes, the web
+    demo's first size) is complete at token 38, the next (50) at token 114; the codes left at the
+    end are the final block; every code is used once, in order."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from compare_glm_4_voice import block_schedule
+
+    codes = list(range(1000, 1120))
+    blocks, rest = block_schedule(120, codes)
+    done = [(index, block) for index, block in enumerate(blocks) if block]
+    assert [(index, len(block)) for index, block in done] == [(37, 25), (113, 50)]
+    assert len(blocks) == 120 and rest == codes[75:78]  # 120 tokens: 3 x 26 of them audio
+    assert [code for _, block in done for code in block] + rest == codes[:78]
+
+
+def test_our_side_of_the_glm_comparison_is_greedy_decoding_and_times_batched_steps():
+    """What ours generates in the comparison is the LLM's own greedy continuation (transformers'
+    generate on the same network), and the batch sweep runs without a reference."""
+    import torch
+
+    import zoo
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from compare_glm_4_voice import our_step_ms, our_tokens
+
+    from zoo.glm4_voice.engine import SlotEngine
+
+    ours = zoo.load("glm-4-voice", random_weights="tiny", device="cpu", dtype="float32")
+    ids = ours.prepare(text="What is the weather like?").prompt_ids
+    with torch.inference_mode():
+        greedy = ours.llm.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert list(our_tokens(SlotEngine(ours.llm, slots=1, max_len=len(ids) + 12), ids, 12)) == greedy
+    assert our_step_ms(ours.llm, ids, 2, torch.device("cpu"), 2) > 0

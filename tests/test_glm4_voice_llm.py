@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from zoo.core.errors import WeightsNotFound
-from zoo.glm4_voice.llm import OPTIONAL_KEYS, glm_config, load_llm, published_names
+from zoo.glm4_voice.llm import OPTIONAL_KEYS, glm_config, load_llm, published_names, published_state
 from zoo.glm4_voice.random_weights import TINY_LLM_CONFIG, write_tiny_llm
 
 PUBLISHED = next(f for f in json.loads((Path(__file__).parent / "data/keys/glm-4-voice.json").read_text())["files"]
@@ -71,3 +71,19 @@ def test_logits_and_greedy_tokens_equal_the_reference_code(tmp_path):
     assert logits.topk(5, dim=-1).indices.tolist() == reference["top5"]
     assert abs(float(logits.abs().sum()) - reference["logits_abs_sum"]) < 1e-3 * reference["logits_abs_sum"]
     assert greedy == reference["greedy"]
+
+
+def test_published_state_gives_back_the_files_tensors(tmp_path):
+    """``published_state`` inverts the key map (q, k, v joined again): what the reference's remote
+    code loads, as bench/compare_glm_4_voice.py hands it our weights."""
+    folder = write_tiny_llm(tmp_path / "llm")
+    published = {}
+    for shard in folder.glob("*.safetensors"):
+        published.update(load_file(shard))
+    state = published_state(load_llm(folder, dtype=torch.float32))
+    assert set(state) == set(published)
+    for name, tensor in published.items():
+        if name in OPTIONAL_KEYS:  # recomputed in float32; the file holds it rounded to bf16
+            torch.testing.assert_close(state[name], tensor.float(), rtol=1e-2, atol=0)
+        else:
+            assert torch.equal(state[name], tensor.float()), name

@@ -74,6 +74,32 @@ def chatglm_to_hf(name: str, tensor: torch.Tensor, config) -> list[tuple[str, to
     raise KeyError(name)
 
 
+def published_state(model) -> dict[str, torch.Tensor]:
+    """A GlmForCausalLM's tensors under the published ChatGLM names (``chatglm_to_hf`` inverted:
+    q, k and v joined into query_key_value), with the rotary inv_freq buffer the published files may
+    hold, in the weights' dtype: what the reference's remote code loads. Tensors are shared, except
+    the joined ones."""
+    inverse = {v: k for k, v in _RENAMES.items()}
+    layer_inverse = {v: k for k, v in _LAYER_RENAMES.items()}
+    tensors = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if key in inverse:
+            state[inverse[key]] = tensor
+            continue
+        layer, rest = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key).groups()
+        base = f"transformer.encoder.layers.{layer}."
+        if rest in layer_inverse:
+            state[base + layer_inverse[rest]] = tensor
+        elif rest.startswith("self_attn.q_proj."):
+            kind = rest.rsplit(".", 1)[1]
+            parts = [tensors[f"model.layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            state[base + f"self_attention.query_key_value.{kind}"] = torch.cat(parts)
+    # the published buffer is in the weights' dtype, and the remote code computes its rotary table in that dtype
+    state["transformer.rotary_pos_emb.inv_freq"] = model.model.rotary_emb.inv_freq.to(model.model.embed_tokens.weight.dtype)
+    return state
+
+
 def published_names(config) -> dict[str, list[int]]:
     """The tensor names and shapes the published shards hold for ``config`` (without the optional
     inv_freq buffer), derived by inverting the key map over GlmForCausalLM's state dict."""

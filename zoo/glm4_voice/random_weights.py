@@ -183,9 +183,10 @@ def tiny_checkpoint(seed: int = 0, root=None) -> TinyFolders:
     return TinyFolders(target / "llm", target / "tokenizer", target / "decoder")
 
 
-def _tilt_head(head: torch.Tensor) -> torch.Tensor:
+def _tilt_head(head: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+    """The tilted output layer (in float32) of rows ``first_row``.. of the head."""
     head = head.float() * TINY_HEAD_SCALE
-    head[AUDIO_OFFSET : AUDIO_OFFSET + 16384] *= TINY_AUDIO_TILT
+    head[max(AUDIO_OFFSET - first_row, 0) : max(AUDIO_OFFSET + 16384 - first_row, 0)] *= TINY_AUDIO_TILT
     return head
 
 
@@ -214,8 +215,10 @@ def random_llm(size: str = "tiny", *, device, dtype, quantized: str | None = Non
                 p.normal_(1.0, 0.05, generator=generator) if "norm" in name else p.normal_(0.0, 0.02, generator=generator)
         if quantized and prefix in layers:  # drawn on the device, packed on the way back
             quantize_linears(part.cpu(), quantized, dtype, device)
-    with torch.no_grad():
-        llm.lm_head.weight.copy_(_tilt_head(llm.lm_head.weight))
+    with torch.no_grad():  # a block of rows at a time: a float32 copy of the full head is 2.8 GB
+        head = llm.lm_head.weight
+        for start in range(0, head.shape[0], 8192):
+            head[start : start + 8192].copy_(_tilt_head(head[start : start + 8192], start))
     llm.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
     return llm.eval()
 
