@@ -1,5 +1,7 @@
 """GLM-4-Voice's ``"reference"`` decoder stream: ``flow_inference.AudioDecoder.token2wav`` driven
-as ``web_demo.py`` drives it, number for number.
+as ``web_demo.py`` drives it, number for number, with the networks in eval mode. (The web demo
+never calls ``.eval()`` on them, so its flow encoder runs with its 0.1 dropout on: its users' audio
+is this plus dropout noise; bench/compare_glm_4_voice.py found it.)
 
 Each block is decoded with all earlier tokens as the prompt and all earlier returned mels as the
 prompt mel (including the extra HiFT-cache frame each returned mel starts with), a 34-frame
