@@ -102,28 +102,13 @@ def published_state(model) -> dict[str, torch.Tensor]:
 
 def published_names(config) -> dict[str, list[int]]:
     """The tensor names and shapes the published shards hold for ``config`` (without the optional
-    inv_freq buffer), derived by inverting the key map over GlmForCausalLM's state dict."""
+    inv_freq buffer), in GlmForCausalLM's parameter order: ``published_state`` of a model on the
+    meta device."""
     from transformers import GlmForCausalLM
 
     with torch.device("meta"):
-        hf = GlmForCausalLM(config).state_dict()
-    inverse = {v: k for k, v in _RENAMES.items()}
-    names: dict[str, list[int]] = {}
-    for key, tensor in hf.items():
-        if key in inverse:
-            names[inverse[key]] = list(tensor.shape)
-            continue
-        layer, rest = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key).groups()
-        base = f"transformer.encoder.layers.{layer}."
-        for published, ours in _LAYER_RENAMES.items():
-            if rest == ours:
-                names[base + published] = list(tensor.shape)
-        qkv = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
-        if qkv:
-            fused = base + f"self_attention.query_key_value.{qkv.group(2)}"
-            shape = names.get(fused, [0] + list(tensor.shape[1:]))
-            names[fused] = [shape[0] + tensor.shape[0], *tensor.shape[1:]]
-    return names
+        model = GlmForCausalLM(config)
+    return {name: list(tensor.shape) for name, tensor in published_state(model).items() if name not in OPTIONAL_KEYS}
 
 
 def load_llm(folder: Path, dtype=torch.bfloat16, device=None, quantized: str | None = None):
