@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from comparison import Comparison, measure, median_ms, sessions_at_real_time
+from comparison import Comparison, agreeing_prefix, measure, median_ms, sessions_at_real_time
 from latency import QUESTION
 
 import zoo
@@ -119,7 +119,7 @@ def reference_decoder(root: Path, size: str, device: torch.device):
     sys.path[:0] = [str(root), str(root / "third_party" / "Matcha-TTS")]
     from flow_inference import AudioDecoder
 
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder:  # the writer takes any size's config
         folder = write_tiny_decoder(Path(folder), seed=0, config=DecoderConfig() if size == "full" else TINY_DECODER)
         decoder = AudioDecoder(str(folder / "config.yaml"), str(folder / "flow.pt"), str(folder / "hift.pt"),
                                device=str(device))
@@ -157,16 +157,23 @@ class ReferenceServer:
             yield int(token)  # its TokenStreamer hands each id to the web demo as it comes
 
 
+def spoken(tokens, count: int, codes: list[int], decode, finish):
+    """A reply as the web demo hears it, for either side: (id, the audio of the block it completes,
+    else none) per generated id, then (None, ``finish`` of the codes left)."""
+    blocks, rest = block_schedule(count, codes)
+    for token, block in zip(tokens, blocks):
+        yield token, decode(block) if block else np.zeros(0, np.float32)
+    yield None, finish(rest)
+
+
 @torch.inference_mode()  # its in-place cross-fade needs it on CPU tensors
-def reference_reply(server: ReferenceServer, decoder, prompt_ids: list[int], codes: list[int], count: int, record: list):
+def reference_reply(server: ReferenceServer, decoder, prompt_ids: list[int], codes: list[int], count: int):
     """web_demo.py's loop over one reply: each block through ``token2wav`` with every earlier block's
-    codes and mels as its prompt."""
+    codes and mels as its prompt; the last with ``finalize`` (none when no codes are left)."""
     device = decoder.device
     prompt_token, prompt_feat, mels = torch.zeros(1, 0, dtype=torch.int64), torch.zeros(1, 0, 80), []
-    blocks, rest = block_schedule(count, codes)
-    record.clear()
 
-    def decode(block: list[int], finalize: bool) -> np.ndarray:
+    def decode(block: list[int], finalize: bool = False) -> np.ndarray:
         nonlocal prompt_token, prompt_feat
         tokens = torch.tensor([block], device=device)
         if mels:
@@ -177,11 +184,8 @@ def reference_reply(server: ReferenceServer, decoder, prompt_ids: list[int], cod
         prompt_token = torch.cat((prompt_token.to(device), tokens), dim=-1)
         return speech[0].float().cpu().numpy()
 
-    for token, block in zip(server.generate(prompt_ids, count), blocks):
-        record.append(token)
-        yield decode(block, False) if block else np.zeros(0, np.float32)
-    if rest:
-        yield decode(rest, True)
+    yield from spoken(server.generate(prompt_ids, count), count, codes, decode,
+                      lambda rest: decode(rest, finalize=True) if rest else np.zeros(0, np.float32))
 
 
 def our_tokens(engine: SlotEngine, prompt_ids: list[int], count: int):
@@ -198,29 +202,29 @@ def our_tokens(engine: SlotEngine, prompt_ids: list[int], count: int):
         engine.release(slot)
 
 
-def our_reply(engine: SlotEngine, decoder, prompt_ids: list[int], codes: list[int], count: int, record: list):
+def our_reply(engine: SlotEngine, decoder, prompt_ids: list[int], codes: list[int], count: int):
     """Ours: the same blocks through our decoder's "reference" stream (the web demo's computation)."""
     stream = decoder.new_state("reference")
-    blocks, rest = block_schedule(count, codes)
-    record.clear()
-    for token, block in zip(our_tokens(engine, prompt_ids, count), blocks):
-        record.append(token)
-        yield decoder.step(stream, block) if block else np.zeros(0, np.float32)
-    yield decoder.finish(stream, rest)
+    yield from spoken(our_tokens(engine, prompt_ids, count), count, codes, partial(decoder.step, stream),
+                      partial(decoder.finish, stream))
 
 
 class Recorder(list):
-    """A reply's generated ids (the list itself) and its audio (``audio``: the last run's chunks)."""
+    """A reply's generated ids (the list itself) and its audio (``audio``), kept from the last run."""
 
     def __init__(self) -> None:
         super().__init__()
         self.audio: list[np.ndarray] = []
 
-    def tee(self, chunks):
+    def tee(self, reply):
+        """The audio of ``spoken`` pairs, for ``measure``, keeping ids and audio."""
+        self.clear()
         self.audio = []
-        for chunk in chunks:
-            self.audio.append(chunk)
-            yield chunk
+        for token, audio in reply:
+            if token is not None:
+                self.append(token)
+            self.audio.append(audio)
+            yield audio
 
 
 def compare_glm_4_voice(args, device: torch.device) -> list[dict]:
@@ -252,19 +256,19 @@ def compare_glm_4_voice(args, device: torch.device) -> list[dict]:
 def _reference_row(llm, prompt_ids, codes, rate: int, record: Recorder, args, device: torch.device) -> dict:
     decoder = reference_decoder(args.reference, args.size, device)
     server = ReferenceServer(reference_model(llm, args.reference, args.size, getattr(torch, args.dtype), device))
-    return measure("reference", lambda: record.tee(reference_reply(server, decoder, prompt_ids, codes, args.steps,
-                                                                   record)), server, "step", rate, device, args)
+    return measure("reference", lambda: record.tee(reference_reply(server, decoder, prompt_ids, codes, args.steps)),
+                   server, "step", rate, device, args)
 
 
 def _our_row(llm, decoder, prompt_ids, codes, rate: int, record: Recorder, args, device: torch.device) -> dict:
     engine = SlotEngine(llm, slots=1, max_len=len(prompt_ids) + args.steps + 1)
-    return measure("omni-zoo", lambda: record.tee(our_reply(engine, decoder, prompt_ids, codes, args.steps, record)),
+    return measure("omni-zoo", lambda: record.tee(our_reply(engine, decoder, prompt_ids, codes, args.steps)),
                    engine, "step", rate, device, args)
 
 
 def agreement(llm, prompt_ids: list[int], reference: Recorder, ours: Recorder) -> dict:
     """Did both sides run the same weights: their greedy ids, ours along the reference's reply, their audio."""
-    agreeing = next((i for i, (a, b) in enumerate(zip(reference, ours)) if a != b), min(len(reference), len(ours)))
+    agreeing = agreeing_prefix(reference, ours)
     theirs, mine = np.concatenate(reference.audio), np.concatenate(ours.audio)
     # with no codes left the reference never finalizes: it loses the held-back tail our finish returns
     shared = min(theirs.size, mine.size)

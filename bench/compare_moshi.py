@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from comparison import Comparison, duplex_step_ms, measure, sessions_at_real_time
+from comparison import Comparison, agreeing_prefix, duplex_step_ms, measure, sessions_at_real_time
 from latency import QUESTION
 
 import zoo
@@ -110,7 +110,7 @@ def compare_moshi(args, device: torch.device) -> list[dict]:
     rows[1]["sessions_at_real_time"], rows[1]["batch_sweep"] = sessions_at_real_time(
         args.sessions, partial(duplex_step_ms, ours, args, device), frame_ms)
     answered = [(a, b) for a, b in zip(outputs["reference"], outputs["omni-zoo"]) if a is not None or b is not None]
-    agreeing = next((i for i, (a, b) in enumerate(answered) if a != b), len(answered))
+    agreeing = agreeing_prefix([a for a, _ in answered], [b for _, b in answered])
     print(f"greedy outputs agree on {agreeing} of {len(answered)} answered frames", file=sys.stderr)
     for row in rows:
         row.update(agreeing_frames=agreeing, answered_frames=len(answered))

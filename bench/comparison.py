@@ -111,6 +111,11 @@ def measure(name, run, owner, method, rate, device, args) -> dict:
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
 
 
+def agreeing_prefix(first, second) -> int:
+    """How many outputs, from the first, two sides' sequences agree on (the shorter's length when all do)."""
+    return next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+
+
 def median_ms(call: Callable[[], object], count: int, device: torch.device, warmup: int = 2) -> float:
     """The median ms of ``count`` synchronised calls of ``call``, after ``warmup`` uncounted ones
     (a new batch size's graph capture, first allocations)."""

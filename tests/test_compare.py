@@ -34,6 +34,15 @@ def test_the_sweep_keeps_the_largest_count_within_the_budget_and_stops_past_it()
     assert best == 4 and [s["sessions"] for s in sweep] == [1, 2, 4, 8]  # 16 never measured: 8 was over
 
 
+def test_agreement_counts_the_outputs_both_sides_share_from_the_first():
+    sys.path.insert(0, str(REPO / "bench"))
+    from comparison import agreeing_prefix
+
+    assert agreeing_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2  # a later match after a difference does not count
+    assert agreeing_prefix([[1, 5], [2, 6]], [[1, 5], [2, 7]]) == 1  # a frame agrees when all its codes do
+    assert agreeing_prefix([1, 2, 3], [1, 2]) == 2 and agreeing_prefix([], []) == 0
+
+
 @pytest.mark.parametrize("model", ["moshi", "hertz-dev"])
 def test_our_side_of_a_duplex_comparison_times_batched_steps(model):
     """What the comparisons time on our side runs without any reference (it once called
