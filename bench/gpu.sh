@@ -9,7 +9,7 @@
 #   bash bench/gpu.sh NAME ...   # just those steps
 #
 # The side-by-side steps (compare-*) need the reference checkouts beside the repository, exported
-# on a machine that has them (git-ignored; run tool: carry [".refs"]; about 15 MB in all), and their
+# on a machine that has them (git-ignored; run tool: carry [".refs"]; about 17 MB in all), and their
 # Python dependencies as wheels, which this script installs into .refs/site (nothing is downloaded):
 #   mkdir -p .refs/moshi .refs/hertz-dev .refs/glm-4-voice/third_party/Matcha-TTS .refs/glm-4-voice/glm-4-voice-9b
 #   git -C /path/to/moshi archive e6a55d2 moshi | tar -x -C .refs/moshi        # kyutai-labs/moshi
