@@ -6,7 +6,7 @@
 For each batch size: the median time of one decode step for that many sessions at a given
 context length, with CUDA graphs (the engine's default on a GPU) and without, whether the two give
 the same tokens, and how many sessions keep real time (GLM-4-Voice needs 18.75 tokens/s per
-session while it interleaves 13 text : 26 audio tokens). Also the LLM's memory, and the peak of
+session while it interleaves 13 text : 26 audio tokens). Also the bytes of the LLM's weights, its memory on a GPU and the peak of
 the whole run, building included (``--memory-limit-gib``: as if the card had that much).
 
 Quantised (``--dtype int8/int4``) with ``--agreement-steps N``: the quality cost against the same
@@ -20,6 +20,7 @@ prints it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -32,6 +33,7 @@ from latency import cap_device_memory, machine, sync  # bench/ is the script's o
 from tqdm import tqdm
 
 from zoo.core.devices import pick_device
+from zoo.core.quantize import CPU_KERNELS, QUANTIZED, bitsandbytes_linear
 from zoo.glm4_voice.engine import SlotEngine
 from zoo.glm4_voice.model import precision
 from zoo.glm4_voice.random_weights import random_llm
@@ -99,12 +101,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-eager", action="store_true", help="skip the run without CUDA graphs")
     p.add_argument("--agreement-steps", type=int, default=0,
                    help="int8/int4: greedy steps compared with the same network unquantised (see above)")
+    p.add_argument("--bitsandbytes", action="store_true",
+                   help="CPU: pack int8/int4 with bitsandbytes (what a GPU runs) instead of torch's CPU kernels")
     p.add_argument("--memory-limit-gib", type=float,
                    help="CUDA: refuse allocations beyond this many GiB while the measured network is built and run")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     llm_dtype, quantized, _ = precision(args.dtype, pick_device(device))
+    if args.bitsandbytes and device.type == "cpu":
+        for kind in QUANTIZED:
+            CPU_KERNELS[kind] = functools.partial(bitsandbytes_linear, kind=kind)
     if args.agreement_steps and not quantized:
         p.error("--agreement-steps compares a quantised network (--dtype int8 or int4) with the unquantised one")
     if args.agreement_steps:  # before the cap: the unquantised network may not fit under it
@@ -140,16 +147,19 @@ def main(argv=None) -> int:
     result = {
         "model": "glm-4-voice", "size": args.size, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine(),
-        "dtype": args.dtype, "torch": torch.__version__, "date": date.today().isoformat(),
+        "dtype": args.dtype, "packed_by": "bitsandbytes" if quantized and (args.bitsandbytes or device.type != "cpu")
+        else ("torch CPU kernels" if quantized else None), "torch": torch.__version__, "date": date.today().isoformat(),
         "context_tokens": args.context, "load_s": round(load_s, 1),
         "llm_memory_gib": round(llm_gib, 2) if llm_gib is not None else None,
+        "llm_weights_gib": round(sum(t.numel() * t.element_size() for t in (*llm.parameters(), *llm.buffers())) / 2**30, 2),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "memory_limit_gib": args.memory_limit_gib,
         "agreement_with_unquantized": quality,
         "rows": rows, "note": "random weights; greedy steps; time includes the per-step host read of the tokens",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{result['date']}_glm-4-voice_engine_{args.size}_{device.type}_{args.dtype}.json"
+    packer = "_bitsandbytes" if args.bitsandbytes and device.type == "cpu" else ""
+    name = f"{result['date']}_glm-4-voice_engine_{args.size}_{device.type}_{args.dtype}{packer}.json"
     (args.out / name).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0

@@ -87,3 +87,61 @@ def test_published_state_gives_back_the_files_tensors(tmp_path):
             torch.testing.assert_close(state[name], tensor.float(), rtol=1e-2, atol=0)
         else:
             assert torch.equal(state[name], tensor.float()), name
+
+
+def test_a_quantized_load_packs_each_layer_before_it_reads_the_next(tmp_path, monkeypatch):
+    """The published shards are read part by part: when a decoder layer's tensors are read, the
+    layers before it are already packed and the ones after it not yet read, so neither the host
+    nor the device ever holds the full-precision network (19 GB at full size), and every tensor
+    is read once."""
+    import re
+
+    from torch import nn
+    from transformers import GlmForCausalLM
+
+    import zoo.glm4_voice.llm as llm_module
+
+    folder = write_tiny_llm(tmp_path / "llm")
+    building, init = [], GlmForCausalLM.__init__
+
+    def remember(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        building.append(self)
+
+    opened, reads = llm_module.safe_open, []
+
+    class WatchedShard:
+        def __init__(self, *args, **kwargs):
+            self.file = opened(*args, **kwargs)
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def get_tensor(self, name):
+            layers = building[-1].model.layers
+            match = re.fullmatch(r"transformer\.encoder\.layers\.(\d+)\..+", name)
+            now = int(match.group(1)) if match else (-1 if "embedding" in name else len(layers))
+            for number, layer in enumerate(layers):
+                if number < now:
+                    assert not any(type(m) is nn.Linear for m in layer.modules()), (name, number)
+                elif number > now:
+                    assert all(p.is_meta for p in layer.parameters()), (name, number)
+            reads.append(name)
+            return self.file.get_tensor(name)
+
+    monkeypatch.setattr(GlmForCausalLM, "__init__", remember)
+    monkeypatch.setattr(llm_module, "safe_open", WatchedShard)
+    packed = load_llm(folder, dtype=torch.float32, quantized="int8")
+    monkeypatch.undo()
+    expected = published_names(glm_config(TINY_LLM_CONFIG))
+    assert sorted(reads) == sorted(expected)
+    plain = load_llm(folder, dtype=torch.float32)
+    assert not any(t.is_meta for t in (*packed.parameters(), *packed.buffers()))
+    assert torch.equal(packed.lm_head.weight, plain.lm_head.weight)
+    ids = torch.tensor([[151331, 151333, 1000, 2000]])
+    expected_logits = plain(ids).logits
+    assert 0 < (packed(ids).logits - expected_logits).abs().max() / expected_logits.abs().max() < 0.05

@@ -1,4 +1,4 @@
-"""Weight-only int8/int4 (bitsandbytes; int8 on a CPU: torch's int8 kernel) replaces every Linear
+"""Weight-only int8/int4 (bitsandbytes on a GPU; on a CPU torch's int8 and int4 kernels) replaces every Linear
 but those kept and stays close to the original; GLM-4-Voice loads (and draws random weights)
 quantised the reference's way; Mini-Omni's int8 packs its transformer layers."""
 import copy
@@ -101,9 +101,7 @@ def test_random_glm_quantizes_each_layer_as_it_is_drawn(monkeypatch, kind):
             assert torch.equal(quantized.get_parameter(name), p), name
     packed, plain = _decoder_linears(quantized), _decoder_linears(full)
     assert packed.keys() == plain.keys()
-    # an input that needs grad keeps bitsandbytes off its CPU repacking of 4-bit weights, which
-    # needs in_features to be a multiple of its 64-value blocks (the tiny MLP's 96 is not)
-    x = torch.randn(8, full.config.hidden_size, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    x = torch.randn(8, full.config.hidden_size, generator=torch.Generator().manual_seed(0))
     for name, linear in plain.items():
         x_in = x if linear.in_features == x.size(1) else torch.cat([x, x], dim=1)[:, :linear.in_features]
         exact = linear(x_in)  # packed: 0.1-0.25 off (NF4 of a random draw); another draw: ~1.4
@@ -156,6 +154,57 @@ def test_int8_on_a_cpu_runs_torchs_int8_kernel_with_one_scale_per_output_channel
     assert (out.float() - expected).abs().max() / expected.abs().max() < 0.05
 
 
+@pytest.mark.parametrize("shape", [(128, 96), (50, 20)], ids=["whole-groups", "padded"])
+def test_int4_on_a_cpu_runs_torchs_int4_kernel_with_a_scale_and_zero_per_group(shape):
+    """On a CPU ``int4`` is Int4Linear (bitsandbytes' CPU NF4 is ~5x slower than bfloat16): each
+    group of input channels of a row is spread over 16 even levels from its smallest to its largest
+    weight, the product is x @ that weight^T, and shapes the kernel cannot take (output sizes not a
+    multiple of 16, input sizes not whole groups) are padded and cut back."""
+    from zoo.core.quantize import Int4Linear
+
+    torch.manual_seed(0)
+    inputs, outputs = shape
+    linear = nn.Linear(inputs, outputs)
+    packed = quantize_linears(nn.Sequential(copy.deepcopy(linear)), "int4", torch.bfloat16, torch.device("cpu"))[0]
+    assert isinstance(packed, Int4Linear) and packed.weight.dtype == torch.uint8
+    assert packed.group == (64 if inputs % 64 == 0 else 32)
+    # the weight the kernel computes with, read back through it in float32 (an identity input)
+    padded_inputs = packed.weight.shape[1] * 2
+    scales = packed.scale_and_zero.float()
+    read = torch._weight_int4pack_mm_for_cpu(torch.eye(padded_inputs), packed.weight, packed.group, scales)
+    weight = read.t()[:outputs, :inputs]
+    original = linear.weight.detach()
+    groups = original.reshape(outputs, -1, packed.group) if inputs % packed.group == 0 else None
+    step = scales[..., 0].t()[:outputs]  # (outputs, groups): the distance between two levels
+    per_weight = step.repeat_interleave(packed.group, dim=1)[:, :inputs]
+    stored = 8e-3 * original.abs().max()  # scales and zero points are kept in bfloat16
+    assert ((weight - original).abs() <= per_weight / 2 + stored).all()
+    assert (step < (original.max() - original.min()) / 15 * 1.01).all()
+    if groups is not None:  # each group's extremes are levels 0 and 15
+        got = weight.reshape(outputs, -1, packed.group)
+        torch.testing.assert_close(got.amin(dim=2), groups.amin(dim=2), atol=stored, rtol=0)
+        torch.testing.assert_close(got.amax(dim=2), groups.amax(dim=2), atol=stored, rtol=0)
+    x = torch.randn(2, 5, inputs)
+    out = packed(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 5, outputs)
+    torch.testing.assert_close(out.float(), x @ weight.t() + linear.bias.detach(), rtol=0.02, atol=0.02)
+    expected = linear(x)
+    assert 0 < (out.float() - expected).norm() / expected.norm() < 0.12
+
+
+def test_glm_quantized_weights_compute_in_bfloat16_on_every_device():
+    """torch's CPU int8/int4 kernels are 3-30x slower with float32 activations than a float32
+    product: a quantised GLM-4-Voice LLM computes in bfloat16 on a CPU as on a GPU, its
+    tokenizer and decoder in float32 as the reference runs them."""
+    from zoo.glm4_voice.model import precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for kind in ("int8", "int4"):
+        assert precision(kind, cpu) == precision(kind, cuda) == (torch.bfloat16, kind, torch.float32)
+    assert precision(None, cpu) == (torch.float32, None, torch.float32)
+    assert precision(None, cuda) == (torch.bfloat16, None, torch.float32)
+
+
 def test_mini_omni_int8_packs_its_transformer_layers_and_stays_close(tiny_folders):
     """``dtype="int8"`` (the published layout, and random weights): every Linear of the transformer
     layers packed, the output head, embeddings and adapter as the bfloat16 load's; the first
@@ -191,3 +240,24 @@ def test_mini_omni_int8_packs_its_transformer_layers_and_stays_close(tiny_folder
     random = zoo.load("mini-omni", random_weights="tiny", device="cpu", dtype="int8")
     chunks = list(random.respond(np.zeros(16000, np.float32), 16000, {"max_new_tokens": 16}))
     assert sum(c.audio.size for c in chunks) > 0
+
+
+def test_the_layer_bench_times_every_precision_and_measures_each_packings_error(tmp_path):
+    """``bench/quantized_layers.py``, as a script, on Mini-Omni's published layer shapes: a row per
+    precision with its time, and the packed weights' error (int8 near 1%, int4 near NF4's 9%)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "bench/quantized_layers.py", "--model", "mini-omni", "--batches", "1", "2",
+                           "--repeats", "1", "--no-bitsandbytes", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = [json.loads(f.read_text()) for f in tmp_path.glob("*_quantized_layers_mini-omni_cpu.json")]
+    assert [896, 1152] in result["layer_shapes"] and [4864, 896] in result["layer_shapes"]  # Qwen2-0.5B's
+    rows = {row["precision"]: row for row in result["rows"]}
+    assert list(rows) == ["float32", "bfloat16", "int8", "int4"]
+    assert all(row["batch_1_ms"] > 0 and row["batch_2_ms"] > 0 for row in rows.values())
+    assert 0.001 < rows["int8"]["weight_error"] < 0.02 and 0.05 < rows["int4"]["weight_error"] < 0.12

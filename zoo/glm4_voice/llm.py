@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ INDEX_FILE = "model.safetensors.index.json"
 OPTIONAL_KEYS = {"transformer.rotary_pos_emb.inv_freq"}  # a buffer the forward pass recomputes
 
 _LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(.+)")
+_LAYER_PART = re.compile(r"model\.layers\.\d+")
 _RENAMES = {
     "transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "transformer.encoder.final_layernorm.weight": "model.norm.weight",
@@ -113,11 +115,14 @@ def published_names(config) -> dict[str, list[int]]:
 
 def load_llm(folder: Path, dtype=torch.bfloat16, device=None, quantized: str | None = None):
     """Load the sharded ChatGLM safetensors into GlmForCausalLM, strictly: a missing or unexpected
-    tensor is an error naming it. ``quantized`` ("int8", "int4"): its Linear layers are packed by
-    bitsandbytes as they move to ``device`` (the full-precision network stays on the host), the
-    output layer kept in ``dtype`` as transformers' integration keeps it for the reference's
-    ``--dtype int4``."""
+    tensor is an error naming it. The network is read part by part (embedding, each decoder layer,
+    final norm, output layer), each part placed on ``device`` before the next is read: beyond the
+    network being built, the host holds one part (at most 1.4 GB), never the whole 19 GB.
+    ``quantized`` ("int8", "int4"): each decoder layer's Linears are packed (zoo.core.quantize) as
+    the layer is placed, the output layer kept in ``dtype`` as transformers' integration keeps it
+    for the reference's ``--dtype int4``: no machine ever holds the full-precision network."""
     from transformers import GlmForCausalLM
+    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
     config = glm_config(json.loads((folder / "config.json").read_text()))
     index = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
@@ -127,23 +132,36 @@ def load_llm(folder: Path, dtype=torch.bfloat16, device=None, quantized: str | N
     if missing or unexpected:
         raise WeightsNotFound(f"{folder}: tensors missing {missing[:5]} / unexpected {unexpected[:5]} "
                               f"(expected the published glm-4-voice-9b layout)")
+    device = pick_device(device)
     with torch.device("meta"):
         model = GlmForCausalLM(config)
-    state = {}
-    for shard in sorted(set(index.values())):
-        with safe_open(str(folder / shard), framework="pt") as f:
-            for name in f.keys():
-                if name in OPTIONAL_KEYS:
-                    continue
-                tensor = f.get_tensor(name)
+    parts: dict[str, list[str]] = {}  # in parameter order: the order published_names lists them
+    for name in expected:
+        parts.setdefault(_part_of(name), []).append(name)
+    with ExitStack() as stack:
+        shards = {shard: stack.enter_context(safe_open(str(folder / shard), framework="pt"))
+                  for shard in sorted(set(index.values()))}
+        for prefix, names in parts.items():
+            state = {}
+            for name in names:
+                tensor = shards[index[name]].get_tensor(name)
                 if list(tensor.shape) != expected[name]:
-                    raise WeightsNotFound(f"{folder}/{shard}: {name} has shape {list(tensor.shape)}, expected {expected[name]}")
-                state.update(chatglm_to_hf(name, tensor.to(dtype), config))
-    model.load_state_dict(state, strict=True, assign=True)
+                    raise WeightsNotFound(f"{folder}/{index[name]}: {name} has shape {list(tensor.shape)}, "
+                                          f"expected {expected[name]}")
+                state.update((key.removeprefix(prefix + "."), value)
+                             for key, value in chatglm_to_hf(name, tensor.to(dtype), config))
+            part = model.get_submodule(prefix)
+            part.load_state_dict(state, strict=True, assign=True)
+            if quantized and _LAYER_PART.fullmatch(prefix):
+                quantize_linears(part, quantized, dtype, device)
+            else:
+                part.to(device)
     # built on the meta device: the rotary tables (non-persistent buffers) are computed again here
-    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+    model.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
+    return model.eval()
 
-    model.model.rotary_emb = GlmRotaryEmbedding(config)
-    if quantized:
-        return quantize_linears(model, quantized, dtype, pick_device(device), keep=(model.lm_head,)).eval()
-    return model.to(device=device).eval()
+
+def _part_of(name: str) -> str:
+    """The GlmForCausalLM submodule a published tensor loads into (``model.layers.3``, ``lm_head``)."""
+    match = _LAYER.fullmatch(name)
+    return f"model.layers.{match.group(1)}" if match else _RENAMES[name].rsplit(".", 1)[0]

@@ -3,7 +3,8 @@ decoder loaded from the three published repos, replies streamed as text deltas a
 conversations carried across turns, and batched serving over session slots.
 
 Precision: ``dtype`` sets the LLM's (bfloat16 by default on a GPU, float32 on CPU; "int8" and
-"int4" quantise its weights with bitsandbytes, computing in bfloat16 on a GPU). The tokenizer and
+"int4" quantise its weights, computing in bfloat16: bitsandbytes on a GPU, torch's weight-only
+kernels on a CPU, see zoo.core.quantize). The tokenizer and
 the decoder run in float32 as the reference runs them (float64 when dtype is float64, for parity).
 
 History: the last chunk of a reply carries ``chunk.turn``, a small JSON-able record of the
@@ -367,5 +368,8 @@ def conversation_text(history: Sequence[Mapping[str, Any]] | None) -> str:
 
 def precision(dtype, device: torch.device) -> tuple[torch.dtype, str | None, torch.dtype]:
     """``dtype`` -> (LLM compute dtype, quantisation or None, tokenizer/decoder dtype)."""
-    llm_dtype, quantized = split_dtype(dtype, QUANTIZED, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # quantised weights compute in bfloat16 on a CPU too: torch's CPU int8/int4 kernels are 3-30x
+    # slower with float32 activations than a plain float32 product (zoo.core.quantize)
+    llm_dtype, quantized = split_dtype(dtype, QUANTIZED, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                       quantized_compute=torch.bfloat16)
     return llm_dtype, quantized, torch.float64 if llm_dtype == torch.float64 else torch.float32

@@ -194,7 +194,7 @@ def random_llm(size: str = "tiny", *, device, dtype, quantized: str | None = Non
     """GlmForCausalLM at the published ("full", 19 GB in bf16) or tiny size with seeded random
     weights, built directly on ``device`` part by part (embedding, each decoder layer, final
     norm, head) in parameter order, so a seed gives the same values at every precision. With
-    ``quantized`` ("int8", "int4") each decoder layer is packed by bitsandbytes as soon as it is
+    ``quantized`` ("int8", "int4") each decoder layer is packed (zoo.core.quantize) as soon as it is
     drawn, the head kept in ``dtype`` (load_llm's rule): the device never holds more than one
     layer in full precision, which is what lets the int4 network fit a 12 GB card."""
     from transformers import GlmForCausalLM
