@@ -261,3 +261,18 @@ def test_the_layer_bench_times_every_precision_and_measures_each_packings_error(
     assert list(rows) == ["float32", "bfloat16", "int8", "int4"]
     assert all(row["batch_1_ms"] > 0 and row["batch_2_ms"] > 0 for row in rows.values())
     assert 0.001 < rows["int8"]["weight_error"] < 0.02 and 0.05 < rows["int4"]["weight_error"] < 0.12
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_quantized_glm_answers_on_a_cpu(kind):
+    """A whole spoken reply from the quantised tiny GLM-4-Voice on a CPU, its LLM computing in
+    bfloat16. bitsandbytes' NF4, which int4 used on a CPU before, failed on the first reply here
+    (its CPU path cannot take the tiny MLP's 96 inputs)."""
+    import zoo
+
+    model = zoo.load("glm-4-voice", random_weights="tiny", device="cpu", dtype=kind)
+    layers = _decoder_linears(model.llm)
+    assert layers and all(type(m).__name__ == ("Int8Linear" if kind == "int8" else "Int4Linear") for m in layers.values())
+    assert model.llm.lm_head.weight.dtype == torch.bfloat16
+    chunks = list(model.respond(np.zeros(16000, np.float32), 16000, {"max_new_tokens": 40}))
+    assert chunks and sum(c.audio.size for c in chunks) > 0 and chunks[-1].turn is not None
