@@ -368,7 +368,7 @@ def conversation_text(history: Sequence[Mapping[str, Any]] | None) -> str:
 
 def precision(dtype, device: torch.device) -> tuple[torch.dtype, str | None, torch.dtype]:
     """``dtype`` -> (LLM compute dtype, quantisation or None, tokenizer/decoder dtype)."""
-    # quantised weights compute in bfloat16 on a CPU too: torch's CPU int8/int4 kernels are 3-30x
+    # quantised weights compute in bfloat16 on a CPU too: torch's CPU int8/int4 kernels are 2-4x
     # slower with float32 activations than a plain float32 product (zoo.core.quantize)
     llm_dtype, quantized = split_dtype(dtype, QUANTIZED, torch.bfloat16 if device.type == "cuda" else torch.float32,
                                        quantized_compute=torch.bfloat16)
