@@ -48,12 +48,17 @@ def run(model, device: torch.device, bound: int | None, running: int, long_secon
     first_output = threading.Event()
     try:
         short_audio, rate = question(3.0)
-        keep_talking = {"max_new_tokens": model.options().max_new_tokens, "temperature": 0}
+        # as long as the model lets a reply run (its options cap the number): a session that ended
+        # before the long question was answered would make its silence look like a stall
+        keep_talking = {"max_new_tokens": 10**9, "temperature": 0}
         failures: list[Exception] = []
+        ended: list[float] = []
 
         def keep(item):
             if isinstance(item, Exception):
                 failures.append(item)
+            elif item is None:
+                ended.append(time.perf_counter())
         for _ in range(running):
             scheduler.submit(stepper.prepare(short_audio, rate, keep_talking), keep)
         deadline = time.perf_counter() + timeout
@@ -81,6 +86,9 @@ def run(model, device: torch.device, bound: int | None, running: int, long_secon
         answered = time.perf_counter()
         if isinstance(answer[0], Exception):
             raise RuntimeError(f"the long question failed: {answer[0]!r}")
+        if ended and min(ended) <= answered:
+            raise RuntimeError("a running session ended before the long question's first output, so the "
+                               "interval measures its end, not a stall (the model's stop rules ended its reply)")
         # its last part ran just before the first step after its answer: that interval counts too
         while not any(t > answered for t in steps) and time.perf_counter() < answered + timeout:
             time.sleep(0.005)
@@ -106,7 +114,7 @@ def run(model, device: torch.device, bound: int | None, running: int, long_secon
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="mini-omni", choices=[n for n in zoo.names() if not zoo.card(n).duplex])
+    p.add_argument("--model", default="mini-omni", choices=zoo.names())
     p.add_argument("--size", default="tiny", choices=["tiny", "full"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")

@@ -7,6 +7,8 @@ import threading
 
 import numpy as np
 import pytest
+import soundfile as sf
+from conftest import SAMPLES
 from test_batched_prefill import (
     Job,
     Outcomes,
@@ -14,6 +16,7 @@ from test_batched_prefill import (
     glm_replies,
     glm_tokens,
     glm_tokens_alone,
+    hertz_frames,
     outputs_alone,
     sessions,
 )
@@ -93,6 +96,56 @@ def test_glm_a_prompt_too_long_fails_at_its_first_part(tiny_glm32):
         stepper.start_part(job, 4)
     stepper.release(job)
     assert stepper.engine.free_rows == [0]
+
+
+@pytest.fixture(scope="module")
+def tiny_hertz32(one_thread):
+    return zoo.load("hertz-dev", random_weights="tiny", device="cpu")
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0}, {"seed": 7}], ids=["greedy", "sampled"])
+def test_hertz_start_in_parts_equals_start(tiny_hertz32, options):
+    """Hertz-dev's respond() prompt (continuous latents) started in parts of 1, 3, 5 and all 12
+    latents gives the frames ``start`` gives: each part but the last is written with the latent
+    after it, which the resynthesizer tells its last position, and nothing is drawn before the
+    last part, so a sampled reply draws the same numbers in the same order."""
+    from zoo.hertz_dev.reply import ReplyStepper
+
+    audio, rate = sf.read(SAMPLES / "01.wav", dtype="float32")
+    question, opts = audio[: int(1.5 * rate)], {"max_new_tokens": 8, **options}  # 12 latents
+
+    def started(stepper, size=None):
+        job = stepper.prepare(question, rate, opts)
+        if size is None:
+            stepper.start(job)
+        else:
+            in_parts(stepper.start_part, job, stepper.prompt_length(job), size)
+        return job
+
+    alone = ReplyStepper(tiny_hertz32, max_sessions=1, context=16)
+    (expected_tokens, expected_sound), = hertz_frames(alone, [started(alone)])
+    assert len(set(expected_tokens)) > 1
+    for size in (1, 3, 5, 12):
+        stepper = ReplyStepper(tiny_hertz32, max_sessions=1, context=16)
+        assert isinstance(stepper, ChunkedStarter)
+        job = started(stepper, size)
+        assert job.prefilled == stepper.prompt_length(job) == 12 and job.slot.main_len == job.slot.resynth_len == 12
+        (tokens, sound), = hertz_frames(stepper, [job])
+        assert tokens == expected_tokens, size
+        np.testing.assert_allclose(sound, expected_sound, atol=1e-4)
+
+
+def test_hertz_a_prompt_too_long_fails_at_its_first_part(tiny_hertz32):
+    from zoo.core.errors import AudioTooLong
+    from zoo.hertz_dev.reply import ReplyStepper
+
+    audio, rate = sf.read(SAMPLES / "01.wav", dtype="float32")
+    stepper = ReplyStepper(tiny_hertz32, max_sessions=1, context=8)
+    job = stepper.prepare(audio[: int(1.5 * rate)], rate, {"max_new_tokens": 4})
+    with pytest.raises(AudioTooLong, match="the context holds 8"):
+        stepper.start_part(job, 4)
+    stepper.release(job)
+    assert stepper.engines["mono"][0].free_rows == [0]
 
 
 # -- the scheduler's budget ----------------------------------------------------------------------
@@ -258,25 +311,30 @@ def scheduled(model, make_jobs, budget):
     return [("".join(c.text for c in items[:-1])) for items in outputs], audio, parts
 
 
-@pytest.mark.parametrize("name", ["mini-omni", "glm-4-voice"])
+@pytest.mark.parametrize("name", ["mini-omni", "glm-4-voice", "hertz-dev"])
 def test_a_reply_started_in_parts_equals_one_started_whole(name, tiny64, question_wav, request):
     if name == "mini-omni":
         model = tiny64  # float64
 
         def make_jobs(stepper):
             return [stepper.prepare(str(question_wav[0]), None, {"max_new_tokens": n}) for n in (20, 12)]
-    else:
+    elif name == "glm-4-voice":
         model = request.getfixturevalue("tiny_glm32")
 
         def make_jobs(stepper):
             return glm_replies(model)[1:3]
+    else:  # float64: its latents are continuous, so float32 rounding would grow from frame to frame
+        model = zoo.load("hertz-dev", random_weights="tiny", device="cpu", dtype="float64")
+
+        def make_jobs(stepper):
+            return [stepper.prepare(str(question_wav[0]), None, {"max_new_tokens": n, "seed": n}) for n in (12, 8)]
     whole_text, whole_audio, whole_parts = scheduled(model, make_jobs, budget=None)
     text, audio, parts = scheduled(model, make_jobs, budget=5)
     assert not whole_parts and len(parts) > 4 and max(parts) <= 5
-    assert text == whole_text and any(whole_text)
+    assert text == whole_text and (any(whole_text) or name == "hertz-dev")  # Hertz-dev speaks no text
     for ours, theirs in zip(audio, whole_audio):
         assert ours.size == theirs.size > 0
-        np.testing.assert_allclose(ours, theirs, atol=1e-9 if name == "mini-omni" else 1e-5)
+        np.testing.assert_allclose(ours, theirs, atol=1e-5 if name == "glm-4-voice" else 1e-9)
 
 
 def test_the_server_flags_set_the_bound(tiny64):
@@ -298,17 +356,18 @@ def test_the_server_flags_set_the_bound(tiny64):
     whole.stop()
 
 
-def test_the_stall_bench_runs_as_a_script(tmp_path):
+@pytest.mark.parametrize("model", ["mini-omni", "hertz-dev"])
+def test_the_stall_bench_runs_as_a_script(tmp_path, model):
     import json
     import subprocess
     import sys
 
     from conftest import REPO
-    done = subprocess.run([sys.executable, "bench/prefill_stall.py", "--size", "tiny", "--bounds", "0", "16",
-                           "--running", "2", "--warm-steps", "4", "--repeats", "1", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "bench/prefill_stall.py", "--model", model, "--size", "tiny", "--bounds", "0",
+                           "16", "--running", "2", "--warm-steps", "4", "--repeats", "1", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(next(tmp_path.glob("*_prefill_stall_mini-omni_tiny_cpu_float32.json")).read_text())
+    result = json.loads(next(tmp_path.glob(f"*_prefill_stall_{model}_tiny_cpu_float32.json")).read_text())
     whole, parts = result["runs"]
     assert whole["bound"] is None and parts["bound"] == 16
     assert whole["prompt_positions"] == parts["prompt_positions"] > 16 * 4

@@ -9,7 +9,8 @@ torch.Generator seeded from ``Options.seed``; the global RNG is never used).
 latents, as the reference feeds them), runs the main model (logits over the next FSQ index),
 samples the token(s), runs the resynthesizer conditioned on them and samples the next latent of
 every output channel. A slot with ``T > 1`` latents is a prefill (alone in its call, as the
-reference's first ``next_latent`` on a prompt). Contexts slide: when a slot's main (or
+reference's first ``next_latent`` on a prompt), or the last part of one: ``extend`` takes the parts
+before it (chunked prefill), filling the caches without drawing anything. Contexts slide: when a slot's main (or
 resynthesizer) cache is full, its oldest positions are evicted and the cache is rebuilt by a
 prefill over the last ``keep`` input latents at positions 0.. (the reference's own prefill
 semantics), so a session can run for unbounded time in bounded memory.
@@ -51,6 +52,7 @@ class Slot:
     main_len: int = 0  # positions in the main cache
     resynth_len: int = 0
     slides: int = 0  # how many times a context was rebuilt
+    started: bool = False  # it has drawn a latent: its prompt is complete
     tokens: list[list[int]] = field(default_factory=list)  # sampled FSQ indices per step (bounded)
     # its session failed in its own work (zoo.core.isolation.isolate); its owner closes it
     error: Exception | None = None
@@ -148,17 +150,17 @@ class Engine:
     @torch.inference_mode()
     def advance(self, slots: list[Slot], latents: torch.Tensor) -> torch.Tensor:
         """latents (B, T, width) -> next latents (B, len(out_channels), 32). T > 1: the slots' prompts
-        (fresh slots only), prefilled together."""
+        (or their last parts, after ``extend``), prefilled together."""
         B, T, _ = latents.shape
         if T > 1:
-            self.check_prompt(T)
+            self._check_part(slots, T)
         latents = latents.to(self.device, self.dtype)
         for slot, x in zip(slots, latents):
-            if T > 1 and (slot.main_len or slot.resynth_len):
-                raise ValueError("a prefill must start a fresh slot")
             slot.push(x)
         tokens, unusable = self.main_step(slots, latents)
         out = self.resynth_step(slots, latents, tokens)
+        for slot in slots:
+            slot.started = True
         # read back only now, with the resynthesizer's work already queued behind it
         for slot, bad in zip(slots, unusable.tolist()):
             if bad:  # that slot alone fails; its row kept the batch's shape
@@ -170,32 +172,63 @@ class Engine:
                 del slot.tokens[: -self.record_tokens]
         return out
 
+    def _check_part(self, slots: list[Slot], T: int) -> None:
+        """A prompt (or its next part) of T latents: it must fit the context after what the slot
+        holds (AudioTooLong), in a slot whose prompt is still being prefilled."""
+        for slot in slots:
+            if slot.started or slot.main_len != slot.resynth_len:
+                raise ValueError("a prompt's parts go into a slot that has not started generating")
+            self.check_prompt(slot.main_len + T)
+
     def _plan(self, slots, T, lengths, context, keep):
-        """(incremental slot indices, [(slot index, input length)] to (re)prefill)."""
+        """(incremental slot indices, [(slot index, input length, first position, from latents)] to
+        prefill: a prompt or its last part (from ``latents``, after what the slot holds) or a
+        context rebuilt from position 0 (from the slot's history))."""
         steps, prefills = [], []
         for i, slot in enumerate(slots):
             length = lengths(slot)
             if T == 1 and length < context:
                 steps.append(i)
             elif T > 1:
-                prefills.append((i, T))
+                prefills.append((i, T, length, True))
             else:  # full: evict, rebuild from the last ``keep`` latents (this one included)
                 slot.slides += 1
-                prefills.append((i, keep))
+                prefills.append((i, keep, 0, False))
         return steps, prefills
 
     @staticmethod
-    def _prefill_groups(slots: list[Slot], prefills: list[tuple[int, int]],
-                        latents: torch.Tensor) -> list[tuple[list[int], torch.Tensor]]:
-        """The slots to (re)prefill grouped by input length, each group's inputs (G, n, width) for
-        one forward: a burst of sessions opening with prompts, or several contexts sliding at the
-        same step, costs one forward per length, not one per slot."""
-        T = latents.size(1)
-        groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        for i, n in prefills:
-            x = latents[i] if n == T and T > 1 else slots[i].last(n)
-            groups.setdefault(x.size(0), []).append((i, x))
-        return [([i for i, _ in group], torch.stack([x for _, x in group])) for group in groups.values()]
+    def _prefill_groups(slots: list[Slot], prefills: list[tuple[int, int, int, bool]],
+                        latents: torch.Tensor) -> list[tuple[list[int], list[int], torch.Tensor]]:
+        """The slots to (re)prefill grouped by input length, each group's slot indices, first
+        positions and inputs (G, n, width) for one forward: a burst of sessions opening with
+        prompts, or several contexts sliding at the same step, costs one forward per length, not
+        one per slot."""
+        groups: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+        for i, n, start, from_latents in prefills:
+            x = latents[i] if from_latents else slots[i].last(n)
+            groups.setdefault(x.size(0), []).append((i, start, x))
+        return [([i for i, _, _ in group], [start for _, start, _ in group], torch.stack([x for _, _, x in group]))
+                for group in groups.values()]
+
+    @torch.inference_mode()
+    def extend(self, slot: Slot, latents: torch.Tensor, lookahead: torch.Tensor) -> None:
+        """A part of ``slot``'s prompt that is not its last (chunked prefill): latents (1, n, width)
+        written into both caches after what the slot holds; nothing is drawn. ``lookahead`` (1, 1,
+        width) is the prompt's next latent: the resynthesizer tells each position the latent that
+        follows it, so the part runs with it appended, and the position it takes is written again
+        by the next part. ``advance`` then takes the last part, as it takes a whole prompt."""
+        n = latents.size(1)
+        self._check_part([slot], n + 1)  # the lookahead is a position of the next part
+        latents = latents.to(self.device, self.dtype)
+        slot.push(latents[0])
+        start = slot.main_len
+        self.main(latents, self.main_cache, Rows.make([slot.row], [start], n, self.device), self.main_rope,
+                  self.out_channels)
+        extended = torch.cat([latents, lookahead.to(self.device, self.dtype)], dim=1)
+        untold = torch.zeros(1, len(self.out_channels), dtype=torch.long, device=self.device)  # the lookahead's own
+        self.resynth(extended, untold, self.quantizer, self.resynth_caches,
+                     Rows.make([slot.row], [start], n + 1, self.device), self.resynth_rope, self.out_channels)
+        slot.main_len = slot.resynth_len = start + n
 
     def main_step(self, slots: list[Slot], latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Main model over the slots' new latents -> (next FSQ indices (B, out channels), which
@@ -212,12 +245,12 @@ class Engine:
             for k, i in enumerate(steps):
                 logits[i] = out[k]
                 slots[i].main_len += 1
-        for group, x in self._prefill_groups(slots, prefills, latents):
-            rows = Rows.make([slots[i].row for i in group], [0] * len(group), x.size(1), self.device)
+        for group, starts, x in self._prefill_groups(slots, prefills, latents):
+            rows = Rows.make([slots[i].row for i in group], starts, x.size(1), self.device)
             out = self.main(x, self.main_cache, rows, self.main_rope, self.out_channels)
-            for k, i in enumerate(group):
+            for k, (i, start) in enumerate(zip(group, starts)):
                 logits[i] = torch.stack([o[k] for o in out])
-                slots[i].main_len = x.size(1)
+                slots[i].main_len = start + x.size(1)
         return sample_rows(torch.stack(logits), [Sampling.of(slot.options, slot.generator) for slot in slots])
 
     def resynth_step(self, slots: list[Slot], latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -232,13 +265,13 @@ class Engine:
             for k, i in enumerate(steps):
                 mixtures[i] = (locs[k], scales[k], weights[k])
                 slots[i].resynth_len += 1
-        for group, x in self._prefill_groups(slots, prefills, latents):
-            rows = Rows.make([slots[i].row for i in group], [0] * len(group), x.size(1), self.device)
+        for group, starts, x in self._prefill_groups(slots, prefills, latents):
+            rows = Rows.make([slots[i].row for i in group], starts, x.size(1), self.device)
             locs, scales, weights = self.resynth(x, tokens[group], self.quantizer, self.resynth_caches, rows,
                                                  self.resynth_rope, self.out_channels)
-            for k, i in enumerate(group):
+            for k, (i, start) in enumerate(zip(group, starts)):
                 mixtures[i] = (locs[:, k], scales[:, k], weights[:, k])
-                slots[i].resynth_len = x.size(1)
+                slots[i].resynth_len = start + x.size(1)
         return self._latents(slots, *(torch.stack(m) for m in zip(*mixtures)))
 
     def _main_decode(self, latents: torch.Tensor, rows: Rows) -> torch.Tensor:

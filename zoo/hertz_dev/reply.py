@@ -25,6 +25,7 @@ class Reply:
         self.variant = "ablation" if options.pure_audio_ablation else "mono"
         self.max_frames = options.max_new_tokens
         self.prompt_latents: torch.Tensor | None = None
+        self.prefilled = 0  # prompt latents in its slot's caches (chunked prefill)
         self.latents: list[torch.Tensor] = []
         self.pending: list[np.ndarray] = []
         self.slot: Slot | None = None
@@ -93,6 +94,27 @@ class ReplyStepper:
         for group in groups.values():
             self._prefill(group)
 
+    def prompt_length(self, job: Reply) -> int:
+        return job.mu.size(1)
+
+    @torch.inference_mode()
+    def start_part(self, job: Reply, positions: int) -> bool:
+        """zoo.core.types.ChunkedStarter: the next ``positions`` prompt latents into the job's slot
+        (``Engine.extend``); the last part is prefilled as ``start`` prefills a whole prompt, and
+        draws the first frame."""
+        if positions < 1:
+            raise ValueError(f"a prefill part needs at least one position, got {positions}")
+        if job.slot is None:
+            self._open(job)
+        end = min(self.prompt_length(job), job.prefilled + positions)
+        if end < self.prompt_length(job):
+            engine, _ = self._engine(job.variant)
+            engine.extend(job.slot, job.prompt_latents[:, job.prefilled : end], job.prompt_latents[:, end : end + 1])
+            job.prefilled = end
+            return False
+        self._prefill([job], start=job.prefilled)
+        return True
+
     def _open(self, job: Reply) -> None:
         """A slot for the job and its prompt's latents, refused here (for this job alone) when they
         do not fit the context."""
@@ -102,11 +124,14 @@ class ReplyStepper:
         job.prompt_latents = job.mu if job.slot.deterministic else \
             sample_posterior(job.mu, job.logvar, job.slot.generator)
 
-    def _prefill(self, jobs: list[Reply]) -> None:
-        """Jobs of one network set and prompt length: their prompts in one forward per network."""
+    def _prefill(self, jobs: list[Reply], start: int = 0) -> None:
+        """Jobs of one network set and prompt length: their prompts from latent ``start`` on (the
+        last part of a chunked prefill) in one forward per network."""
         engine, decoder = self._engine(jobs[0].variant)
         z = torch.cat([job.prompt_latents for job in jobs])
-        nxt = engine.advance([job.slot for job in jobs], z)
+        nxt = engine.advance([job.slot for job in jobs], z[:, start:])
+        for job in jobs:
+            job.prefilled = z.size(1)
         rows = to_device([job.slot.row for job in jobs], engine.device)
         self.decoding.reset(decoder, rows=rows)
         self.decoding.step(decoder, z[:, -self.model.codec.decoder_context():], rows=rows)  # left context only
