@@ -9,11 +9,11 @@ torch.Generator seeded from ``Options.seed``; the global RNG is never used).
 latents, as the reference feeds them), runs the main model (logits over the next FSQ index),
 samples the token(s), runs the resynthesizer conditioned on them and samples the next latent of
 every output channel. A slot with ``T > 1`` latents is a prefill (alone in its call, as the
-reference's first ``next_latent`` on a prompt), or the last part of one: ``extend`` takes the parts
-before it (chunked prefill), filling the caches without drawing anything. Contexts slide: when a slot's main (or
-resynthesizer) cache is full, its oldest positions are evicted and the cache is rebuilt by a
-prefill over the last ``keep`` input latents at positions 0.. (the reference's own prefill
-semantics), so a session can run for unbounded time in bounded memory.
+reference's first ``next_latent`` on a prompt), or the last part of one: ``extend`` takes the
+parts before it (chunked prefill), filling the caches without drawing anything. Contexts slide:
+when a slot's main (or resynthesizer) cache is full, its oldest positions are evicted and the
+cache is rebuilt by a prefill over the last ``keep`` input latents at positions 0.. (the
+reference's own prefill semantics), so a session can run for unbounded time in bounded memory.
 """
 from __future__ import annotations
 
