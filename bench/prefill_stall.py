@@ -16,6 +16,7 @@ Writes bench/results/<date>_prefill_stall_<model>_<size>_<device>_<dtype>.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import threading
@@ -134,6 +135,9 @@ def main(argv=None) -> int:
     for bound in tqdm(args.bounds, desc="bounds", unit="bound"):
         for _ in range(args.repeats):
             row = run(model, device, bound or None, args.running, long_seconds, args.warm_steps, args.timeout)
+            # each run's stepper (its KV caches: gigabytes at full size) is held in a reference cycle
+            # by its timed step: free it before the next run builds its own
+            gc.collect()
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {
