@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     llm_dtype, quantized, _ = precision(args.dtype, pick_device(device))
-    if args.bitsandbytes and device.type == "cpu":
+    if args.bitsandbytes and device.type == "cpu":  # this process only: the zoo picks its CPU kernels
         for kind in QUANTIZED:
             CPU_KERNELS[kind] = functools.partial(bitsandbytes_linear, kind=kind)
     if args.agreement_steps and not quantized:
