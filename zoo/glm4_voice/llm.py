@@ -132,7 +132,7 @@ def load_llm(folder: Path, dtype=torch.bfloat16, device=None, quantized: str | N
     if missing or unexpected:
         raise WeightsNotFound(f"{folder}: tensors missing {missing[:5]} / unexpected {unexpected[:5]} "
                               f"(expected the published glm-4-voice-9b layout)")
-    device = pick_device(device)
+    device = torch.device("cpu") if device is None else pick_device(device)  # None: the host, where it is read
     with torch.device("meta"):
         model = GlmForCausalLM(config)
     parts: dict[str, list[str]] = {}  # in parameter order: the order published_names lists them
