@@ -117,7 +117,8 @@ def load_llm(folder: Path, dtype=torch.bfloat16, device=None, quantized: str | N
     """Load the sharded ChatGLM safetensors into GlmForCausalLM, strictly: a missing or unexpected
     tensor is an error naming it. The network is read part by part (embedding, each decoder layer,
     final norm, output layer), each part placed on ``device`` before the next is read: beyond the
-    network being built, the host holds one part (at most 1.4 GB), never the whole 19 GB.
+    network being built, the host holds one part (the largest: the embedding or the output layer,
+    1.4 GB in bf16), never the whole 19 GB.
     ``quantized`` ("int8", "int4"): each decoder layer's Linears are packed (zoo.core.quantize) as
     the layer is placed, the output layer kept in ``dtype`` as transformers' integration keeps it
     for the reference's ``--dtype int4``: no machine ever holds the full-precision network."""
