@@ -372,3 +372,22 @@ def test_the_stall_bench_runs_as_a_script(tmp_path, model):
     assert whole["bound"] is None and parts["bound"] == 16
     assert whole["prompt_positions"] == parts["prompt_positions"] > 16 * 4
     assert whole["steps_while_prefilling"] <= 2 < parts["steps_while_prefilling"]
+
+
+@pytest.mark.parametrize("name", ["mini-omni", "glm-4-voice", "hertz-dev"])
+def test_a_part_of_no_position_is_refused_before_a_slot_is_taken(name, tiny_omni32, request):
+    """``start_part(job, 0)`` is a caller's error (zoo.core.admission.part_end), raised before the
+    job takes a slot: nothing is left to release."""
+    if name == "mini-omni":
+        engine, job = Engine(tiny_omni32.gpt, max_rows=2), sessions(tiny_omni32)[0]
+        free = lambda: engine.free_rows  # noqa: E731
+    else:
+        model = request.getfixturevalue("tiny_glm32" if name == "glm-4-voice" else "tiny_hertz32")
+        engine = model.stepper(1)
+        audio, rate = sf.read(SAMPLES / "01.wav", dtype="float32")
+        job = engine.prepare(audio[:rate], rate, {"max_new_tokens": 4})
+        free = (lambda: engine.engine.free_rows) if name == "glm-4-voice" else (lambda: job.slot)
+    before = free()
+    with pytest.raises(ValueError, match="at least one position"):
+        engine.start_part(job, 0)
+    assert free() == before

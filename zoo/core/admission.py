@@ -20,6 +20,14 @@ from typing import Generic, Protocol, TypeVar
 PREFILL_POSITIONS = 2048
 
 
+def part_end(done: int, positions: int, length: int) -> int:
+    """Where a ChunkedStarter's next prompt part ends: ``positions`` more after the ``done``
+    already in, at most the prompt's ``length``. A part of no position is the caller's error."""
+    if positions < 1:
+        raise ValueError(f"a prefill part needs at least one position, got {positions}")
+    return min(length, done + positions)
+
+
 class Waiting(Protocol):
     job: object
     cancelled: bool

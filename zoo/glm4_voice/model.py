@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..core.admission import part_end
 from ..core.audio import AudioSource, load_audio
 from ..core.checkpoints import resolve_files
 from ..core.devices import pick_device
@@ -236,11 +237,9 @@ class ReplyStepper:
     def start_part(self, job: Reply, positions: int) -> bool:
         """zoo.core.types.ChunkedStarter: the next ``positions`` prompt ids appended to the job's
         slot (``SlotEngine.prefill`` appends); the last part's logits draw its first id."""
-        if positions < 1:
-            raise ValueError(f"a prefill part needs at least one position, got {positions}")
+        end = part_end(job.prefilled, positions, len(job.prompt_ids))
         if job.slot is None:
             self._admit(job)
-        end = min(len(job.prompt_ids), job.prefilled + positions)
         logits = self.engine.prefill(job.slot, job.prompt_ids[job.prefilled : end])
         job.prefilled = end
         if end < len(job.prompt_ids):

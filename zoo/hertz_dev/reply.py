@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..core.admission import part_end
 from ..core.audio import AudioSource
 from ..core.devices import to_device
 from ..core.isolation import admit_each
@@ -102,11 +103,9 @@ class ReplyStepper:
         """zoo.core.types.ChunkedStarter: the next ``positions`` prompt latents into the job's slot
         (``Engine.extend``); the last part is prefilled as ``start`` prefills a whole prompt, and
         draws the first frame."""
-        if positions < 1:
-            raise ValueError(f"a prefill part needs at least one position, got {positions}")
+        end = part_end(job.prefilled, positions, self.prompt_length(job))
         if job.slot is None:
             self._open(job)
-        end = min(self.prompt_length(job), job.prefilled + positions)
         if end < self.prompt_length(job):
             engine, _ = self._engine(job.variant)
             engine.extend(job.slot, job.prompt_latents[:, job.prefilled : end], job.prompt_latents[:, end : end + 1])

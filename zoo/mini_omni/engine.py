@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.admission import part_end
 from ..core.devices import to_device
 from ..core.graphs import DecodeGraphs
 from ..core.isolation import admit_each, isolate
@@ -105,15 +106,13 @@ class Engine:
         does. True once the whole prompt is in and output position 0 is recorded, as ``start``
         records it. The prompt is embedded once, on the first call (its audio and image features
         land at their positions), and its parts run through the layers in order."""
-        if positions < 1:
-            raise ValueError(f"a prefill part needs at least one position, got {positions}")
+        end = part_end(session.unfinished.done if session.unfinished else 0, positions, session.prompt_length)
         with torch.inference_mode():
             if session.rows is None:
                 self._admit(session)
                 first = self._prompt_rows(session)
                 session.unfinished = UnfinishedPrompt(self._embed(session, first, session.prompt_length), first)
             part = session.unfinished
-            end = min(session.prompt_length, part.done + positions)
             rows = session.rows[: part.rows]
             hidden = self.gpt(part.x[:, part.done : end], self.cache, self.cache.rows_for(rows, end - part.done))
             self.cache.advance(rows, end - part.done)
