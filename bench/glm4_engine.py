@@ -6,8 +6,9 @@
 For each batch size: the median time of one decode step for that many sessions at a given
 context length, with CUDA graphs (the engine's default on a GPU) and without, whether the two give
 the same tokens, and how many sessions keep real time (GLM-4-Voice needs 18.75 tokens/s per
-session while it interleaves 13 text : 26 audio tokens). Also the bytes of the LLM's weights, its memory on a GPU and the peak of
-the whole run, building included (``--memory-limit-gib``: as if the card had that much).
+session while it interleaves 13 text : 26 audio tokens). Also the bytes of the LLM's weights, its
+memory on a GPU and the peak of the whole run, building included (``--memory-limit-gib``: as if
+the card had that much).
 
 Quantised (``--dtype int8/int4``) with ``--agreement-steps N``: the quality cost against the same
 seeded network unquantised (bf16 on a GPU), built, run and freed first: it decodes N greedy tokens
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     llm_dtype, quantized, _ = precision(args.dtype, pick_device(device))
-    if args.bitsandbytes and device.type == "cpu":  # this process only: the zoo picks its CPU kernels
+    bitsandbytes_on_cpu = args.bitsandbytes and device.type == "cpu"
+    if bitsandbytes_on_cpu:  # this process only: the zoo picks its CPU kernels
         for kind in QUANTIZED:
             CPU_KERNELS[kind] = functools.partial(bitsandbytes_linear, kind=kind)
     if args.agreement_steps and not quantized:
@@ -144,11 +146,12 @@ def main(argv=None) -> int:
         row["tokens_per_s_per_session"] = round(1000 / row["step_ms"], 1)
         row["real_time"] = row["tokens_per_s_per_session"] >= REAL_TIME_TOKENS_PER_S
         rows.append(row)
+    packed_by = None if not quantized else "torch CPU kernels" if device.type == "cpu" and not bitsandbytes_on_cpu \
+        else "bitsandbytes"
     result = {
         "model": "glm-4-voice", "size": args.size, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine(),
-        "dtype": args.dtype, "packed_by": "bitsandbytes" if quantized and (args.bitsandbytes or device.type != "cpu")
-        else ("torch CPU kernels" if quantized else None), "torch": torch.__version__, "date": date.today().isoformat(),
+        "dtype": args.dtype, "packed_by": packed_by, "torch": torch.__version__, "date": date.today().isoformat(),
         "context_tokens": args.context, "load_s": round(load_s, 1),
         "llm_memory_gib": round(llm_gib, 2) if llm_gib is not None else None,
         "llm_weights_gib": round(sum(t.numel() * t.element_size() for t in (*llm.parameters(), *llm.buffers())) / 2**30, 2),
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
         "rows": rows, "note": "random weights; greedy steps; time includes the per-step host read of the tokens",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    packer = "_bitsandbytes" if args.bitsandbytes and device.type == "cpu" else ""
+    packer = "_bitsandbytes" if bitsandbytes_on_cpu else ""
     name = f"{result['date']}_glm-4-voice_engine_{args.size}_{device.type}_{args.dtype}{packer}.json"
     (args.out / name).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -29,12 +29,10 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from latency import machine, sync  # bench/ is the script's own folder: python bench/quantized_layers.py
+from latency import RESULTS, machine, sync  # bench/ is the script's own folder: python bench/quantized_layers.py
 from torch import nn
 
 from zoo.core.quantize import CPU_KERNELS, bitsandbytes_linear
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def layer_shapes(model: str) -> list[tuple[int, int]]:
@@ -139,8 +137,8 @@ def main(argv=None) -> int:
         linear.weight.normal_(0.0, 0.02, generator=generator)
         linears.append(linear)
     rows = []
-    for name, dtype, modules, error in variants(linears, device, not args.no_bitsandbytes):
-        row = {"precision": name, "weight_error": error}
+    for name, dtype, modules, weight_error in variants(linears, device, not args.no_bitsandbytes):
+        row = {"precision": name, "weight_error": weight_error}
         for batch in args.batches:
             first, row[f"batch_{batch}_ms"] = times_ms(modules, dtype, batch, device, args.repeats)
             row.setdefault("first_pass_ms", first)
