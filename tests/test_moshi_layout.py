@@ -12,10 +12,11 @@ from safetensors.torch import load_file, save_file
 import zoo
 from zoo.core.errors import AudioInputError, CheckpointMismatch
 from zoo.moshi.checkpoint import MIMI_FILE, MOSHI_FILE, TOKENIZER_FILE, CheckpointInfo
-from zoo.moshi.lm import LMConfig, MoshiLM
-from zoo.moshi.mimi import Mimi, MimiConfig
+from zoo.moshi.lm import LMConfig, MoshiLM, lm_names
+from zoo.moshi.mimi import Mimi, MimiConfig, mimi_names
 from zoo.moshi.options import MoshiOptions
 from zoo.moshi.random_weights import tiny_checkpoint
+from zoo.moshi.transformer import stacked_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FRAME = 1920
@@ -33,10 +34,15 @@ def tiny(folder):
 
 def test_full_size_modules_have_the_published_names_and_sizes():
     """Names and shapes as in kyutai/moshiko-pytorch-bf16 (as transformers' conversion scripts
-    read them: fused in_proj_weight, depformer steps stacked, gating.K per step)."""
+    read them: fused in_proj_weight, depformer steps stacked, gating.K per step): the modules'
+    state in the published spelling, which maps back onto the modules' names."""
     with torch.device("meta"):
         lm, mimi = MoshiLM(LMConfig()), Mimi(MimiConfig())
-    lm_state, mimi_state = lm.state_dict(), mimi.state_dict()
+    lm_state, mimi_state = stacked_names(lm.state_dict()), stacked_names(mimi.state_dict())
+    for module, state, back in ((lm, lm_state, lambda s: lm_names(s, lm.config)), (mimi, mimi_state, mimi_names)):
+        ours = back(state)
+        assert ours.keys() == module.state_dict().keys()
+        assert all(ours[k].shape == v.shape for k, v in module.state_dict().items())
     assert round(sum(v.numel() for v in lm_state.values()) / 1e9, 2) == 7.69
     assert round(sum(v.numel() for v in mimi_state.values()) / 1e6, 1) == 96.2
     shapes = {

@@ -130,27 +130,38 @@ def test_the_engine_bench_measures_a_quantized_networks_agreement(tmp_path):
     assert refused.returncode == 2 and "quantised network" in refused.stderr
 
 
-def test_int8_on_a_cpu_runs_torchs_int8_kernel_with_one_scale_per_output_channel():
+@pytest.mark.parametrize("sizes", [(64, 96, 32), (20, 40, 12)], ids=["whole-blocks", "padded"])
+def test_int8_on_a_cpu_runs_torchs_int8_kernel_with_one_scale_per_output_channel(sizes):
     """On a CPU ``int8`` is Int8Linear (bitsandbytes' CPU int8 is 2.8x slower for 4 sessions): the
-    product equals x @ (int8 weight x its row's scale)^T, for inputs of any leading shape."""
+    product equals x @ (int8 weight x its row's scale)^T, for inputs of any leading shape and any
+    size (the kernel gives garbage for input sizes not in blocks of 16: those are padded), and
+    the rows are bitsandbytes' int8_vectorwise_quant of a float16 weight (the reference q8 files')."""
+    from bitsandbytes.functional import int8_vectorwise_quant
+
     from zoo.core.quantize import Int8Linear
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 32, bias=False))
-    x = torch.randn(2, 5, 64)
+    a, b, c = sizes
+    net = nn.Sequential(nn.Linear(a, b), nn.SiLU(), nn.Linear(b, c, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(net[0].weight.half().float())
+    x = torch.randn(2, 5, a)
     expected = net(x)
     quantized = quantize_linears(copy.deepcopy(net), "int8", torch.float32, torch.device("cpu"))
     first = quantized[0]
-    assert isinstance(first, Int8Linear) and first.weight.dtype == torch.int8 and first.scale.shape == (96,)
-    assert first.weight.abs().amax(dim=1).eq(127).all()  # each row's largest weight spans the range
-    dequantized = first.weight.float() * first.scale[:, None]
-    torch.testing.assert_close(first(x), x @ dequantized.t() + first.bias, rtol=1e-5, atol=1e-5)
+    assert isinstance(first, Int8Linear) and first.weight.dtype == torch.int8 and first.scale.shape == (b,)
+    rows = first.weight[:, :a]
+    assert rows.abs().amax(dim=1).eq(127).all()  # each row's largest weight spans the range
+    assert torch.equal(rows, int8_vectorwise_quant(net[0].weight.detach().half())[0])
+    dequantized = rows.float() * first.scale[:, None]
+    for _ in range(3):  # the same every time (the unpadded kernel read past the rows)
+        torch.testing.assert_close(first(x), x @ dequantized.t() + first.bias, rtol=1e-5, atol=1e-5)
     assert (dequantized - net[0].weight).abs().max() <= first.scale.max() / 2 + 1e-7
     error = (quantized(x) - expected).abs().max() / expected.abs().max()
     assert 0 < error < 0.02
     bf16 = quantize_linears(copy.deepcopy(net), "int8", torch.bfloat16, torch.device("cpu"))
     out = bf16(x.bfloat16())
-    assert out.dtype == torch.bfloat16 and out.shape == (2, 5, 32)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 5, c)
     assert (out.float() - expected).abs().max() / expected.abs().max() < 0.05
 
 

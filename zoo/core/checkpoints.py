@@ -110,21 +110,27 @@ def mismatch_problems(missing: Sequence[str], unexpected: Sequence[str], shapes:
     return "; ".join(parts)
 
 
-def load_strict(module: torch.nn.Module, path: Path, expected: str, *, rename=None, published=None) -> None:
-    """Load the state dict in ``path`` into ``module`` with exactly its key set and shapes, else
-    one CheckpointMismatch naming every problem (in the file's naming) and what was ``expected``.
-    ``rename``: file keys -> module keys; ``published``: module keys -> file keys (for messages),
-    both on dicts."""
-    state = read_state_dict(path)
-    ours = module.state_dict()
-    theirs = rename(state) if rename else state
+def strict_problems(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.Tensor], published=None) -> str:
+    """Every difference of a file's tensors (``theirs``, in the module's naming) from a module's
+    (``ours``) in key set and shapes, as one line (``mismatch_problems``); names in the file's
+    naming through ``published`` (module keys -> file keys, on dicts)."""
     published = published or (lambda d: d)
     missing = sorted(published({k: None for k in ours.keys() - theirs.keys()}))
     unexpected = sorted(published({k: None for k in theirs.keys() - ours.keys()}))
     shapes = sorted(f"{name}: file {tuple(theirs[key].shape)}, model {tuple(ours[key].shape)}"
                     for key, name in zip(ours, published({k: None for k in ours}))
                     if key in theirs and theirs[key].shape != ours[key].shape)
-    problems = mismatch_problems(missing, unexpected, shapes)
+    return mismatch_problems(missing, unexpected, shapes)
+
+
+def load_strict(module: torch.nn.Module, path: Path, expected: str, *, rename=None, published=None) -> None:
+    """Load the state dict in ``path`` into ``module`` with exactly its key set and shapes, else
+    one CheckpointMismatch naming every problem (in the file's naming) and what was ``expected``.
+    ``rename``: file keys -> module keys; ``published``: module keys -> file keys (for messages),
+    both on dicts."""
+    state = read_state_dict(path)
+    theirs = rename(state) if rename else state
+    problems = strict_problems(module.state_dict(), theirs, published)
     if problems:
         raise CheckpointMismatch(f"{path} does not match {expected}: {problems}")
     module.load_state_dict(theirs, strict=True, assign=True)

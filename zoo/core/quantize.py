@@ -61,21 +61,30 @@ class Int8Linear(nn.Module):
     behind torchao's and gpt-fast's int8 weight-only modes. A decode step of a few sessions reads
     every weight once and little else, so half the bytes of bfloat16 is about half the time
     (Qwen2-0.5B's layers at batch 2 on an AVX512 CPU: 41 ms against 65-91 ms in bfloat16). Run it
-    with bfloat16 activations: with float32 ones the kernel is slower than a float32 product."""
+    with bfloat16 activations: with float32 ones the kernel is slower than a float32 product.
+    The kernel reads input sizes in whole blocks of 16 (others give garbage or crash, torch
+    2.13): other sizes (only tiny test networks have them) are padded with zero weights and zero
+    inputs."""
+
+    BLOCK = 16
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        packed = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        weight = nn.functional.pad(linear.weight.detach().float(), (0, -self.in_features % self.BLOCK))
+        # bitsandbytes' int8_vectorwise_quant, to the rounding: a weight packed here from float16
+        # values is the reference int8 files' row (Moshi's q8), which load back to it exactly
+        largest = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
+        packed = torch.round(weight * (127.0 / largest[:, None])).clamp(-127, 127).to(torch.int8)
         self.weight = nn.Parameter(packed.contiguous(), requires_grad=False)
-        self.scale = nn.Parameter(scale.to(compute_dtype), requires_grad=False)
+        self.scale = nn.Parameter((largest / 127).to(compute_dtype), requires_grad=False)
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).contiguous()
+        flat = x.reshape(-1, self.in_features)
+        padded = self.weight.shape[1]
+        flat = nn.functional.pad(flat, (0, padded - self.in_features)) if padded > self.in_features else flat.contiguous()
         out = torch._weight_int8pack_mm(flat, self.weight, self.scale.to(flat.dtype))
         if self.bias is not None:
             out = out + self.bias
@@ -133,7 +142,9 @@ def bitsandbytes_linear(linear: nn.Linear, compute_dtype: torch.dtype, kind: str
     """``linear`` packed by bitsandbytes (what a GPU runs; ``kind``: int8 or int4)."""
     import bitsandbytes as bnb
 
-    weight = linear.weight.data.to(compute_dtype)
+    # int8 packs from float16 (Int8Params does): a float32 weight read back from an int8 file's
+    # rows reaches it unrounded, and comes back to the same rows and scales
+    weight = linear.weight.data.to(torch.float16 if kind == "int8" else compute_dtype)
     bias = linear.bias is not None
     if kind == "int8":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias,

@@ -6,7 +6,9 @@ Names are the published ones of ``model.safetensors``: ``emb.N`` (one embedding 
 ``card + 1`` rows: the last is the initial token), ``text_emb``, ``transformer.layers.N``,
 ``out_norm``, ``text_linear``, ``depformer_in.K`` (one projection per codebook: multi_linear),
 ``depformer_text_emb``, ``depformer_emb.K`` (codebooks 1..7), ``depformer.layers.N`` (one set of
-attention and gating weights per codebook: weights_per_step) and ``linears.K``.
+attention and gating weights per codebook: weights_per_step) and ``linears.K``; the attention
+projections are named per step as in the reference's modules (``self_attn.in_projs.K``;
+transformer.py maps the published stacked spelling).
 """
 from __future__ import annotations
 
@@ -17,7 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.kv_cache import KVCache, Rows
-from .transformer import Gating, OutProj, StreamingTransformer, TransformerConfig, make_norm, split_heads
+from .transformer import (
+    Gating,
+    StreamingTransformer,
+    TransformerConfig,
+    make_norm,
+    per_step_names,
+    projections,
+    split_heads,
+)
 
 ZERO_TOKEN = -1  # "no input": the embedding is exactly zero
 
@@ -96,25 +106,24 @@ class ScaledEmbedding(nn.Embedding):
 
 
 class DepthAttention(nn.Module):
-    """Self-attention with one set of weights per codebook (``in_proj_weight`` (steps 3 D, D),
-    ``out_proj.weight`` (steps D, D), the steps' matrices stacked) and no positional embedding."""
+    """Self-attention with one set of weights per codebook (``in_projs.K``: q, k, v fused;
+    ``out_projs.K``) and no positional embedding."""
 
     def __init__(self, c: TransformerConfig) -> None:
         super().__init__()
-        self.heads, self.steps, self.dim = c.num_heads, c.context, c.d_model
-        self.in_proj_weight = nn.Parameter(torch.empty(self.steps * 3 * c.d_model, c.d_model))
-        self.out_proj = OutProj(c.d_model, self.steps)
+        self.heads = c.num_heads
+        self.in_projs = projections(c.d_model, 3 * c.d_model, c.context)
+        self.out_projs = projections(c.d_model, c.d_model, c.context)
 
     def forward(self, x: torch.Tensor, step: int, past: list[torch.Tensor]) -> torch.Tensor:
         """x (B, 1, D) at codebook ``step``; ``past`` holds this layer's earlier keys and values of
         the same 80 ms step (the depformer restarts every step)."""
-        d = self.dim
-        q, k, v = split_heads(F.linear(x, self.in_proj_weight[step * 3 * d: (step + 1) * 3 * d]), self.heads)
+        q, k, v = split_heads(self.in_projs[step](x), self.heads)
         past.append((k, v))
         keys = torch.cat([p[0] for p in past], dim=2)
         values = torch.cat([p[1] for p in past], dim=2)
         out = F.scaled_dot_product_attention(q, keys, values)
-        return F.linear(out.transpose(1, 2).flatten(2), self.out_proj.weight[step * d: (step + 1) * d])
+        return self.out_projs[step](out.transpose(1, 2).flatten(2))
 
 
 class DepthLayer(nn.Module):
@@ -177,24 +186,7 @@ class MoshiLM(nn.Module):
         return self.linears[step](self.depformer(x, step, past))[:, 0]
 
 
-def published_lm_names(state: dict[str, torch.Tensor], config: LMConfig) -> dict[str, torch.Tensor]:
-    """The reference loader's other spellings -> the published ones: attention projections
-    per step (``in_projs.K.weight`` / ``out_projs.K.weight``, stacked here) or the older
-    ``in_proj.weight``."""
-    out: dict[str, torch.Tensor] = {}
-    steps: dict[str, dict[int, torch.Tensor]] = {}
-    for key, value in state.items():
-        head, _, last = key.rpartition(".")
-        if key.endswith(".in_proj.weight"):
-            out[key[: -len(".in_proj.weight")] + ".in_proj_weight"] = value
-        elif last == "weight" and head.rpartition(".")[0].rpartition(".")[2] in ("in_projs", "out_projs") \
-                and head.rpartition(".")[2].isdigit():
-            base, _, index = head.rpartition(".")
-            steps.setdefault(base, {})[int(index)] = value
-        else:
-            out[key] = value
-    for base, parts in steps.items():
-        parent, _, kind = base.rpartition(".")
-        stacked = torch.cat([parts[i] for i in sorted(parts)], dim=0)
-        out[f"{parent}.in_proj_weight" if kind == "in_projs" else f"{parent}.out_proj.weight"] = stacked
-    return out
+def lm_names(state: dict[str, torch.Tensor], config: LMConfig) -> dict[str, torch.Tensor]:
+    """Any spelling the reference loader accepts -> this module's names: the depth transformer's
+    projections cut into its ``dep_q`` steps, the temporal transformer's fused one kept whole."""
+    return per_step_names(state, lambda key: config.dep_q if key.startswith("depformer.") else 1)

@@ -16,7 +16,8 @@ server resets the encoder's state alone after the first frame:
     audio = mimi.decode_step(dec, codes, rows=ids)     # (B, K, k) -> (B, 1, 1920 k)
 
 Module names are the published tensor names (``encoder.model.N``, ``encoder_transformer.
-transformer.layers.N``, ``downsample.conv``, ``upsample.convtr``, ``quantizer.rvq_first`` ...).
+transformer.layers.N``, ``downsample.conv``, ``upsample.convtr``, ``quantizer.rvq_first`` ...),
+but for the attention projections, which are the reference's per-step modules (``mimi_names``).
 transformers' MimiModel is not used: its decode keeps no transposed-convolution state, so frame by
 frame decoding would not be the reference's.
 """
@@ -30,7 +31,7 @@ from torch import nn
 from ..core.devices import to_device
 from ..core.kv_cache import KVCache
 from ..core.streaming import BufferState, StreamingState
-from .quantizer import SplitResidualVQ
+from .quantizer import SplitResidualVQ, legacy_codebook_names
 from .seanet import (
     SEANetConfig,
     SEANetDecoder,
@@ -39,7 +40,7 @@ from .seanet import (
     StreamingConvTranspose1d,
     stream_buffers,
 )
-from .transformer import StreamingTransformer, TransformerConfig
+from .transformer import StreamingTransformer, TransformerConfig, per_step_names
 
 SAMPLE_RATE = 24000
 FRAME_RATE = 12.5
@@ -130,6 +131,12 @@ class MimiStream(StreamingState):
 
     def nbytes(self) -> int:
         return self.buffers.nbytes() + self.cache.nbytes()
+
+
+def mimi_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any spelling of a Mimi file the reference loader accepts -> this module's names (older
+    codebook buffer names; fused attention projections, one step each)."""
+    return per_step_names(legacy_codebook_names(state), lambda key: 1)
 
 
 class Mimi(nn.Module):

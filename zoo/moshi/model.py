@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from ..core.audio import AudioSource
-from ..core.devices import pick_device, pick_dtype
+from ..core.devices import pick_device
 from ..core.duplex import OneSlotDuplex
+from ..core.quantize import QUANTIZED, split_dtype
 from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Stage, VoiceModel
 from .checkpoint import DEFAULT_REPO, CheckpointInfo, load_lm, load_mimi
@@ -47,7 +48,8 @@ CARD = ModelCard(
     output_sample_rate=SAMPLE_RATE,
     languages=("en",),
     parameters="7.7B LM (Helium 7B + depth transformer) + 96M Mimi codec",
-    hardware="a CUDA GPU with 24 GB for bfloat16 (the reference: about 18 GB at full context); CPU only for tiny",
+    hardware="a CUDA GPU with 24 GB for bfloat16 (the reference: about 18 GB at full context), 12 GB for int8 "
+             "(the -q8 repos, or dtype int8); CPU only for tiny",
     components={"checkpoint": DEFAULT_REPO},
     download_size="≈ 15.8 GB: model.safetensors 15.4 GB (bf16) + Mimi 0.39 GB + tokenizer 0.6 MB",
     max_input_seconds=120.0,
@@ -64,6 +66,16 @@ CARD = ModelCard(
     paper="https://arxiv.org/abs/2410.00037",
     license="code MIT (Python) and Apache-2.0 (Rust) (github.com/kyutai-labs/moshi); weights CC-BY-4.0",
 )
+
+
+def precision(dtype: torch.dtype | str | None, device: torch.device, int8_file: bool = False
+              ) -> tuple[torch.dtype, str | None]:
+    """``dtype`` -> (the LM's compute dtype, its quantisation or None); None means the file's own
+    precision (int8 for the reference's q8 files), else bfloat16 on CUDA and float32 on a CPU."""
+    if dtype is None and int8_file:
+        dtype = "int8"
+    return split_dtype(dtype, QUANTIZED, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                       quantized_compute=torch.bfloat16)
 
 
 class Moshi(VoiceModel):
@@ -83,17 +95,21 @@ class Moshi(VoiceModel):
     def load(cls, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
              checkpoint: str | os.PathLike | None = None) -> Moshi:
         """``checkpoint``: a folder holding the published files, or a hub repo id (default
-        kyutai/moshiko-pytorch-bf16; kyutai/moshika-pytorch-bf16 is the female voice). ``dtype``
-        (the LM's) defaults to bfloat16 on CUDA (as the reference), float32 on CPU; Mimi runs in
-        float32 as in the reference (float64 when the LM does, for parity checks)."""
+        kyutai/moshiko-pytorch-bf16; kyutai/moshika-pytorch-bf16 is the female voice, the -q8
+        repos their int8 LMs). ``dtype`` (the LM's) defaults to the checkpoint's: bfloat16 on CUDA
+        (as the reference), float32 on CPU, int8 for an int8 checkpoint. "int8" / "int4" pack the
+        LM's Linears as the reference's q8 export does (zoo.core.quantize: bitsandbytes on a GPU,
+        torch's kernels on a CPU), computing in bfloat16; a float dtype runs an int8 checkpoint
+        dequantized. Mimi runs in float32 as in the reference (float64 when the LM does, for
+        parity checks)."""
         import sentencepiece
 
         device = pick_device(device)
-        dtype = pick_dtype(dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
         info = CheckpointInfo.read(checkpoint or CARD.components["checkpoint"])
+        dtype, quantized = precision(dtype, device, info.quantized)
         mimi = load_mimi(info, device, torch.float64 if dtype == torch.float64 else torch.float32)
-        lm = load_lm(info, device, dtype)
-        tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(info.folder / info.tokenizer_name))
+        lm = load_lm(info, device, dtype, quantized)
+        tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(info.tokenizer_path))
         return cls(mimi, lm, tokenizer, source=str(info.folder))
 
     def piece(self, token: int) -> str:

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ..core.tiny import cached_folder
+from .checkpoint import CONFIG_FILE, DEFAULT_REPO, HUB, MIMI_FILE, MOSHI_FILE, MOSHI_Q8_FILE, TOKENIZER_FILE
+from .lm import LMConfig
 from .mimi import Mimi, MimiConfig
-from .tiny_config import TINY_MIMI
+from .tiny_config import TINY_LM, TINY_MIMI
+from .transformer import SCALES, stacked_names
 
-MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 MIMI_CONFIG_FILE = "mimi_config.json"
 
 
@@ -44,8 +47,11 @@ def random_tensor(name: str, shape: torch.Size, generator: torch.Generator) -> t
     return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
 
 
-def random_state(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    return {k: random_tensor(k, v.shape, generator).contiguous() for k, v in module.state_dict().items()}
+def random_state(module: torch.nn.Module, generator: torch.Generator, dtype=None, device=None) -> dict[str, torch.Tensor]:
+    """Seeded values for ``module``'s tensors under their published names, in the published
+    order, each converted as it is drawn (a full-size LM never exists in float32)."""
+    return {k: random_tensor(k, v.shape, generator).to(device, dtype).contiguous()
+            for k, v in stacked_names(module.state_dict()).items()}
 
 
 def write_tiny_mimi(folder: Path, *, seed: int = 0) -> Path:
@@ -58,8 +64,6 @@ def write_tiny_mimi(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
-MOSHI_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
 # Bump when what write_tiny_checkpoint writes changes: cached folders of other versions are not reused.
 TINY_FORMAT = 1
 
@@ -85,17 +89,56 @@ def write_tiny_tokenizer(path: Path, vocab_size: int) -> None:
 
 
 def write_tiny_checkpoint(folder: Path, *, seed: int = 0) -> Path:
-    from .lm import LMConfig, MoshiLM
-    from .tiny_config import TINY_LM
+    from .lm import MoshiLM
 
     folder = write_tiny_mimi(folder, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.device("meta"):
         lm = MoshiLM(LMConfig.from_dict(TINY_LM))
-    state = {k: v.to(torch.bfloat16) for k, v in random_state(lm, generator).items()}
-    save_file(state, str(folder / MOSHI_FILE))
-    (folder / "config.json").write_text(json.dumps({**TINY_LM, "mimi_config_name": MIMI_CONFIG_FILE}, indent=1))
+    save_file(random_state(lm, generator, torch.bfloat16), str(folder / MOSHI_FILE))
+    (folder / CONFIG_FILE).write_text(json.dumps({**TINY_LM, "mimi_config_name": MIMI_CONFIG_FILE}, indent=1))
     write_tiny_tokenizer(folder / TOKENIZER_FILE, TINY_LM["text_card"])
+    return folder
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's int8 packing of a weight (moshi.utils.quantize: bitsandbytes'
+    ``int8_vectorwise_quant`` of the float16 weight): int8 rows, and each row's largest magnitude
+    in float32 (``_scb``)."""
+    half = weight.to(torch.float16)
+    scale = half.abs().amax(dim=1).float()
+    return torch.round(half * (127.0 / scale[:, None])).to(torch.int8), scale
+
+
+def write_tiny_q8_checkpoint(folder: Path, *, seed: int = 0) -> Path:
+    """The tiny checkpoint of ``seed`` as the reference's ``scripts/export_quantized.py`` turns
+    kyutai/moshiko-pytorch-bf16 into kyutai/moshiko-pytorch-q8: ``model.q8.safetensors`` with every
+    Linear weight of the LM in int8 beside its ``_scb`` scales (the published spellings: stacked
+    ``in_proj_weight`` and ``in_proj_weight_scb``), and a config.json with ``quantize`` set, this
+    file as ``moshi_name`` and Mimi and the tokenizer named in the bf16 repo (``hf://``). Those two
+    files are copied here as well, so the folder works offline."""
+    from .lm import MoshiLM
+
+    source = tiny_checkpoint(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source / CONFIG_FILE).read_text())
+    with torch.device("meta"):
+        lm = MoshiLM(LMConfig.from_dict({k: v for k, v in config.items() if k != "mimi_config_name"}))
+    linears = stacked_names({f"{name}.weight": module.weight for name, module in lm.named_modules()
+                             if isinstance(module, torch.nn.Linear)})
+    state = {}
+    for key, value in load_file(str(source / MOSHI_FILE)).items():
+        if key in linears:
+            state[key], state[key + SCALES] = int8_rows(value)
+        else:
+            state[key] = value
+    save_file(state, str(folder / MOSHI_Q8_FILE))
+    for name in (MIMI_FILE, MIMI_CONFIG_FILE, TOKENIZER_FILE):
+        shutil.copy(source / name, folder / name)
+    (folder / CONFIG_FILE).write_text(json.dumps({
+        **config, "moshi_name": MOSHI_Q8_FILE, "quantize": True,
+        "mimi_name": f"{HUB}{DEFAULT_REPO}/{MIMI_FILE}", "tokenizer_name": f"{HUB}{DEFAULT_REPO}/{TOKENIZER_FILE}"}, indent=1))
     return folder
 
 
@@ -121,19 +164,22 @@ def build(size: str, *, device=None, dtype=None, seed: int = 0, checkpoint=None)
 def _build_full(*, device, dtype, seed: int):
     import sentencepiece
 
-    from ..core.devices import pick_device, pick_dtype
-    from .lm import LMConfig, MoshiLM
-    from .mimi import MimiConfig
-    from .model import Moshi
+    from ..core.devices import pick_device
+    from .checkpoint import place_lm
+    from .lm import MoshiLM, lm_names
+    from .mimi import MimiConfig, mimi_names
+    from .model import Moshi, precision
 
     device = pick_device(device)
-    dtype = pick_dtype(dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype, quantized = precision(dtype, device)
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         mimi, lm = Mimi(MimiConfig()), MoshiLM(LMConfig())
-    for module, kind in ((mimi, torch.float32 if dtype != torch.float64 else dtype), (lm, dtype)):
-        state = {k: random_tensor(k, v.shape, generator).to(device, kind) for k, v in module.state_dict().items()}
-        module.load_state_dict(state, assign=True)
+    mimi_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    mimi.load_state_dict(mimi_names(random_state(mimi, generator, mimi_dtype, device)), assign=True)
+    # drawn in the compute dtype on the host (the packer reads it back to float32 one layer at a time)
+    state = lm_names(random_state(lm, generator, dtype, "cpu" if quantized else device), lm.config)
+    place_lm(lm, state, device, dtype, quantized)
     folder = tiny_checkpoint(seed)  # a tokenizer for the pieces (ids beyond it give "")
     tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(folder / TOKENIZER_FILE))
-    return Moshi(mimi.eval(), lm.eval(), tokenizer, source="random full")
+    return Moshi(mimi.eval(), lm, tokenizer, source="random full")

@@ -2,10 +2,14 @@
 transformers: LayerNorm, GELU MLP, layer scale, context 250) and Helium (the temporal
 transformer: RMSNorm computed in float32, SiLU gating, no layer scale, context 3000).
 
-Names are the published ones: ``layers.N.self_attn.in_proj_weight`` (q, k, v fused),
-``layers.N.self_attn.out_proj.weight``, ``norm1``/``norm2`` (``.weight``/``.bias`` for LayerNorm,
-``.alpha`` for RMSNorm), ``linear1``/``linear2`` or ``gating.linear_in``/``gating.linear_out``,
-``layer_scale_1.scale``/``layer_scale_2.scale``.
+Module names are the reference's (moshi 0.2): ``layers.N.self_attn.in_projs.0`` (q, k, v fused)
+and ``out_projs.0``, ``norm1``/``norm2`` (``.weight``/``.bias`` for LayerNorm, ``.alpha`` for
+RMSNorm), ``linear1``/``linear2`` or ``gating.linear_in``/``gating.linear_out``,
+``layer_scale_1.scale``/``layer_scale_2.scale``. The published files spell the projections the
+older way (``in_proj_weight``, ``out_proj.weight``; stacked over the steps of a layer with one
+set of weights per step): ``per_step_names`` and ``stacked_names`` map between the two, as the
+reference's ``StreamingMultiheadAttention._load_hook`` does. Every projection is an nn.Linear, so
+zoo.core.quantize can pack it.
 
 Attention runs over a zoo.core.kv_cache.KVCache used as a ring (``Rows.ring``): the reference's
 RingKVCache holds ``context`` positions and a token sees the last ``context`` positions, so a
@@ -92,12 +96,54 @@ class LayerScale(nn.Module):
         return self.scale * x
 
 
-class OutProj(nn.Module):
-    """``out_proj.weight``: (steps * dim, dim) when a layer has one set of weights per step."""
+def projections(dim: int, out: int, steps: int) -> nn.ModuleList:
+    return nn.ModuleList(nn.Linear(dim, out, bias=False) for _ in range(steps))
 
-    def __init__(self, dim: int, steps: int = 1) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(steps * dim, dim))
+
+# the published files' spellings -> the per-step module lists (the reference's _load_hook)
+_STACKED = {"in_proj_weight": "in_projs", "in_proj.weight": "in_projs", "out_proj.weight": "out_projs"}
+SCALES = "_scb"  # suffix of the int8 files' scales (moshi.utils.quantize), mapped like the weights
+
+
+def per_step_names(state: dict[str, torch.Tensor], steps_of) -> dict[str, torch.Tensor]:
+    """Stacked or fused attention projections (``X.self_attn.in_proj_weight``, ``in_proj.weight``,
+    ``out_proj.weight``, and their ``_scb`` scales) -> ``X.self_attn.in_projs.K.weight`` per step:
+    ``steps_of(key)`` steps, the stacked matrix cut into equal row blocks. A size that does not
+    divide is left under its own name, for the strict load to report."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        head, _, tail = key.partition(".self_attn.")
+        name = tail.removesuffix(SCALES)
+        steps = steps_of(key)
+        if name not in _STACKED or value.shape[0] % steps:
+            out[key] = value
+            continue
+        suffix = tail[len(name):]
+        for i, part in enumerate(value.chunk(steps)):
+            out[f"{head}.self_attn.{_STACKED[name]}.{i}.weight{suffix}"] = part
+    return out
+
+
+def stacked_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse, as the published files spell them: ``in_proj_weight`` and ``out_proj.weight``
+    with the steps' matrices stacked, each where its first step was (for writing files in the
+    published layout, in the published order)."""
+    out: dict[str, torch.Tensor | None] = {}
+    steps: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in state.items():
+        head, _, tail = key.partition(".self_attn.")
+        kind, _, rest = tail.partition(".")
+        index, _, last = rest.partition(".")
+        if kind in ("in_projs", "out_projs") and index.isdigit() and last.removesuffix(SCALES) == "weight":
+            name = f"{head}.self_attn." + ("in_proj_weight" if kind == "in_projs" else "out_proj.weight") + \
+                last[len("weight"):]
+            out.setdefault(name, None)
+            steps.setdefault(name, {})[int(index)] = value
+        else:
+            out[key] = value
+    for key, parts in steps.items():
+        out[key] = torch.cat([parts[i] for i in sorted(parts)], dim=0)
+    return out
 
 
 def split_heads(projected: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
@@ -110,15 +156,15 @@ class Attention(nn.Module):
     def __init__(self, c: TransformerConfig) -> None:
         super().__init__()
         self.heads, self.max_period = c.num_heads, c.max_period
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * c.d_model, c.d_model))
-        self.out_proj = OutProj(c.d_model)
+        self.in_projs = projections(c.d_model, 3 * c.d_model, 1)
+        self.out_projs = projections(c.d_model, c.d_model, 1)
 
     def forward(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, rows: Rows) -> torch.Tensor:
-        q, k, v = split_heads(F.linear(x, self.in_proj_weight), self.heads)
+        q, k, v = split_heads(self.in_projs[0](x), self.heads)
         positions = rows.absolute_positions
         q, k = rope_interleaved(q, positions, self.max_period), rope_interleaved(k, positions, self.max_period)
         out = attend(q, k, v, cache_k, cache_v, rows)
-        return F.linear(out.transpose(1, 2).flatten(2), self.out_proj.weight)
+        return self.out_projs[0](out.transpose(1, 2).flatten(2))
 
 
 class TransformerLayer(nn.Module):
