@@ -3,7 +3,7 @@
 # seeded random weights (the real compute cost). Each step has a name and its own time limit, and
 # a failed step does not stop the others. Results land in bench/results/ (and, when $OUT is set,
 # in $OUT/results.tar.gz with the log).
-#   bash bench/gpu.sh            # every step, newest questions first (limits add up to ~33 min)
+#   bash bench/gpu.sh            # every step, newest questions first (limits add up to ~40 min)
 #   bash bench/gpu.sh first      # the steps named in FIRST below: fits one 10-minute device call
 #   bash bench/gpu.sh rest       # the others
 #   bash bench/gpu.sh NAME ...   # just those steps
@@ -99,6 +99,11 @@ reference_step compare-glm-4-voice 180 .refs/glm-4-voice/glm-4-voice-9b/modeling
     --steps 120 --sessions 1 8 32 64
 reference_step compare-mini-omni 120 .refs/mini-omni/inference.py python bench/compare.py --model mini-omni \
     --reference .refs/mini-omni --size full --device cuda --repeats 2 --steps 40 --sessions 1 8 32 64
+# Moshi in int8 (the reference's q8 repos, or dtype int8; bitsandbytes on a GPU): the tiny q8 folder's rows as
+# loaded against the file's (exact?) and its greedy tokens against the CPU's; then full-size steps under the
+# graphs beside eager, and the peak memory (the reference: "Q8, full context: 12GB")
+step moshi-q8 60 python bench/moshi_q8.py --device cuda
+step moshi-int8-duplex 200 python bench/duplex.py --model moshi --device cuda --dtype int8 --sessions 1 8 32 --eager-too
 # Mini-Omni2 (vision, #15): TTFA, steady RTF and the decode step with and without an image in one
 # run (the image's CLIP encoding and its longer prompt), stages including image_encode/image_prefill
 step mini-omni2-latency 90 python bench/latency.py --model mini-omni2 --size full --device cuda --dtype bfloat16 \

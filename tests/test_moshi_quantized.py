@@ -198,3 +198,19 @@ def test_a_q8_hub_repo_takes_mimi_and_the_tokenizer_from_the_bf16_repo(q8, q8_mo
     a, b = q8_model.lm.state_dict(), model.lm.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert model.tokenizer.get_piece_size() == q8_model.tokenizer.get_piece_size()
+
+
+def test_the_device_check_of_gpu_sh_runs_here(tmp_path):
+    """bench/moshi_q8.py as gpu.sh runs it, on the CPU: every packed layer holds the file's rows
+    and the tokens are the CPU's own."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "bench/moshi_q8.py", "--device", "cpu", "--steps", "6", "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("*_moshi_q8_cpu.json")).read_text())
+    assert result["layers"] == result["rows_exact"] > 0 and result["packer"] == "zoo.core.quantize.Int8Linear"
+    assert result["token_agreement_with_cpu"] == 1.0 and result["steps_equal_before_first_difference"] == 5
