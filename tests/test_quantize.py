@@ -2,13 +2,15 @@
 but those kept and stays close to the original; GLM-4-Voice loads (and draws random weights)
 quantised the reference's way on a GPU, layer by layer; Mini-Omni's int8 packs its transformer layers."""
 import copy
+import re
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from zoo.core.quantize import quantize_linears
+import zoo
+from zoo.core.quantize import QUANTIZED, quantize_linears
 from zoo.glm4_voice.llm import load_llm
 from zoo.glm4_voice.random_weights import random_llm, write_tiny_llm
 
@@ -287,3 +289,33 @@ def test_a_quantized_glm_answers_on_a_cpu(kind):
     assert model.llm.lm_head.weight.dtype == torch.bfloat16
     chunks = list(model.respond(np.zeros(16000, np.float32), 16000, {"max_new_tokens": 40}))
     assert chunks and sum(c.audio.size for c in chunks) > 0 and chunks[-1].turn is not None
+
+
+@pytest.mark.parametrize("name, kind", [(n, k) for n in zoo.names() for k in zoo.card(n).quantizations])
+def test_every_quantisation_a_card_declares_loads_packed(name, kind):
+    """The card's ``quantizations`` are what ``dtype`` takes beside the float dtypes: each loads
+    (tiny, CPU) with its networks' Linears packed by the CPU kernel of that kind."""
+    from zoo.core.quantize import CPU_KERNELS
+
+    model = zoo.load(name, random_weights="tiny", device="cpu", dtype=kind)
+    networks = [v for v in vars(model).values() if isinstance(v, nn.Module)]
+    assert any(isinstance(m, CPU_KERNELS[kind]) for network in networks for m in network.modules())
+
+
+@pytest.mark.parametrize("name", [n for n in zoo.names() if set(QUANTIZED) - set(zoo.card(n).quantizations)])
+def test_a_quantisation_a_card_does_not_declare_is_refused_and_the_help_says_which_it_has(name):
+    import argparse
+
+    from zoo.cli import add_model_flags
+    from zoo.core.errors import OptionsError
+
+    declared = zoo.card(name).quantizations
+    for kind in set(QUANTIZED) - set(declared):
+        with pytest.raises(OptionsError, match=f"unknown dtype '{kind}'"):
+            zoo.load(name, random_weights="tiny", device="cpu", dtype=kind)
+    parser = argparse.ArgumentParser()
+    add_model_flags(parser, ["--model", name])
+    helped = " ".join(parser.format_help().split())
+    assert "float32, bfloat16" in helped
+    words = set(re.findall(r"\w+", helped))
+    assert set(declared) <= words and not (set(QUANTIZED) - set(declared)) & words

@@ -24,8 +24,11 @@ def add_model_flags(parser: argparse.ArgumentParser, argv: list[str] | None, def
     group.add_argument("--random-full", action="store_true",
                        help="published dimensions with random weights (noise), for benchmarks")
     group.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
-    group.add_argument("--dtype", help="float32 (default), bfloat16, float16, float64; glm-4-voice: int8, int4; mini-omni(2): int8")
     model = chosen_model(argv, default)
+    packed = card(model).quantizations if model in names() else ()
+    group.add_argument("--dtype", help="float32, bfloat16, float16, float64" +
+                       (f"; {', '.join(packed)} (quantised weights, computing in bfloat16)" if packed else "") +
+                       " (default: the model's own)")
     if model in names():  # an unknown name is reported by the full parser
         add_component_flags(group, card(model))
 

@@ -41,6 +41,9 @@ class ModelCard:
     # what the published files of every component take on disk, in words ("≈" where computed from
     # parameter counts rather than read from the published repo); README's model table shows it
     download_size: str = ""
+    # the ``dtype`` names that pack the weights (zoo.core.quantize), beside the float dtypes every
+    # model takes; () when the model has none
+    quantizations: tuple[str, ...] = ()
     # the wire protocols of the model's own reference clients that a server should speak for it
     # (serving/protocols/ names them), each with the model option that each of the protocol's
     # parameters sets, e.g. {"data-url-live": {"token_temp": "temperature"}}

@@ -55,6 +55,7 @@ CARD = ModelCard(
     output_sample_rate=22050,
     languages=("zh", "en"),
     parameters="9.4B LLM (19 GB bf16) + 0.34B speech tokenizer + 0.11B flow + 0.02B HiFT",
+    quantizations=QUANTIZED,
     hardware="a CUDA GPU with 24 GB+ in bf16 (21.2 GiB peak measured on an H200); dtype int8 / int4 for smaller "
              "cards (LLM weights 10.9 / 6.9 GB, computed); CPU only for tests",
     download_size="≈ 21 GB: LLM 19 GB (bf16) + speech tokenizer ≈ 1.4 GB + flow and HiFT decoder ≈ 0.5 GB "

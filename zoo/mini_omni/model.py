@@ -23,7 +23,7 @@ from . import whisper
 from .codec import CODEC_FILES, Codec, Window, load_snac
 from .config import GPTConfig
 from .engine import Engine, Session
-from .gpt import GPT, precision
+from .gpt import GPT, QUANTIZED, precision
 from .prompts import TASKS, Task, audio_question, text_question
 from .tokens import AUDIO_LAYERS, EOT
 
@@ -40,6 +40,7 @@ CARD = ModelCard(
     output_sample_rate=24000,
     languages=("en",),
     parameters="0.5B LLM (532M unique params, 2.8 GB fp32 file) + Whisper-small encoder (88M) + SNAC (20M)",
+    quantizations=QUANTIZED,
     hardware="CPU works (slow); any CUDA GPU with 4 GB+ for real time",
     download_size="≈ 3.4 GB: lit_model.pth 2.8 GB (fp32) + Whisper small.pt 0.46 GB (fp16) + SNAC ≈ 0.08 GB",
     components={"checkpoint": "gpt-omni/mini-omni", "codec": "hubertsiuzdak/snac_24khz"},

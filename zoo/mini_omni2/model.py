@@ -21,7 +21,7 @@ from ..core.types import Chunk, ModelCard
 from ..mini_omni import whisper
 from ..mini_omni.codec import CODEC_FILES, Codec, load_snac
 from ..mini_omni.engine import Session
-from ..mini_omni.gpt import precision
+from ..mini_omni.gpt import QUANTIZED, precision
 from ..mini_omni.model import (
     CHECKPOINT_FILES,
     WHISPER_FILE,
@@ -47,6 +47,7 @@ CARD = ModelCard(
     languages=("en",),
     parameters="0.5B LLM (541M unique params, 2.8 GB fp32 file) + Whisper-small encoder (88M) + "
                "CLIP ViT-B/32 vision tower (88M) + SNAC (20M)",
+    quantizations=QUANTIZED,
     hardware="CPU works (slow); any CUDA GPU with 4 GB+ for real time",
     download_size="≈ 3.7 GB: lit_model.pth 2.8 GB (fp32) + Whisper small.pt 0.46 GB (fp16) + CLIP ViT-B-32.pt "
                   "0.34 GB (TorchScript archive, fp16) + SNAC ≈ 0.08 GB",

@@ -48,6 +48,7 @@ CARD = ModelCard(
     output_sample_rate=SAMPLE_RATE,
     languages=("en",),
     parameters="7.7B LM (Helium 7B + depth transformer) + 96M Mimi codec",
+    quantizations=QUANTIZED,
     hardware="a CUDA GPU with 24 GB for bfloat16 (the reference: about 18 GB at full context), 12 GB for int8 "
              "(the -q8 repos, or dtype int8); CPU only for tiny",
     components={"checkpoint": DEFAULT_REPO},
