@@ -3,7 +3,7 @@
 # seeded random weights (the real compute cost). Each step has a name and its own time limit, and
 # a failed step does not stop the others. Results land in bench/results/ (and, when $OUT is set,
 # in $OUT/results.tar.gz with the log).
-#   bash bench/gpu.sh            # every step, newest questions first (limits add up to ~40 min)
+#   bash bench/gpu.sh            # every step, newest questions first (limits add up to ~43 min)
 #   bash bench/gpu.sh first      # the steps named in FIRST below: fits one 10-minute device call
 #   bash bench/gpu.sh rest       # the others
 #   bash bench/gpu.sh NAME ...   # just those steps
@@ -120,6 +120,8 @@ step mini-omni-latency 75 python bench/latency.py --model mini-omni --size full 
 # Mini-Omni int8 (bitsandbytes on a GPU; measured on CPU only so far): does it run under the decode graphs, and how fast
 step mini-omni-int8 75 python bench/latency.py --model mini-omni --size full --device cuda --dtype int8 --repeats 3
 step hertz-duplex 150 python bench/duplex.py --model hertz-dev --device cuda --dtype bfloat16 --sessions 1 8 32 48 64
+# Hertz-dev's blocks in int8 (bitsandbytes; on a CPU measured): steps under the graphs beside eager, peak memory
+step hertz-int8-duplex 150 python bench/duplex.py --model hertz-dev --device cuda --dtype int8 --sessions 1 8 32 --eager-too
 # GLM-4-Voice: decode steps over 1..32 sessions (graphs vs eager, padded to batch buckets)
 step glm-engine 100 python bench/glm4_engine.py --device cuda --dtype bfloat16 --batches 1 5 32
 # Measured on 2026-12-04 and unchanged since (run by hand when needed):

@@ -294,11 +294,17 @@ def test_a_quantized_glm_answers_on_a_cpu(kind):
 @pytest.mark.parametrize("name, kind", [(n, k) for n in zoo.names() for k in zoo.card(n).quantizations])
 def test_every_quantisation_a_card_declares_loads_packed(name, kind):
     """The card's ``quantizations`` are what ``dtype`` takes beside the float dtypes: each loads
-    (tiny, CPU) with its networks' Linears packed by the CPU kernel of that kind."""
+    (tiny, CPU), answers, and its networks' Linears are packed by the CPU kernel of that kind."""
     from zoo.core.quantize import CPU_KERNELS
 
     model = zoo.load(name, random_weights="tiny", device="cpu", dtype=kind)
-    networks = [v for v in vars(model).values() if isinstance(v, nn.Module)]
+    rate = model.card.input_sample_rate
+    question = (0.1 * np.random.default_rng(0).standard_normal(rate)).astype(np.float32)
+    chunks = list(model.respond(question, rate, options={"max_new_tokens": 3}))
+    assert chunks and all(np.isfinite(c.audio).all() for c in chunks)
+    # the networks the model holds, those loaded on first use included (Hertz-dev: a dict of tuples)
+    held = [v for value in vars(model).values() for v in (value.values() if isinstance(value, dict) else [value])]
+    networks = [n for v in held for n in (v if isinstance(v, tuple) else (v,)) if isinstance(n, nn.Module)]
     assert any(isinstance(m, CPU_KERNELS[kind]) for network in networks for m in network.modules())
 
 
@@ -319,3 +325,23 @@ def test_a_quantisation_a_card_does_not_declare_is_refused_and_the_help_says_whi
     assert "float32, bfloat16" in helped
     words = set(re.findall(r"\w+", helped))
     assert set(declared) <= words and not (set(QUANTIZED) - set(declared)) & words
+
+
+def test_each_full_precision_weight_is_freed_as_its_packed_copy_replaces_it(monkeypatch):
+    """Packing a whole network at once holds one full-precision Linear at a time, not all of them
+    (Hertz-dev's 6.6B blocks in bf16 beside their int8 copies did not fit a 24 GB host)."""
+    import weakref
+
+    from zoo.core import quantize
+
+    net = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)) for _ in range(3)])
+    originals = [weakref.ref(m) for m in net.modules() if isinstance(m, nn.Linear)]
+    alive = []
+
+    def packer(linear, compute_dtype):
+        alive.append(sum(ref() is not None for ref in originals))
+        return quantize.Int8Linear(linear, compute_dtype)
+
+    monkeypatch.setitem(quantize.CPU_KERNELS, "int8", packer)
+    quantize_linears(net, "int8", torch.float32, torch.device("cpu"))
+    assert alive == [6, 5, 4, 3, 2, 1]

@@ -46,12 +46,14 @@ def quantize_linears(module: nn.Module, kind: str, compute_dtype: torch.dtype, d
     if kind not in QUANTIZED:
         raise ValueError(f"unknown quantisation {kind!r}; one of {QUANTIZED}")
     kept = {id(m) for m in keep}
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and id(child) not in kept:
-                packed = (CPU_KERNELS[kind](child, compute_dtype) if device.type == "cpu"
-                          else bitsandbytes_linear(child, compute_dtype, kind))
-                setattr(parent, name, packed)
+    # hold the parents only: each full-precision weight is freed as soon as its packed copy
+    # replaces it (a list of every module would keep them all until the end: twice the memory)
+    parents = [m for m in module.modules() if any(isinstance(c, nn.Linear) for c in m.children())]
+    for parent in parents:
+        for name in [n for n, c in parent.named_children() if isinstance(c, nn.Linear) and id(c) not in kept]:
+            linear = getattr(parent, name)
+            setattr(parent, name, CPU_KERNELS[kind](linear, compute_dtype) if device.type == "cpu"
+                    else bitsandbytes_linear(linear, compute_dtype, kind))
     return module.to(device)
 
 

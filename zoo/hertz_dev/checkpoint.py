@@ -26,6 +26,7 @@ from torch import nn
 
 from ..core.checkpoints import mismatch_problems, resolve_files
 from ..core.errors import CheckpointMismatch
+from ..core.quantize import quantize_linears
 from .codec import STRIDES, CodecConfig, WaveCodec
 from .transformer import (
     HertzLM,
@@ -221,14 +222,28 @@ def build_quantizer(state, *, dtype, device, file: str = QUANTIZER_FILE) -> Late
     return load_module(quantizer, state, file, dtype=dtype, device=device).eval()
 
 
-def build_main(state, *, dtype, device, file: str) -> HertzLM:
+def build_main(state, *, dtype, device, file: str, quantized: str | None = None) -> HertzLM:
     with torch.device("meta"):
         model = HertzLM(main_config(state, file))
-    return load_module(model, state, file, dtype=dtype, device=device).eval()
+    return _placed(model, model.layers, state, file, dtype, device, quantized)
 
 
-def build_resynth(state, *, dtype, device, file: str) -> Resynthesizer:
+def build_resynth(state, *, dtype, device, file: str, quantized: str | None = None) -> Resynthesizer:
     with torch.device("meta"):
         model = Resynthesizer(resynth_config(state, file))
-    return load_module(model, state, file, dtype=dtype, device=device).eval()
+    return _placed(model, model.stack.layers, state, file, dtype, device, quantized)
+
+
+def _placed(model: nn.Module, blocks: nn.Module, state, file: str, dtype, device, quantized: str | None):
+    """``model`` loaded from ``state`` onto ``device``. ``quantized`` ("int8", "int4"): the
+    transformer blocks' Linears packed (zoo.core.quantize) on the host first, one at a time, so the
+    device never holds them in full precision; the input, output and mixture projections stay in
+    ``dtype``, as GLM-4-Voice keeps its output layer. A quantised load empties ``state``: its
+    tensors may be the module's own, and each must go as soon as its packed copy exists."""
+    if not quantized:
+        return load_module(model, state, file, dtype=dtype, device=device).eval()
+    load_module(model, state, file, dtype=dtype, device="cpu")
+    state.clear()
+    quantize_linears(blocks, quantized, dtype, device)
+    return model.to(device).eval()
 

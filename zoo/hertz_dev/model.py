@@ -51,9 +51,10 @@ import torch
 
 from ..core.audio import AudioSource, load_audio
 from ..core.checkpoints import read_state_dict
-from ..core.devices import pick_device, pick_dtype
+from ..core.devices import pick_device
 from ..core.duplex import OneSlotDuplex
 from ..core.errors import OptionsError, WeightsNotFound
+from ..core.quantize import QUANTIZED, split_dtype
 from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Stage, VoiceModel
 from .checkpoint import (
@@ -81,7 +82,9 @@ CARD = ModelCard(
     output_sample_rate=SAMPLE_RATE,
     languages=("en", "es", "zh"),
     parameters="6.6B main transformer + 1.6B resynthesizer per set (mono / two-speaker) + 94M codec + 50M quantizer",
-    hardware="a CUDA GPU with 20 GB+ for one network set in bfloat16 (RTX 4090 in the reference); CPU only for tiny",
+    quantizations=QUANTIZED,
+    hardware="a CUDA GPU with 20 GB+ for one network set in bfloat16 (RTX 4090 in the reference); dtype int8 / int4 "
+             "for smaller cards (one set's weights ≈ 8.7 / 4.9 GB, computed); CPU only for tiny",
     components={"checkpoint": "si-pbc/hertz-dev"},
     download_size="≈ 33 GB, computed: two network sets of ≈ 16.4 GB each (6.6B + 1.6B in bf16; the mono set "
                   "answers respond(), the two-speaker set duplex()) + codec and quantizer ≈ 0.6 GB (fp32)",
@@ -104,6 +107,12 @@ CARD = ModelCard(
 
 Networks = tuple[HertzLM, Resynthesizer]
 
+
+def precision(dtype: torch.dtype | str | None, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """``dtype`` -> (compute dtype, quantisation of the transformers' blocks or None)."""
+    return split_dtype(dtype, QUANTIZED, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                       quantized_compute=torch.bfloat16)
+
 class HertzDev(VoiceModel):
     card = CARD
     options_class = HertzOptions
@@ -125,9 +134,10 @@ class HertzDev(VoiceModel):
              checkpoint: str | os.PathLike | None = None) -> HertzDev:
         """Codec and quantizer now; the mono / split networks when first used. ``checkpoint``: a
         folder holding the published files, or a hub repo id (default si-pbc/hertz-dev).
-        ``dtype`` defaults to bfloat16 on CUDA (as the reference), float32 on CPU."""
+        ``dtype`` defaults to bfloat16 on CUDA (as the reference), float32 on CPU; "int8" / "int4"
+        pack the two transformers' blocks (zoo.core.quantize), everything computing in bfloat16."""
         device = pick_device(device)
-        dtype = pick_dtype(dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype, quantized = precision(dtype, device)
         source = checkpoint or CARD.components["checkpoint"]
         _check_local_folder(source)
         folder = resolve(source, (CODEC_FILE, QUANTIZER_FILE))
@@ -137,8 +147,10 @@ class HertzDev(VoiceModel):
         def networks(variant: str) -> Networks:
             main_file, resynth_file = VARIANT_FILES[variant]
             where = resolve(source, (main_file, resynth_file))
-            main = build_main(read_state_dict(where / main_file), dtype=dtype, device=device, file=main_file)
-            resynth = build_resynth(read_state_dict(where / resynth_file), dtype=dtype, device=device, file=resynth_file)
+            main = build_main(read_state_dict(where / main_file), dtype=dtype, device=device, file=main_file,
+                              quantized=quantized)
+            resynth = build_resynth(read_state_dict(where / resynth_file), dtype=dtype, device=device,
+                                    file=resynth_file, quantized=quantized)
             if main.config.split != (variant == "split") or resynth.config.split != (variant == "split"):
                 raise WeightsNotFound(f"{main_file} / {resynth_file} in {where} are not the {variant} networks")
             return main, resynth

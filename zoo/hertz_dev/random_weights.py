@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.devices import pick_device, pick_dtype
+from ..core.devices import pick_device
 from ..core.tiny import cached_folder
 from .checkpoint import (
     CODEC_FILE,
@@ -145,12 +145,12 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
     """A HertzDev with seeded random weights built in memory (no files): ``full`` has the
     published dimensions (the real compute cost), ``tiny`` the test ones. The mono and split
     networks are built when first used, like the loaded model's."""
-    from .model import HertzDev
+    from .model import HertzDev, precision
 
     if size not in ("full", "tiny"):
         raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
     device = pick_device(device)
-    dtype = pick_dtype(dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype, quantized = precision(dtype, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     states = random_states(size, generator, device=device, variants=())
     codec = build_codec(states[CODEC_FILE], dtype=dtype, device=device)
@@ -158,12 +158,15 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
     del states
 
     def networks(variant: str):
-        g = torch.Generator(device=device).manual_seed(seed + {"mono": 1, "split": 2, "ablation": 3}[variant])
-        files = random_states(size, g, device=device, variants=(variant,) if variant != "ablation" else ("mono",),
+        # a quantised network is drawn on the host, where it is packed before it moves
+        drawn_on = torch.device("cpu") if quantized else device
+        g = torch.Generator(device=drawn_on).manual_seed(seed + {"mono": 1, "split": 2, "ablation": 3}[variant])
+        files = random_states(size, g, device=drawn_on, variants=(variant,) if variant != "ablation" else ("mono",),
                               codec=False)
         main_file, resynth_file = VARIANT_FILES["split" if variant == "split" else "mono"]
-        main = build_main(files.pop(main_file), dtype=dtype, device=device, file=main_file)
-        resynth = build_resynth(files.pop(resynth_file), dtype=dtype, device=device, file=resynth_file)
+        main = build_main(files.pop(main_file), dtype=dtype, device=device, file=main_file, quantized=quantized)
+        resynth = build_resynth(files.pop(resynth_file), dtype=dtype, device=device, file=resynth_file,
+                                quantized=quantized)
         return main, resynth
 
     return HertzDev(codec, quantizer, networks, source=f"random {size}")
