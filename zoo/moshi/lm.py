@@ -63,7 +63,7 @@ class LMConfig:
              "norm_emb": False, "bias_proj": False, "depformer_norm": None, "demux_second_text_stream": False,
              "text_card_out": None, "extra_heads_num_heads": 0, "conditioners": None, "fuser": None,
              "cross_attention": False, "kv_repeat": 1, "lora": False}
-    IGNORED = {"depformer_context", "depformer_max_period", "depformer_causal", "extra_heads_dim", "quantize",
+    IGNORED = {"depformer_context", "depformer_max_period", "depformer_causal", "extra_heads_dim",
                "gradient_checkpointing"}
 
     @classmethod
