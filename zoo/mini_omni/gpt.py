@@ -8,16 +8,14 @@ from torch import nn
 
 from ..core import kv_cache
 from ..core.kv_cache import Rows, attend
-from ..core.quantize import quantize_linears, split_dtype
+from ..core.quantize import QUANTIZED, quantize_linears, split_dtype
 from .config import GPTConfig
 from .tokens import AUDIO_LAYERS, PADDED_AUDIO_VOCAB, PADDED_TEXT_VOCAB
 
-QUANTIZED = ("int8",)
-
 
 def precision(dtype: torch.dtype | str | None) -> tuple[torch.dtype, str | None]:
-    """``dtype`` -> (compute dtype, quantisation or None). "int8": the transformer layers' weights
-    in int8 (``GPT.placed``) with bfloat16 activations, the int8 kernel's fast input; the
+    """``dtype`` -> (compute dtype, quantisation or None). "int8" / "int4": the transformer
+    layers' weights packed (``GPT.placed``) with bfloat16 activations, the kernels' fast input; the
     embeddings, the output head, the adapters and the other networks in bfloat16."""
     return split_dtype(dtype, QUANTIZED, torch.float32, quantized_compute=torch.bfloat16)
 
