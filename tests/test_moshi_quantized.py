@@ -88,6 +88,22 @@ def test_a_q8_checkpoint_loads_its_own_int8_rows(q8, q8_model):
         assert torch.equal(a, b)
 
 
+def test_bitsandbytes_packs_the_rows_read_back_into_the_files_own(q8):
+    """What a GPU runs: bitsandbytes packs each Linear from the float32 weight the loader reads
+    back (rows x scale / 127); its rows and scales are the file's, bit for bit (checked here with
+    bitsandbytes' CPU backend, the same int8_vectorwise_quant)."""
+    from zoo.core.quantize import bitsandbytes_linear
+
+    state = load_file(str(q8 / MOSHI_Q8_FILE))
+    packed = [k.removesuffix(SCALES) for k in state if k.endswith(SCALES)]
+    for key in packed:
+        rows, scales = state[key], state[key + SCALES]
+        linear = torch.nn.Linear(rows.shape[1], rows.shape[0], bias=False)
+        linear.weight.data = rows.float() * (scales / 127)[:, None]
+        layer = bitsandbytes_linear(linear, torch.bfloat16, "int8").to("cpu")
+        assert torch.equal(layer.weight.data, rows) and torch.equal(layer.weight.SCB, scales), key
+
+
 def test_int8_from_the_bf16_checkpoint_is_the_q8_export(q8_model):
     """``dtype="int8"`` packs the bf16 file as the reference's export does: the same model, bit
     for bit, and the same greedy session."""
