@@ -248,8 +248,8 @@ def test_mini_omni_int8_packs_its_transformer_layers_and_stays_close(tiny_folder
                                      model.gpt.audio_logits(hidden[0]).flatten()]).float())
     error = (logits[1] - logits[0]).norm() / logits[0].norm()
     assert 0 < error < 0.1
-    with pytest.raises(zoo.OptionsError, match=r"unknown dtype 'int4'.*or a quantisation: int8$"):
-        zoo.load("mini-omni", random_weights="tiny", device="cpu", dtype="int4")
+    with pytest.raises(zoo.OptionsError, match=r"unknown dtype 'int2'.*or a quantisation: int8, int4$"):
+        zoo.load("mini-omni", random_weights="tiny", device="cpu", dtype="int2")
     random = zoo.load("mini-omni", random_weights="tiny", device="cpu", dtype="int8")
     chunks = list(random.respond(np.zeros(16000, np.float32), 16000, {"max_new_tokens": 16}))
     assert sum(c.audio.size for c in chunks) > 0
@@ -291,6 +291,12 @@ def test_a_quantized_glm_answers_on_a_cpu(kind):
     assert chunks and sum(c.audio.size for c in chunks) > 0 and chunks[-1].turn is not None
 
 
+def networks_of(model) -> list[nn.Module]:
+    """The networks a model holds, those loaded on first use included (Hertz-dev: a dict of tuples)."""
+    held = [v for value in vars(model).values() for v in (value.values() if isinstance(value, dict) else [value])]
+    return [n for v in held for n in (v if isinstance(v, tuple) else (v,)) if isinstance(n, nn.Module)]
+
+
 @pytest.mark.parametrize("name, kind", [(n, k) for n in zoo.names() for k in zoo.card(n).quantizations])
 def test_every_quantisation_a_card_declares_loads_packed(name, kind):
     """The card's ``quantizations`` are what ``dtype`` takes beside the float dtypes: each loads
@@ -302,10 +308,7 @@ def test_every_quantisation_a_card_declares_loads_packed(name, kind):
     question = (0.1 * np.random.default_rng(0).standard_normal(rate)).astype(np.float32)
     chunks = list(model.respond(question, rate, options={"max_new_tokens": 3}))
     assert chunks and all(np.isfinite(c.audio).all() for c in chunks)
-    # the networks the model holds, those loaded on first use included (Hertz-dev: a dict of tuples)
-    held = [v for value in vars(model).values() for v in (value.values() if isinstance(value, dict) else [value])]
-    networks = [n for v in held for n in (v if isinstance(v, tuple) else (v,)) if isinstance(n, nn.Module)]
-    assert any(isinstance(m, CPU_KERNELS[kind]) for network in networks for m in network.modules())
+    assert any(isinstance(m, CPU_KERNELS[kind]) for network in networks_of(model) for m in network.modules())
 
 
 @pytest.mark.parametrize("name", zoo.names())
@@ -343,3 +346,26 @@ def test_each_full_precision_weight_is_freed_as_its_packed_copy_replaces_it(monk
     monkeypatch.setitem(quantize.CPU_KERNELS, "int8", packer)
     quantize_linears(net, "int8", torch.float32, torch.device("cpu"))
     assert alive == [6, 5, 4, 3, 2, 1]
+
+
+@pytest.mark.parametrize("name", [n for n in zoo.names() if "int8" in zoo.card(n).quantizations])
+def test_the_gpu_packer_runs_every_models_int8(name, monkeypatch):
+    """What a GPU runs for int8, bitsandbytes' Linear8bitLt, here on its CPU backend: every model
+    answers with it. Its layers subclass nn.Linear, which once made Moshi's loader pack them a
+    second time (garbage: non-finite logits) and Mini-Omni fuse their int8 weights as floats."""
+    import warnings
+
+    from bitsandbytes.nn import Linear8bitLt
+
+    from zoo.core import quantize
+
+    monkeypatch.setitem(quantize.CPU_KERNELS, "int8",
+                        lambda linear, compute_dtype: quantize.bitsandbytes_linear(linear, compute_dtype, "int8"))
+    model = zoo.load(name, random_weights="tiny", device="cpu", dtype="int8")
+    rate = model.card.input_sample_rate
+    question = (0.1 * np.random.default_rng(0).standard_normal(rate)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes notes each bfloat16 input it casts to float16
+        chunks = list(model.respond(question, rate, options={"max_new_tokens": 3}))
+    assert chunks and all(np.isfinite(c.audio).all() for c in chunks)
+    assert any(isinstance(m, Linear8bitLt) for network in networks_of(model) for m in network.modules())

@@ -48,13 +48,20 @@ def quantize_linears(module: nn.Module, kind: str, compute_dtype: torch.dtype, d
     kept = {id(m) for m in keep}
     # hold the parents only: each full-precision weight is freed as soon as its packed copy
     # replaces it (a list of every module would keep them all until the end: twice the memory)
-    parents = [m for m in module.modules() if any(isinstance(c, nn.Linear) for c in m.children())]
+    parents = [m for m in module.modules() if any(is_plain_linear(c) for c in m.children())]
     for parent in parents:
-        for name in [n for n, c in parent.named_children() if isinstance(c, nn.Linear) and id(c) not in kept]:
+        for name in [n for n, c in parent.named_children() if is_plain_linear(c) and id(c) not in kept]:
             linear = getattr(parent, name)
             setattr(parent, name, CPU_KERNELS[kind](linear, compute_dtype) if device.type == "cpu"
                     else bitsandbytes_linear(linear, compute_dtype, kind))
     return module.to(device)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """A full-precision nn.Linear. bitsandbytes' packed layers subclass nn.Linear, so an
+    isinstance test would take them for one: packed again (a second pass over a network), or
+    their int8 weights fused as if they were floats."""
+    return type(module) is nn.Linear
 
 
 class Int8Linear(nn.Module):

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..core import kv_cache
 from ..core.kv_cache import Rows, attend
-from ..core.quantize import QUANTIZED, quantize_linears, split_dtype
+from ..core.quantize import QUANTIZED, is_plain_linear, quantize_linears, split_dtype
 from .config import GPTConfig
 from .tokens import AUDIO_LAYERS, PADDED_AUDIO_VOCAB, PADDED_TEXT_VOCAB
 
@@ -51,7 +51,7 @@ class GatedMLP(nn.Module):
         (out, in) products. The parameters become views into it, so names, values and memory stay
         the same. Call after the module has reached its final device and dtype. Quantised layers
         (zoo.core.quantize) keep their own layout."""
-        if not (isinstance(self.fc_1, nn.Linear) and isinstance(self.fc_2, nn.Linear)):
+        if not (is_plain_linear(self.fc_1) and is_plain_linear(self.fc_2)):
             return
         fused = torch.cat([self.fc_1.weight, self.fc_2.weight]).t().contiguous()
         hidden = self.fc_1.out_features
