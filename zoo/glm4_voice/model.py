@@ -29,7 +29,7 @@ from ..core.checkpoints import resolve_files
 from ..core.devices import pick_device
 from ..core.errors import OptionsError
 from ..core.isolation import admit_each, isolate
-from ..core.quantize import QUANTIZED, split_dtype
+from ..core.quantize import QUANTIZED, device_precision
 from ..core.sampling import Sampling, UnusableLogits, sample_rows
 from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Options, Stage, VoiceModel
@@ -368,8 +368,5 @@ def conversation_text(history: Sequence[Mapping[str, Any]] | None) -> str:
 
 def precision(dtype, device: torch.device) -> tuple[torch.dtype, str | None, torch.dtype]:
     """``dtype`` -> (LLM compute dtype, quantisation or None, tokenizer/decoder dtype)."""
-    # quantised weights compute in bfloat16 on a CPU too: torch's CPU int8/int4 kernels are 2-4x
-    # slower with float32 activations than a plain float32 product (zoo.core.quantize)
-    llm_dtype, quantized = split_dtype(dtype, QUANTIZED, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                       quantized_compute=torch.bfloat16)
+    llm_dtype, quantized = device_precision(dtype, device)
     return llm_dtype, quantized, torch.float64 if llm_dtype == torch.float64 else torch.float32

@@ -54,7 +54,7 @@ from ..core.checkpoints import read_state_dict
 from ..core.devices import pick_device
 from ..core.duplex import OneSlotDuplex
 from ..core.errors import OptionsError, WeightsNotFound
-from ..core.quantize import QUANTIZED, split_dtype
+from ..core.quantize import QUANTIZED, device_precision
 from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Stage, VoiceModel
 from .checkpoint import (
@@ -108,11 +108,6 @@ CARD = ModelCard(
 Networks = tuple[HertzLM, Resynthesizer]
 
 
-def precision(dtype: torch.dtype | str | None, device: torch.device) -> tuple[torch.dtype, str | None]:
-    """``dtype`` -> (compute dtype, quantisation of the transformers' blocks or None)."""
-    return split_dtype(dtype, QUANTIZED, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                       quantized_compute=torch.bfloat16)
-
 class HertzDev(VoiceModel):
     card = CARD
     options_class = HertzOptions
@@ -137,7 +132,7 @@ class HertzDev(VoiceModel):
         ``dtype`` defaults to bfloat16 on CUDA (as the reference), float32 on CPU; "int8" / "int4"
         pack the two transformers' blocks (zoo.core.quantize), everything computing in bfloat16."""
         device = pick_device(device)
-        dtype, quantized = precision(dtype, device)
+        dtype, quantized = device_precision(dtype, device)
         source = checkpoint or CARD.components["checkpoint"]
         _check_local_folder(source)
         folder = resolve(source, (CODEC_FILE, QUANTIZER_FILE))

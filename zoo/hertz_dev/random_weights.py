@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core.devices import pick_device
+from ..core.quantize import device_precision
 from ..core.tiny import cached_folder
 from .checkpoint import (
     CODEC_FILE,
@@ -145,12 +146,12 @@ def random_model(size: str = "full", *, device=None, dtype=None, seed: int = 0):
     """A HertzDev with seeded random weights built in memory (no files): ``full`` has the
     published dimensions (the real compute cost), ``tiny`` the test ones. The mono and split
     networks are built when first used, like the loaded model's."""
-    from .model import HertzDev, precision
+    from .model import HertzDev
 
     if size not in ("full", "tiny"):
         raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
     device = pick_device(device)
-    dtype, quantized = precision(dtype, device)
+    dtype, quantized = device_precision(dtype, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     states = random_states(size, generator, device=device, variants=())
     codec = build_codec(states[CODEC_FILE], dtype=dtype, device=device)

@@ -27,7 +27,7 @@ import torch
 from ..core.audio import AudioSource
 from ..core.devices import pick_device
 from ..core.duplex import OneSlotDuplex
-from ..core.quantize import QUANTIZED, split_dtype
+from ..core.quantize import QUANTIZED, device_precision
 from ..core.scheduler import OneSlotSteppers
 from ..core.types import Chunk, ModelCard, Stage, VoiceModel
 from .checkpoint import DEFAULT_REPO, CheckpointInfo, load_lm, load_mimi
@@ -73,10 +73,7 @@ def precision(dtype: torch.dtype | str | None, device: torch.device, int8_file: 
               ) -> tuple[torch.dtype, str | None]:
     """``dtype`` -> (the LM's compute dtype, its quantisation or None); None means the file's own
     precision (int8 for the reference's q8 files), else bfloat16 on CUDA and float32 on a CPU."""
-    if dtype is None and int8_file:
-        dtype = "int8"
-    return split_dtype(dtype, QUANTIZED, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                       quantized_compute=torch.bfloat16)
+    return device_precision("int8" if dtype is None and int8_file else dtype, device)
 
 
 class Moshi(VoiceModel):
