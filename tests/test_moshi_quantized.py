@@ -170,13 +170,22 @@ def test_a_q8_file_that_does_not_match_is_one_error(q8, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["../model.safetensors", "/etc/passwd", "file:///etc/passwd", "hf://kyutai",
-                                  "hf://kyutai/x/../../y", "sub\\..\\x"])
+                                  "hf://kyutai/x/../../y", "sub\\..\\x", 5, ["x"], None])
 def test_names_in_config_json_stay_inside_the_checkpoint_or_the_hub(q8, tmp_path, name):
     odd = tmp_path / "odd"
     shutil.copytree(q8, odd)
     config = json.loads((q8 / CONFIG_FILE).read_text())
     (odd / CONFIG_FILE).write_text(json.dumps({**config, "tokenizer_name": name}))
-    with pytest.raises(CheckpointMismatch, match="is not a file of the checkpoint"):
+    with pytest.raises(CheckpointMismatch, match="is not a file"):
+        zoo.load("moshi", checkpoint=str(odd), device="cpu")
+
+
+def test_a_config_json_of_the_wrong_shape_is_one_clear_error(q8, tmp_path):
+    odd = tmp_path / "odd"
+    shutil.copytree(q8, odd)
+    config = json.loads((q8 / CONFIG_FILE).read_text())
+    (odd / CONFIG_FILE).write_text(json.dumps({**config, "lm_gen_config": 5}))
+    with pytest.raises(CheckpointMismatch, match="config.json"):
         zoo.load("moshi", checkpoint=str(odd), device="cpu")
 
 

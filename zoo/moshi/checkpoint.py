@@ -81,10 +81,10 @@ class CheckpointInfo:
         try:
             lm = LMConfig.from_dict(raw)
             mimi = MimiConfig.from_dict(json.loads(paths[3].read_text())) if extra else MimiConfig()
+            sampling = dict(info.get("lm_gen_config") or {})
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointMismatch(f"{path}: {err}") from None
-        return cls(folder, lm, mimi, *paths[:3], quantized=bool(info.get("quantize")),
-                   lm_gen_config=dict(info.get("lm_gen_config") or {}))
+        return cls(folder, lm, mimi, *paths[:3], quantized=bool(info.get("quantize")), lm_gen_config=sampling)
 
 
 def _files(source, folder: Path, names: list[str], config: Path) -> list[Path]:
@@ -94,6 +94,8 @@ def _files(source, folder: Path, names: list[str], config: Path) -> list[Path]:
     another scheme) is refused: a config.json from the hub must not point at this machine's files."""
     where: list[tuple[str | None, str]] = []  # (another repo or None, the file's path in it)
     for name in names:
+        if not isinstance(name, str):
+            raise CheckpointMismatch(f"{config}: {name!r} is not a file name")
         repo, inner = None, name
         if name.startswith(HUB):
             parts = name[len(HUB):].split("/")
