@@ -66,6 +66,12 @@ def quantize_linears(module: nn.Module, kind: str, compute_dtype: torch.dtype, d
     return module.to(device)
 
 
+def place(module: nn.Module, device: torch.device, compute_dtype: torch.dtype, quantized: str | None) -> nn.Module:
+    """One part of a network loaded part by part, onto ``device``: its Linears packed on the way
+    when ``quantized`` (``quantize_linears``), else moved as they are."""
+    return quantize_linears(module, quantized, compute_dtype, device) if quantized else module.to(device)
+
+
 def is_plain_linear(module: nn.Module) -> bool:
     """A full-precision nn.Linear. bitsandbytes' packed layers subclass nn.Linear, so an
     isinstance test would take them for one: packed again (a second pass over a network), or

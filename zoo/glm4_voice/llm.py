@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from ..core.devices import pick_device
 from ..core.errors import WeightsNotFound
-from ..core.quantize import quantize_linears
+from ..core.quantize import place
 
 INDEX_FILE = "model.safetensors.index.json"
 OPTIONAL_KEYS = {"transformer.rotary_pos_emb.inv_freq"}  # a buffer the forward pass recomputes
@@ -153,10 +153,7 @@ def load_llm(folder: Path, dtype=torch.bfloat16, device=None, quantized: str | N
                              for key, value in chatglm_to_hf(name, tensor.to(dtype), config))
             part = model.get_submodule(prefix)
             part.load_state_dict(state, strict=True, assign=True)
-            if quantized and _LAYER_PART.fullmatch(prefix):
-                quantize_linears(part, quantized, dtype, device)
-            else:
-                part.to(device)
+            place(part, device, dtype, quantized if _LAYER_PART.fullmatch(prefix) else None)
     # built on the meta device: the rotary tables (non-persistent buffers) are computed again here
     model.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
     return model.eval()

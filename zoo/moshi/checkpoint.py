@@ -30,7 +30,7 @@ from torch import nn
 
 from ..core.checkpoints import load_strict, read_state_dict, resolve_files, strict_problems
 from ..core.errors import CheckpointMismatch
-from ..core.quantize import quantize_linears
+from ..core.quantize import place
 from .lm import Depformer, LMConfig, MoshiLM, lm_names
 from .mimi import Mimi, MimiConfig, mimi_names
 from .transformer import SCALES, StreamingTransformer
@@ -156,13 +156,6 @@ def place_lm(lm: MoshiLM, state: dict[str, torch.Tensor], device, dtype: torch.d
     first; ``quantized``: every Linear packed as its part is placed."""
     scales = scales or {}
     linears = {f"{name}.weight" for name, module in lm.named_modules() if isinstance(module, nn.Linear)}
-
-    def place(module: nn.Module) -> None:
-        if quantized:
-            quantize_linears(module, quantized, dtype, device)
-        else:
-            module.to(device)
-
     for prefix, part, layer in _parts(lm):
         own = {}
         for key in [k for k in state if k.startswith(prefix + ".")]:
@@ -173,8 +166,8 @@ def place_lm(lm: MoshiLM, state: dict[str, torch.Tensor], device, dtype: torch.d
             own[key[len(prefix) + 1:]] = value.float() if quantized and key in linears else value.to(dtype)
         part.load_state_dict(own, strict=True, assign=True)
         if layer:
-            place(part)
-    place(lm)  # the rest (embeddings, heads): a Linear child is packed from its parent
+            place(part, device, dtype, quantized)
+    place(lm, device, dtype, quantized)  # the rest (embeddings, heads): a Linear child is packed from its parent
     return lm.eval()
 
 
