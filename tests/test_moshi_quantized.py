@@ -4,10 +4,12 @@ every Linear of the LM as bitsandbytes int8 rows with their ``_scb`` scales, a c
 int8 rows unchanged; ``dtype="int8"`` packs a bf16 checkpoint into those same rows; int4 runs."""
 import json
 import shutil
+import subprocess
+import sys
 
-import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file, save_file
 
 import zoo
@@ -19,7 +21,6 @@ from zoo.moshi.random_weights import int8_rows, tiny_checkpoint, write_tiny_q8_c
 from zoo.moshi.transformer import SCALES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FRAME = 1920
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +34,12 @@ def q8_model(q8):
 
 
 def greedy_tokens(model, steps: int = 30) -> torch.Tensor:
-    """(steps with output, 1 + 8) text and audio tokens of a greedy duplex session on seeded noise."""
-    stepper = model.duplex_stepper(1)
-    handle = stepper.open(zoo.Options(temperature=0.0))
-    rng = np.random.default_rng(0)
-    tokens = []
-    for _ in range(steps):
-        out = stepper.step([handle], [(0.1 * rng.standard_normal(FRAME)).astype(np.float32)])[0]
-        assert not isinstance(out, Exception), out
-        if handle.tokens is not None:
-            tokens.append(handle.tokens.clone())
-    return torch.stack(tokens)
+    """(steps with output, 1 + 8) text and audio tokens of a greedy duplex session on seeded noise
+    (bench/moshi_q8.py's, which gpu.sh compares across devices)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from moshi_q8 import greedy_tokens as bench_greedy_tokens
+
+    return bench_greedy_tokens(model, steps)
 
 
 def test_the_tiny_export_packs_rows_as_bitsandbytes_does(q8):
@@ -228,11 +224,6 @@ def test_a_q8_hub_repo_takes_mimi_and_the_tokenizer_from_the_bf16_repo(q8, q8_mo
 def test_the_device_check_of_gpu_sh_runs_here(tmp_path):
     """bench/moshi_q8.py as gpu.sh runs it, on the CPU: every packed layer holds the file's rows
     and the tokens are the CPU's own."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     done = subprocess.run([sys.executable, "bench/moshi_q8.py", "--device", "cpu", "--steps", "6", "--out",
                            str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
