@@ -29,18 +29,18 @@ def test_the_fixture_says_how_it_was_made():
 def test_mimi_streams_the_reference_codes_and_audio(moshi64):
     """Encoder frame by frame (reset after the first frame, as the server) and decoder frame by
     frame over the reference's output codes: codes equal, audio equal to float64 rounding."""
-    mimi = moshi64.mimi
+    encoding, decoding = moshi64.mimi.streaming_encoder, moshi64.mimi.streaming_decoder
     for s in range(2):
         audio = torch.from_numpy(REF[f"input_{s}"])
-        encoder, decoder = mimi.encoder_stream(1), mimi.decoder_stream(1)
+        encoder, decoder = encoding.new_state(1), decoding.new_state(1)
         codes = []
         for i in range(audio.numel() // FRAME):
-            codes.append(mimi.encode_step(encoder, audio[i * FRAME:(i + 1) * FRAME][None, None])[0, :, 0])
+            codes.append(encoding.step(encoder, audio[i * FRAME:(i + 1) * FRAME][None, None])[0, :, 0])
             if i == 0:
-                encoder.reset()
+                encoding.reset(encoder)
         np.testing.assert_array_equal(torch.stack(codes).numpy(), REF[f"user_codes_{s}"])
         answer = torch.from_numpy(REF[f"audio_codes_{s}"]).T[None]  # (1, 8, T)
-        pcm = torch.cat([mimi.decode_step(decoder, answer[..., t:t + 1]) for t in range(answer.shape[-1])], -1)
+        pcm = torch.cat([decoding.step(decoder, answer[..., t:t + 1]) for t in range(answer.shape[-1])], -1)
         np.testing.assert_allclose(pcm[0, 0].numpy(), REF[f"pcm_{s}"], rtol=0, atol=1e-12)
 
 

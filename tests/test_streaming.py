@@ -1,18 +1,22 @@
-"""zoo.core.streaming, the one streaming vocabulary, over the three audio decoders: a sequence
-streamed piece by piece through new_state / step / finish gives each decoder's documented
-one-pass result, finish and reset leave a state fresh (the same pieces give the same output
-again), and a batched state's rows stream independently."""
+"""zoo.core.streaming, the one streaming vocabulary, over every model's codec or audio decoder
+(SNAC, GLM-4-Voice's flow + HiFT, the Hertz-dev codec, Mimi): a sequence streamed piece by piece
+through new_state / step / finish gives each one's documented one-pass result, finish and reset
+leave a state fresh (the same pieces give the same output again), and a batched state's rows
+stream independently."""
 import numpy as np
 import pytest
 import torch
 from conftest import snr_db
 
-from zoo.core.streaming import StreamingModule, StreamingState
+from zoo.core.streaming import CausalStreamingModule, StreamingModule, StreamingState
 from zoo.glm4_voice.decoder import AudioDecoder
 from zoo.glm4_voice.random_weights import write_tiny_decoder
 from zoo.hertz_dev.codec import FRAME, WaveCodec
 from zoo.hertz_dev.random_weights import TINY_CODEC
 from zoo.mini_omni.codec import CONTEXT_FRAMES, Codec, load_snac
+from zoo.moshi.mimi import FRAME_SAMPLES as MIMI_FRAME
+from zoo.moshi.mimi import Mimi, MimiConfig, MimiStream
+from zoo.moshi.tiny_config import TINY_MIMI
 
 
 def stream_pieces(module: StreamingModule, state: StreamingState, pieces: list, **rows) -> list:
@@ -82,18 +86,58 @@ def test_glm_seamless_stream_through_the_vocabulary(glm_decoder):
     assert snr_db(glm_decoder.one_pass(tokens, randomness="stream"), single) > 100
 
 
-# -- Hertz-dev: the causal codec, batched over session rows --------------------------------------
+# -- the batched causal codecs: Hertz-dev's and Mimi (Moshi) ------------------------------------
 @pytest.fixture(scope="module")
 def hertz_codec():
     torch.manual_seed(0)
     return WaveCodec(TINY_CODEC).double().eval()
 
 
-def joined(outputs: list) -> torch.Tensor:
-    """Encoder outputs (mean, log-variance) joined over latents, decoder outputs over samples."""
-    if isinstance(outputs[0], tuple):
-        return torch.cat([mean for mean, _ in outputs], dim=1)
-    return torch.cat(outputs, dim=-1)
+@pytest.fixture(scope="module")
+def mimi():
+    torch.manual_seed(0)
+    return Mimi(MimiConfig.from_dict(TINY_MIMI)).double().eval()
+
+
+def joined(outputs: list, axis: int) -> torch.Tensor:
+    """Outputs joined along the sequence (an encoder's (mean, log-variance): their means)."""
+    return torch.cat([o[0] if isinstance(o, tuple) else o for o in outputs], dim=axis)
+
+
+def row_of(state, row: int) -> list[torch.Tensor]:
+    """Everything a batched state holds for one session row (copies)."""
+    if isinstance(state, MimiStream):  # convolution buffers, and the transformer's ring cache
+        return [*row_of(state.buffers, row), state.cache.k[:, row].clone(), state.cache.v[:, row].clone()]
+    return [v[row].clone() for v in state.buffers.values()]
+
+
+def check_batched_causal_half(module: CausalStreamingModule, sequence: torch.Tensor, one_pass: torch.Tensor, *,
+                              in_axis: int, cut: int, out_axis: int) -> None:
+    """Two sessions in slots 2 and 0 of a 3-slot state (slot 1 idle) stream ``sequence`` (batch 2,
+    six output steps of ``cut`` inputs along ``in_axis``) in pieces of 1, 3 and 2 steps: joined
+    along ``out_axis``, the outputs are ``one_pass``; the idle slot is untouched; finish leaves the
+    rows fresh; a slot reset mid-stream restarts alone while the other goes on."""
+    rows = torch.tensor([2, 0])
+    pieces = [sequence.narrow(in_axis, a * cut, (b - a) * cut) for a, b in ((0, 1), (1, 4), (4, 6))]
+    state = module.new_state(3)
+    idle = row_of(state, 1)
+
+    first = joined(stream_pieces(module, state, pieces, rows=rows), out_axis)
+    torch.testing.assert_close(first, one_pass, rtol=0, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(row_of(state, 1), idle, strict=True))
+    again = joined(stream_pieces(module, state, pieces, rows=rows), out_axis)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)  # finish left the rows fresh
+    # slot 0 restarts mid-stream (a new session) while slot 2 goes on
+    module.step(state, pieces[0], rows=rows)
+    module.reset(state, rows=torch.tensor([0]))
+    restarted = module.step(state, pieces[0][:1], rows=torch.tensor([0]))
+    alone = module.step(module.new_state(1), pieces[0][:1])
+    torch.testing.assert_close(restarted, alone, rtol=0, atol=0)
+    # nothing is held back: finish without a last piece is an empty output for the rows
+    empty = module.finish(module.new_state(2))
+    for out, whole in zip(empty if isinstance(empty, tuple) else (empty,),
+                          first if isinstance(first, tuple) else (first,)):
+        assert out.size(0) == 2 and out.size(out_axis) == 0 and out.dtype == whole.dtype
 
 
 @torch.inference_mode()
@@ -101,25 +145,23 @@ def test_hertz_codec_halves_stream_rows_as_one_pass(hertz_codec):
     codec = hertz_codec
     audio = 0.2 * torch.randn(2, 1, 6 * FRAME, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     mu, _ = codec.posterior(audio)
-    encoding, decoding = codec.streaming_encoder, codec.streaming_decoder
-    rows = torch.tensor([2, 0])  # two sessions in slots 2 and 0 of a 3-slot state; slot 1 is idle
-    for module, sequence, one_pass, cut in ((encoding, audio, mu, FRAME), (decoding, mu, codec.decode(mu), 1)):
-        state = module.new_state(3)
-        axis = -1 if module is encoding else 1
-        pieces = [sequence.narrow(axis, a * cut, (b - a) * cut) for a, b in ((0, 1), (1, 4), (4, 6))]
+    check_batched_causal_half(codec.streaming_encoder, audio, mu, in_axis=-1, cut=FRAME, out_axis=1)
+    check_batched_causal_half(codec.streaming_decoder, mu, codec.decode(mu), in_axis=1, cut=1, out_axis=-1)
 
-        first = joined(stream_pieces(module, state, pieces, rows=rows))
-        torch.testing.assert_close(first, one_pass, rtol=0, atol=1e-12)
-        assert all(not b[1].any() for b in state.buffers.values()) and bool(state.fresh[1])  # the idle slot
-        again = joined(stream_pieces(module, state, pieces, rows=rows))
-        torch.testing.assert_close(again, first, rtol=0, atol=0)  # finish left the rows fresh
-        # slot 0 restarts mid-stream (a new session) while slot 2 goes on
-        module.step(state, pieces[0], rows=rows)
-        module.reset(state, rows=torch.tensor([0]))
-        restarted = module.step(state, pieces[0][:1], rows=torch.tensor([0]))
-        alone = module.step(module.new_state(1), pieces[0][:1])
-        torch.testing.assert_close(restarted, alone, rtol=0, atol=0)
-    # nothing is held back by a causal codec: finish without a last piece is empty
-    state = decoding.new_state(2)
-    assert decoding.finish(state).shape == (2, 1, 0)
-    assert [t.shape for t in encoding.finish(encoding.new_state(2))] == [(2, 0, 32)] * 2
+
+@torch.inference_mode()
+def test_mimi_halves_stream_rows_as_frame_by_frame(mimi):
+    """Mimi (zoo.moshi) through the same vocabulary as the Hertz-dev codec. Its "one pass" is the
+    stream frame by frame (the reference server's schedule, checked against the reference in
+    test_moshi_reference); six frames cross the tiny transformers' 8-latent context."""
+    audio = 0.2 * torch.randn(2, 1, 6 * MIMI_FRAME, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    encoding, decoding = mimi.streaming_encoder, mimi.streaming_decoder
+
+    def frame_by_frame(module, sequence: torch.Tensor, cut: int) -> torch.Tensor:
+        state = module.new_state(2)
+        return torch.cat([module.step(state, piece) for piece in sequence.split(cut, dim=-1)], dim=-1)
+
+    codes = frame_by_frame(encoding, audio, MIMI_FRAME)
+    assert codes.shape == (2, mimi.num_codebooks, 6) and codes.dtype == torch.long
+    check_batched_causal_half(encoding, audio, codes, in_axis=-1, cut=MIMI_FRAME, out_axis=-1)
+    check_batched_causal_half(decoding, codes, frame_by_frame(decoding, codes, 1), in_axis=-1, cut=1, out_axis=-1)

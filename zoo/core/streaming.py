@@ -60,6 +60,21 @@ class StreamingModule(ABC, Generic[State, Piece, Output]):
         state.reset(rows)
 
 
+class CausalStreamingModule(StreamingModule[State, Piece, Output]):
+    """A streaming module that holds no output back (every layer causal: a piece's output is
+    final when it is made), so ``finish`` is the last ``step`` (or, without a last piece, an empty
+    output for the rows) and a reset. The Hertz-dev codec's and Mimi's halves."""
+
+    def finish(self, state: State, piece: Piece | None = None, *, rows: torch.Tensor | None = None) -> Output:
+        out = self.empty(state, rows) if piece is None else self.step(state, piece, rows=rows)
+        self.reset(state, rows=rows)
+        return out
+
+    @abstractmethod
+    def empty(self, state: State, rows: torch.Tensor | None) -> Output:
+        """What ``step`` returns for no input: an output of length 0 for the rows (all: None)."""
+
+
 def one_row_only(rows: torch.Tensor | None, module: str) -> None:
     """For modules whose states are one stream each: refuse ``rows`` (a caller expecting a
     batched state would otherwise stream into the wrong session)."""
@@ -79,7 +94,7 @@ class BufferState(StreamingState):
         self.fill = dict(fill or {})
 
     def take(self, rows: torch.Tensor) -> BufferState:
-        return BufferState({k: v[rows] for k, v in self.buffers.items()}, self.fill)
+        return type(self)({k: v[rows] for k, v in self.buffers.items()}, self.fill)
 
     def put(self, rows: torch.Tensor, part: BufferState) -> None:
         for k, v in part.buffers.items():
@@ -89,6 +104,11 @@ class BufferState(StreamingState):
         rows = slice(None) if rows is None else rows
         for k, v in self.buffers.items():
             v[rows] = self.fill.get(k, 0)
+
+    @property
+    def rows(self) -> int:
+        """How many session rows the state holds."""
+        return next(iter(self.buffers.values())).size(0)
 
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.buffers.values())

@@ -30,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.streaming import StreamingModule, StreamingState
+from ..core.streaming import BufferState, CausalStreamingModule
 
 SAMPLE_RATE = 16000
 STRIDES = (2, 2, 4, 5, 5, 5)  # encoder order; the decoder runs them reversed
 FRAME = math.prod(STRIDES)  # 2000 samples per latent
 DILATIONS = (1, 3, 9)
 NORM_STDDEV = 0.05  # encode(x) = encoder(x / 0.05); decode(l) = decoder(l) * 0.05
+FRESH = "fresh"  # the state's per-row flag (no convolution is named so: theirs are module paths)
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,11 @@ class CodecConfig:
         return [c * self.decode_multiplier for c in reversed(self.encoder_channels())]
 
 
-class StreamState(StreamingState):
-    """Streaming state of one codec half for a batch of rows: for every causal convolution the
-    last ``(kernel - 1) * dilation`` input samples, for every transposed convolution its last
-    input sample, and which rows are fresh (no audio yet: a transposed convolution then repeats
-    its first input, as the one-pass ReplicationPad1d does)."""
-
-    def __init__(self, buffers: dict[str, torch.Tensor], fresh: torch.Tensor) -> None:
-        self.buffers = buffers
-        self.fresh = fresh
+class StreamState(BufferState):
+    """Streaming state of one codec half for a batch of rows (zoo.core.streaming.BufferState): for
+    every causal convolution the last ``(kernel - 1) * dilation`` input samples, for every
+    transposed convolution its last input sample, and which rows are fresh (no audio yet: a
+    transposed convolution then repeats its first input, as the one-pass ReplicationPad1d does)."""
 
     @classmethod
     def zeros(cls, half: nn.Module, rows: int, dtype: torch.dtype, device) -> StreamState:
@@ -78,24 +75,13 @@ class StreamState(StreamingState):
         for name, module in half.named_modules():
             if isinstance(module, (CausalConv, CausalDeconv)):
                 buffers[name] = torch.zeros(rows, module.in_channels, module.context, dtype=dtype, device=device)
-        return cls(buffers, torch.ones(rows, dtype=torch.bool, device=device))
+        buffers[FRESH] = torch.ones(rows, dtype=torch.bool, device=device)
+        return cls(buffers, {FRESH: True})
 
-    def take(self, rows: torch.Tensor) -> StreamState:
-        return StreamState({k: v[rows] for k, v in self.buffers.items()}, self.fresh[rows])
-
-    def put(self, rows: torch.Tensor, part: StreamState) -> None:
-        for k, v in part.buffers.items():
-            self.buffers[k][rows] = v
-        self.fresh[rows] = part.fresh
-
-    def reset(self, rows: torch.Tensor | None = None) -> None:
-        rows = slice(None) if rows is None else rows
-        for v in self.buffers.values():
-            v[rows] = 0
-        self.fresh[rows] = True
-
-    def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.buffers.values())
+    @property
+    def fresh(self) -> torch.Tensor:
+        """(rows,) bool: the rows that have had no audio yet."""
+        return self.buffers[FRESH]
 
 
 class CausalConv(nn.Module):
@@ -288,7 +274,7 @@ class WaveCodec(nn.Module):
         return _decoder_receptive_latents(self.config)
 
 
-class _StreamingHalf(StreamingModule[StreamState, torch.Tensor, object]):
+class _StreamingHalf(CausalStreamingModule[StreamState, torch.Tensor, object]):
     """One codec half as a batched streaming module (the module docstring): a call on ``rows``
     takes those rows' state out, runs them as one batch and puts it back."""
 
@@ -303,16 +289,7 @@ class _StreamingHalf(StreamingModule[StreamState, torch.Tensor, object]):
         state.put(rows, part)
         return out
 
-    def finish(self, state: StreamState, piece: torch.Tensor | None = None, *, rows: torch.Tensor | None = None):
-        batch = state.fresh.numel() if rows is None else rows.numel()
-        out = self._empty(batch) if piece is None else self.step(state, piece, rows=rows)
-        state.reset(rows)
-        return out
-
     def _run(self, piece: torch.Tensor, state: StreamState):
-        raise NotImplementedError
-
-    def _empty(self, batch: int):
         raise NotImplementedError
 
     def _like(self, *shape: int) -> torch.Tensor:
@@ -329,8 +306,8 @@ class StreamingEncoder(_StreamingHalf):
     def _run(self, piece: torch.Tensor, state: StreamState):
         return self.codec.posterior(piece, state)
 
-    def _empty(self, batch: int):
-        latent = self.codec.config.latent_dim
+    def empty(self, state: StreamState, rows: torch.Tensor | None):
+        batch, latent = state.rows if rows is None else rows.numel(), self.codec.config.latent_dim
         return self._like(batch, 0, latent), self._like(batch, 0, latent)
 
 
@@ -343,8 +320,8 @@ class StreamingDecoder(_StreamingHalf):
     def _run(self, piece: torch.Tensor, state: StreamState):
         return self.codec.decode(piece, state)
 
-    def _empty(self, batch: int):
-        return self._like(batch, 1, 0)
+    def empty(self, state: StreamState, rows: torch.Tensor | None):
+        return self._like(state.rows if rows is None else rows.numel(), 1, 0)
 
 
 def sample_posterior(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -67,8 +67,9 @@ class DuplexStepper(FrameChecks):
         self.model, self.max_sessions = model, max_sessions
         self.mimi, self.lm, self.generator = model.mimi, model.lm, model.generator
         self.device, self.dtype = model.device, model.dtype
-        self.encoders = self.mimi.encoder_stream(max_sessions)
-        self.decoders = self.mimi.decoder_stream(max_sessions)
+        self.encoding, self.decoding = self.mimi.streaming_encoder, self.mimi.streaming_decoder
+        self.encoders = self.encoding.new_state(max_sessions)
+        self.decoders = self.decoding.new_state(max_sessions)
         self.state = LMState(self.lm, max_sessions, self.dtype, self.device, graphs=graphs, buckets=buckets)
         self.free = list(range(max_sessions))
 
@@ -88,8 +89,8 @@ class DuplexStepper(FrameChecks):
             raise RuntimeError("no free duplex session rows: too many sessions at once")
         row = self.free.pop(0)
         rows = torch.tensor([row])
-        self.encoders.reset(rows)
-        self.decoders.reset(rows)
+        self.encoding.reset(self.encoders, rows=rows)
+        self.decoding.reset(self.decoders, rows=rows)
         self.state.reset([row])
         generator = torch.Generator(device="cpu").manual_seed(opts.seed)
         return DuplexHandle(row, Draw(opts, generator), owner=id(self))
@@ -105,17 +106,17 @@ class DuplexStepper(FrameChecks):
         rows = [h.row for h in handles]
         ids = torch.tensor(rows)
         x = torch.from_numpy(user).to(self.device, self.mimi.dtype)[:, None]  # float32 beside a bf16 LM
-        codes = self.mimi.encode_step(self.encoders, x, rows=ids)  # (B, K, 1)
+        codes = self.encoding.step(self.encoders, x, rows=ids)  # (B, K, 1)
         first = [h.row for h in handles if h.steps == 0]
         if first:  # the reference server's reset after a connection's first frame
-            self.encoders.reset(torch.tensor(first))
+            self.encoding.reset(self.encoders, rows=torch.tensor(first))
         outs = self.generator.step(self.state, rows, codes[:, :, 0], [h.draw for h in handles])
         audio = np.zeros((len(handles), FRAME_SAMPLES), np.float32)
         ready = [i for i, out in enumerate(outs) if out is not None]
         texts = {}
         if ready:
             tokens = torch.stack([outs[i] for i in ready])  # (R, 1 + dep_q)
-            pcm = self.mimi.decode_step(self.decoders, tokens[:, 1:, None], rows=ids[ready])
+            pcm = self.decoding.step(self.decoders, tokens[:, 1:, None], rows=ids[ready])
             audio[ready] = pcm[:, 0].float().clamp(-1, 1).cpu().numpy()
             texts = dict(zip(ready, tokens[:, 0].tolist()))  # one read for every session's text
         answers: list[np.ndarray | Exception] = []

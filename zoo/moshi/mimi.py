@@ -7,13 +7,19 @@ and acoustic codebooks; Moshi uses 8), 1920 samples per frame.
 
 Everything is causal and streams frame by frame: ``MimiStream`` holds per session row the
 convolution buffers and the two transformers' ring KV caches (context 250 latents = 10 s). The
-encoder and decoder halves are separate streaming modules (zoo.core.streaming), as the reference
-server resets the encoder's state alone after the first frame:
+encoder and decoder halves are separate streaming modules (zoo.core.streaming, batched over
+session rows, as the Hertz-dev codec's), since the reference server resets the encoder's state
+alone after the first frame:
 
-    enc = mimi.encoder_stream(rows=8)         # MimiEncoderState for 8 session rows
-    codes = mimi.encode_step(enc, frame, rows=ids)     # (B, 1, 1920 k) -> (B, n_q, k)
-    dec = mimi.decoder_stream(rows=8)
-    audio = mimi.decode_step(dec, codes, rows=ids)     # (B, K, k) -> (B, 1, 1920 k)
+    encoding = mimi.streaming_encoder
+    enc = encoding.new_state(8)                      # a MimiStream of 8 session rows
+    codes = encoding.step(enc, frames, rows=ids)     # (B, 1, 1920 k) -> (B, n_q, k)
+    encoding.reset(enc, rows=ids)                    # those rows start a new stream
+    audio = mimi.streaming_decoder.step(dec, codes, rows=ids)   # (B, K, k) -> (B, 1, 1920 k)
+
+Nothing is held back: a transposed convolution's overlap beyond the last frame belongs to samples
+after the stream's end, which the reference's one-pass decode trims too, so ``finish`` is the last
+step.
 
 Module names are the published tensor names (``encoder.model.N``, ``encoder_transformer.
 transformer.layers.N``, ``downsample.conv``, ``upsample.convtr``, ``quantizer.rvq_first`` ...),
@@ -30,7 +36,7 @@ from torch import nn
 
 from ..core.devices import to_device
 from ..core.kv_cache import KVCache
-from ..core.streaming import BufferState, StreamingState
+from ..core.streaming import BufferState, CausalStreamingModule, StreamingState
 from .quantizer import SplitResidualVQ, legacy_codebook_names
 from .seanet import (
     SEANetConfig,
@@ -188,6 +194,14 @@ class Mimi(nn.Module):
     def decoder_stream(self, rows: int = 1) -> MimiStream:
         return self._stream([self.decoder, self.upsample], rows)
 
+    @property
+    def streaming_encoder(self) -> MimiEncoder:
+        return MimiEncoder(self)
+
+    @property
+    def streaming_decoder(self) -> MimiDecoder:
+        return MimiDecoder(self)
+
     def encode_step(self, state: MimiStream, audio: torch.Tensor, *, rows: torch.Tensor | None = None) -> torch.Tensor:
         """audio (B, 1, 1920 k) -> codes (B, num_codebooks, k)."""
         if audio.size(-1) == 0 or audio.size(-1) % self.frame_samples:
@@ -209,6 +223,41 @@ class Mimi(nn.Module):
         audio = self.decoder(latent, part)
         state.buffers.put(index, part)
         return audio
+
+
+class MimiEncoder(CausalStreamingModule[MimiStream, torch.Tensor, torch.Tensor]):
+    """Mimi's encoding half, batched over session rows: audio (B, 1, 1920 k) -> codes
+    (B, num_codebooks, k)."""
+
+    def __init__(self, mimi: Mimi) -> None:
+        self.mimi = mimi
+
+    def new_state(self, rows: int = 1) -> MimiStream:
+        return self.mimi.encoder_stream(rows)
+
+    def step(self, state: MimiStream, piece: torch.Tensor, *, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mimi.encode_step(state, piece, rows=rows)
+
+    def empty(self, state: MimiStream, rows: torch.Tensor | None) -> torch.Tensor:
+        batch = state.buffers.rows if rows is None else rows.numel()
+        return torch.zeros(batch, self.mimi.num_codebooks, 0, dtype=torch.long, device=state.cache.device)
+
+
+class MimiDecoder(CausalStreamingModule[MimiStream, torch.Tensor, torch.Tensor]):
+    """Mimi's decoding half, batched over session rows: codes (B, K, k) -> audio (B, 1, 1920 k)."""
+
+    def __init__(self, mimi: Mimi) -> None:
+        self.mimi = mimi
+
+    def new_state(self, rows: int = 1) -> MimiStream:
+        return self.mimi.decoder_stream(rows)
+
+    def step(self, state: MimiStream, piece: torch.Tensor, *, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mimi.decode_step(state, piece, rows=rows)
+
+    def empty(self, state: MimiStream, rows: torch.Tensor | None) -> torch.Tensor:
+        batch = state.buffers.rows if rows is None else rows.numel()
+        return torch.zeros(batch, 1, 0, dtype=self.mimi.dtype, device=state.cache.device)
 
 
 class _ConvHolder(nn.Module):

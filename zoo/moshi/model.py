@@ -146,7 +146,8 @@ class Moshi(VoiceModel):
         rng = np.random.default_rng(0)
         frame = (0.1 * rng.standard_normal(FRAME_SAMPLES)).astype(np.float32)
         x = torch.from_numpy(frame).to(self.device, self.mimi.dtype)[None, None]
-        enc, dec = self.mimi.encoder_stream(1), self.mimi.decoder_stream(1)
+        encoding, decoding = self.mimi.streaming_encoder, self.mimi.streaming_decoder
+        enc, dec = encoding.new_state(1), decoding.new_state(1)
         codes = torch.zeros(1, self.mimi.num_codebooks, 1, dtype=torch.long, device=self.device)
 
         def duplex_step() -> None:
@@ -157,8 +158,8 @@ class Moshi(VoiceModel):
             next(iter(self._steppers.stream(reply)))
 
         return {
-            Stage.ENCODE: torch.inference_mode()(lambda: self.mimi.encode_step(enc, x)),
+            Stage.ENCODE: torch.inference_mode()(lambda: encoding.step(enc, x)),
             Stage.PREFILL: respond_prefill,
             Stage.DECODE_STEP: duplex_step,
-            Stage.FIRST_AUDIO: torch.inference_mode()(lambda: self.mimi.decode_step(dec, codes)),
+            Stage.FIRST_AUDIO: torch.inference_mode()(lambda: decoding.step(dec, codes)),
         }
