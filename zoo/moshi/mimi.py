@@ -225,12 +225,19 @@ class Mimi(nn.Module):
         return audio
 
 
-class MimiEncoder(CausalStreamingModule[MimiStream, torch.Tensor, torch.Tensor]):
-    """Mimi's encoding half, batched over session rows: audio (B, 1, 1920 k) -> codes
-    (B, num_codebooks, k)."""
+class _MimiHalf(CausalStreamingModule[MimiStream, torch.Tensor, torch.Tensor]):
+    """One half of ``mimi`` as a streaming module batched over session rows (the module docstring)."""
 
     def __init__(self, mimi: Mimi) -> None:
         self.mimi = mimi
+
+    def _zeros(self, state: MimiStream, rows: torch.Tensor | None, size: int, dtype: torch.dtype) -> torch.Tensor:
+        batch = state.buffers.rows if rows is None else rows.numel()
+        return torch.zeros(batch, size, 0, dtype=dtype, device=state.cache.device)
+
+
+class MimiEncoder(_MimiHalf):
+    """audio (B, 1, 1920 k) -> codes (B, num_codebooks, k)."""
 
     def new_state(self, rows: int = 1) -> MimiStream:
         return self.mimi.encoder_stream(rows)
@@ -239,15 +246,11 @@ class MimiEncoder(CausalStreamingModule[MimiStream, torch.Tensor, torch.Tensor])
         return self.mimi.encode_step(state, piece, rows=rows)
 
     def empty(self, state: MimiStream, rows: torch.Tensor | None) -> torch.Tensor:
-        batch = state.buffers.rows if rows is None else rows.numel()
-        return torch.zeros(batch, self.mimi.num_codebooks, 0, dtype=torch.long, device=state.cache.device)
+        return self._zeros(state, rows, self.mimi.num_codebooks, torch.long)
 
 
-class MimiDecoder(CausalStreamingModule[MimiStream, torch.Tensor, torch.Tensor]):
-    """Mimi's decoding half, batched over session rows: codes (B, K, k) -> audio (B, 1, 1920 k)."""
-
-    def __init__(self, mimi: Mimi) -> None:
-        self.mimi = mimi
+class MimiDecoder(_MimiHalf):
+    """codes (B, K, k) -> audio (B, 1, 1920 k)."""
 
     def new_state(self, rows: int = 1) -> MimiStream:
         return self.mimi.decoder_stream(rows)
@@ -256,8 +259,7 @@ class MimiDecoder(CausalStreamingModule[MimiStream, torch.Tensor, torch.Tensor])
         return self.mimi.decode_step(state, piece, rows=rows)
 
     def empty(self, state: MimiStream, rows: torch.Tensor | None) -> torch.Tensor:
-        batch = state.buffers.rows if rows is None else rows.numel()
-        return torch.zeros(batch, 1, 0, dtype=self.mimi.dtype, device=state.cache.device)
+        return self._zeros(state, rows, 1, self.mimi.dtype)
 
 
 class _ConvHolder(nn.Module):
