@@ -23,6 +23,7 @@ from zoo.hertz_dev.checkpoint import (
 )
 from zoo.hertz_dev.codec import FRAME, WaveCodec
 from zoo.hertz_dev.model import HertzDev
+from zoo.hertz_dev.quantizer import FSQ, LatentQuantizer
 from zoo.hertz_dev.random_weights import (
     FULL_CODEC,
     FULL_MAIN,
@@ -31,7 +32,7 @@ from zoo.hertz_dev.random_weights import (
     TINY_CODEC,
     tiny_checkpoint,
 )
-from zoo.hertz_dev.transformer import FSQ, HertzLM, LatentQuantizer, MainConfig, ResynthConfig, Resynthesizer
+from zoo.hertz_dev.transformer import HertzLM, MainConfig, ResynthConfig, Resynthesizer
 
 KEYS = {f["file"]: f for f in json.loads((Path(__file__).parent / "data/keys/hertz-dev.json").read_text())["files"]}
 
@@ -272,7 +273,6 @@ def test_duplex_sessions_hold_the_reference_servers_context_by_default():
         MAIN_CONTEXT,
         RESYNTH_CONTEXT,
         HertzLM,
-        LatentQuantizer,
         MainConfig,
         ResynthConfig,
         Resynthesizer,

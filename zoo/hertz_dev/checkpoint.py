@@ -28,14 +28,8 @@ from ..core.checkpoints import mismatch_problems, resolve_files
 from ..core.errors import CheckpointMismatch
 from ..core.quantize import quantize_linears
 from .codec import STRIDES, CodecConfig, WaveCodec
-from .transformer import (
-    HertzLM,
-    LatentQuantizer,
-    MainConfig,
-    QuantizerConfig,
-    ResynthConfig,
-    Resynthesizer,
-)
+from .quantizer import LatentQuantizer, QuantizerConfig
+from .transformer import HertzLM, MainConfig, ResynthConfig, Resynthesizer
 
 CODEC_FILE = "inference_apatosaurus_95000.pt"
 QUANTIZER_FILE = "inference_volcano_3.pt"

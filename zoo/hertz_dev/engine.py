@@ -27,15 +27,8 @@ from ..core.graphs import DecodeGraphs
 from ..core.isolation import isolate
 from ..core.sampling import Sampling, UnusableLogits, is_zero_temperature, sample_rows
 from ..core.types import Options
-from .transformer import (
-    MAIN_CONTEXT,
-    RESYNTH_CONTEXT,
-    HertzLM,
-    LatentQuantizer,
-    Resynthesizer,
-    Rows,
-    rope_tables,
-)
+from .quantizer import LatentQuantizer
+from .transformer import MAIN_CONTEXT, RESYNTH_CONTEXT, HertzLM, Resynthesizer, Rows, rope_tables
 
 
 def is_deterministic(options: Options) -> bool:

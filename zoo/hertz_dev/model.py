@@ -70,8 +70,9 @@ from .checkpoint import (
 from .codec import FRAME, SAMPLE_RATE, WaveCodec
 from .duplex import SERVER_CONTEXT, DuplexStepper
 from .options import HertzOptions
+from .quantizer import LatentQuantizer
 from .reply import Reply, ReplyStepper
-from .transformer import HertzLM, LatentQuantizer, Resynthesizer
+from .transformer import HertzLM, Resynthesizer
 
 CARD = ModelCard(
     name="hertz-dev",

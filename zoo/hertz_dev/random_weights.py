@@ -32,7 +32,8 @@ from .checkpoint import (
     file_keys,
 )
 from .codec import CodecConfig, WaveCodec
-from .transformer import HertzLM, LatentQuantizer, MainConfig, QuantizerConfig, ResynthConfig, Resynthesizer
+from .quantizer import LatentQuantizer, QuantizerConfig
+from .transformer import HertzLM, MainConfig, ResynthConfig, Resynthesizer
 
 TINY_CODEC = CodecConfig(encode_channels=2, decode_multiplier=2)
 TINY_QUANTIZER = QuantizerConfig(dim=32, ff_dim=64)
