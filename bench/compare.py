@@ -38,7 +38,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from comparison import check_reference, table  # noqa: E402
-from latency import RESULTS, machine  # noqa: E402
+from host import RESULTS, machine  # noqa: E402
 
 # one module per model beside this script: bench/compare_<model>.py defines its COMPARISON
 COMPARISONS = {path.stem.removeprefix("compare_").replace("_", "-"): importlib.import_module(path.stem).COMPARISON

@@ -26,7 +26,8 @@ from zoo.mini_omni.engine import Engine, Session
 from zoo.mini_omni.prompts import TASKS, audio_question
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import RESULTS, HostSyncs, machine, sync  # noqa: E402
+from host import RESULTS, machine  # noqa: E402
+from latency import HostSyncs, sync  # noqa: E402
 
 
 def run(model, engine: Engine, batch: int, steps: int, device) -> tuple[list[float], list, int]:

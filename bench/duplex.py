@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from latency import HostSyncs, machine, sync  # bench/ is the script's own folder: python bench/duplex.py
+from host import RESULTS, machine  # bench/ is the script's own folder: python bench/duplex.py
+from latency import HostSyncs, sync
 from tqdm import tqdm
 
 import zoo
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def step_times(stepper, count: int, steps: int, device: torch.device,

@@ -26,33 +26,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
+from host import RESULTS, machine
 from tqdm import tqdm
 
 from zoo.glm4_voice.decoder import AudioDecoder, SeamlessStream
 from zoo.glm4_voice.random_weights import random_decoder
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TOKENS_PER_SECOND = 12.5
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def snr(x: np.ndarray, y: np.ndarray) -> float:

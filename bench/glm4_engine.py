@@ -30,7 +30,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from latency import cap_device_memory, machine, sync  # bench/ is the script's own folder: python bench/glm4_engine.py
+from host import RESULTS, machine  # bench/ is the script's own folder: python bench/glm4_engine.py
+from latency import cap_device_memory, sync
 from tqdm import tqdm
 
 from zoo.core.devices import pick_device
@@ -39,7 +40,6 @@ from zoo.glm4_voice.engine import SlotEngine
 from zoo.glm4_voice.model import precision
 from zoo.glm4_voice.random_weights import random_llm
 
-RESULTS = Path(__file__).resolve().parent / "results"
 REAL_TIME_TOKENS_PER_S = (13 + 26) / (26 / 12.5)  # 18.75
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -34,26 +32,14 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from host import RESULTS, machine
 from tqdm import tqdm
 
 import zoo
 from zoo.core.image import load_image
 from zoo.core.types import Stage, prepare_job
 
-RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION = Path(__file__).resolve().parents[1] / "demos" / "samples" / "01.wav"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def sync(device: torch.device) -> None:

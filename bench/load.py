@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from loopback import RESULTS, ROOT, is_loopback, metrics, post_chat, start_server, stop_server
+from host import RESULTS
+from loopback import ROOT, is_loopback, metrics, post_chat, start_server, stop_server
 from tqdm import tqdm
 
 QUESTION = ROOT / "demos" / "samples" / "01.wav"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from latency import machine  # bench/ is the script's own folder: python bench/moshi_q8.py
+from host import RESULTS, machine  # bench/ is the script's own folder: python bench/moshi_q8.py
 from safetensors.torch import load_file
 
 import zoo
@@ -32,8 +32,6 @@ from zoo.moshi.checkpoint import MOSHI_Q8_FILE
 from zoo.moshi.lm import lm_names
 from zoo.moshi.random_weights import write_tiny_q8_checkpoint
 from zoo.moshi.transformer import SCALES
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def packed_rows(layer) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -25,7 +25,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from latency import RESULTS, machine, question, sync
+from host import RESULTS, machine
+from latency import question, sync
 from tqdm import tqdm
 
 import zoo

@@ -29,7 +29,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from latency import RESULTS, machine, sync  # bench/ is the script's own folder: python bench/quantized_layers.py
+from host import RESULTS, machine  # bench/ is the script's own folder: python bench/quantized_layers.py
+from latency import sync
 from torch import nn
 
 from zoo.core.quantize import CPU_KERNELS, bitsandbytes_linear

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -28,7 +27,8 @@ from pathlib import Path
 
 import requests
 import soak_report
-from loopback import RESULTS, ROOT, is_loopback, metrics, start_server, stop_server
+from host import RESULTS, machine
+from loopback import ROOT, is_loopback, metrics, start_server, stop_server
 from soak_actions import MIX, Outcome, Target, load_samples, silence_flac
 from tqdm import tqdm
 
@@ -140,16 +140,6 @@ def sessions_after(url: str, headers: dict, wait_s: float = 20) -> int | None:
             break
         time.sleep(0.5)
     return sessions
-
-
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def commit() -> str:
