@@ -143,16 +143,8 @@ def _rope_for(table: tuple[torch.Tensor, torch.Tensor], rows: Rows):
     return cos[rows.positions][:, None], sin[rows.positions][:, None]
 
 
-# -- main model (inference_caraway_112000.pt / inference_scion_54000.pt) -----------------------
-@dataclass(frozen=True)
-class MainConfig:
-    dim: int = 4096
-    layers: int = 32
-    ff_dim: int = 11008
-    vocab: int = VOCAB
-    latent_dim: int = 32
-    split: bool = False
-    n_head: int = MAIN_HEADS
+class _StackShape:
+    """What both transformers' configs derive from ``dim``, ``n_head`` and ``split``."""
 
     @property
     def channels(self) -> int:
@@ -161,6 +153,18 @@ class MainConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_head
+
+
+# -- main model (inference_caraway_112000.pt / inference_scion_54000.pt) -----------------------
+@dataclass(frozen=True)
+class MainConfig(_StackShape):
+    dim: int = 4096
+    layers: int = 32
+    ff_dim: int = 11008
+    vocab: int = VOCAB
+    latent_dim: int = 32
+    split: bool = False
+    n_head: int = MAIN_HEADS
 
 
 class GPTOutput(nn.Module):
@@ -213,7 +217,7 @@ class HertzLM(nn.Module):
 
 # -- resynthesizer (inference_whip_72000.pt / inference_care_50000.pt) -------------------------
 @dataclass(frozen=True)
-class ResynthConfig:
+class ResynthConfig(_StackShape):
     dim: int = 4096
     layers: int = 8
     ff_dim: int = 11008
@@ -226,14 +230,6 @@ class ResynthConfig:
     @property
     def plex_layer(self) -> int:
         return self.layers // 2  # hard-coded in the reference, whatever the config says
-
-    @property
-    def channels(self) -> int:
-        return 2 if self.split else 1
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
 
 
 class MixtureIO(nn.Module):
