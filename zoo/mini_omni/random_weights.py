@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -67,17 +68,30 @@ class TinyFolders:
 
 def tiny_checkpoint(seed: int = 0, root: str | os.PathLike | None = None) -> TinyFolders:
     """The tiny folders for ``seed``, written once into a cache directory and reused."""
-    target = cached_folder(f"mini-omni-v{TINY_FORMAT}-seed{seed}", lambda folder: write_tiny_checkpoint(
-        folder / "checkpoint", folder / "snac", seed=seed), root)
+    return tiny_folders(f"mini-omni-v{TINY_FORMAT}-seed{seed}", write_tiny_checkpoint, seed, root)
+
+
+def tiny_folders(name: str, write: Callable[..., None], seed: int, root: str | os.PathLike | None) -> TinyFolders:
+    """The folders ``write(checkpoint, codec, seed=seed)`` fills, cached under ``name`` (a
+    variant's own, with its format version)."""
+    target = cached_folder(name, lambda folder: write(folder / "checkpoint", folder / "snac", seed=seed), root)
     return TinyFolders(target / "checkpoint", target / "snac")
 
 
-def write_tiny_checkpoint(checkpoint: Path, codec: Path, *, seed: int = 0, config: GPTConfig = TINY_GPT) -> None:
+def write_tiny_checkpoint(checkpoint: Path, codec: Path, *, seed: int = 0, config: GPTConfig = TINY_GPT,
+                          gpt_class: type[GPT] = GPT,
+                          more: Callable[[Path, torch.Generator], None] | None = None) -> None:
+    """The published files of gpt-omni/mini-omni into ``checkpoint`` and SNAC's into ``codec``. A
+    variant (Mini-Omni2) gives its GPT class and ``more(checkpoint, generator)``, which writes its
+    own files, drawn after Whisper's."""
     checkpoint.mkdir(parents=True, exist_ok=True)
     codec.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    _write_gpt(checkpoint, config, generator)
+    torch.save(random_gpt_state(config, generator, gpt_class), checkpoint / "lit_model.pth")
+    (checkpoint / "model_config.yaml").write_text(yaml.safe_dump(litgpt_yaml(config)))
     _write_whisper(checkpoint / "small.pt", dict(TINY_WHISPER_DIMS, n_audio_state=config.whisper_adapter_dim), generator)
+    if more is not None:
+        more(checkpoint, generator)
     write_tiny_tokenizer(checkpoint / "tokenizer.json")
     _write_snac(codec, seed)
 
@@ -106,11 +120,6 @@ def random_gpt_state(config: GPTConfig, generator: torch.Generator, gpt_class: t
 def litgpt_yaml(config: GPTConfig) -> dict:
     """``config`` as the published model_config.yaml spells it (what litgpt's Config takes)."""
     return {**_EXTRA_YAML, **config.to_yaml_dict()}
-
-
-def _write_gpt(folder: Path, config: GPTConfig, generator: torch.Generator) -> None:
-    torch.save(random_gpt_state(config, generator), folder / "lit_model.pth")
-    (folder / "model_config.yaml").write_text(yaml.safe_dump(litgpt_yaml(config)))
 
 
 def _sinusoids(length: int, channels: int) -> torch.Tensor:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
-from ..core.tiny import cached_folder
 from ..mini_omni import random_weights as omni
 from ..mini_omni.whisper import LayerNorm
 from .clip import CLIP_FILE, Transformer, VisionDims, VisionTransformer
@@ -34,30 +32,17 @@ TINY_TEXT_TOWER = dict(width=64, layers=1, context_length=77, vocab_size=64)
 TINY_FORMAT = 1  # bump when what write_tiny_checkpoint writes changes
 
 
-@dataclass(frozen=True)
-class TinyFolders:
-    checkpoint: Path
-    codec: Path
-
-
-def tiny_checkpoint(seed: int = 0, root: str | os.PathLike | None = None) -> TinyFolders:
+def tiny_checkpoint(seed: int = 0, root: str | os.PathLike | None = None) -> omni.TinyFolders:
     """The tiny folders for ``seed``, written once into a cache directory and reused."""
-    target = cached_folder(f"mini-omni2-v{TINY_FORMAT}-seed{seed}", lambda folder: write_tiny_checkpoint(
-        folder / "checkpoint", folder / "snac", seed=seed), root)
-    return TinyFolders(target / "checkpoint", target / "snac")
+    return omni.tiny_folders(f"mini-omni2-v{TINY_FORMAT}-seed{seed}", write_tiny_checkpoint, seed, root)
 
 
 def write_tiny_checkpoint(checkpoint: Path, codec: Path, *, seed: int = 0, config: VisionGPTConfig = TINY_GPT) -> None:
-    checkpoint.mkdir(parents=True, exist_ok=True)
-    codec.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    torch.save(omni.random_gpt_state(config, generator, VisionGPT), checkpoint / "lit_model.pth")
-    (checkpoint / "model_config.yaml").write_text(yaml.safe_dump({**omni._EXTRA_YAML, **config.to_yaml_dict()}))
-    omni._write_whisper(checkpoint / "small.pt", dict(omni.TINY_WHISPER_DIMS, n_audio_state=config.whisper_adapter_dim),
-                        generator)
-    write_clip_archive(checkpoint / CLIP_FILE, replace(TINY_VISION, output_dim=config.vision_adapter_dim), generator)
-    omni.write_tiny_tokenizer(checkpoint / "tokenizer.json")
-    omni._write_snac(codec, seed)
+    """Mini-Omni's tiny files with the vision adapter in lit_model.pth, and the CLIP archive."""
+    def clip(folder: Path, generator: torch.Generator) -> None:
+        write_clip_archive(folder / CLIP_FILE, replace(TINY_VISION, output_dim=config.vision_adapter_dim), generator)
+
+    omni.write_tiny_checkpoint(checkpoint, codec, seed=seed, config=config, gpt_class=VisionGPT, more=clip)
 
 
 class ClipArchive(nn.Module):
