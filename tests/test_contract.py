@@ -230,6 +230,35 @@ def test_duplex_when_the_card_says_so(model):
 
 
 @pytest.mark.parametrize("name", [n for n in zoo.names() if zoo.card(n).duplex])
+def test_a_duplex_stepper_refuses_a_session_past_its_rows_and_reuses_a_closed_row_fresh(name, _tiny_cache):
+    """Every duplex model's stepper: sessions past its rows are one clear error; a closed session's
+    row goes to the next one (the lowest free row first), which then answers as a session of a
+    fresh stepper does, nothing of the closed one left in its caches or codec states."""
+    model = zoo.load(name, random_weights="tiny", device="cpu")
+    rng = np.random.default_rng(0)
+    frames = [(0.1 * rng.standard_normal(model.card.frame_samples)).astype(np.float32) for _ in range(3)]
+    options = {"seed": 3}
+
+    def run(stepper, handle) -> list[np.ndarray]:
+        return [stepper.step([handle], [frame])[0] for frame in frames]
+
+    fresh = model.duplex_stepper(1)
+    expected = run(fresh, fresh.open(options))
+    stepper = model.duplex_stepper(2)
+    first, second = stepper.open(options), stepper.open(options)
+    with pytest.raises(RuntimeError, match="too many sessions"):
+        stepper.open(options)
+    for frame in frames:  # both talk, so the first's row holds state when it closes
+        stepper.step([first, second], [frame, frame[::-1].copy()])
+    row = stepper.row(first)
+    stepper.close(first)
+    again = stepper.open(options)
+    assert stepper.row(again) == row
+    for got, want in zip(run(stepper, again), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in zoo.names() if zoo.card(n).duplex])
 def test_the_duplex_bench_times_graph_and_eager_steps_for_every_duplex_model(name, tmp_path):
     """``python bench/duplex.py`` as bench/gpu.sh runs it (as a script, from the repository root):
     card-driven, the default steps (CUDA graphs on a GPU) beside exact eager ones (--eager-too)."""

@@ -71,7 +71,6 @@ class DuplexStepper(FrameChecks):
         self.encoders = self.encoding.new_state(max_sessions)
         self.decoders = self.decoding.new_state(max_sessions)
         self.state = LMState(self.lm, max_sessions, self.dtype, self.device, graphs=graphs, buckets=buckets)
-        self.free = list(range(max_sessions))
 
     def row(self, handle: DuplexHandle) -> int:
         return handle.row
@@ -85,9 +84,7 @@ class DuplexStepper(FrameChecks):
         if prompt is not None:
             raise AudioInputError("Moshi sessions take no prompt (the reference server has none)")
         opts = self.model.options(options)
-        if not self.free:
-            raise RuntimeError("no free duplex session rows: too many sessions at once")
-        row = self.free.pop(0)
+        (row,) = self.state.cache.allocate()  # the lowest free row: a freed one is reused first
         rows = torch.tensor([row])
         self.encoding.reset(self.encoders, rows=rows)
         self.decoding.reset(self.decoders, rows=rows)
@@ -135,5 +132,4 @@ class DuplexStepper(FrameChecks):
     def close(self, handle: DuplexHandle) -> None:
         if not handle.closed:
             handle.closed = True
-            self.free.append(handle.row)
-            self.free.sort()
+            self.state.cache.release([handle.row])
