@@ -21,6 +21,10 @@ A batched module decodes many sessions in one call: its state has one row per se
 rows[i]), ``reset(state, rows=rows)`` restarts them for a new session, and the other rows stay as
 they are. Without ``rows`` a call is about every row (``x`` has the state's batch size).
 
+A module whose every layer is causal holds no output back; it derives from
+``CausalStreamingModule``, whose ``finish`` is the last ``step`` (the Hertz-dev codec's and Mimi's
+halves, batched over a ``BufferState`` of per-row buffers).
+
 What stays each module's own: the arguments of ``new_state`` (windows of context, a reference's
 block schedule, seeds of its noise) and the types of its pieces and outputs.
 """
