@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .transformer import FFNN
+from .layers import FFNN
 
 FSQ_LEVELS = (8, 8, 8, 8, 8)  # 8**5 indices: transformer.VOCAB
 

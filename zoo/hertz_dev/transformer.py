@@ -13,18 +13,14 @@ Attention runs over the zoo's KV cache (zoo.core.kv_cache): a step takes a batch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.kv_cache import KVCache, Rows, attend
+from .layers import FFNN, Norm
+from .quantizer import LatentQuantizer
 
-if TYPE_CHECKING:  # the quantizer module builds on this one's FFNN
-    from .quantizer import LatentQuantizer
-
-EPS = 1e-5
 THETA = 10_000.0
 MAIN_HEADS = 32  # as published, at any width (tiny checkpoints keep them)
 RESYNTH_HEADS = 16
@@ -34,26 +30,6 @@ VOCAB = 8**5  # 32768 FSQ indices (quantizer.FSQ_LEVELS)
 
 
 # -- transformer blocks ----------------------------------------------------------------------
-class Norm(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (self.weight.shape[0],), self.weight, None, EPS)
-
-
-class FFNN(nn.Module):
-    def __init__(self, dim: int, ff_dim: int) -> None:
-        super().__init__()
-        self.gateup_proj = nn.Linear(dim, 2 * ff_dim, bias=False)
-        self.down_proj = nn.Linear(ff_dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gateup_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
-
-
 def default_ff_dim(dim: int) -> int:
     """The reference's FFNN default width (11008 for dim 4096)."""
     return 256 * ((int(2 * 4 * dim / 3) + 256 - 1) // 256)
