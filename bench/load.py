@@ -22,18 +22,19 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 import requests
-from host import RESULTS
+from host import RESULTS, machine
 from loopback import ROOT, is_loopback, metrics, post_chat, start_server, stop_server
 from tqdm import tqdm
 
@@ -183,23 +184,14 @@ def main(argv=None) -> int:
     if args.users:
         return users_main(args, body)
     model_ttfa = in_process_ttfa(args, audio_bytes) if args.spawn else None
-    proc, url = spawn(args) if args.spawn else (None, args.url)
-    try:
-        card = requests.get(url + "/v1/models", timeout=10).json()["data"][0]
-        if args.spawn and card["id"] != args.model:
-            raise SystemExit(f"the spawned server serves {card['id']}, not --model {args.model}")
-        rate = card["card"]["output_sample_rate"]
-        post_chat(url, body, rate, args.timeout)  # warm-up
+    with serving(args, body) as (url, card, rate):
         memory_before = metrics(url)["process_resident_memory_bytes"] / 2**20
         levels = [run_level(url, n, args.requests_per_client, body, rate, args.timeout) for n in args.clients]
         memory_after = metrics(url)["process_resident_memory_bytes"] / 2**20
-    finally:
-        if proc is not None:
-            stop_server(proc)
     base = levels[0]["throughput_audio_s_per_s"] or 1e-9
     result = {
         "date": date.today().isoformat(), "model": card["id"], "random_weights": card.get("random_weights"),
-        "machine": f"{os.cpu_count()} cores", "device": args.device or "auto", "max_tokens": args.max_tokens,
+        "machine": machine(), "device": args.device or "auto", "max_tokens": args.max_tokens,
         "question": QUESTION.name, "prefill_batch": args.prefill_batch,
         "prefill_positions": args.prefill_positions, "levels": levels,
         "throughput_vs_first_level": [round(level["throughput_audio_s_per_s"] / base, 2) for level in levels],
@@ -244,7 +236,10 @@ def server_kind(args, url: str) -> str:
     return f"ray serve at {url}, replicas {replicas}" if replicas else f"server at {url}"
 
 
-def users_main(args, body: dict) -> int:
+@contextmanager
+def serving(args, body: dict) -> Iterator[tuple[str, dict, int]]:
+    """The server under test (spawned, or --url) after one warm-up reply: (url, its model's card
+    entry, its output sample rate). A spawned one is stopped afterwards."""
     proc, url = spawn(args) if args.spawn else (None, args.url)
     try:
         card = requests.get(url + "/v1/models", timeout=10).json()["data"][0]
@@ -252,14 +247,19 @@ def users_main(args, body: dict) -> int:
             raise SystemExit(f"the spawned server serves {card['id']}, not --model {args.model}")
         rate = card["card"]["output_sample_rate"]
         post_chat(url, body, rate, args.timeout)  # warm-up
-        run = run_users(url, args.users, args.duration, body, rate, args.timeout, args.talk_s, args.think_s)
+        yield url, card, rate
     finally:
         if proc is not None:
             stop_server(proc)
+
+
+def users_main(args, body: dict) -> int:
+    with serving(args, body) as (url, card, rate):
+        run = run_users(url, args.users, args.duration, body, rate, args.timeout, args.talk_s, args.think_s)
     tag = weights_tag(args, card)
     server = server_kind(args, url)
     result = {"date": date.today().isoformat(), "model": card["id"], "random_weights": card.get("random_weights"),
-              "machine": f"{os.cpu_count()} cores", "device": args.device or "auto", "server": server,
+              "machine": machine(), "device": args.device or "auto", "server": server,
               "max_tokens": args.max_tokens, "question": QUESTION.name, **run}
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = f"_replicas{args.replicas}" if args.replicas else ""
