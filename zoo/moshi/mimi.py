@@ -15,7 +15,9 @@ alone after the first frame:
     enc = encoding.new_state(8)                      # a MimiStream of 8 session rows
     codes = encoding.step(enc, frames, rows=ids)     # (B, 1, 1920 k) -> (B, n_q, k)
     encoding.reset(enc, rows=ids)                    # those rows start a new stream
-    audio = mimi.streaming_decoder.step(dec, codes, rows=ids)   # (B, K, k) -> (B, 1, 1920 k)
+    decoding = mimi.streaming_decoder
+    dec = decoding.new_state(8)
+    audio = decoding.step(dec, codes, rows=ids)      # (B, K, k) -> (B, 1, 1920 k)
 
 Nothing is held back: a transposed convolution's overlap beyond the last frame belongs to samples
 after the stream's end, which the reference's one-pass decode trims too, so ``finish`` is the last
