@@ -78,6 +78,11 @@ class CausalStreamingModule(StreamingModule[State, Piece, Output]):
     def empty(self, state: State, rows: torch.Tensor | None) -> Output:
         """What ``step`` returns for no input: an output of length 0 for the rows (all: None)."""
 
+    @staticmethod
+    def batch(state: State, rows: torch.Tensor | None) -> int:
+        """How many rows a call is about: ``rows``', or every row of the state (its ``rows``)."""
+        return state.rows if rows is None else rows.numel()
+
 
 def one_row_only(rows: torch.Tensor | None, module: str) -> None:
     """For modules whose states are one stream each: refuse ``rows`` (a caller expecting a

@@ -307,7 +307,7 @@ class StreamingEncoder(_StreamingHalf):
         return self.codec.posterior(piece, state)
 
     def empty(self, state: StreamState, rows: torch.Tensor | None):
-        batch, latent = state.rows if rows is None else rows.numel(), self.codec.config.latent_dim
+        batch, latent = self.batch(state, rows), self.codec.config.latent_dim
         return self._like(batch, 0, latent), self._like(batch, 0, latent)
 
 
@@ -321,7 +321,7 @@ class StreamingDecoder(_StreamingHalf):
         return self.codec.decode(piece, state)
 
     def empty(self, state: StreamState, rows: torch.Tensor | None):
-        return self._like(state.rows if rows is None else rows.numel(), 1, 0)
+        return self._like(self.batch(state, rows), 1, 0)
 
 
 def sample_posterior(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -137,6 +137,10 @@ class MimiStream(StreamingState):
         for r in ids:  # stale keys are masked by position; only the lengths restart
             self.cache.lengths[r] = 0
 
+    @property
+    def rows(self) -> int:
+        return self.buffers.rows
+
     def nbytes(self) -> int:
         return self.buffers.nbytes() + self.cache.nbytes()
 
@@ -234,8 +238,7 @@ class _MimiHalf(CausalStreamingModule[MimiStream, torch.Tensor, torch.Tensor]):
         self.mimi = mimi
 
     def _zeros(self, state: MimiStream, rows: torch.Tensor | None, size: int, dtype: torch.dtype) -> torch.Tensor:
-        batch = state.buffers.rows if rows is None else rows.numel()
-        return torch.zeros(batch, size, 0, dtype=dtype, device=state.cache.device)
+        return torch.zeros(self.batch(state, rows), size, 0, dtype=dtype, device=state.cache.device)
 
 
 class MimiEncoder(_MimiHalf):
